@@ -1,0 +1,97 @@
+"""Connecting to the broker and publishing with confirms.
+
+Every publish is mandatory on a confirming channel: it counts as done only when the
+broker acks it, and an unroutable or nacked publish raises TransientError.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, DeliveryMode
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from relayd import envelope, topology
+from relayd.config import Settings
+from relayd.errors import TransientError
+
+JSON = "application/json"
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for amqps:// URLs, from `amqp.tls`."""
+    if not settings.amqp.url.startswith("amqps://"):
+        return None
+    tls = settings.amqp.tls
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.verify_hostname
+    if tls.cert_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return context
+
+
+async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
+    """One plain (non-robust) connection: a worker reconnects by itself, from scratch."""
+    context = ssl_context(settings)
+    kwargs: dict[str, Any] = {"client_properties": {"connection_name": name},
+                              "heartbeat": settings.amqp.heartbeat,
+                              "timeout": settings.amqp.connect_timeout}
+    if context is not None:
+        kwargs["ssl_context"] = context
+        kwargs["ssl"] = True
+        if settings.amqp.tls.server_hostname:
+            kwargs["server_hostname"] = settings.amqp.tls.server_hostname
+    connection: aio_pika.abc.AbstractConnection = await aio_pika.connect(
+        settings.amqp.url, **kwargs)
+    return connection
+
+
+class Publisher:
+    """Publishes what the relay produces; each call returns once the broker confirmed it."""
+
+    def __init__(self, channel: AbstractChannel, settings: Settings) -> None:
+        self._channel = channel
+        self._t = settings.topology
+
+    async def _publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        try:
+            await underlay.basic_publish(message.body, exchange=exchange, routing_key=routing_key,
+                                         properties=message.properties, mandatory=True)
+        except PublishError:
+            raise TransientError(f"unroutable: nothing bound to {exchange}") from None
+        except DeliveryError:
+            raise TransientError("the broker nacked a publish") from None
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise TransientError(f"publish failed: {type(exc).__name__}") from None
+
+    def to_business(self, business: str, body: bytes, message_id: str,
+                    kind: str) -> Awaitable[None]:
+        message = aio_pika.Message(body, content_type=JSON, message_id=message_id, type=kind,
+                                   delivery_mode=DeliveryMode.PERSISTENT)
+        return self._publish(topology.business_exchange(self._t, business), "", message)
+
+    def to_device(self, device: str, sealed: bytes) -> Awaitable[None]:
+        message = aio_pika.Message(sealed, content_type=envelope.CONTENT_TYPE,
+                                   headers={envelope.KID_HEADER: device},
+                                   delivery_mode=DeliveryMode.PERSISTENT)
+        return self._publish(self._t.devices_exchange, device, message)
+
+    def dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage, queue: str,
+                    reason: str) -> Awaitable[None]:
+        """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason."""
+        headers = dict(incoming.headers or {})
+        headers.update({"x-relayd-reason": reason, "x-relayd-queue": queue})
+        if incoming.user_id:  # the broker only lets us publish our own user_id
+            headers["x-relayd-amqp-user"] = incoming.user_id
+        message = aio_pika.Message(
+            incoming.body, headers=headers, content_type=incoming.content_type,
+            message_id=incoming.message_id, type=incoming.type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        return self._publish(self._t.dead_exchange, reason, message)

@@ -1,0 +1,236 @@
+"""The `relayd` command line. Every subcommand that needs the config takes --config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import orjson
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from relayd import admin, config, keys, log, payload, worker
+from relayd.crypto import Kem, b64d, fingerprint
+from relayd.errors import ConfigError, ExitCode
+from relayd.store import Business, Device, open_store
+
+DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else human)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True))
+              for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_check_config(args: argparse.Namespace, settings: config.Settings) -> int:
+    print(f"{args.config}: ok")
+    return ExitCode.OK
+
+
+def cmd_keys_generate(args: argparse.Namespace, settings: config.Settings) -> int:
+    written = keys.generate(settings.keys.dir, args.kid, Kem(args.kem))
+    print("\n".join(f"wrote {settings.keys.dir / name}" for name in written)
+          or "every key exists already: nothing written")
+    return ExitCode.OK
+
+
+def _keyring(settings: config.Settings) -> keys.KeyRing:
+    return keys.load(settings.keys.dir, timedelta(days=settings.keys.grace_period_days))
+
+
+def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
+    print(orjson.dumps(_keyring(settings).public_info()).decode())
+    return ExitCode.OK
+
+
+def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
+    from relayd.run import run
+
+    roles: list[worker.Role] = ["inbound", "outbound"] if args.role == "all" else [args.role]
+    return asyncio.run(run(settings, roles))
+
+
+def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
+    async def declare() -> int:
+        store = open_store(settings.store.url)
+        try:
+            return await admin.declare_all(settings, store)
+        finally:
+            await store.close()
+
+    print(f"declared {asyncio.run(declare())} exchanges, queues and bindings")
+    return ExitCode.OK
+
+
+def _valid_id(pattern: Any, value: str, what: str) -> str:
+    if not pattern.match(value):
+        raise argparse.ArgumentTypeError(f"{what} must match {pattern.pattern}")
+    return value
+
+
+def cmd_business(args: argparse.Namespace, settings: config.Settings) -> int:
+    async def act() -> int:
+        store = open_store(settings.store.url)
+        try:
+            if args.action == "add":
+                business = Business(args.id, args.amqp_user, args.first_party)
+                existing = await store.business(args.id)
+                if existing is not None and existing != business:
+                    print(f"business {args.id} exists with other settings: remove it first",
+                          file=sys.stderr)
+                    return ExitCode.FAILURE
+                added = await admin.add_business(settings, store, business)
+                _print(args, {"business": args.id, "added": added},
+                       f"business {args.id}: {'added' if added else 'already registered'}")
+            elif args.action == "remove":
+                removed = await admin.remove_business(settings, store, args.id)
+                _print(args, {"business": args.id, "removed": removed},
+                       f"business {args.id}: {'removed' if removed else 'was not registered'}")
+                return ExitCode.OK if removed else ExitCode.NOT_FOUND
+            else:
+                rows = [{"id": b.id, "amqp_user": b.amqp_user, "first_party": b.first_party}
+                        for b in await store.businesses()]
+                _print(args, rows, _table(rows, ["id", "amqp_user", "first_party"]))
+            return ExitCode.OK
+        finally:
+            await store.close()
+
+    return asyncio.run(act())
+
+
+def _device(args: argparse.Namespace) -> Device:
+    """The device the arguments describe; ValueError if a key does not decode."""
+    kem = Kem(args.kem)
+    enc, sign = b64d(args.enc_key), b64d(args.sign_key)
+    kem.public_key(enc)
+    ed25519.Ed25519PublicKey.from_public_bytes(sign)
+    return Device(args.device, args.user, kem, enc, sign)
+
+
+def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
+    async def act() -> int:
+        store = open_store(settings.store.url)
+        try:
+            if args.action == "add":
+                try:
+                    device = _device(args)
+                except ValueError as exc:
+                    print(f"bad key: {exc}", file=sys.stderr)
+                    return ExitCode.USAGE
+                existing = await store.device(args.device)
+                if existing is not None and existing != device:
+                    print(f"device {args.device} exists with other keys: remove it first",
+                          file=sys.stderr)
+                    return ExitCode.FAILURE
+                added = await admin.add_device(settings, store, device)
+                _print(args, {"device": args.device, "added": added},
+                       f"device {args.device}: {'added' if added else 'already registered'}")
+            elif args.action == "remove":
+                removed = await admin.remove_device(settings, store, args.device)
+                _print(args, {"device": args.device, "removed": removed},
+                       f"device {args.device}: {'removed' if removed else 'was not registered'}")
+                return ExitCode.OK if removed else ExitCode.NOT_FOUND
+            else:
+                rows = [{"device": d.id, "user": d.user, "kem": d.kem.value,
+                         "enc_key": fingerprint(d.enc_key), "sign_key": fingerprint(d.sign_key)}
+                        for d in await store.devices()
+                        if args.user is None or d.user == args.user]
+                _print(args, rows, _table(rows, ["device", "user", "kem", "enc_key", "sign_key"]))
+            return ExitCode.OK
+        finally:
+            await store.close()
+
+    return asyncio.run(act())
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="relayd", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def command(parent: Any, name: str, handler: Callable[..., int], help_text: str,
+                json_output: bool = False) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        sub.add_argument("--config", default=DEFAULT_CONFIG, help="the YAML config file")
+        if json_output:
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command(commands, "check-config", cmd_check_config, "validate the config and exit")
+    run = command(commands, "run", cmd_run, "run the relay workers")
+    run.add_argument("--role", choices=["inbound", "outbound", "all"], default="all")
+
+    key_commands = commands.add_parser("keys", help="the relay's keys").add_subparsers(
+        dest="action", required=True)
+    generate = command(key_commands, "generate", cmd_keys_generate, "create missing keys")
+    generate.add_argument("--kid", help="key id for a new HPKE key (default: rYYYY-MM-DD)")
+    generate.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
+    command(key_commands, "show", cmd_keys_show, "print the current public keys as JSON")
+
+    topo = commands.add_parser("topology", help="exchanges and queues").add_subparsers(
+        dest="action", required=True)
+    command(topo, "declare", cmd_topology_declare, "declare everything, idempotently")
+
+    def business_id(value: str) -> str:
+        return _valid_id(payload.BUSINESS_ID, value, "a business id")
+
+    def device_id(value: str) -> str:
+        return _valid_id(payload.DEVICE_ID, value, "a device id")
+
+    biz = commands.add_parser("business", help="registered businesses").add_subparsers(
+        dest="action", required=True)
+    add = command(biz, "add", cmd_business, "register a business", json_output=True)
+    add.add_argument("id", type=business_id)
+    add.add_argument("--amqp-user", required=True, help="the RabbitMQ user it connects as")
+    add.add_argument("--first-party", action="store_true",
+                     help="the operator's own desk: it also receives the user's account id")
+    command(biz, "list", cmd_business, "list businesses", json_output=True)
+    remove = command(biz, "remove", cmd_business, "unregister a business", json_output=True)
+    remove.add_argument("id", type=business_id)
+
+    dev = commands.add_parser("device", help="registered devices").add_subparsers(
+        dest="action", required=True)
+    add = command(dev, "add", cmd_device, "register a device", json_output=True)
+    add.add_argument("--user", required=True)
+    add.add_argument("--device", required=True, type=device_id)
+    add.add_argument("--enc-key", required=True, help="HPKE public key, base64url")
+    add.add_argument("--sign-key", required=True, help="Ed25519 public key, base64url")
+    add.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
+    listing = command(dev, "list", cmd_device, "list devices", json_output=True)
+    listing.add_argument("--user")
+    remove = command(dev, "remove", cmd_device, "unregister a device", json_output=True)
+    remove.add_argument("device", type=device_id)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = config.load(Path(args.config))
+        log.setup(settings.logging)
+        code: int = args.handler(args, settings)
+    except ConfigError as exc:
+        print(f"config error in {args.config}:", file=sys.stderr)
+        for key, why in exc.problems.items():
+            print(f"  {key}: {why}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as exc:
+        print(f"cannot reach the broker: {exc}", file=sys.stderr)
+        return ExitCode.BROKER_UNAVAILABLE
+    except KeyboardInterrupt:
+        return ExitCode.FAILURE
+    return code

@@ -1,0 +1,24 @@
+"""The business side: plain JSON over AMQP, no crypto."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+
+
+def reply(conversation: str, kind: str, body: dict[str, Any] | None = None,
+          reply_id: str | None = None) -> bytes:
+    """A reply payload; publish it to `relayd.replies` with routing key = your business id
+    and AMQP `user_id` = your RabbitMQ username."""
+    return orjson.dumps({"v": 1, "type": kind, "conversation": conversation,
+                         "id": reply_id or str(uuid.uuid4()), "body": body or {}})
+
+
+def parse_event(body: bytes) -> dict[str, Any]:
+    """An event from your inbox; ValueError if it is not a version-1 event."""
+    event = orjson.loads(body)
+    if not isinstance(event, dict) or event.get("v") != 1 or "type" not in event:
+        raise ValueError("not a relayd v1 event")
+    return event

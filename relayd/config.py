@@ -1,0 +1,215 @@
+"""The settings: one typed, frozen object built from YAML plus `RELAYD_*` overrides.
+
+Only `amqp.url`, `store.url` and `keys.dir` are required; every other key has a default.
+`config/relayd.example.yaml` documents each key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from relayd.errors import ConfigError
+
+ENV_PREFIX = "RELAYD_"
+PLACEHOLDERS = {"change-me", "changeme", "change_me", "secret", "password", "xxx"}
+
+Positive = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TLS(Section):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_hostname: bool = True
+    server_hostname: str | None = None
+
+
+class Management(Section):
+    url: str
+    username: str
+    password: str
+    max_connections: Positive = 10
+    max_channels: Positive = 20
+
+    @field_validator("password")
+    @classmethod
+    def _not_placeholder(cls, value: str) -> str:
+        if value.strip().lower() in PLACEHOLDERS:
+            raise ValueError("is a placeholder: set a real secret")
+        return value
+
+
+class Amqp(Section):
+    url: str
+    heartbeat: Annotated[int, Field(ge=0)] = 30
+    connect_timeout: Seconds = 10.0
+    reconnect_max_backoff: Seconds = 30.0
+    tls: TLS = TLS()
+    management: Management | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+
+class Store(Section):
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://…")
+        return value
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The database file of a `sqlite:///PATH` url."""
+        return Path(self.url.removeprefix("sqlite:///"))
+
+
+class Keys(Section):
+    dir: Path
+    grace_period_days: Annotated[float, Field(ge=0)] = 30.0
+
+
+class Workers(Section):
+    inbound: Positive = 1
+    outbound: Positive = 1
+    prefetch: Positive = 256
+    shutdown_timeout: Seconds = 10.0
+    retry_initial_backoff: Seconds = 0.5
+    retry_max_backoff: Seconds = 30.0
+    max_attempts: Positive = 5
+
+
+class Topology(Section):
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    ingress_exchange: str = "relayd.ingress"
+    inbound_routing_key: str = "inbound"
+    inbound_queue: str = "relayd.inbound"
+    replies_exchange: str = "relayd.replies"
+    outbound_queue: str = "relayd.outbound"
+    devices_exchange: str = "relayd.devices"
+    device_queue: str = "relayd.device.{device}"
+    business_exchange: str = "relayd.biz.{business}"
+    business_inbox: str = "relayd.biz.{business}.inbox"
+    dead_exchange: str = "relayd.dead"
+    dead_queue: str = "relayd.dead"
+    queue_max_length: Positive = 1_000_000
+    business_inbox_max_length: Positive = 100_000
+    device_queue_max_length: Positive = 10_000
+    device_message_ttl_days: Annotated[float, Field(gt=0)] = 30.0
+    delivery_limit: Positive = 10
+
+    @field_validator("device_queue")
+    @classmethod
+    def _has_device(cls, value: str) -> str:
+        if "{device}" not in value:
+            raise ValueError("must contain {device}")
+        return value
+
+    @field_validator("business_exchange", "business_inbox")
+    @classmethod
+    def _has_business(cls, value: str) -> str:
+        if "{business}" not in value:
+            raise ValueError("must contain {business}")
+        return value
+
+
+class Limits(Section):
+    max_envelope_bytes: Positive = 1024 * 1024
+    max_text_chars: Positive = 10_000
+    max_inline_attachment_bytes: Positive = 256 * 1024
+    max_attachments: Positive = 10
+    replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
+    clock_skew_seconds: Annotated[float, Field(ge=0)] = 300.0
+    max_age_seconds: Seconds = 7 * 24 * 3600.0
+
+
+class Conversations(Section):
+    opaque_id_policy: Literal["stable", "rotate_on_delete"] = "stable"
+
+
+class Logging(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Metrics(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class Settings(Section):
+    amqp: Amqp
+    store: Store
+    keys: Keys
+    workers: Workers = Workers()
+    topology: Topology = Topology()
+    limits: Limits = Limits()
+    conversations: Conversations = Conversations()
+    logging: Logging = Logging()
+    metrics: Metrics = Metrics()
+
+
+def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply `RELAYD_SECTION__KEY=value` overrides; values are read as YAML scalars."""
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name.removeprefix(ENV_PREFIX).lower().split("__")
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            node = node.setdefault(part, {}) if child is None else child
+            if not isinstance(node, dict):
+                raise ConfigError({".".join(path): f"{name} overrides a non-section"})
+        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+    return data
+
+
+def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a config mapping; every problem is reported under its dotted key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError({"(top level)": "must be a mapping of sections"})
+    data = _with_env(data, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = {}
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            problems[key] = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(problems) from None
+
+
+def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, override and validate the YAML file at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError({"(file)": f"cannot read {path}: {exc.strerror}"}) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError({"(file)": f"{path} is not valid YAML: {exc}"}) from None
+    return parse(data, environ)

@@ -1,0 +1,61 @@
+"""The error tree and the process exit codes, each named in one place."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `relayd` exits with, so systemd and operators can tell failures apart."""
+
+    OK = 0
+    FAILURE = 1  # anything not named below
+    USAGE = 2  # bad command line (argparse's own code)
+    NOT_FOUND = 3  # the business, device or user named does not exist
+    BROKER_UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker could not be reached
+    SOFTWARE = 70  # EX_SOFTWARE: a bug
+    CONFIG = 78  # EX_CONFIG: the config or the key files are wrong
+
+
+class RelaydError(Exception):
+    """Base of every error relayd raises on purpose."""
+
+
+class ConfigError(RelaydError):
+    """The configuration is wrong; `problems` maps each dotted key to what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {why}" for key, why in problems.items()))
+
+
+class KeyFileError(ConfigError):
+    """A key file is missing, malformed or readable by others."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__({f"keys ({path})": why})
+
+
+class PermanentError(RelaydError):
+    """The input can never be accepted: dead-letter it, or answer it, with `reason`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail or reason
+        super().__init__(f"{reason}: {self.detail}")
+
+
+class EnvelopeError(PermanentError):
+    """A sealed envelope failed to open, verify or validate.
+
+    `reason` is one of bad_kid, decrypt_failed, bad_signature, malformed, too_large,
+    unknown_device, replayed, stale.
+    """
+
+
+class ReplyError(PermanentError):
+    """A business reply the relay refuses; `reason` is the contract's error code."""
+
+
+class TransientError(RelaydError):
+    """A failure that may pass (broker nack, store busy): retry later."""

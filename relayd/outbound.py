@@ -1,0 +1,103 @@
+"""The reverse path: a business reply becomes one sealed message per device of the user.
+
+The business is known only by the broker-validated AMQP user_id. A reply that cannot be
+trusted (no user_id, or one that maps to no business) raises PermanentError and is
+dead-lettered; every other rejection is answered with an error event in the business's
+inbox, and no device receives anything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from relayd import payload
+from relayd.config import Settings
+from relayd.errors import PermanentError, ReplyError
+from relayd.inbound import Sink, fan_out, now_ms
+from relayd.keys import KeyRing
+from relayd.store import Business, Conversation, Store
+
+ERROR_NAMESPACE = uuid.UUID("5b0f3c4e-8d0a-4a43-9a53-6f1f2f4d7c11")
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    amqp_user: str | None
+    routing_key: str
+    reply: payload.Reply | None
+    rejection: ReplyError | None  # why the reply failed to parse, if it did
+    raw: bytes
+
+
+class Outbound:
+    def __init__(self, settings: Settings, store: Store, keys: KeyRing, sink: Sink) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        self.sink = sink
+
+    def prepare(self, body: bytes, amqp_user: str | None, routing_key: str) -> Incoming:
+        """Parse the reply; never raises, so the lane (the conversation) is always known."""
+        try:
+            return Incoming(amqp_user, routing_key, payload.parse_reply(body, self.settings.limits),
+                            None, body)
+        except ReplyError as exc:
+            return Incoming(amqp_user, routing_key, None, exc, body)
+
+    @staticmethod
+    def lane(incoming: Incoming) -> str:
+        return incoming.reply.conversation if incoming.reply else ""
+
+    async def handle(self, incoming: Incoming, redelivered: bool) -> str:
+        """Deliver the reply or answer it with an error; return what happened, for the log."""
+        if not incoming.amqp_user:
+            raise PermanentError("unauthenticated", "a reply without user_id is not trusted")
+        business = await self.store.business_by_amqp_user(incoming.amqp_user)
+        if business is None:
+            raise PermanentError("unknown_business", "user_id maps to no business")
+        try:
+            reply = self._accepted(business, incoming)
+            await self._deliver(business, reply, redelivered)
+        except ReplyError as exc:
+            await self._answer(business, incoming, exc)
+            return f"rejected:{exc.reason}"
+        return reply.type
+
+    @staticmethod
+    def _accepted(business: Business, incoming: Incoming) -> payload.Reply:
+        if incoming.routing_key != business.id:
+            raise ReplyError("invalid", "the routing key must be your business id")
+        if incoming.reply is None:
+            raise incoming.rejection or ReplyError("invalid", "unparsable reply")
+        return incoming.reply
+
+    async def _deliver(self, business: Business, reply: payload.Reply, redelivered: bool) -> None:
+        conversation = await self._check(business, reply, redelivered)
+        if reply.type == "close":
+            await self.store.close_conversation(conversation.id, "business", now_ms())
+        devices = await self.store.devices_of(conversation.user)
+        await fan_out(self.store, self.keys, self.sink, devices, f"reply:{business.id}:{reply.id}",
+                      reply.id, business.id, reply.type, reply.body)
+
+    async def _check(self, business: Business, reply: payload.Reply,
+                     redelivered: bool) -> Conversation:
+        conversation = await self.store.conversation(reply.conversation)
+        if conversation is None:
+            raise ReplyError("unknown_conversation", "no such conversation")
+        if conversation.business != business.id:
+            raise ReplyError("not_your_conversation", "this conversation is not yours")
+        if conversation.state == "closed" and not (
+            redelivered and reply.type == "close" and conversation.closed_by == "business"
+        ):
+            raise ReplyError("conversation_closed", "the conversation is closed")
+        return conversation
+
+    async def _answer(self, business: Business, incoming: Incoming, error: ReplyError) -> None:
+        ref, conversation = payload.reply_ref(incoming.raw)
+        if incoming.reply is not None:
+            ref, conversation = incoming.reply.id, incoming.reply.conversation
+        event_id = str(uuid.uuid5(ERROR_NAMESPACE, f"{business.id}:{ref}:{error.reason}"))
+        await self.sink.to_business(
+            business.id, payload.error_event(ref, conversation, error.reason, error.detail),
+            event_id, "error")

@@ -1,0 +1,123 @@
+"""Every exchange, queue and binding relayd uses, declared in one place as data.
+
+Declaring is idempotent: the same names with the same arguments are a no-op on the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, ExchangeType
+
+from relayd.config import Topology
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    name: str
+    kind: ExchangeType
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+Spec = Exchange | Queue | Binding
+
+
+def _work_queue(t: Topology, name: str) -> Queue:
+    """inbound/outbound: durable, bounded, dead-lettering to relayd.dead."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": t.queue_type,
+        "x-dead-letter-exchange": t.dead_exchange,
+        "x-max-length": t.queue_max_length,
+        "x-overflow": "reject-publish",
+    }
+    if t.queue_type == "quorum":
+        arguments["x-delivery-limit"] = t.delivery_limit
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+    return Queue(name, arguments)
+
+
+def core(t: Topology) -> list[Spec]:
+    """What the relay needs before it consumes."""
+    return [
+        Exchange(t.dead_exchange, ExchangeType.FANOUT),
+        Queue(t.dead_queue, {"x-queue-type": t.queue_type}),
+        Binding(t.dead_queue, t.dead_exchange),
+        Exchange(t.ingress_exchange, ExchangeType.DIRECT),
+        _work_queue(t, t.inbound_queue),
+        Binding(t.inbound_queue, t.ingress_exchange, t.inbound_routing_key),
+        Exchange(t.replies_exchange, ExchangeType.TOPIC),
+        _work_queue(t, t.outbound_queue),
+        Binding(t.outbound_queue, t.replies_exchange, "#"),
+        Exchange(t.devices_exchange, ExchangeType.DIRECT),
+    ]
+
+
+def business_exchange(t: Topology, business: str) -> str:
+    return t.business_exchange.format(business=business)
+
+
+def business_inbox(t: Topology, business: str) -> str:
+    return t.business_inbox.format(business=business)
+
+
+def device_queue(t: Topology, device: str) -> str:
+    return t.device_queue.format(device=device)
+
+
+def business(t: Topology, business_id: str) -> list[Spec]:
+    """A business's own exchange and its bounded inbox."""
+    exchange, inbox = business_exchange(t, business_id), business_inbox(t, business_id)
+    return [
+        Exchange(exchange, ExchangeType.FANOUT),
+        Queue(inbox, {"x-queue-type": t.queue_type, "x-overflow": "reject-publish",
+                      "x-max-length": t.business_inbox_max_length}),
+        Binding(inbox, exchange),
+    ]
+
+
+def device(t: Topology, device_id: str) -> list[Spec]:
+    """A device's queue: undelivered messages expire after the TTL."""
+    queue = device_queue(t, device_id)
+    return [
+        Queue(queue, {"x-queue-type": "classic", "x-overflow": "reject-publish",
+                      "x-max-length": t.device_queue_max_length,
+                      "x-message-ttl": int(t.device_message_ttl_days * DAY_MS)}),
+        Binding(queue, t.devices_exchange, device_id),
+    ]
+
+
+async def declare(channel: AbstractChannel, specs: list[Spec]) -> None:
+    for spec in specs:
+        if isinstance(spec, Exchange):
+            await channel.declare_exchange(spec.name, spec.kind, durable=True)
+        elif isinstance(spec, Queue):
+            await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        else:
+            queue = await channel.get_queue(spec.queue, ensure=False)
+            await queue.bind(spec.exchange, spec.routing_key)
+
+
+async def delete_queue(channel: AbstractChannel, name: str) -> None:
+    """Delete a queue and what it holds; a queue that is gone already is fine."""
+    await channel.queue_delete(name)
+
+
+async def delete_exchange(channel: AbstractChannel, name: str) -> None:
+    await channel.exchange_delete(name)
+
+

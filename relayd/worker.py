@@ -1,0 +1,237 @@
+"""A worker: consume one queue, hand each message to its handler, settle it.
+
+The ack policy lives here and only here:
+- ack only after everything the message became is confirmed by the broker;
+- a PermanentError dead-letters a copy with its reason (confirmed), then acks;
+- a TransientError waits (exponential backoff, no busy loop) and requeues; after
+  `workers.max_attempts` the message is dead-lettered instead of looping forever;
+- messages of one lane (a device inbound, a conversation outbound) are handled one at
+  a time, in delivery order; different lanes run concurrently, up to the prefetch.
+The worker reconnects from scratch when the connection is lost, and drains on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from relayd import amqp, envelope, log, topology
+from relayd.config import Settings
+from relayd.errors import PermanentError, TransientError
+from relayd.inbound import Inbound
+from relayd.keys import KeyRing
+from relayd.outbound import Outbound
+from relayd.store import Store
+
+Role = Literal["inbound", "outbound"]
+_log = log.get("relayd.worker")
+_CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+
+
+class Lanes:
+    """Runs the jobs of one key one after another, and different keys concurrently."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, key: str | None, job: Callable[[], Awaitable[None]]) -> None:
+        previous = self._tails.get(key) if key is not None else None
+        task = asyncio.create_task(self._after(previous, job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if key is not None:
+            self._tails[key] = task
+            task.add_done_callback(lambda t: self._tails.pop(key, None)
+                                   if self._tails.get(key) is t else None)
+
+    @staticmethod
+    async def _after(previous: asyncio.Task[None] | None,
+                     job: Callable[[], Awaitable[None]]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await job()
+
+
+class Consumer:
+    """Settles every message of one queue through its handler."""
+
+    def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound,
+                 sink: amqp.Publisher) -> None:
+        self.role = role
+        self.settings = settings
+        self.handler = handler
+        self.sink = sink
+        self.queue = (settings.topology.inbound_queue if role == "inbound"
+                      else settings.topology.outbound_queue)
+        self.lanes = Lanes()
+        self._attempts: OrderedDict[bytes, int] = OrderedDict()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Called in delivery order; everything before the lane runs synchronously."""
+        started = time.monotonic()
+        work: Callable[[], Awaitable[str]]
+        lane: str | None
+        handler = self.handler
+        try:
+            if isinstance(handler, Inbound):
+                opened = handler.prepare(message.body, (message.headers or {}).get(
+                    envelope.KID_HEADER))
+                lane = "d:" + opened.device
+                work = lambda: handler.handle(opened, bool(message.redelivered))  # noqa: E731
+            else:
+                incoming = handler.prepare(message.body, message.user_id,
+                                           message.routing_key or "")
+                lane = "c:" + handler.lane(incoming)
+                work = lambda: handler.handle(incoming, bool(message.redelivered))  # noqa: E731
+        except PermanentError as exc:
+            lane, work = None, _raiser(exc)
+        self.lanes.submit(lane, lambda: self.settle(message, work, started))
+
+    async def settle(self, message: AbstractIncomingMessage,
+                     work: Callable[[], Awaitable[str]], started: float) -> None:
+        outcome, reason = "delivered", ""
+        try:
+            try:
+                reason = await work()
+            except PermanentError as exc:
+                outcome, reason = "dead_lettered", exc.reason
+                await self.sink.dead_letter(message, self.queue, exc.reason)
+            except TransientError as exc:
+                attempts = self._attempt(message)
+                if attempts < self.settings.workers.max_attempts:
+                    outcome, reason = "retry", str(exc)
+                    await asyncio.sleep(self._backoff(attempts))
+                    await message.nack(requeue=True)
+                    return
+                outcome, reason = "dead_lettered", "retries_exhausted"
+                await self.sink.dead_letter(message, self.queue, reason)
+            await message.ack()
+            self._attempts.pop(self._key(message), None)
+        except (TransientError, *_CONNECT_ERRORS) as exc:
+            # Not settled: the broker redelivers it once our channel is gone or requeues it.
+            outcome, reason = "unsettled", type(exc).__name__
+            with contextlib.suppress(*_CONNECT_ERRORS):
+                await asyncio.sleep(self._backoff(self._attempt(message)))
+                await message.nack(requeue=True)
+        except Exception as exc:  # a bug must not stop the worker: retry, then dead-letter
+            outcome, reason = "error", type(exc).__name__
+            _log.exception("handler_failed", stage=self.role)
+            with contextlib.suppress(*_CONNECT_ERRORS):
+                await asyncio.sleep(self._backoff(self._attempt(message)))
+                await message.nack(requeue=True)
+        finally:
+            _log.info("handled", stage=self.role, outcome=outcome, reason=reason,
+                      latency_ms=round((time.monotonic() - started) * 1000, 2))
+
+    @staticmethod
+    def _key(message: AbstractIncomingMessage) -> bytes:
+        return hashlib.blake2b(message.body, digest_size=16).digest()
+
+    def _attempt(self, message: AbstractIncomingMessage) -> int:
+        """How many times this message has failed here, this one included."""
+        broker_count = (message.headers or {}).get("x-delivery-count")
+        key = self._key(message)
+        count = self._attempts.get(key, 0) + 1
+        if isinstance(broker_count, int):
+            count = max(count, broker_count + 1)
+        self._attempts[key] = count
+        self._attempts.move_to_end(key)
+        while len(self._attempts) > 10_000:
+            self._attempts.popitem(last=False)
+        return count
+
+    def _backoff(self, attempts: int) -> float:
+        w = self.settings.workers
+        return float(min(w.retry_max_backoff, w.retry_initial_backoff * 2 ** (attempts - 1)))
+
+    async def drain(self, deadline_s: float) -> int:
+        """Wait for in-flight messages up to `deadline_s`; return how many were abandoned."""
+        if not self.lanes.tasks:
+            return 0
+        _, pending = await asyncio.wait(set(self.lanes.tasks), timeout=deadline_s)
+        for task in pending:
+            task.cancel()
+        return len(pending)
+
+
+def _raiser(exc: Exception) -> Callable[[], Awaitable[str]]:
+    async def fail() -> str:
+        raise exc
+    return fail
+
+
+async def _wait_any(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def open_channel(connection: AbstractConnection, settings: Settings) -> AbstractChannel:
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    await channel.set_qos(prefetch_count=settings.workers.prefetch)
+    return channel
+
+
+async def serve(settings: Settings, role: Role, store: Store, keys: KeyRing,
+                stop: asyncio.Event, consuming: asyncio.Event | None = None) -> None:
+    """Consume `role`'s queue until `stop` is set, reconnecting whenever the link is lost."""
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            connection = await amqp.connect(settings, f"relayd-{role}")
+        except _CONNECT_ERRORS as exc:
+            _log.warning("connect_failed", stage=role, reason=type(exc).__name__,
+                         retry_in_s=backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, settings.amqp.reconnect_max_backoff)
+            continue
+        backoff = 0.5
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
+        try:
+            await _consume(connection, settings, role, store, keys, stop, lost, consuming)
+        except _CONNECT_ERRORS as exc:
+            _log.warning("connection_lost", stage=role, reason=type(exc).__name__)
+        finally:
+            if consuming is not None:
+                consuming.clear()
+            with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
+                await connection.close()
+
+
+async def _consume(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
+                   keys: KeyRing, stop: asyncio.Event, lost: asyncio.Event,
+                   consuming: asyncio.Event | None) -> None:
+    channel = await open_channel(connection, settings)
+    await topology.declare(channel, topology.core(settings.topology))
+    sink = amqp.Publisher(channel, settings)
+    handler = (Inbound if role == "inbound" else Outbound)(settings, store, keys, sink)
+    consumer = Consumer(role, settings, handler, sink)
+    queue = await channel.get_queue(consumer.queue, ensure=False)
+    tag = await queue.consume(consumer.on_message)
+    _log.info("consuming", stage=role)
+    if consuming is not None:
+        consuming.set()
+    await _wait_any(stop, lost)
+    if lost.is_set():
+        await consumer.drain(0)  # their deliveries died with the channel: the broker resends
+        return
+    with contextlib.suppress(*_CONNECT_ERRORS):
+        await queue.cancel(tag)
+    abandoned = await consumer.drain(settings.workers.shutdown_timeout)
+    _log.info("drained", stage=role, abandoned=abandoned)
+
+

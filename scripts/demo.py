@@ -1,0 +1,151 @@
+"""A real relay session, end to end, printing each hop.
+
+Generates keys, registers a business and two devices of one user, starts `relayd run`,
+then plays a conversation through the broker: start, messages both ways, typing, a reply
+reaching both devices, the user deleting the conversation, and the next business reply
+rejected with conversation_closed. Uses the SQLite store, with no extra service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+
+AMQP_URL = os.environ.get("RELAYD_DEMO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BUSINESS = "acme"
+USER = "alice@example.org"  # never leaves the relay: acme only sees an opaque id
+TIMEOUT = 10.0
+
+
+def hop(arrow: str, text: str) -> None:
+    print(f"  {arrow:<28} {text}", flush=True)
+
+
+def relayd(config: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "relayd", *args, "--config", str(config)],
+                            check=True, capture_output=True, text=True)
+    return result.stdout
+
+
+async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message on `queue`, waiting up to TIMEOUT seconds."""
+    async with queue.iterator(timeout=TIMEOUT) as messages:
+        async for message in messages:
+            await message.ack()
+            return message
+    raise TimeoutError(f"nothing arrived on {queue.name}")
+
+
+async def play(config: Path, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ingress = await channel.get_exchange("relayd.ingress")
+        replies = await channel.get_exchange("relayd.replies")
+        inbox = await channel.get_queue(f"relayd.biz.{BUSINESS}.inbox")
+        queues = {d.device: await channel.get_queue(f"relayd.device.{d.device}")
+                  for d in (phone, laptop)}
+
+        async def up(device: DeviceKeys, kind: str, body: dict[str, Any] | None = None) -> None:
+            sealed = device.seal(relay, device.payload(BUSINESS, kind, body))
+            await ingress.publish(aio_pika.Message(
+                sealed, content_type="application/vnd.relayd.sealed",
+                headers={"relayd-kid": relay.kid}, delivery_mode=2), routing_key="inbound")
+
+        async def business_sees() -> dict[str, Any]:
+            event = parse_event((await next_message(inbox)).body)
+            hop("relay -> acme", json.dumps(event))
+            return event
+
+        async def device_gets(device: DeviceKeys) -> dict[str, Any]:
+            message = device.open(relay, (await next_message(queues[device.device])).body)
+            hop(f"relay -> {device.device}", f"{message['type']} seq={message['seq']} "
+                f"body={json.dumps(message['body'])}")
+            return message
+
+        async def business_says(conversation: str, kind: str,
+                                body: dict[str, Any] | None = None) -> None:
+            await replies.publish(aio_pika.Message(
+                reply(conversation, kind, body), content_type="application/json",
+                user_id="guest", delivery_mode=2), routing_key=BUSINESS)
+            hop("acme -> relay", f"{kind} {json.dumps(body or {})}")
+
+        print("1. alice starts a conversation from her phone")
+        await up(phone, "start", {"intent": "order-status", "text": "Where is my order?"})
+        event = await business_sees()
+        conversation = event["conversation"]
+        assert event["type"] == "start" and "user" not in event
+        assert (await device_gets(laptop))["type"] == "echo"
+
+        print("2. acme types, then answers; both of alice's devices get it, sealed separately")
+        await business_says(conversation, "typing_start")
+        for device in (phone, laptop):
+            assert (await device_gets(device))["type"] == "typing_start"
+        await business_says(conversation, "message", {"text": "It ships tomorrow."})
+        for device in (phone, laptop):
+            assert (await device_gets(device))["body"]["text"] == "It ships tomorrow."
+
+        print("3. alice answers from her laptop and reads; the phone sees the echo")
+        await up(laptop, "typing_start")
+        assert (await business_sees())["type"] == "typing_start"
+        await up(laptop, "message", {"text": "Thanks!"})
+        assert (await business_sees())["body"]["text"] == "Thanks!"
+        assert (await device_gets(phone))["type"] == "echo"
+        await up(laptop, "read")
+        assert (await business_sees())["type"] == "read"
+
+        print("4. alice deletes the conversation on her phone")
+        await up(phone, "close")
+        assert (await business_sees())["type"] == "close"
+        assert (await device_gets(laptop))["type"] == "close"
+
+        print("5. acme writes again: rejected, and no device receives anything")
+        await business_says(conversation, "message", {"text": "Anything else?"})
+        error = await business_sees()
+        assert error["type"] == "error" and error["code"] == "conversation_closed"
+        for device in (phone, laptop):
+            assert await queues[device.device].get(fail=False) is None
+    print("demo: every hop arrived as expected")
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp:
+        work = Path(tmp)
+        config = work / "relayd.yaml"
+        config.write_text(f"amqp:\n  url: {AMQP_URL}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
+                          f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n")
+        relayd(config, "keys", "generate", "--kid", "demo-1")
+        relay = RelayPublic.from_json(relayd(config, "keys", "show"))
+        print(f"relay key {relay.kid} ({relay.kem.value}) generated")
+        relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
+        phone, laptop = DeviceKeys.generate("alice-phone"), DeviceKeys.generate("alice-laptop")
+        for device in (phone, laptop):
+            reg = device.registration(USER)
+            relayd(config, "device", "add", "--user", USER, "--device", device.device,
+                   "--enc-key", reg["enc_key"], "--sign-key", reg["sign_key"])
+        print(f"business {BUSINESS} and devices {phone.device}, {laptop.device} registered")
+        server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)])
+        try:
+            asyncio.run(play(config, relay, phone, laptop))
+        finally:
+            server.terminate()
+            code = server.wait(timeout=30)
+            print(f"relayd run exited with {code}")
+            for device in (phone, laptop):
+                relayd(config, "device", "remove", device.device)
+            relayd(config, "business", "remove", BUSINESS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
