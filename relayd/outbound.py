@@ -61,7 +61,7 @@ class Outbound:
             await self._deliver(business, reply, redelivered)
         except ReplyError as exc:
             await self._answer(business, incoming, exc)
-            return f"rejected:{exc.reason}"
+            return f"error:{exc.reason}"
         return reply.type
 
     @staticmethod

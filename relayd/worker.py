@@ -98,10 +98,10 @@ class Consumer:
 
     async def settle(self, message: AbstractIncomingMessage,
                      work: Callable[[], Awaitable[str]], started: float) -> None:
-        outcome, reason = "delivered", ""
+        outcome, reason, kind = "delivered", "", ""
         try:
             try:
-                reason = await work()
+                kind = await work()
             except PermanentError as exc:
                 outcome, reason = "dead_lettered", exc.reason
                 await self.sink.dead_letter(message, self.queue, exc.reason)
@@ -129,7 +129,7 @@ class Consumer:
                 await asyncio.sleep(self._backoff(self._attempt(message)))
                 await message.nack(requeue=True)
         finally:
-            _log.info("handled", stage=self.role, outcome=outcome, reason=reason,
+            _log.info("handled", stage=self.role, type=kind, outcome=outcome, reason=reason,
                       latency_ms=round((time.monotonic() - started) * 1000, 2))
 
     @staticmethod

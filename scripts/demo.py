@@ -27,6 +27,13 @@ USER = "alice@example.org"  # never leaves the relay: acme only sees an opaque i
 TIMEOUT = 10.0
 
 
+def expect(ok: bool) -> None:
+    """Stop the demo, naming the line, when a hop did not arrive as it should."""
+    if not ok:
+        line = sys._getframe(1).f_lineno
+        raise SystemExit(f"demo failed: the check at scripts/demo.py:{line} did not hold")
+
+
 def hop(arrow: str, text: str) -> None:
     print(f"  {arrow:<28} {text}", flush=True)
 
@@ -84,37 +91,37 @@ async def play(config: Path, relay: RelayPublic, phone: DeviceKeys, laptop: Devi
         await up(phone, "start", {"intent": "order-status", "text": "Where is my order?"})
         event = await business_sees()
         conversation = event["conversation"]
-        assert event["type"] == "start" and "user" not in event
-        assert (await device_gets(laptop))["type"] == "echo"
+        expect(event["type"] == "start" and "user" not in event)
+        expect((await device_gets(laptop))["type"] == "echo")
 
         print("2. acme types, then answers; both of alice's devices get it, sealed separately")
         await business_says(conversation, "typing_start")
         for device in (phone, laptop):
-            assert (await device_gets(device))["type"] == "typing_start"
+            expect((await device_gets(device))["type"] == "typing_start")
         await business_says(conversation, "message", {"text": "It ships tomorrow."})
         for device in (phone, laptop):
-            assert (await device_gets(device))["body"]["text"] == "It ships tomorrow."
+            expect((await device_gets(device))["body"]["text"] == "It ships tomorrow.")
 
         print("3. alice answers from her laptop and reads; the phone sees the echo")
         await up(laptop, "typing_start")
-        assert (await business_sees())["type"] == "typing_start"
+        expect((await business_sees())["type"] == "typing_start")
         await up(laptop, "message", {"text": "Thanks!"})
-        assert (await business_sees())["body"]["text"] == "Thanks!"
-        assert (await device_gets(phone))["type"] == "echo"
+        expect((await business_sees())["body"]["text"] == "Thanks!")
+        expect((await device_gets(phone))["type"] == "echo")
         await up(laptop, "read")
-        assert (await business_sees())["type"] == "read"
+        expect((await business_sees())["type"] == "read")
 
         print("4. alice deletes the conversation on her phone")
         await up(phone, "close")
-        assert (await business_sees())["type"] == "close"
-        assert (await device_gets(laptop))["type"] == "close"
+        expect((await business_sees())["type"] == "close")
+        expect((await device_gets(laptop))["type"] == "close")
 
         print("5. acme writes again: rejected, and no device receives anything")
         await business_says(conversation, "message", {"text": "Anything else?"})
         error = await business_sees()
-        assert error["type"] == "error" and error["code"] == "conversation_closed"
+        expect(error["type"] == "error" and error["code"] == "conversation_closed")
         for device in (phone, laptop):
-            assert await queues[device.device].get(fail=False) is None
+            expect(await queues[device.device].get(fail=False) is None)
     print("demo: every hop arrived as expected")
 
 

@@ -10,8 +10,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import aio_pika
@@ -89,16 +89,21 @@ class TestDedicatedBroker:
 
     def test_client_cert_from_other_ca_is_refused(self, broker: TestBroker) -> None:
         context = broker.ssl_context_for_client(broker.other_client_cert)
-        with pytest.raises((AMQPConnectionError, ConnectionError, ssl.SSLError)):
+        # With TLS 1.3 the server checks the client cert after the client's handshake is done,
+        # so the refusal shows up as an "unknown ca" alert or as a reset, depending on timing.
+        with pytest.raises(AMQPConnectionError):
             asyncio.run(_roundtrip(broker.amqps_url, context))
 
     def test_management_overview(self, broker: TestBroker) -> None:
-        request = urllib.request.Request(
-            f"{broker.mgmt_url}/api/overview",
-            headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (http URL)
+        http = HTTPConnection("127.0.0.1", broker.mgmt_port, timeout=10)
+        auth = base64.b64encode(b"guest:guest").decode()
+        try:
+            http.request("GET", "/api/overview", headers={"Authorization": f"Basic {auth}"})
+            response = http.getresponse()
+            assert response.status == 200
             overview = json.load(response)
+        finally:
+            http.close()
         assert overview["node"] == broker.node_name
 
     def test_crash_restart_keeps_ports_and_persistent_messages(self, broker: TestBroker) -> None:

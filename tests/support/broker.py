@@ -375,7 +375,7 @@ log.file.level = info
                 break
             if self._proc.poll() is not None:
                 raise RuntimeError(
-                    f"rabbitmq-server exited with {self._proc.returncode}; see {self.log_file}"
+                    f"rabbitmq-server exited with {self._proc.returncode}; {self._log_tail()}"
                 )
             with contextlib.suppress(subprocess.TimeoutExpired):
                 done = self._run_ctl(
@@ -387,7 +387,14 @@ log.file.level = info
             # sleeping.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=min(0.5, max(deadline - time.monotonic(), 0.01)))
-        raise TimeoutError(f"{self.node_name} did not start in time; see {self.log_file}")
+        raise TimeoutError(f"{self.node_name} did not start in time; {self._log_tail()}")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            tail = []
+        return "\n".join([f"last lines of {self.log_file}:", *tail])
 
     def _ports_open(self) -> bool:
         for port in (self.amqp_port, self.amqps_port, self.mgmt_port):

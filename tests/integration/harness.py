@@ -1,0 +1,246 @@
+"""A relay under test, on the machine's RabbitMQ, in a vhost of its own.
+
+Each test gets a fresh vhost, so the contract's default names are used unchanged and
+nothing leaks between tests or into the broker's other vhosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import yaml
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+
+from relayd import admin, config, keys, worker
+from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+from relayd.crypto import Kem
+from relayd.store import Business, Device, Store, open_store
+
+BROKER = os.environ.get("RELAYD_TEST_BROKER", "127.0.0.1:5672")
+WAIT = 15.0
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def amqp_url(user: str, password: str, vhost: str) -> str:
+    return f"amqp://{user}:{password}@{BROKER}/{vhost}"
+
+
+@dataclass
+class Relay:
+    """One relay's config, keys and store, plus the parties that talk to it."""
+
+    root: Path
+    vhost: str
+    settings: config.Settings
+    store: Store
+    keyring: keys.KeyRing
+    public: RelayPublic
+    connection: AbstractConnection
+    channel: AbstractChannel
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    config_path: Path = Path()
+
+    # --- running the relay ---------------------------------------------------------------
+
+    async def start(self, *roles: worker.Role) -> None:
+        """Run the workers in this process until the test ends; return once consuming."""
+        self.stop.clear()
+        ready = []
+        for role in roles or ("inbound", "outbound"):
+            consuming = asyncio.Event()
+            ready.append(consuming)
+            self.tasks.append(asyncio.create_task(
+                worker.serve(self.settings, role, self.store, self.keyring, self.stop, consuming)))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), WAIT)
+
+    async def halt(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), WAIT * 2)
+        self.tasks.clear()
+
+    def spawn(self, role: str = "all") -> subprocess.Popen[bytes]:
+        """`relayd run` as a real process, for kill and signal tests; it logs to root."""
+        with (self.root / "relayd.log").open("ab") as log_file:
+            return subprocess.Popen(
+                [sys.executable, "-m", "relayd", "run", "--role", role, "--config",
+                 str(self.config_path)], stdout=log_file, stderr=subprocess.STDOUT)
+
+    async def reconnect(self) -> None:
+        """A fresh connection for the test itself, after the broker dropped the old one."""
+        self.connection = await aio_pika.connect(self.settings.amqp.url)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+
+    # --- registering parties -------------------------------------------------------------
+
+    async def add_business(self, business_id: str, amqp_user: str = "guest",
+                           first_party: bool = False) -> None:
+        await admin.add_business(self.settings, self.store,
+                                 Business(business_id, amqp_user, first_party))
+
+    async def add_device(self, user: str, device_id: str, kem: Kem = Kem.X25519) -> DeviceKeys:
+        device = DeviceKeys.generate(device_id, kem)
+        await admin.add_device(self.settings, self.store, Device(
+            device_id, user, kem, device.enc_public, device.sign_public))
+        return device
+
+    # --- talking to it --------------------------------------------------------------------
+
+    async def publish_up(self, body: bytes, kid: str | None = None) -> None:
+        exchange = await self.channel.get_exchange(self.settings.topology.ingress_exchange)
+        headers = {} if kid == "" else {"relayd-kid": kid or self.public.kid}
+        await exchange.publish(aio_pika.Message(
+            body, headers=headers, content_type="application/vnd.relayd.sealed",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key="inbound")
+
+    async def send(self, device: DeviceKeys, to: str, kind: str,
+                   body: dict[str, Any] | None = None, **fields: Any) -> str:
+        """Seal and publish an up message; return its id."""
+        message_id = fields.pop("message_id", None) or str(uuid.uuid4())
+        await self.publish_up(device.seal(self.public, device.payload(
+            to, kind, body, message_id=message_id, **fields)))
+        return message_id
+
+    async def reply(self, business: str, conversation: str, kind: str,
+                    body: dict[str, Any] | None = None, *, user_id: str | None = "guest",
+                    raw: bytes | None = None, routing_key: str | None = None,
+                    channel: AbstractChannel | None = None) -> str:
+        """Publish a business reply as `user_id`; return its id."""
+        reply_id = str(uuid.uuid4())
+        exchange = await (channel or self.channel).get_exchange(
+            self.settings.topology.replies_exchange)
+        await exchange.publish(aio_pika.Message(
+            raw if raw is not None else reply(conversation, kind, body, reply_id),
+            content_type="application/json", user_id=user_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=business if routing_key is None else routing_key)
+        return reply_id
+
+    async def queue(self, name: str) -> AbstractQueue:
+        return await self.channel.get_queue(name, ensure=False)
+
+    async def take(self, queue_name: str, count: int, wait: float = WAIT
+                   ) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Exactly the next `count` messages of a queue, acked; fails after `wait` s."""
+        queue = await self.queue(queue_name)
+        got: list[aio_pika.abc.AbstractIncomingMessage] = []
+        if count == 0:
+            return got
+        async with queue.iterator(timeout=wait) as messages:
+            async for message in messages:
+                await message.ack()
+                got.append(message)
+                if len(got) == count:
+                    break
+        return got
+
+    async def events(self, business: str, count: int, wait: float = WAIT) -> list[dict[str, Any]]:
+        name = self.settings.topology.business_inbox.format(business=business)
+        return [parse_event(m.body) for m in await self.take(name, count, wait)]
+
+    async def received(self, device: DeviceKeys, count: int,
+                       wait: float = WAIT) -> list[dict[str, Any]]:
+        name = self.settings.topology.device_queue.format(device=device.device)
+        return [device.open(self.public, m.body) for m in await self.take(name, count, wait)]
+
+    async def dead(self, count: int,
+                   wait: float = WAIT) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        return await self.take(self.settings.topology.dead_queue, count, wait)
+
+    async def depth(self, queue_name: str) -> int:
+        queue = await self.channel.declare_queue(queue_name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+    async def wait_depth(self, queue_name: str, at_least: int, wait: float = WAIT) -> None:
+        """Until `queue_name` holds `at_least` ready messages: the broker offers no event."""
+        async with asyncio.timeout(wait):
+            while await self.depth(queue_name) < at_least:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    async def assert_empty(self, *queue_names: str) -> None:
+        for name in queue_names:
+            assert await self.depth(name) == 0, f"{name} is not empty"
+
+    def device_queue(self, device: DeviceKeys) -> str:
+        return self.settings.topology.device_queue.format(device=device.device)
+
+    def inbox(self, business: str) -> str:
+        return self.settings.topology.business_inbox.format(business=business)
+
+
+def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
+    data: dict[str, Any] = {
+        "amqp": {"url": amqp_url("guest", "guest", vhost)},
+        "store": {"url": f"sqlite:///{root}/relayd.db"},
+        "keys": {"dir": str(root / "keys")},
+        "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
+                    "shutdown_timeout": 5},
+        "logging": {"level": "warning", "format": "json"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path = root / "relayd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
+                         **sections: dict[str, Any]) -> AsyncIterator[Relay]:
+    vhost = f"relayd-test-{secrets.token_hex(4)}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        path = write_config(root, vhost, **sections)
+        settings = config.load(path, environ={})
+        keys.generate(settings.keys.dir, "test-1", kem)
+        keyring = keys.load(settings.keys.dir, timedelta(days=1))
+        store = open_store(settings.store.url)
+        connection = await aio_pika.connect(settings.amqp.url)
+        channel = await connection.channel(publisher_confirms=True)
+        relay = Relay(root, vhost, settings, store, keyring,
+                      RelayPublic.from_json(keyring.public_info()), connection, channel,
+                      config_path=path)
+        await admin.declare_all(settings, store)
+        try:
+            yield relay
+        finally:
+            if relay.tasks:
+                await relay.halt()
+            await connection.close()
+            await store.close()
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def add_amqp_user(vhost: str, user: str) -> str:
+    """A broker user with rights in `vhost` only; return its password."""
+    password = secrets.token_urlsafe(12)
+    with contextlib.suppress(subprocess.CalledProcessError):
+        rabbitmqctl("delete_user", user)
+    rabbitmqctl("add_user", user, password)
+    rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    return password
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 wait: float = 30) -> int:
+    process.send_signal(sig)
+    return process.wait(timeout=wait)

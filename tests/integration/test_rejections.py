@@ -1,0 +1,154 @@
+"""Bad input of every kind is rejected with its reason while valid traffic flows on."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import aio_pika
+import orjson
+
+from relayd.client import DeviceKeys
+from tests.integration.harness import Relay, add_amqp_user, amqp_url, relay_in_vhost
+
+USER = "alice@example.org"
+
+
+def reasons(messages: list[aio_pika.abc.AbstractIncomingMessage]) -> list[str]:
+    return sorted(str(m.headers["x-relayd-reason"]) for m in messages)
+
+
+class TestInboundRejections:
+    async def test_every_bad_envelope_is_dead_lettered_with_its_reason(
+            self, tmp_path: Path) -> None:
+        """Replayed, tampered, garbage, oversized, unknown, forged, stale and misaddressed
+        envelopes each land in relayd.dead with their reason; a valid one still arrives."""
+        async with relay_in_vhost(tmp_path, limits={"max_envelope_bytes": 4096}) as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device(USER, "phone")
+            await relay.start()
+
+            first = phone.seal(relay.public, phone.payload("acme", "start"))
+            await relay.publish_up(first)
+            [start] = await relay.events("acme", 1)
+            await relay.publish_up(first)  # replayed
+            tampered = bytearray(phone.seal(relay.public, phone.payload("acme", "message",
+                                                                         {"text": "x"})))
+            tampered[40] ^= 1
+            await relay.publish_up(bytes(tampered))
+            await relay.publish_up(os.urandom(300))  # garbage: fails to decrypt
+            await relay.publish_up(b"short")  # garbage: shorter than the KEM's enc
+            await relay.publish_up(os.urandom(5000))  # oversized
+            ghost = DeviceKeys.generate("ghost")
+            await relay.publish_up(ghost.seal(relay.public, ghost.payload("acme", "start")))
+            forged = DeviceKeys.generate("phone")  # right id, wrong key
+            await relay.publish_up(forged.seal(relay.public, forged.payload("acme", "start")))
+            await relay.publish_up(phone.seal(relay.public, phone.payload(
+                "acme", "message", {"text": "old"}, ts=int(time.time() * 1000) - 30 * 86400_000)))
+            await relay.publish_up(phone.seal(relay.public, phone.payload("acme", "message",
+                                                                          {"text": "?"})), kid="k9")
+            await relay.publish_up(phone.seal(relay.public, phone.payload("acme", "message",
+                                                                          {"text": "?"})), kid="")
+            await relay.publish_up(phone.seal(relay.public, phone.payload("nobody", "start")))
+            await relay.publish_up(phone.seal(relay.public, orjson.dumps(
+                {"v": 1, "device": "phone", "seq": 99, "extra": True})))
+            await relay.publish_up(phone.seal(relay.public, phone.payload("acme", "message",
+                                                                          {"text": 5})))
+
+            dead = await relay.dead(13)
+            assert reasons(dead) == sorted([
+                "replayed", "decrypt_failed", "decrypt_failed", "malformed", "too_large",
+                "unknown_device", "bad_signature", "stale", "bad_kid", "bad_kid",
+                "unknown_business", "malformed", "malformed"])
+            assert all(m.headers["x-relayd-queue"] == "relayd.inbound" for m in dead)
+
+            text_id = await relay.send(phone, "acme", "message", {"text": "still here"})
+            [event] = await relay.events("acme", 1)
+            assert (event["id"], event["conversation"]) == (text_id, start["conversation"])
+            await relay.assert_empty(relay.inbox("acme"), relay.settings.topology.dead_queue)
+
+    async def test_closed_or_missing_conversation(self, relay: Relay) -> None:
+        """Typing into a conversation that does not exist, or a second close, is refused."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(USER, "phone")
+        await relay.start()
+        await relay.send(phone, "acme", "typing_start")
+        [dead] = await relay.dead(1)
+        assert dead.headers["x-relayd-reason"] == "unknown_conversation"
+        await relay.send(phone, "acme", "start")
+        await relay.send(phone, "acme", "close")
+        await relay.send(phone, "acme", "close")
+        await relay.send(phone, "acme", "read")
+        assert [e["type"] for e in await relay.events("acme", 2)] == ["start", "close"]
+        assert reasons(await relay.dead(2)) == ["conversation_closed", "conversation_closed"]
+
+
+class TestReplyRejections:
+    async def test_each_bad_reply_gets_its_error_and_reaches_no_device(
+            self, relay: Relay) -> None:
+        """Unknown, closed, foreign, invalid, oversized and misrouted replies are answered
+        with error events; replies without a trusted user_id are dead-lettered."""
+        await relay.add_business("acme")
+        password = add_amqp_user(relay.vhost, f"{relay.vhost}-globex")
+        globex_user = f"{relay.vhost}-globex"
+        phone = await relay.add_device(USER, "phone")
+        laptop = await relay.add_device(USER, "laptop")
+        await relay.start()
+        await relay.send(phone, "acme", "start")
+        await relay.send(phone, "acme", "start", {"text": "second"})  # keeps it open
+        start, _ = await relay.events("acme", 2)
+        conversation = start["conversation"]
+        await relay.received(laptop, 2)
+        globex = await aio_pika.connect(amqp_url(globex_user, password, relay.vhost))
+        async with globex:
+            as_globex = await globex.channel(publisher_confirms=True)
+            # a broker user that maps to no business yet
+            await relay.reply("globex", conversation, "message", {"text": "hi"},
+                              user_id=globex_user, channel=as_globex)
+            [dead] = await relay.dead(1)
+            assert dead.headers["x-relayd-reason"] == "unknown_business"
+            await relay.add_business("globex", amqp_user=globex_user)
+            foreign = await relay.reply("globex", conversation, "message", {"text": "hi"},
+                                        user_id=globex_user, channel=as_globex)
+            [error] = await relay.events("globex", 1)
+            assert (error["code"], error["ref"], error["conversation"]) == (
+                "not_your_conversation", foreign, conversation)
+
+        unknown = await relay.reply("acme", "a" * 32, "message", {"text": "x"})
+        await relay.reply("acme", conversation, "message", raw=b"{not json")
+        invalid = await relay.reply("acme", conversation, "message", {"text": 7})
+        large = await relay.reply("acme", conversation, "message", {"text": "x" * 2_000_000})
+        misrouted = await relay.reply("acme", conversation, "message", {"text": "x"},
+                                      routing_key="globex")
+        await relay.reply("acme", conversation, "message", {"text": "anonymous"}, user_id=None)
+        errors = {e["ref"]: e for e in await relay.events("acme", 5)}
+        assert errors[unknown]["code"] == "unknown_conversation"
+        assert errors[None]["code"] == "invalid"
+        assert errors[invalid]["code"] == "invalid"
+        assert errors[large]["code"] == "too_large"
+        assert errors[misrouted]["code"] == "invalid"
+        [dead] = await relay.dead(1)
+        assert dead.headers["x-relayd-reason"] == "unauthenticated"
+
+        await relay.send(phone, "acme", "close")
+        await relay.events("acme", 1)
+        await relay.received(laptop, 1)
+        closed = await relay.reply("acme", conversation, "message", {"text": "late"})
+        [error] = await relay.events("acme", 1)
+        assert (error["code"], error["ref"]) == ("conversation_closed", closed)
+        await relay.assert_empty(relay.device_queue(phone), relay.device_queue(laptop),
+                                 relay.settings.topology.dead_queue)
+
+
+class TestTransientFailures:
+    async def test_unroutable_output_is_retried_then_dead_lettered(self, relay: Relay) -> None:
+        """A publish that nothing can route is a failure: retried, then dead-lettered."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(USER, "phone")
+        await relay.channel.queue_delete(relay.inbox("acme"))
+        await relay.start()
+        await relay.send(phone, "acme", "start")
+        [dead] = await relay.dead(1)
+        assert dead.headers["x-relayd-reason"] == "retries_exhausted"
+        await relay.assert_empty(relay.settings.topology.inbound_queue)

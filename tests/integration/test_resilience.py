@@ -1,0 +1,102 @@
+"""Nothing is lost when a worker is killed, stopped under load, or loses its connection."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from relayd.errors import ExitCode
+from tests.integration.harness import Relay, rabbitmqctl, stop_process
+
+USERS = 4
+PER_DEVICE = 250
+
+
+async def send_numbered(relay: Relay, count: int) -> set[str]:
+    """Start a conversation per user, then send `count` numbered messages from each device."""
+    devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
+    ids = set()
+    for device in devices:
+        ids.add(await relay.send(device, "acme", "start"))
+    for n in range(count):
+        for device in devices:
+            ids.add(await relay.send(device, "acme", "message", {"text": str(n)}))
+    return ids
+
+
+async def collect(relay: Relay, expected: set[str], wait: float = 60) -> tuple[set[str], int]:
+    """Drain the inbox until every expected id arrived; return (ids seen, duplicates)."""
+    seen: set[str] = set()
+    duplicates = 0
+    queue = await relay.queue(relay.inbox("acme"))
+    async with asyncio.timeout(wait), queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            if message.message_id in seen:
+                duplicates += 1
+            seen.add(str(message.message_id))
+            if expected <= seen:
+                break
+    return seen, duplicates
+
+
+async def wait_consuming(relay: Relay, queue: str, wait: float = 30) -> None:
+    """Until the relay has a consumer on `queue` (it declared and subscribed)."""
+    async with asyncio.timeout(wait):
+        while True:  # the broker offers no event for a new consumer
+            declared = await relay.channel.declare_queue(queue, passive=True)
+            if declared.declaration_result.consumer_count:
+                return
+            await asyncio.sleep(0.1)
+
+
+class TestCrash:
+    async def test_sigkill_mid_stream_loses_nothing(self, relay: Relay) -> None:
+        """A worker killed with SIGKILL mid-stream and restarted delivers every message."""
+        await relay.add_business("acme")
+        expected = await send_numbered(relay, PER_DEVICE)
+        process = relay.spawn()
+        await relay.wait_depth(relay.inbox("acme"), 5)
+        process.kill()
+        assert process.wait(timeout=10) == -signal.SIGKILL
+        assert await relay.depth(relay.settings.topology.inbound_queue) > 0
+        process = relay.spawn()
+        try:
+            seen, duplicates = await collect(relay, expected)
+        finally:
+            stop_process(process)
+        assert seen == expected
+        assert duplicates <= relay.settings.workers.prefetch
+
+
+class TestGracefulStop:
+    async def test_sigterm_under_load_exits_0_and_loses_nothing(self, relay: Relay) -> None:
+        """SIGTERM drains in-flight work, exits 0, and a restart delivers the rest."""
+        await relay.add_business("acme")
+        expected = await send_numbered(relay, PER_DEVICE)
+        process = relay.spawn()
+        await relay.wait_depth(relay.inbox("acme"), 5)
+        assert stop_process(process, signal.SIGTERM) == ExitCode.OK
+        process = relay.spawn()
+        try:
+            seen, duplicates = await collect(relay, expected)
+        finally:
+            assert stop_process(process, signal.SIGINT) == ExitCode.OK
+        assert seen == expected
+        assert duplicates == 0  # a graceful stop acks all it finished
+
+
+class TestReconnect:
+    async def test_resumes_after_the_broker_closes_its_connections(self, relay: Relay) -> None:
+        """When the broker drops relayd's connections, relayd reconnects and carries on."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        await relay.start()
+        await relay.send(phone, "acme", "start")
+        await relay.events("acme", 1)
+        rabbitmqctl("close_all_connections", "--vhost", relay.vhost, "test: connection lost")
+        await relay.reconnect()
+        await wait_consuming(relay, relay.settings.topology.inbound_queue)
+        message_id = await relay.send(phone, "acme", "message", {"text": "after"})
+        [event] = await relay.events("acme", 1, wait=30)
+        assert event["id"] == message_id
