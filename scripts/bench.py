@@ -1,0 +1,511 @@
+"""The relay's benchmark: relayd against a naive aio-pika passthrough, in one run.
+
+Usage: .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--soak SECONDS]
+
+Scenarios, each in a vhost of its own on the local RabbitMQ, each worker a real process:
+  a   naive passthrough: consume -> publish -> await confirm -> ack, no crypto, no store
+  b   relayd inbound, X25519, one worker process (b2: two worker processes)
+  c1  relayd outbound, 1 device per user;  c3: 3 devices per user
+  d   relayd inbound with the MLKEM768_X25519 hybrid suite
+All use quorum work queues, persistent ~400-byte messages and the same prefetch.
+For each: saturated throughput over a preloaded backlog, then end-to-end latency at half
+that rate, CPU-seconds per 1,000 messages and the peak RSS of every worker process.
+Ratios against (a) come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import psutil
+import yaml
+
+from relayd import keys, opaque, topology
+from relayd.client import DeviceKeys, RelayPublic, reply
+from relayd.config import Settings, load
+from relayd.crypto import Kem
+from relayd.store import Business, Device, open_store
+
+HOST = os.environ.get("RELAYD_BENCH_BROKER", "127.0.0.1:5672")
+PREFETCH = 256
+BODY_BYTES = 400
+USERS = 64
+POLL_S = 0.01
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def vhost() -> Iterator[str]:
+    name = f"relayd-bench-{secrets.token_hex(3)}"
+    ctl("add_vhost", name)
+    ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        ctl("delete_vhost", name)
+
+
+@dataclass
+class Result:
+    name: str
+    messages: int
+    rate: float = 0.0  # messages/s at saturation (for fan-out: replies/s)
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    latency_rate: float = 0.0
+    cpu_s_per_1k: float = 0.0
+    rss_mb: list[float] = field(default_factory=list)
+
+
+class Workers:
+    """The process tree under test: CPU time and peak RSS of every process in it."""
+
+    def __init__(self, commands: list[list[str]], env: dict[str, str]) -> None:
+        self.procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL) for c in commands]
+
+    def tree(self) -> list[psutil.Process]:
+        found = []
+        for proc in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                parent = psutil.Process(proc.pid)
+                found += [parent, *parent.children(recursive=True)]
+        return found
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def peak_rss_mb(self) -> list[float]:
+        peaks = []
+        for proc in self.tree():
+            with contextlib.suppress(OSError, psutil.NoSuchProcess):
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peaks.append(round(int(line.split()[1]) / 1024, 1))
+        return peaks
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def depth(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    return int(declared.declaration_result.message_count or 0)
+
+
+async def publish_all(exchange: aio_pika.abc.AbstractExchange, routing_key: str,
+                      messages: list[aio_pika.Message]) -> None:
+    """Publish with confirms, a window of 500 at a time."""
+    for start in range(0, len(messages), 500):
+        await asyncio.gather(*(exchange.publish(m, routing_key)
+                               for m in messages[start:start + 500]))
+
+
+async def saturate(channel: aio_pika.abc.AbstractChannel, source: str,
+                   done: Callable[[], Awaitable[bool]], workers: Workers,
+                   total: int, budget_s: float) -> tuple[float, float]:
+    """Time a preloaded backlog through the workers: (messages/s, CPU-seconds per 1,000)."""
+    deadline = time.monotonic() + budget_s
+    while await depth(channel, source) >= total:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the workers never started consuming")
+        await asyncio.sleep(POLL_S)
+    started, cpu_start = time.monotonic(), workers.cpu_seconds()
+    last_report = started
+    while not await done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backlog not drained within {budget_s} s")
+        if time.monotonic() - last_report > 2:
+            left = await depth(channel, source)
+            progress(f"  {total - left}/{total} consumed")
+            last_report = time.monotonic()
+        await asyncio.sleep(POLL_S)
+    elapsed, cpu = time.monotonic() - started, workers.cpu_seconds() - cpu_start
+    return total / elapsed, cpu / total * 1000
+
+
+async def paced(send: Callable[[int], Awaitable[None]], rate: float, count: int) -> None:
+    """Call send(i) `count` times at `rate` per second, without waiting for each."""
+    started = time.monotonic()
+    pending = set()
+    for i in range(count):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(send(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+
+
+def percentiles(samples: list[float], result: Result) -> None:
+    samples.sort()
+    result.p50_ms = round(statistics.median(samples) * 1000, 2)
+    result.p99_ms = round(samples[int(len(samples) * 0.99) - 1] * 1000, 2)
+    result.max_ms = round(samples[-1] * 1000, 2)
+
+
+async def collect(channel: aio_pika.abc.AbstractChannel, queues: list[str], expected: int,
+                  key: Callable[[aio_pika.abc.AbstractIncomingMessage], str],
+                  sent_at: dict[str, float], budget_s: float) -> list[float]:
+    """Consume `queues` until `expected` arrivals; return each one's latency in seconds."""
+    latencies: list[float] = []
+    finished = asyncio.Event()
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        latencies.append(time.monotonic() - sent_at[key(message)])
+        await message.ack()
+        if len(latencies) >= expected:
+            finished.set()
+
+    for name in queues:
+        queue = await channel.get_queue(name, ensure=False)
+        await queue.consume(on_message)
+    await asyncio.wait_for(finished.wait(), budget_s)
+    return latencies
+
+
+# --- the scenarios ----------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    settings: Settings
+    config_path: Path
+    relay: RelayPublic
+    env: dict[str, str]
+
+
+def relay_setup(root: Path, vhost_name: str, kem: Kem) -> Setup:
+    config = {
+        "amqp": {"url": f"amqp://guest:guest@{HOST}/{vhost_name}"},
+        "store": {"url": f"sqlite:///{root}/relayd.db"},
+        "keys": {"dir": str(root / "keys")},
+        "workers": {"prefetch": PREFETCH, "inbound": 1, "outbound": 1},
+        "limits": {"max_age_seconds": 7 * 86400},
+        "metrics": {"enabled": False},
+    }
+    path = root / "relayd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load(path, environ={})
+    keys.generate(settings.keys.dir, "bench-1", kem)
+    from datetime import timedelta
+
+    ring = keys.load(settings.keys.dir, timedelta(days=1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+    return Setup(settings, path, RelayPublic.from_json(ring.public_info()), env)
+
+
+def relay_command(setup: Setup, role: str) -> list[str]:
+    return [sys.executable, "-m", "relayd", "run", "--role", role,
+            "--config", str(setup.config_path)]
+
+
+async def declare(setup: Setup, specs: list[topology.Spec]) -> None:
+    connection = await aio_pika.connect(setup.settings.amqp.url)
+    async with connection:
+        await topology.declare(await connection.channel(), specs)
+
+
+def text_for(size: int) -> str:
+    return "x" * max(1, size)
+
+
+async def inbound(name: str, kem: Kem, processes: int, total: int, latency_s: float
+                  ) -> Result:
+    result = Result(name, total)
+    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
+        setup = relay_setup(Path(tmp), vh, kem)
+        t = setup.settings.topology
+        store = open_store(setup.settings.store.url)
+        await store.add_business(Business("acme", "guest"))
+        devices = [DeviceKeys.generate(f"dev-{i}", kem) for i in range(USERS)]
+        for i, device in enumerate(devices):
+            await store.add_device(Device(device.device, f"user-{i}", kem, device.enc_public,
+                                          device.sign_public))
+        await declare(setup, topology.core(t) + topology.business(t, "acme"))
+        probe = devices[0].seal(setup.relay, devices[0].payload("acme", "message", {"text": ""}))
+        text = text_for(BODY_BYTES - len(probe))
+
+        def sealed(i: int, message_id: str | None = None) -> aio_pika.Message:
+            device = devices[i % USERS]
+            kind = "start" if i < USERS else "message"
+            body = device.seal(setup.relay, device.payload(
+                "acme", kind, {"text": text}, message_id=message_id))
+            return aio_pika.Message(body, headers={"relayd-kid": setup.relay.kid},
+                                    content_type="application/vnd.relayd.sealed",
+                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+        connection = await aio_pika.connect(setup.settings.amqp.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            ingress = await channel.get_exchange(t.ingress_exchange)
+            progress(f"{name}: sealing and preloading {total} envelopes")
+            await publish_all(ingress, t.inbound_routing_key, [sealed(i) for i in range(total)])
+            inbox = topology.business_inbox(t, "acme")
+            workers = Workers([relay_command(setup, "inbound")] * processes, setup.env)
+            try:
+                async def drained() -> bool:
+                    return await depth(channel, inbox) >= total
+
+                result.rate, result.cpu_s_per_1k = await saturate(
+                    channel, t.inbound_queue, drained, workers, total, 300)
+                progress(f"{name}: {result.rate:.0f} msg/s; latency at half rate")
+                await (await channel.get_queue(inbox, ensure=False)).purge()
+                result.latency_rate = result.rate / 2
+                count = max(50, int(result.latency_rate * latency_s))
+                ids = [str(uuid.uuid4()) for _ in range(count)]
+                messages = [sealed(total + i, ids[i]) for i in range(count)]
+                sent_at: dict[str, float] = {}
+
+                async def send(i: int) -> None:
+                    sent_at[ids[i]] = time.monotonic()
+                    await ingress.publish(messages[i], t.inbound_routing_key)
+
+                consumer = asyncio.create_task(collect(
+                    channel, [inbox], count, lambda m: str(m.message_id), sent_at, 120))
+                await paced(send, result.latency_rate, count)
+                percentiles(await consumer, result)
+                result.rss_mb = workers.peak_rss_mb()
+            finally:
+                workers.stop()
+        await store.close()
+    return result
+
+
+async def outbound(name: str, per_user: int, total: int, latency_s: float) -> Result:
+    result = Result(name, total)
+    users = USERS // per_user if per_user > 1 else USERS
+    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
+        setup = relay_setup(Path(tmp), vh, Kem.X25519)
+        t = setup.settings.topology
+        store = open_store(setup.settings.store.url)
+        await store.add_business(Business("acme", "guest"))
+        secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
+        conversations = []
+        devices: dict[str, DeviceKeys] = {}
+        specs = topology.core(t) + topology.business(t, "acme")
+        for u in range(users):
+            for k in range(per_user):
+                device = DeviceKeys.generate(f"dev-{u}-{k}")
+                devices[device.device] = device
+                await store.add_device(Device(device.device, f"user-{u}", Kem.X25519,
+                                              device.enc_public, device.sign_public))
+                specs += topology.device(t, device.device)
+            conversation = await store.open_conversation(
+                f"user-{u}", "acme", int(time.time() * 1000), False,
+                lambda e, u=u: opaque.conversation_id(secret.opaque_secret, f"user-{u}",
+                                                      "acme", e))
+            conversations.append(conversation.id)
+        await declare(setup, specs)
+        text = text_for(BODY_BYTES - len(reply(conversations[0], "message", {"text": ""})))
+
+        def message(i: int, reply_id: str | None = None) -> aio_pika.Message:
+            body = reply(conversations[i % users], "message", {"text": text}, reply_id)
+            return aio_pika.Message(body, content_type="application/json", user_id="guest",
+                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+        device_queues = [topology.device_queue(t, d) for d in devices]
+        connection = await aio_pika.connect(setup.settings.amqp.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            replies = await channel.get_exchange(t.replies_exchange)
+            progress(f"{name}: preloading {total} replies")
+            await publish_all(replies, "acme", [message(i) for i in range(total)])
+            workers = Workers([relay_command(setup, "outbound")], setup.env)
+            try:
+                async def drained() -> bool:
+                    if await depth(channel, t.outbound_queue):
+                        return False
+                    counts = await asyncio.gather(*(depth(channel, q) for q in device_queues))
+                    return sum(counts) >= total * per_user
+
+                result.rate, result.cpu_s_per_1k = await saturate(
+                    channel, t.outbound_queue, drained, workers, total, 300)
+                progress(f"{name}: {result.rate:.0f} replies/s; latency at half rate")
+                for queue in device_queues:
+                    await (await channel.get_queue(queue, ensure=False)).purge()
+                result.latency_rate = result.rate / 2
+                count = max(50, int(result.latency_rate * latency_s))
+                ids = [str(uuid.uuid4()) for _ in range(count)]
+                messages = [message(i, ids[i]) for i in range(count)]
+                sent_at: dict[str, float] = {}
+
+                def reply_id(m: aio_pika.abc.AbstractIncomingMessage) -> str:
+                    return str(devices[m.headers["relayd-kid"]].open(setup.relay, m.body)["id"])
+
+                async def send(i: int) -> None:
+                    sent_at[ids[i]] = time.monotonic()
+                    await replies.publish(messages[i], "acme")
+
+                consumer = asyncio.create_task(collect(
+                    channel, device_queues, count * per_user, reply_id, sent_at, 120))
+                await paced(send, result.latency_rate, count)
+                percentiles(await consumer, result)
+                result.rss_mb = workers.peak_rss_mb()
+            finally:
+                workers.stop()
+        await store.close()
+    return result
+
+
+NAIVE_WORKER = """
+import asyncio, sys, aio_pika
+async def main(url, prefetch):
+    connection = await aio_pika.connect(url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=prefetch)
+    out = await channel.get_exchange("bench.out")
+    queue = await channel.get_queue("bench.in")
+    async with queue.iterator() as messages:
+        async for message in messages:
+            await out.publish(aio_pika.Message(message.body, message_id=message.message_id,
+                                               delivery_mode=2), routing_key="")
+            await message.ack()
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def naive(total: int, latency_s: float) -> Result:
+    """(a): the same queues, sizes, prefetch and persistence; no crypto, no store."""
+    result = Result("a naive passthrough", total)
+    with vhost() as vh:
+        url = f"amqp://guest:guest@{HOST}/{vh}"
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            quorum = {"x-queue-type": "quorum"}
+            inbound_queue = await channel.declare_queue("bench.in", durable=True, arguments=quorum)
+            await channel.declare_queue("bench.sink", durable=True, arguments=quorum)
+            out = await channel.declare_exchange("bench.out", aio_pika.ExchangeType.FANOUT,
+                                                 durable=True)
+            await (await channel.get_queue("bench.sink")).bind(out)
+            body = os.urandom(BODY_BYTES)
+            progress(f"a: preloading {total} messages")
+            await publish_all(channel.default_exchange, inbound_queue.name,
+                              [aio_pika.Message(body, delivery_mode=2) for _ in range(total)])
+            workers = Workers([[sys.executable, "-c", NAIVE_WORKER, url, str(PREFETCH)]],
+                              dict(os.environ))
+            try:
+                async def drained() -> bool:
+                    return await depth(channel, "bench.sink") >= total
+
+                result.rate, result.cpu_s_per_1k = await saturate(
+                    channel, "bench.in", drained, workers, total, 300)
+                progress(f"a: {result.rate:.0f} msg/s; latency at half rate")
+                await (await channel.get_queue("bench.sink", ensure=False)).purge()
+                result.latency_rate = result.rate / 2
+                count = max(50, int(result.latency_rate * latency_s))
+                sent_at: dict[str, float] = {}
+
+                async def send(i: int) -> None:
+                    sent_at[str(i)] = time.monotonic()
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(body, message_id=str(i), delivery_mode=2), "bench.in")
+
+                consumer = asyncio.create_task(collect(
+                    channel, ["bench.sink"], count, lambda m: str(m.message_id), sent_at, 120))
+                await paced(send, result.latency_rate, count)
+                percentiles(await consumer, result)
+                result.rss_mb = workers.peak_rss_mb()
+            finally:
+                workers.stop()
+    return result
+
+
+async def soak(seconds: float) -> list[tuple[float, float]]:
+    """RSS of one inbound worker under a steady half-saturation load, sampled every 10 s."""
+    raise NotImplementedError
+
+
+def table(results: list[Result]) -> str:
+    base = results[0].rate
+    lines = [f"{'scenario':<28} {'msg/s':>8} {'x(a)':>6} {'at':>7} {'p50 ms':>8} "
+             f"{'p99 ms':>8} {'max ms':>8} {'cpu s/1k':>9}  peak RSS MB per process"]
+    for r in results:
+        lines.append(f"{r.name:<28} {r.rate:>8.0f} {r.rate / base:>6.2f} "
+                     f"{r.latency_rate:>7.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+                     f"{r.max_ms:>8.2f} {r.cpu_s_per_1k:>9.3f}  {r.rss_mb}")
+    return "\n".join(lines)
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    by = {r.name.split()[0]: r.rate for r in results}
+    a = by["a"]
+    return {f"{k}/a": round(v / a, 2) for k, v in by.items() if k != "a"}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    total = 3000 if args.quick else 20000
+    latency_s = 3.0 if args.quick else 15.0
+    results = [await naive(total, latency_s)]
+    results.append(await inbound("b inbound x1", Kem.X25519, 1, total, latency_s))
+    results.append(await inbound("b2 inbound x2", Kem.X25519, 2, total, latency_s))
+    results.append(await outbound("c1 outbound 1 dev/user", 1, total, latency_s))
+    results.append(await outbound("c3 outbound 3 dev/user", 3, total // 3, latency_s))
+    results.append(await inbound("d inbound hybrid PQ", Kem.MLKEM768_X25519, 1, total,
+                                 latency_s))
+    print(table(results))
+    r = ratios(results)
+    print("ratios: " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    targets = {
+        "b/a >= 1.0": r["b/a"] >= 1.0,
+        "b2/a >= 1.5": r["b2/a"] >= 1.5,
+        "c3/a >= 0.6": r["c3/a"] >= 0.6,
+        "p99 <= 50 ms (all relayd rows)": all(x.p99_ms <= 50 for x in results[1:]),
+        "RSS <= 100 MB per process": all(m <= 100 for x in results[1:] for m in x.rss_mb),
+    }
+    for target, met in targets.items():
+        print(f"target {target}: {'met' if met else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(
+            {"results": [asdict(x) for x in results], "ratios": r, "targets": targets,
+             "quick": args.quick, "cpus": os.cpu_count()}, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small run, under a minute")
+    parser.add_argument("--json", help="write the figures to this file")
+    return asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
