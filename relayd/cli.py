@@ -77,7 +77,7 @@ def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) ->
 
 
 def _valid_id(pattern: Any, value: str, what: str) -> str:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{what} must match {pattern.pattern}")
     return value
 
@@ -228,9 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, why in exc.problems.items():
             print(f"  {key}: {why}", file=sys.stderr)
         return ExitCode.CONFIG
-    except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as exc:
+    except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
         print(f"cannot reach the broker: {exc}", file=sys.stderr)
         return ExitCode.BROKER_UNAVAILABLE
+    except OSError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.FAILURE
     return code

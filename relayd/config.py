@@ -6,6 +6,7 @@ Only `amqp.url`, `store.url` and `keys.dir` are required; every other key has a 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -169,7 +170,7 @@ class Settings(Section):
 
 
 def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Apply `RELAYD_SECTION__KEY=value` overrides; values are read as YAML scalars."""
+    """Apply `RELAYD_SECTION__KEY=value` overrides, each value taken as given."""
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -180,7 +181,7 @@ def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
             node = node.setdefault(part, {}) if child is None else child
             if not isinstance(node, dict):
                 raise ConfigError({".".join(path): f"{name} overrides a non-section"})
-        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+        node[path[-1]] = raw  # validation converts it: "10" to 10, "true" to True
     return data
 
 
@@ -190,7 +191,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError({"(top level)": "must be a mapping of sections"})
-    data = _with_env(data, os.environ if environ is None else environ)
+    data = _with_env(copy.deepcopy(data), os.environ if environ is None else environ)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

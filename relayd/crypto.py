@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from enum import StrEnum
 from typing import TypeAlias
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 PublicKey: TypeAlias = x25519.X25519PublicKey | hpke.MLKEM768X25519PublicKey
 PrivateKey: TypeAlias = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _MLKEM768_PUBLIC = 1184
 _MLKEM_SEED = 64
 _X25519 = 32
@@ -105,7 +107,7 @@ def b64e(data: bytes) -> str:
 
 def b64d(text: str) -> bytes:
     """Decode base64url with or without padding; ValueError on anything else."""
-    if not isinstance(text, str) or not text.isascii():
+    if not isinstance(text, str) or not _B64URL.fullmatch(text):
         raise ValueError("not base64url text")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

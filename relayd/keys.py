@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from relayd.crypto import Kem, PrivateKey, b64d, b64e, raw_public
 from relayd.errors import KeyFileError
 
-KID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch()
 SIGNING_FILE = "signing.json"
 OPAQUE_FILE = "opaque.json"
 
@@ -79,7 +79,7 @@ def generate(keys_dir: Path, kid: str | None = None, kem: Kem = Kem.X25519) -> l
     A new kid adds an HPKE key (a rotation); an existing file is never touched.
     """
     kid = kid or datetime.now(UTC).strftime("r%Y-%m-%d")
-    if not KID_PATTERN.match(kid):
+    if not KID_PATTERN.fullmatch(kid):
         raise KeyFileError(kid, "a kid is 1-64 letters, digits, '.', '_' or '-'")
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     written = []

@@ -20,9 +20,9 @@ from relayd.config import Limits
 from relayd.errors import EnvelopeError, ReplyError
 
 VERSION: Final = 1
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-BUSINESS_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-CONVERSATION_ID = re.compile(r"^[a-z2-7]{32}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # always fullmatch()
+BUSINESS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+CONVERSATION_ID = re.compile(r"[a-z2-7]{32}")
 UP_TYPES: Final = frozenset({"start", "message", "typing_start", "typing_end", "read", "close"})
 REPLY_TYPES: Final = frozenset({"message", "typing_start", "typing_end", "read", "close"})
 ERROR_CODES: Final = frozenset({"unknown_conversation", "conversation_closed",
@@ -69,9 +69,10 @@ def _uuid(value: object) -> str | None:
     if not isinstance(value, str) or len(value) != 36:
         return None
     try:
-        return str(uuid.UUID(value))
+        canonical = str(uuid.UUID(value))
     except ValueError:
         return None
+    return canonical if canonical == value.lower() else None
 
 
 def _attachment(item: object, limits: Limits) -> str | None:
@@ -100,8 +101,8 @@ def body_problem(kind: str, body: object, limits: Limits) -> str | None:
     """Why `body` is not a valid body for a message of type `kind`, or None."""
     if not isinstance(body, dict):
         return "body must be an object"
-    text = body.get("text")
-    if text is not None and (not isinstance(text, str) or len(text) > limits.max_text_chars):
+    if "text" in body and (not isinstance(body["text"], str)
+                           or len(body["text"]) > limits.max_text_chars):
         return f"text is a string of at most {limits.max_text_chars} characters"
     if kind == "start":
         if not body.keys() <= {"intent", "group", "text"}:
@@ -112,9 +113,9 @@ def body_problem(kind: str, body: object, limits: Limits) -> str | None:
     if kind == "message":
         if not body.keys() <= {"text", "attachments"} or not body:
             return "a message body holds text and/or attachments"
-        attachments = body.get("attachments")
-        if attachments is None:
+        if "attachments" not in body:
             return None
+        attachments = body["attachments"]
         if not isinstance(attachments, list) or not 0 < len(attachments) <= limits.max_attachments:
             return f"attachments is a list of 1 to {limits.max_attachments}"
         for item in attachments:
@@ -133,7 +134,7 @@ def peek_device(payload: bytes) -> tuple[dict[str, Any], str]:
     if not isinstance(claims, dict):
         raise EnvelopeError("malformed", "payload is not a JSON object")
     device = claims.get("device")
-    if not isinstance(device, str) or not DEVICE_ID.match(device):
+    if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
         raise EnvelopeError("malformed", "device is missing or not a device id")
     return claims, device
 
@@ -156,10 +157,10 @@ def validate_up(claims: dict[str, Any], limits: Limits) -> Up:
     if message_id is None:
         raise bad("id is a UUID")
     to = claims["to"]
-    if not isinstance(to, str) or not BUSINESS_ID.match(to):
+    if not isinstance(to, str) or not BUSINESS_ID.fullmatch(to):
         raise bad("to is a business id")
     kind = claims["type"]
-    if kind not in UP_TYPES:
+    if not isinstance(kind, str) or kind not in UP_TYPES:
         raise bad("type is not one of " + ", ".join(sorted(UP_TYPES)))
     if problem := body_problem(kind, claims["body"], limits):
         raise bad(problem)
@@ -191,10 +192,10 @@ def parse_reply(body: bytes, limits: Limits) -> Reply:
     reply_id = _uuid(data["id"])
     if reply_id is None:
         raise ReplyError("invalid", "id is a UUID")
-    if data["type"] not in REPLY_TYPES:
+    if not isinstance(data["type"], str) or data["type"] not in REPLY_TYPES:
         raise ReplyError("invalid", "type is not one of " + ", ".join(sorted(REPLY_TYPES)))
     conversation = data["conversation"]
-    if not isinstance(conversation, str) or not CONVERSATION_ID.match(conversation):
+    if not isinstance(conversation, str) or not CONVERSATION_ID.fullmatch(conversation):
         raise ReplyError("unknown_conversation", "not a conversation id")
     if problem := body_problem(data["type"], data["body"], limits):
         raise ReplyError("invalid", problem)

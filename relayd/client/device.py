@@ -86,7 +86,10 @@ class DeviceKeys:
                                                   kem=self.kem, private=self.enc_private)
         envelope.verify(signature, payload, direction="down",
                         signer=ed25519.Ed25519PublicKey.from_public_bytes(relay.sign_public_key))
-        message = orjson.loads(payload)
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise EnvelopeError("malformed", "payload is not JSON") from None
         if not isinstance(message, dict) or message.get("device") != self.device:
             raise EnvelopeError("malformed", "not addressed to this device")
         return message

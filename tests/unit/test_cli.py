@@ -1,0 +1,111 @@
+"""The command line (relayd.cli.main), called in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+import yaml
+
+from relayd import cli
+from relayd.crypto import b64d
+from relayd.errors import ExitCode
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No RELAYD_* variable from the real environment; structlog reset after main()."""
+    for name in list(os.environ):
+        if name.startswith("RELAYD_"):
+            monkeypatch.delenv(name)
+    yield
+    structlog.reset_defaults()
+
+
+def _config(tmp_path: Path, **extra: object) -> Path:
+    data = {"amqp": {"url": "amqp://localhost:5672/"},
+            "store": {"url": f"sqlite:///{tmp_path / 'relayd.db'}"},
+            "keys": {"dir": str(tmp_path / "keys")}, "logging": {"format": "json"}, **extra}
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+class TestCheckConfig:
+    def test_good_file_exits_zero(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                  ) -> None:
+        """check-config on a valid file exits 0 and says ok."""
+        path = _config(tmp_path)
+        assert cli.main(["check-config", "--config", str(path)]) == ExitCode.OK
+        assert "ok" in capsys.readouterr().out
+
+    def test_broken_file_exits_config_and_names_every_key(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check-config on a broken file exits 78 and prints every dotted key on stderr."""
+        path = _config(tmp_path, workers={"inbound": 0}, limits={"replay_window": 1},
+                       unknown_section={"x": 1})
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["amqp"]["url"] = "http://localhost"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        assert cli.main(["check-config", "--config", str(path)]) == ExitCode.CONFIG == 78
+        err = capsys.readouterr().err
+        for key in ("workers.inbound", "amqp.url", "limits.replay_window", "unknown_section"):
+            assert f"{key}:" in err
+
+    def test_missing_file_exits_config(self, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+        """A config path that does not exist exits 78."""
+        assert cli.main(["check-config", "--config", str(tmp_path / "no.yaml")]) == (
+            ExitCode.CONFIG)
+        assert "cannot read" in capsys.readouterr().err
+
+
+class TestKeysCommands:
+    def test_generate_then_show(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                ) -> None:
+        """keys generate --kid a then keys show prints one JSON object with the four keys."""
+        path = _config(tmp_path)
+        assert cli.main(["keys", "generate", "--config", str(path), "--kid", "a"]) == 0
+        assert "hpke-a.json" in capsys.readouterr().out
+        assert cli.main(["keys", "show", "--config", str(path)]) == 0
+        out = capsys.readouterr().out
+        info = orjson.loads(out)
+        assert set(info) == {"kid", "kem", "enc_public_key", "sign_public_key"}
+        assert (info["kid"], info["kem"]) == ("a", "X25519")
+        assert len(b64d(info["enc_public_key"])) == 32
+        assert out.count("\n") == 1
+
+    def test_generate_twice_writes_nothing(self, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """A second keys generate with the same kid reports nothing written."""
+        path = _config(tmp_path)
+        assert cli.main(["keys", "generate", "--config", str(path), "--kid", "a"]) == 0
+        capsys.readouterr()
+        assert cli.main(["keys", "generate", "--config", str(path), "--kid", "a"]) == 0
+        assert "nothing written" in capsys.readouterr().out
+
+    def test_show_without_keys_exits_config(self, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        """keys show before keys generate exits 78 with a hint."""
+        path = _config(tmp_path)
+        assert cli.main(["keys", "show", "--config", str(path)]) == ExitCode.CONFIG
+        assert "keys generate" in capsys.readouterr().err
+
+    def test_uncreatable_keys_dir_is_not_a_broker_failure(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """keys generate into a path under a regular file fails without blaming the broker."""
+        blocker = tmp_path / "file"
+        blocker.write_text("", encoding="utf-8")
+        path = _config(tmp_path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["keys"]["dir"] = str(blocker / "keys")
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        code = cli.main(["keys", "generate", "--config", str(path), "--kid", "a"])
+        assert code != ExitCode.BROKER_UNAVAILABLE
+        assert "broker" not in capsys.readouterr().err

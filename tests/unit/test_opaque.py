@@ -1,0 +1,84 @@
+"""Opaque conversation ids and log references (relayd.opaque)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relayd import opaque, payload
+from tests.unit.helpers import FAST
+
+SECRET = bytes(range(32))
+OTHER_SECRET = bytes(range(1, 33))
+
+
+class TestConversationId:
+    def test_deterministic(self) -> None:
+        """The same secret, user, business and epoch always give the same id."""
+        first = opaque.conversation_id(SECRET, "alice@example.com", "acme", 0)
+        assert first == opaque.conversation_id(SECRET, "alice@example.com", "acme", 0)
+
+    def test_differs_per_business(self) -> None:
+        """One user gets a different id at each business."""
+        assert (opaque.conversation_id(SECRET, "alice", "acme", 0)
+                != opaque.conversation_id(SECRET, "alice", "globex", 0))
+
+    def test_differs_per_user(self) -> None:
+        """Two users at one business get different ids."""
+        assert (opaque.conversation_id(SECRET, "alice", "acme", 0)
+                != opaque.conversation_id(SECRET, "bob", "acme", 0))
+
+    def test_differs_per_epoch(self) -> None:
+        """A new epoch gives the same (user, business) a new id."""
+        ids = {opaque.conversation_id(SECRET, "alice", "acme", epoch) for epoch in range(5)}
+        assert len(ids) == 5
+
+    def test_differs_per_secret(self) -> None:
+        """Another relay secret gives another id for the same inputs."""
+        assert (opaque.conversation_id(SECRET, "alice", "acme", 0)
+                != opaque.conversation_id(OTHER_SECRET, "alice", "acme", 0))
+
+    def test_field_boundaries_do_not_collide(self) -> None:
+        """Moving characters between user and business changes the id."""
+        assert (opaque.conversation_id(SECRET, "alice1", "acme", 0)
+                != opaque.conversation_id(SECRET, "alice", "1acme", 0))
+
+    @FAST
+    @given(user=st.text(min_size=1, max_size=40),
+           business=st.from_regex(payload.BUSINESS_ID, fullmatch=True),
+           epoch=st.integers(0, 10**6))
+    def test_shape_reveals_nothing(self, user: str, business: str, epoch: int) -> None:
+        """The id matches CONVERSATION_ID and holds neither the user nor the business."""
+        cid = opaque.conversation_id(SECRET, user, business, epoch)
+        assert payload.CONVERSATION_ID.fullmatch(cid)
+        if len(user) >= 6:  # a shorter string may occur by chance
+            assert user.lower() not in cid
+        if len(business) >= 6:
+            assert business.lower() not in cid
+
+    def test_readable_inputs_absent(self) -> None:
+        """A realistic user and business id do not appear in the conversation id."""
+        cid = opaque.conversation_id(SECRET, "alice", "acme", 0)
+        assert payload.CONVERSATION_ID.fullmatch(cid)
+        assert "alice" not in cid
+        assert "acme" not in cid
+
+
+class TestReference:
+    def test_deterministic_and_unreadable(self) -> None:
+        """A log reference is stable for one value and does not contain it."""
+        ref = opaque.reference(SECRET, "device", "phone-1")
+        assert ref == opaque.reference(SECRET, "device", "phone-1")
+        assert "phone" not in ref
+
+    def test_differs_by_kind_value_and_secret(self) -> None:
+        """The kind, the value and the secret each change the reference."""
+        base = opaque.reference(SECRET, "device", "x1")
+        assert base != opaque.reference(SECRET, "user", "x1")
+        assert base != opaque.reference(SECRET, "device", "x2")
+        assert base != opaque.reference(OTHER_SECRET, "device", "x1")
+
+    def test_differs_from_conversation_id(self) -> None:
+        """A user's log reference is not their conversation id."""
+        assert opaque.reference(SECRET, "user", "alice") not in opaque.conversation_id(
+            SECRET, "alice", "acme", 0)
