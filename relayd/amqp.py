@@ -64,11 +64,11 @@ class Publisher:
             await underlay.basic_publish(message.body, exchange=exchange, routing_key=routing_key,
                                          properties=message.properties, mandatory=True)
         except PublishError:
-            raise TransientError(f"unroutable: nothing bound to {exchange}") from None
+            raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
-            raise TransientError("the broker nacked a publish") from None
+            raise TransientError("nacked", "the broker refused a publish") from None
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            raise TransientError(f"publish failed: {type(exc).__name__}") from None
+            raise TransientError("publish_failed", type(exc).__name__) from None
 
     def to_business(self, business: str, body: bytes, message_id: str,
                     kind: str) -> Awaitable[None]:

@@ -115,6 +115,7 @@ class Topology(Section):
     business_inbox_max_length: Positive = 100_000
     device_queue_max_length: Positive = 10_000
     device_message_ttl_days: Annotated[float, Field(gt=0)] = 30.0
+    dead_message_ttl_days: Annotated[float, Field(gt=0)] = 14.0
     delivery_limit: Positive = 10
 
     @field_validator("device_queue")

@@ -58,4 +58,9 @@ class ReplyError(PermanentError):
 
 
 class TransientError(RelaydError):
-    """A failure that may pass (broker nack, store busy): retry later."""
+    """A failure that may pass: retry later. `reason` is a short code for logs and metrics:
+    unroutable, nacked, publish_failed, store_busy."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail or reason}")

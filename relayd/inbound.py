@@ -9,6 +9,7 @@ input that can never be accepted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import envelope, opaque, payload
 from relayd.config import Settings
+from relayd.crypto import Kem, PublicKey
 from relayd.errors import EnvelopeError, PermanentError
 from relayd.keys import KeyRing
 from relayd.store import Conversation, Device, Store
@@ -44,9 +46,19 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@functools.lru_cache(maxsize=16384)
+def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
+    return kem.public_key(raw)
+
+
+@functools.lru_cache(maxsize=16384)
+def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey:
+    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+
+
 def seal_down(keys: KeyRing, device: Device, body: bytes) -> bytes:
     return envelope.seal(body, direction="down", kid=device.id, kem=device.kem,
-                         recipient=device.kem.public_key(device.enc_key), signer=keys.signing)
+                         recipient=_enc_key(device.kem, device.enc_key), signer=keys.signing)
 
 
 async def fan_out(store: Store, keys: KeyRing, sink: Sink, devices: list[Device], source: str,
@@ -89,7 +101,7 @@ class Inbound:
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
         envelope.verify(opened.signature, opened.payload, direction="up",
-                        signer=ed25519.Ed25519PublicKey.from_public_bytes(device.sign_key))
+                        signer=_sign_key(device.sign_key))
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
         business = await self.store.business(up.to)

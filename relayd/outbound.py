@@ -8,6 +8,7 @@ inbox, and no device receives anything.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -97,7 +98,9 @@ class Outbound:
         ref, conversation = payload.reply_ref(incoming.raw)
         if incoming.reply is not None:
             ref, conversation = incoming.reply.id, incoming.reply.conversation
-        event_id = str(uuid.uuid5(ERROR_NAMESPACE, f"{business.id}:{ref}:{error.reason}"))
+        # Stable across redeliveries of this reply, distinct between replies.
+        source = ref or hashlib.sha256(incoming.raw).hexdigest()
+        event_id = str(uuid.uuid5(ERROR_NAMESPACE, f"{business.id}:{source}:{error.reason}"))
         await self.sink.to_business(
             business.id, payload.error_event(ref, conversation, error.reason, error.detail),
             event_id, "error")

@@ -55,7 +55,8 @@ def core(t: Topology) -> list[Spec]:
     """What the relay needs before it consumes."""
     return [
         Exchange(t.dead_exchange, ExchangeType.FANOUT),
-        Queue(t.dead_queue, {"x-queue-type": t.queue_type}),
+        Queue(t.dead_queue, {"x-queue-type": t.queue_type,
+                             "x-message-ttl": int(t.dead_message_ttl_days * DAY_MS)}),
         Binding(t.dead_queue, t.dead_exchange),
         Exchange(t.ingress_exchange, ExchangeType.DIRECT),
         _work_queue(t, t.inbound_queue),
@@ -91,10 +92,14 @@ def business(t: Topology, business_id: str) -> list[Spec]:
 
 
 def device(t: Topology, device_id: str) -> list[Spec]:
-    """A device's queue: undelivered messages expire after the TTL."""
+    """A device's queue: undelivered messages expire after the TTL into relayd.dead.
+
+    Classic, whatever `queue_type` says: a quorum queue per device costs a Raft group each.
+    """
     queue = device_queue(t, device_id)
     return [
         Queue(queue, {"x-queue-type": "classic", "x-overflow": "reject-publish",
+                      "x-dead-letter-exchange": t.dead_exchange,
                       "x-max-length": t.device_queue_max_length,
                       "x-message-ttl": int(t.device_message_ttl_days * DAY_MS)}),
         Binding(queue, t.devices_exchange, device_id),

@@ -3,8 +3,9 @@
 The ack policy lives here and only here:
 - ack only after everything the message became is confirmed by the broker;
 - a PermanentError dead-letters a copy with its reason (confirmed), then acks;
-- a TransientError waits (exponential backoff, no busy loop) and requeues; after
-  `workers.max_attempts` the message is dead-lettered instead of looping forever;
+- a TransientError, or any unexpected error, waits (exponential backoff, no busy loop)
+  and requeues; after `workers.max_attempts` the message is dead-lettered
+  (retries_exhausted, or internal_error for a bug) instead of looping forever;
 - messages of one lane (a device inbound, a conversation outbound) are handled one at
   a time, in delivery order; different lanes run concurrently, up to the prefetch.
 The worker reconnects from scratch when the connection is lost, and drains on stop.
@@ -105,26 +106,27 @@ class Consumer:
             except PermanentError as exc:
                 outcome, reason = "dead_lettered", exc.reason
                 await self.sink.dead_letter(message, self.queue, exc.reason)
-            except TransientError as exc:
+            except Exception as exc:  # transient, or a bug: retry, then dead-letter
+                if isinstance(exc, TransientError):
+                    reason = exc.reason
+                else:  # the type only: a bug's message may quote the payload
+                    reason = "internal_error"
+                    _log.error("handler_failed", stage=self.role, error=type(exc).__name__)
                 attempts = self._attempt(message)
                 if attempts < self.settings.workers.max_attempts:
-                    outcome, reason = "retry", str(exc)
+                    outcome = "retry"
                     await asyncio.sleep(self._backoff(attempts))
                     await message.nack(requeue=True)
                     return
-                outcome, reason = "dead_lettered", "retries_exhausted"
+                outcome = "dead_lettered"
+                if reason != "internal_error":
+                    reason = "retries_exhausted"
                 await self.sink.dead_letter(message, self.queue, reason)
             await message.ack()
             self._attempts.pop(self._key(message), None)
         except (TransientError, *_CONNECT_ERRORS) as exc:
             # Not settled: the broker redelivers it once our channel is gone or requeues it.
             outcome, reason = "unsettled", type(exc).__name__
-            with contextlib.suppress(*_CONNECT_ERRORS):
-                await asyncio.sleep(self._backoff(self._attempt(message)))
-                await message.nack(requeue=True)
-        except Exception as exc:  # a bug must not stop the worker: retry, then dead-letter
-            outcome, reason = "error", type(exc).__name__
-            _log.exception("handler_failed", stage=self.role)
             with contextlib.suppress(*_CONNECT_ERRORS):
                 await asyncio.sleep(self._backoff(self._attempt(message)))
                 await message.nack(requeue=True)

@@ -1,18 +1,25 @@
 """The embedded SQLite store: WAL, so several worker processes share one file.
 
-Each method runs one short transaction on the calling thread; writes take the lock up
-front (BEGIN IMMEDIATE) so concurrent processes queue instead of failing mid-way.
+Reads run on the event loop's thread; they are short and never wait for a writer.
+The writes on the message path (claims, conversation changes, seq allocation) go through
+a group commit: every write queued while the previous commit was in flight goes into
+the next transaction, each in its own savepoint, so concurrent messages share one fsync
+(synchronous=FULL, so a confirmed write survives power loss) and the loop never blocks
+on one. Rare writes (registration) take the lock up front on the loop's thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from relayd.crypto import Kem
+from relayd.errors import TransientError
 from relayd.replay import ReplayWindow
 from relayd.store import Business, Conversation, Device, Party
 
@@ -70,16 +77,75 @@ def _device(row: Any) -> Device | None:
     return None if row is None else Device(row[0], row[1], Kem(row[2]), row[3], row[4])
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+Op = Callable[[sqlite3.Connection], Any]
+Outcome = tuple[bool, Any]
+
+
 class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout = 10000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db = _connect(self.path)
         self.migrate()
+        self._writer = _connect(self.path)
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
+        self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _commit(self, op: Op) -> Any:
+        """Run `op` in the next group commit and return its result once it is durable."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((op, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                outcomes = await loop.run_in_executor(self._committer, self._apply,
+                                                      [op for op, _ in batch])
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():  # its waiter was cancelled; the write stands
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._flusher = None
+
+    def _apply(self, ops: list[Op]) -> list[Outcome]:
+        """One transaction; each op in a savepoint, so one failing op undoes only itself."""
+        db, outcomes = self._writer, []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(db)))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                db.execute("RELEASE op")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            error = TransientError("store_busy", type(exc).__name__)
+            return [(False, error)] * len(ops)
+        return outcomes
 
     def migrate(self) -> int:
         """Apply the migrations this file lacks; return the schema version."""
@@ -105,6 +171,10 @@ class SqliteStore:
         return self._db.execute(sql, args).fetchone()
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+        self._committer.shutdown()
+        self._writer.close()
         self._db.close()
 
     async def add_business(self, business: Business) -> bool:
@@ -175,7 +245,7 @@ class SqliteStore:
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,
                                 make_id: Callable[[int], str]) -> Conversation:
-        with self._write() as db:
+        def op(db: sqlite3.Connection) -> Conversation:
             current = _conversation(db.execute(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
                 (user, business)).fetchone())
@@ -197,16 +267,21 @@ class SqliteStore:
             row = db.execute(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
                 (user, business)).fetchone()
-        return Conversation(*row)
+            return Conversation(*row)
+
+        conversation: Conversation = await self._commit(op)
+        return conversation
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
-        with self._write() as db:
+        def op(db: sqlite3.Connection) -> bool:
             return db.execute(
                 "UPDATE conversations SET state = 'closed', closed_by = ?, updated_ms = ?"
                 " WHERE id = ? AND state = 'open'", (by, now_ms, conversation_id)).rowcount == 1
 
+        return bool(await self._commit(op))
+
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
-        with self._write() as db:
+        def op(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT high, bits FROM replay WHERE device_id = ?",
                              (device_id,)).fetchone()
             replay = ReplayWindow(window) if row is None else ReplayWindow.from_bytes(
@@ -219,10 +294,12 @@ class SqliteStore:
                 (device_id, replay.high, replay.to_bytes()))
             return True
 
+        return bool(await self._commit(op))
+
     async def allocate_seqs(self, source: str, device_ids: Sequence[str],
                             now_ms: int) -> dict[str, int]:
-        with self._write() as db:
-            seqs = dict(db.execute(
+        def op(db: sqlite3.Connection) -> dict[str, int]:
+            seqs: dict[str, int] = dict(db.execute(
                 f"SELECT device_id, seq FROM sent WHERE source = ? AND device_id IN"
                 f" ({','.join('?' * len(device_ids))})", (source, *device_ids)).fetchall())
             for device_id in device_ids:
@@ -236,4 +313,7 @@ class SqliteStore:
                 seqs[device_id] = row[0]
                 db.execute("INSERT INTO sent (source, device_id, seq, created_ms)"
                            " VALUES (?, ?, ?, ?)", (source, device_id, row[0], now_ms))
+            return seqs
+
+        seqs: dict[str, int] = await self._commit(op)
         return seqs
