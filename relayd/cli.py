@@ -12,6 +12,7 @@ from typing import Any
 
 import aiormq
 import orjson
+import uvloop
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import admin, config, keys, log, payload, worker
@@ -61,7 +62,7 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.run import run
 
     roles: list[worker.Role] = ["inbound", "outbound"] if args.role == "all" else [args.role]
-    return asyncio.run(run(settings, roles))
+    return uvloop.run(run(settings, roles))
 
 
 def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
