@@ -22,6 +22,7 @@ PLACEHOLDERS = {"change-me", "changeme", "change_me", "secret", "password", "xxx
 
 Positive = Annotated[int, Field(ge=1)]
 Seconds = Annotated[float, Field(gt=0)]
+Rate = Annotated[float, Field(gt=0)]  # per second
 
 
 class Section(BaseModel):
@@ -141,6 +142,10 @@ class Limits(Section):
     replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
     clock_skew_seconds: Annotated[float, Field(ge=0)] = 300.0
     max_age_seconds: Seconds = 7 * 24 * 3600.0
+    business_rate: Rate = 50.0
+    business_burst: Positive = 200
+    device_rate: Rate = 3.0
+    device_burst: Positive = 60
 
 
 class Conversations(Section):

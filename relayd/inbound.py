@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, opaque, payload
+from relayd import envelope, opaque, payload, ratelimit
 from relayd.config import Settings
 from relayd.crypto import Kem, PublicKey
 from relayd.errors import EnvelopeError, PermanentError
@@ -81,6 +81,8 @@ class Inbound:
         self.store = store
         self.keys = keys
         self.sink = sink
+        self.device_rate = ratelimit.RateLimiter(settings.limits.device_rate,
+                                                 settings.limits.device_burst)
 
     def prepare(self, body: bytes, kid: object) -> Opened:
         """Open the envelope; EnvelopeError when it is too large, for no key of ours, or
@@ -102,6 +104,8 @@ class Inbound:
             raise EnvelopeError("unknown_device", "no such device")
         envelope.verify(opened.signature, opened.payload, direction="up",
                         signer=_sign_key(device.sign_key))
+        if not redelivered and not self.device_rate.allow(device.id):  # retries are ours
+            raise PermanentError("rate_limited", "the device is over limits.device_rate")
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
         business = await self.store.business(up.to)

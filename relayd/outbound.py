@@ -12,7 +12,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from relayd import payload
+from relayd import payload, ratelimit
 from relayd.config import Settings
 from relayd.errors import PermanentError, ReplyError
 from relayd.inbound import Sink, fan_out, now_ms
@@ -37,6 +37,8 @@ class Outbound:
         self.store = store
         self.keys = keys
         self.sink = sink
+        self.business_rate = ratelimit.RateLimiter(settings.limits.business_rate,
+                                                   settings.limits.business_burst)
 
     def prepare(self, body: bytes, amqp_user: str | None, routing_key: str) -> Incoming:
         """Parse the reply; never raises, so the lane (the conversation) is always known."""
@@ -58,12 +60,18 @@ class Outbound:
         if business is None:
             raise PermanentError("unknown_business", "user_id maps to no business")
         try:
+            self._charge(business, redelivered)
             reply = self._accepted(business, incoming)
             await self._deliver(business, reply, redelivered)
         except ReplyError as exc:
             await self._answer(business, incoming, exc)
             return f"error:{exc.reason}"
         return reply.type
+
+    def _charge(self, business: Business, redelivered: bool) -> None:
+        """Count the reply against the business's rate; a redelivery is our own retry."""
+        if not redelivered and not self.business_rate.allow(business.id):
+            raise ReplyError("rate_limited", "over limits.business_rate: not delivered")
 
     @staticmethod
     def _accepted(business: Business, incoming: Incoming) -> payload.Reply:
