@@ -22,12 +22,30 @@ from relayd.errors import TransientError
 JSON = "application/json"
 
 
+class _Named(ssl.SSLContext):
+    """Checks the broker's certificate against `server_name` (and sends it as SNI) instead
+    of the URL's host: aio-pika has no way to pass asyncio a server_hostname."""
+
+    server_name: str | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return super().wrap_bio(incoming, outgoing, server_side,
+                                self.server_name or server_hostname, session)
+
+
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context for amqps:// URLs, from `amqp.tls`."""
     if not settings.amqp.url.startswith("amqps://"):
         return None
     tls = settings.amqp.tls
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    context = _Named(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.server_name = tls.server_hostname
+    if tls.ca_file:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+    else:
+        context.load_default_certs()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = tls.verify_hostname
     if tls.cert_file:
@@ -44,8 +62,6 @@ async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnect
     if context is not None:
         kwargs["ssl_context"] = context
         kwargs["ssl"] = True
-        if settings.amqp.tls.server_hostname:
-            kwargs["server_hostname"] = settings.amqp.tls.server_hostname
     connection: aio_pika.abc.AbstractConnection = await aio_pika.connect(
         settings.amqp.url, **kwargs)
     return connection
