@@ -1,18 +1,22 @@
 """Operator actions that keep the store and the broker in step.
 
 Each one is safe to re-run: registering what exists already, or removing what is gone,
-changes nothing.
+changes nothing. With `amqp.management` configured, a business's RabbitMQ user is
+provisioned and revoked too (relayd.provision); the HTTP calls run in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel
 
-from relayd import amqp, topology
+from relayd import amqp, provision, topology
 from relayd.config import Settings
+from relayd.errors import ConfigError
 from relayd.store import Business, Device, Store
 
 
@@ -23,6 +27,11 @@ async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
         yield await connection.channel()
     finally:
         await connection.close()
+
+
+def management(settings: Settings) -> provision.Api | None:
+    m = settings.amqp.management
+    return provision.Api(m) if m is not None else None
 
 
 async def declare_all(settings: Settings, store: Store) -> int:
@@ -38,22 +47,63 @@ async def declare_all(settings: Settings, store: Store) -> int:
     return len(specs)
 
 
-async def add_business(settings: Settings, store: Store, business: Business) -> bool:
-    """Declare the business's exchange and inbox, then register it; False if it existed."""
+@dataclass(frozen=True, slots=True)
+class Onboarded:
+    added: bool  # newly registered in the store
+    provisioned: list[str] = field(default_factory=list)  # what changed on the broker
+    password: str | None = None  # a password issued now, to hand over once
+
+
+async def add_business(settings: Settings, store: Store, business: Business,
+                       auth: provision.Auth | None = None) -> Onboarded:
+    """Provision its user (with amqp.management), declare its exchange and inbox, register
+    it; a new password user gets its password last, once everything else is in place."""
+    m = settings.amqp.management
+    api = provision.Api(m) if m else None
+    grant = (provision.grant(settings, business.id, business.amqp_user, auth or m.auth)
+             if m else None)
+    changed = await asyncio.to_thread(provision.ensure, api, grant) if api and grant else []
     async with channel(settings) as ch:
         await topology.declare(ch, topology.core(settings.topology)
                                + topology.business(settings.topology, business.id))
-    return await store.add_business(business)
+    added = await store.add_business(business)
+    password = (await asyncio.to_thread(provision.issue_password, api, grant)
+                if api and grant else None)
+    return Onboarded(added, changed + (["password"] if password else []), password)
 
 
-async def remove_business(settings: Settings, store: Store, business_id: str) -> bool:
-    """Unregister the business, then delete its inbox and exchange."""
+@dataclass(frozen=True, slots=True)
+class Offboarded:
+    removed: bool  # was registered in the store
+    user: str  # deleted, absent, not_ours, or unmanaged (no amqp.management)
+    connections_closed: int = 0
+
+
+async def remove_business(settings: Settings, store: Store, business_id: str) -> Offboarded:
+    """Cut the business off (delete its user, close its connections), unregister it, then
+    delete its inbox and exchange."""
+    api = management(settings)
+    business = await store.business(business_id)
+    revoked = provision.Revoked("absent", 0)
+    if api is not None and business is not None:
+        revoked = await asyncio.to_thread(provision.revoke, api, business.amqp_user)
     removed = await store.remove_business(business_id)
     async with channel(settings) as ch:
         await topology.delete_queue(ch, topology.business_inbox(settings.topology, business_id))
         await topology.delete_exchange(ch, topology.business_exchange(settings.topology,
                                                                       business_id))
-    return removed
+    return Offboarded(removed, revoked.user if api else "unmanaged", revoked.connections_closed)
+
+
+async def rotate_credentials(settings: Settings, store: Store, business_id: str) -> str | None:
+    """A new password for the business's user; None if no such business is registered."""
+    api = management(settings)
+    if api is None:
+        raise ConfigError({"amqp.management": "is required to rotate credentials"})
+    business = await store.business(business_id)
+    if business is None:
+        return None
+    return await asyncio.to_thread(provision.rotate, api, business.amqp_user)
 
 
 async def add_device(settings: Settings, store: Store, device: Device) -> bool:

@@ -15,10 +15,10 @@ import orjson
 import uvloop
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import admin, config, keys, log, payload, worker
+from relayd import admin, config, keys, log, payload, provision, worker
 from relayd.crypto import Kem, b64d, fingerprint
 from relayd.errors import ConfigError, ExitCode
-from relayd.store import Business, Device, open_store
+from relayd.store import Business, Device, Store, open_store
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 
@@ -83,30 +83,93 @@ def _valid_id(pattern: Any, value: str, what: str) -> str:
     return value
 
 
+def _hand_over(args: argparse.Namespace, password: str | None, result: dict[str, Any],
+               lines: list[str]) -> int:
+    """Give a new password to the operator once: into --password-file (mode 0600), or
+    printed."""
+    if password is not None and args.password_file is not None:
+        try:
+            provision.write_secret(args.password_file, password)
+        except OSError as exc:
+            print(f"could not write {args.password_file}: {exc.strerror}; the password is "
+                  "set but lost: run business rotate-credentials", file=sys.stderr)
+            return ExitCode.FAILURE
+        result["password_file"] = str(args.password_file)
+        lines.append(f"password written to {args.password_file} (mode 0600)")
+    elif password is not None:
+        result["password"] = password
+        lines.append(f"password (shown once): {password}")
+    _print(args, result, "\n".join(lines))
+    return ExitCode.OK
+
+
+async def _business_add(args: argparse.Namespace, settings: config.Settings,
+                        store: Store) -> int:
+    business = Business(args.id, args.amqp_user, args.first_party)
+    existing = await store.business(args.id)
+    if existing is not None and existing != business:
+        print(f"business {args.id} exists with other settings: remove it first", file=sys.stderr)
+        return ExitCode.FAILURE
+    holder = await store.business_by_amqp_user(args.amqp_user)
+    if holder is not None and holder.id != args.id:
+        print(f"RabbitMQ user {args.amqp_user} belongs to business {holder.id}", file=sys.stderr)
+        return ExitCode.FAILURE
+    done = await admin.add_business(settings, store, business, args.auth)
+    lines = [f"business {args.id}: {'added' if done.added else 'already registered'}"]
+    if settings.amqp.management is not None:
+        changed = ", ".join(done.provisioned) + " set" if done.provisioned else "unchanged"
+        lines.append(f"RabbitMQ user {args.amqp_user}: {changed}")
+    return _hand_over(args, done.password, {"business": args.id, "added": done.added,
+                                            "provisioned": done.provisioned}, lines)
+
+
+async def _business_remove(args: argparse.Namespace, settings: config.Settings,
+                           store: Store) -> int:
+    gone = await admin.remove_business(settings, store, args.id)
+    human = f"business {args.id}: {'removed' if gone.removed else 'was not registered'}"
+    if gone.user != "unmanaged":
+        human += (f"\nRabbitMQ user: {gone.user.replace('_', ' ')}, "
+                  f"{gone.connections_closed} connection(s) closed")
+    _print(args, {"business": args.id, "removed": gone.removed, "user": gone.user,
+                  "connections_closed": gone.connections_closed}, human)
+    return ExitCode.OK if gone.removed or gone.user == "deleted" else ExitCode.NOT_FOUND
+
+
+async def _business_rotate(args: argparse.Namespace, settings: config.Settings,
+                           store: Store) -> int:
+    password = await admin.rotate_credentials(settings, store, args.id)
+    if password is None:
+        print(f"business {args.id} is not registered", file=sys.stderr)
+        return ExitCode.NOT_FOUND
+    return _hand_over(args, password, {"business": args.id, "rotated": True},
+                      [f"business {args.id}: new password issued, open connections closed"])
+
+
+async def _business_list(args: argparse.Namespace, settings: config.Settings,
+                         store: Store) -> int:
+    rows = [{"id": b.id, "amqp_user": b.amqp_user, "first_party": b.first_party}
+            for b in await store.businesses()]
+    _print(args, rows, _table(rows, ["id", "amqp_user", "first_party"]))
+    return ExitCode.OK
+
+
+_BUSINESS_ACTIONS = {"add": _business_add, "remove": _business_remove,
+                     "rotate-credentials": _business_rotate, "list": _business_list}
+
+
 def cmd_business(args: argparse.Namespace, settings: config.Settings) -> int:
+    if settings.amqp.management is None and (getattr(args, "auth", None)
+                                             or getattr(args, "password_file", None)):
+        print("--auth and --password-file need amqp.management in the config", file=sys.stderr)
+        return ExitCode.USAGE
+
     async def act() -> int:
         store = open_store(settings.store.url)
         try:
-            if args.action == "add":
-                business = Business(args.id, args.amqp_user, args.first_party)
-                existing = await store.business(args.id)
-                if existing is not None and existing != business:
-                    print(f"business {args.id} exists with other settings: remove it first",
-                          file=sys.stderr)
-                    return ExitCode.FAILURE
-                added = await admin.add_business(settings, store, business)
-                _print(args, {"business": args.id, "added": added},
-                       f"business {args.id}: {'added' if added else 'already registered'}")
-            elif args.action == "remove":
-                removed = await admin.remove_business(settings, store, args.id)
-                _print(args, {"business": args.id, "removed": removed},
-                       f"business {args.id}: {'removed' if removed else 'was not registered'}")
-                return ExitCode.OK if removed else ExitCode.NOT_FOUND
-            else:
-                rows = [{"id": b.id, "amqp_user": b.amqp_user, "first_party": b.first_party}
-                        for b in await store.businesses()]
-                _print(args, rows, _table(rows, ["id", "amqp_user", "first_party"]))
-            return ExitCode.OK
+            return await _BUSINESS_ACTIONS[args.action](args, settings, store)
+        except provision.ProvisionError as exc:
+            print(f"business {args.id}: {exc}", file=sys.stderr)
+            return ExitCode.FAILURE
         finally:
             await store.close()
 
@@ -194,14 +257,27 @@ def parser() -> argparse.ArgumentParser:
 
     biz = commands.add_parser("business", help="registered businesses").add_subparsers(
         dest="action", required=True)
-    add = command(biz, "add", cmd_business, "register a business", json_output=True)
+    add = command(biz, "add", cmd_business, "register (and provision) a business",
+                  json_output=True)
     add.add_argument("id", type=business_id)
     add.add_argument("--amqp-user", required=True, help="the RabbitMQ user it connects as")
     add.add_argument("--first-party", action="store_true",
                      help="the operator's own desk: it also receives the user's account id")
+    add.add_argument("--auth", choices=["password", "x509"],
+                     help="password, or x509: certificate only, its CN = the user "
+                          "(default: amqp.management.auth)")
+    add.add_argument("--password-file", type=Path,
+                     help="write a new password here (mode 0600) instead of printing it")
     command(biz, "list", cmd_business, "list businesses", json_output=True)
-    remove = command(biz, "remove", cmd_business, "unregister a business", json_output=True)
+    remove = command(biz, "remove", cmd_business,
+                     "revoke its user, close its connections, delete its inbox, unregister it",
+                     json_output=True)
     remove.add_argument("id", type=business_id)
+    rotate = command(biz, "rotate-credentials", cmd_business,
+                     "issue a new password and close the open connections", json_output=True)
+    rotate.add_argument("id", type=business_id)
+    rotate.add_argument("--password-file", type=Path,
+                        help="write the new password here (mode 0600) instead of printing it")
 
     dev = commands.add_parser("device", help="registered devices").add_subparsers(
         dest="action", required=True)

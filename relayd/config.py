@@ -41,8 +41,19 @@ class Management(Section):
     url: str
     username: str
     password: str
+    vhost: str | None = None  # None: the vhost of amqp.url
+    auth: Literal["password", "x509"] = "password"
+    ca_file: Path | None = None
+    timeout: Seconds = 10.0
     max_connections: Positive = 10
     max_channels: Positive = 20
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
 
     @field_validator("password")
     @classmethod
