@@ -193,6 +193,9 @@ def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
         "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
                     "shutdown_timeout": 5},
         "logging": {"level": "warning", "format": "json"},
+        # Tests send far faster than people do; test_fair_share sets tight limits itself.
+        "limits": {"device_rate": 1e6, "device_burst": 1_000_000,
+                   "business_rate": 1e6, "business_burst": 1_000_000},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
