@@ -163,7 +163,10 @@ class TestBroker:
     """A throwaway RabbitMQ node with AMQP, AMQPS (client certs) and management on 127.0.0.1.
 
     Ports left at 0 are picked free; ``node_name`` defaults to one derived from ``base_dir``,
-    so a later run in the same directory reuses the node's data.
+    so a later run in the same directory reuses the node's data. With ``conf_file`` (and
+    ``plugins_file``) the node runs that config instead, e.g. the production one in
+    deploy/rabbitmq, with only its host-specific values (addresses, ports, certificate
+    paths, disk limit) replaced by this node's: see ``render``.
     """
 
     __test__ = False  # not a pytest test class
@@ -175,6 +178,8 @@ class TestBroker:
     mgmt_port: int = 0
     dist_port: int = 0
     extra_conf: str = ""
+    conf_file: Path | None = None
+    plugins_file: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _pid: int | None = field(default=None, init=False, repr=False)
 
@@ -233,6 +238,11 @@ class TestBroker:
         return self._pid
 
     @property
+    def plain_listener(self) -> bool:
+        """False when the config turns the plain AMQP listener off (listeners.tcp = none)."""
+        return "none" not in _settings(self._config()).get("listeners.tcp", [])
+
+    @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
 
@@ -242,7 +252,8 @@ class TestBroker:
 
     @property
     def mgmt_url(self) -> str:
-        return f"http://127.0.0.1:{self.mgmt_port}"
+        https = any(k.startswith("management.ssl.") for k in _settings(self._config()))
+        return f"{'https' if https else 'http'}://127.0.0.1:{self.mgmt_port}"
 
     # TLS
 
@@ -304,7 +315,36 @@ class TestBroker:
         )
         return env
 
+    def render(self, text: str) -> str:
+        """``text`` (a rabbitmq.conf) with its host-specific values replaced by this node's."""
+        lines = []
+        for line in text.splitlines():
+            key, _, value = (part.strip() for part in line.partition("="))
+            lines.append(f"{key} = {self._local(key, value)}"
+                         if value and not key.startswith("#") else line)
+        return "\n".join([*lines, "log.console = false", "log.file.level = info",
+                          self.extra_conf, ""])
+
+    def _local(self, key: str, value: str) -> str:
+        """This node's value for a host-specific setting; any other value unchanged."""
+        last = key.rpartition(".")[2]
+        tls = {"cacertfile": self.ca_cert, "certfile": self.server_cert,
+               "keyfile": self.server_key}
+        if key.startswith("listeners.ssl."):
+            return f"127.0.0.1:{self.amqps_port}"
+        if key.startswith("listeners.tcp.") and value != "none":
+            return f"127.0.0.1:{self.amqp_port}"
+        if key.startswith(("ssl_options.", "management.ssl.")) and last in tls:
+            return str(tls[last])
+        if key.startswith("management.") and last in ("port", "ip"):
+            return str(self.mgmt_port) if last == "port" else "127.0.0.1"
+        if key == "disk_free_limit.absolute":
+            return "50MB"  # the machine's disk is shared with other tests
+        return value
+
     def _config(self) -> str:
+        if self.conf_file is not None:
+            return self.render(self.conf_file.read_text())
         return f"""\
 listeners.tcp.default = 127.0.0.1:{self.amqp_port}
 listeners.ssl.default = 127.0.0.1:{self.amqps_port}
@@ -340,7 +380,8 @@ log.file.level = info
         # Ours, so that /etc/rabbitmq/rabbitmq-env.conf (NODENAME=rabbit@localhost) is not read.
         (base / "rabbitmq-env.conf").write_text("")
         (base / "rabbitmq.conf").write_text(self._config())
-        (base / "enabled_plugins").write_text(PLUGINS + "\n")
+        plugins = self.plugins_file.read_text() if self.plugins_file else PLUGINS + "\n"
+        (base / "enabled_plugins").write_text(plugins)
 
     def start(self, timeout: float = 60) -> None:
         """Start the node (reusing any data in ``base_dir``) and wait until it serves."""
@@ -397,7 +438,8 @@ log.file.level = info
         return "\n".join([f"last lines of {self.log_file}:", *tail])
 
     def _ports_open(self) -> bool:
-        for port in (self.amqp_port, self.amqps_port, self.mgmt_port):
+        ports = (self.amqp_port,) if self.plain_listener else ()
+        for port in (*ports, self.amqps_port, self.mgmt_port):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
             except OSError:
@@ -513,6 +555,17 @@ log.file.level = info
         return broker
 
 
+def _settings(conf: str) -> dict[str, list[str]]:
+    """The values of a rabbitmq.conf, by key and by key prefix (``listeners.tcp``)."""
+    found: dict[str, list[str]] = {}
+    for line in conf.splitlines():
+        key, _, value = (part.strip() for part in line.partition("="))
+        if value and not key.startswith("#"):
+            found.setdefault(key, []).append(value)
+            found.setdefault(key.rpartition(".")[0], []).append(value)
+    return found
+
+
 def _kill_group(pgid: int, pid: int) -> None:
     """SIGTERM, then SIGKILL, the process group of our node; raise if ``pid`` survives."""
     if pgid == os.getpgrp():  # never signal our own group
@@ -526,19 +579,24 @@ def _kill_group(pgid: int, pid: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``test-broker start --dir D [--name N]`` / ``test-broker stop --dir D``."""
+    """``test-broker start --dir D [--name N] [--conf F --plugins P]`` /
+    ``test-broker stop --dir D``."""
     parser = argparse.ArgumentParser(prog="test-broker", description="A RabbitMQ node for tests.")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start a node, print its details as JSON")
     start.add_argument("--dir", type=Path, required=True)
     start.add_argument("--name", default="", help="node name (default: derived from --dir)")
     start.add_argument("--timeout", type=float, default=60)
+    start.add_argument("--conf", type=Path, help="run this rabbitmq.conf, made local "
+                       "(e.g. deploy/rabbitmq/rabbitmq.conf)")
+    start.add_argument("--plugins", type=Path, help="enabled_plugins file for --conf")
     stop = commands.add_parser("stop", help="stop the node recorded in DIR/state.json")
     stop.add_argument("--dir", type=Path, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "start":
-        broker = TestBroker(args.dir, node_name=args.name)
+        broker = TestBroker(args.dir, node_name=args.name, conf_file=args.conf,
+                            plugins_file=args.plugins)
         broker.start(timeout=args.timeout)
         print(json.dumps(broker.describe()))
     else:

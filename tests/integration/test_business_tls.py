@@ -1,0 +1,490 @@
+"""Businesses over TLS, provisioned by `relayd business`, confined to their own resources.
+
+One dedicated node for the whole module runs the production config,
+deploy/rabbitmq/rabbitmq.conf, with only its addresses, ports and certificate paths made
+local: TLS only, no plain listener, HTTPS management. relayd itself connects over TLS and
+logs in with its client certificate (EXTERNAL). Each test gets a vhost of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import ssl
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+import pytest
+import yaml
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from relayd import amqp, config, keys, provision
+from relayd.client import RelayPublic, reply
+from relayd.store import open_store
+from tests.integration.harness import WAIT, Relay
+from tests.support.broker import TestBroker
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy" / "rabbitmq"
+EXAMPLE = REPO / "examples" / "business_echo.py"
+USER = "alice@example.org"
+
+pytestmark = pytest.mark.broker_node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBroker]:
+    """The production config on a node of our own; relayd's user logs in by certificate."""
+    broker = TestBroker(tmp_path_factory.mktemp("tls-node"), conf_file=DEPLOY / "rabbitmq.conf",
+                        plugins_file=DEPLOY / "enabled_plugins")
+    broker.start()
+    try:
+        broker.make_client_cert("relayd")
+        Admin(broker).api.put_user("relayd", [], password=None)  # certificate only
+        yield broker
+    finally:
+        broker.stop()
+
+
+class Admin:
+    """The node's management API as its administrator (guest, allowed from loopback)."""
+
+    def __init__(self, node: TestBroker) -> None:
+        self.api = provision.Api(config.Management(
+            url=node.mgmt_url, username="guest", password="guest", ca_file=node.ca_cert))
+
+    def get(self, *path: str) -> Any:
+        return self.api.call("GET", *path)
+
+
+@dataclass
+class Env:
+    """A relay in its own vhost on the node, and what its tests need around it."""
+
+    node: TestBroker
+    relay: Relay
+    admin: Admin
+
+    @property
+    def vhost(self) -> str:
+        return self.relay.vhost
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        """Run `relayd ARGS --config ...` as a process; (exit code, stdout, stderr)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", *args, "--config", str(self.relay.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    async def add(self, business: str, user: str, *extra: str) -> dict[str, Any]:
+        """`business add` that must succeed; its --json answer."""
+        code, out, err = await self.cli("business", "add", business, "--amqp-user", user,
+                                        "--json", *extra)
+        assert code == 0, err
+        result: dict[str, Any] = orjson.loads(out)
+        return result
+
+    async def add_with_password(self, business: str, user: str) -> str:
+        result = await self.add(business, user)
+        password: str = result["password"]
+        return password
+
+    def url(self, user: str | None = None, password: str | None = None, *,
+            port: int | None = None, scheme: str = "amqps") -> str:
+        if user is None:
+            return f"{scheme}://127.0.0.1:{port or self.node.amqps_port}/{self.vhost}" \
+                   "?auth=external"
+        return f"{scheme}://{user}:{password}@127.0.0.1:{port or self.node.amqps_port}/{self.vhost}"
+
+    async def connect(self, user: str | None = None, password: str | None = None,
+                      cert: tuple[Path, Path] | None = None) -> AbstractConnection:
+        """A business's connection over TLS: a password, or a certificate alone."""
+        return await aio_pika.connect(self.url(user, password),
+                                      ssl_context=self.node.ssl_context_for_client(cert),
+                                      timeout=10)
+
+    def inbox(self, business: str) -> str:
+        return self.relay.inbox(business)
+
+    def exchange(self, business: str) -> str:
+        return self.relay.settings.topology.business_exchange.format(business=business)
+
+
+def relay_config(node: TestBroker, root: Path, vhost: str) -> dict[str, Any]:
+    cert, key = node.tls_dir / "client-relayd.pem", node.tls_dir / "client-relayd.key"
+    return {
+        "amqp": {"url": f"amqps://127.0.0.1:{node.amqps_port}/{vhost}?auth=external",
+                 "tls": {"ca_file": str(node.ca_cert), "cert_file": str(cert),
+                         "key_file": str(key)},
+                 "management": {"url": node.mgmt_url, "username": "guest", "password": "guest",
+                                "ca_file": str(node.ca_cert), "max_connections": 2,
+                                "max_channels": 3}},
+        "store": {"url": f"sqlite:///{root}/relayd.db"},
+        "keys": {"dir": str(root / "keys")},
+        "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
+                    "shutdown_timeout": 5},
+        "logging": {"level": "warning", "format": "json"},
+    }
+
+
+@pytest.fixture
+async def env(node: TestBroker, tmp_path: Path) -> AsyncIterator[Env]:
+    admin = Admin(node)
+    vhost = f"relayd-{secrets.token_hex(4)}"
+    admin.api.call("PUT", "vhosts", vhost)
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    for user in ("relayd", "guest"):
+        admin.api.call("PUT", "permissions", vhost, user, body=everything)
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(relay_config(node, tmp_path, vhost)))
+    settings = config.load(path, environ={})
+    keys.generate(settings.keys.dir, "test-1")
+    keyring = keys.load(settings.keys.dir, timedelta(days=1))
+    store = open_store(settings.store.url)
+    # the test's own connection plays the device edge and looks into queues
+    connection = await aio_pika.connect(
+        f"amqps://guest:guest@127.0.0.1:{node.amqps_port}/{vhost}",
+        ssl_context=node.ssl_context_for_client())
+    channel = await connection.channel(publisher_confirms=True)
+    relay = Relay(tmp_path, vhost, settings, store, keyring,
+                  RelayPublic.from_json(keyring.public_info()), connection, channel,
+                  config_path=path)
+    try:
+        yield Env(node, relay, admin)
+    finally:
+        if relay.tasks:
+            await relay.halt()
+        await connection.close()
+        await store.close()
+        admin.api.call("DELETE", "vhosts", vhost)
+        for user in admin.get("users") or []:
+            if provision.OWNED_TAG in user["tags"]:
+                admin.api.call("DELETE", "users", user["name"])
+
+
+def closed_event(connection: AbstractConnection) -> asyncio.Event:
+    closed = asyncio.Event()
+    connection.close_callbacks.add(lambda *_: closed.set())
+    return closed
+
+
+async def refusal(connection: AbstractConnection, action: Any) -> str:
+    """Run `action(channel)` on a fresh channel; why the broker closed the channel."""
+    channel = await connection.channel(publisher_confirms=True)
+    with pytest.raises(aiormq.exceptions.ChannelClosed) as refused:
+        await action(channel)
+    return str(refused.value.args[0])
+
+
+async def ignore(message: AbstractIncomingMessage) -> None:
+    """A consumer that leaves what it gets unacked."""
+
+
+def reply_message(conversation: str, user_id: str) -> aio_pika.Message:
+    return aio_pika.Message(reply(conversation, "message", {"text": "hi"}),
+                            content_type="application/json", user_id=user_id)
+
+
+class TestConversationOverTls:
+    async def test_echo_business_converses_over_tls(self, env: Env) -> None:
+        """The example business, with its generated password, talks to a user through a
+        relay that itself logs in with its certificate; a duplicate event is answered once."""
+        password_file = env.relay.root / "acme.password"
+        code, _, err = await env.cli("business", "add", "acme", "--amqp-user", "acme-user",
+                                     "--password-file", str(password_file))
+        assert code == 0, err
+        phone = await env.relay.add_device(USER, "phone")
+        await env.relay.start()
+        echo = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), "--business", "acme", "--ca", str(env.node.ca_cert),
+            "--url", f"amqps://acme-user@127.0.0.1:{env.node.amqps_port}/{env.vhost}",
+            "--password-file", str(password_file), stdout=asyncio.subprocess.PIPE)
+        try:
+            await env.relay.send(phone, "acme", "start", {"text": "Hi"})
+            ping = await env.relay.send(phone, "acme", "message", {"text": "ping"})
+            [answer] = await env.relay.received(phone, 1)
+            assert (answer["type"], answer["from"], answer["body"]) == (
+                "message", "acme", {"text": "echo: ping"})
+
+            # relayd delivers at least once: the same event again must not be answered again
+            conversation = await env.relay.store.conversation_of(USER, "acme")
+            assert conversation is not None
+            again = orjson.dumps({"v": 1, "type": "message", "conversation": conversation.id,
+                                  "id": ping, "ts": 1, "body": {"text": "ping"}})
+            exchange = await env.relay.channel.get_exchange(env.exchange("acme"))
+            await exchange.publish(aio_pika.Message(again, message_id=ping), routing_key="")
+            await env.relay.send(phone, "acme", "message", {"text": "pong"})
+            [answer] = await env.relay.received(phone, 1)
+            assert answer["body"] == {"text": "echo: pong"}
+        finally:
+            if echo.returncode is None:
+                echo.terminate()
+            assert await asyncio.wait_for(echo.wait(), WAIT) == 0
+
+
+class TestListeners:
+    async def test_plain_port_refuses_a_business(self, env: Env) -> None:
+        """The production config has no plain listener: a business's credentials that work
+        over TLS get no connection on the plain AMQP port."""
+        password = await env.add_with_password("acme", "acme-user")
+        assert not env.node.plain_listener
+        with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+            await aio_pika.connect(env.url("acme-user", password, port=env.node.amqp_port,
+                                           scheme="amqp"), timeout=10)
+        connection = await env.connect("acme-user", password)
+        await connection.close()
+
+    @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+    def test_tls_versions(self, node: TestBroker, version: ssl.TLSVersion) -> None:
+        """The TLS listener speaks TLS 1.2 and 1.3, with a forward-secret AEAD suite."""
+        context = node.ssl_context_for_client()
+        context.minimum_version = context.maximum_version = version
+        with (socket.create_connection(("127.0.0.1", node.amqps_port), timeout=10) as raw,
+              context.wrap_socket(raw, server_hostname="localhost") as tls):
+            cipher = tls.cipher()
+            assert tls.version() == version.name.replace("v1_", "v1.")
+        assert cipher is not None
+        assert cipher[0].startswith(("TLS_", "ECDHE-"))
+        assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
+
+
+class TestIsolation:
+    async def test_business_cannot_touch_another(self, env: Env) -> None:
+        """B cannot consume A's inbox, bind to A's exchange, publish to it, publish with A's
+        routing key, or set user_id to A; what B may do works."""
+        await env.add_with_password("a", "a-user")
+        b_password = await env.add_with_password("b", "b-user")
+        b = await env.connect("b-user", b_password)
+        async with b:
+            async def consume_a(ch: AbstractChannel) -> None:
+                await (await ch.get_queue(env.inbox("a"), ensure=False)).consume(ignore)
+
+            async def bind_to_a(ch: AbstractChannel) -> None:
+                await (await ch.get_queue(env.inbox("b"), ensure=False)).bind(env.exchange("a"))
+
+            async def declare_own_queue(ch: AbstractChannel) -> None:
+                await ch.declare_queue(exclusive=True)
+
+            async def publish_to_a(ch: AbstractChannel) -> None:
+                exchange = await ch.get_exchange(env.exchange("a"), ensure=False)
+                await exchange.publish(reply_message("c" * 32, "b-user"), routing_key="")
+
+            async def as_routing_key_a(ch: AbstractChannel) -> None:
+                replies = await ch.get_exchange("relayd.replies", ensure=False)
+                await replies.publish(reply_message("c" * 32, "b-user"), routing_key="a")
+
+            async def as_user_a(ch: AbstractChannel) -> None:
+                replies = await ch.get_exchange("relayd.replies", ensure=False)
+                await replies.publish(reply_message("c" * 32, "a-user"), routing_key="b")
+
+            for action in (consume_a, bind_to_a, declare_own_queue, publish_to_a,
+                           as_routing_key_a):
+                assert (await refusal(b, action)).startswith("ACCESS_REFUSED")
+            assert (await refusal(b, as_user_a)).startswith("PRECONDITION_FAILED")
+
+            channel = await b.channel(publisher_confirms=True)
+            replies = await channel.get_exchange("relayd.replies", ensure=False)
+            await replies.publish(reply_message("c" * 32, "b-user"), routing_key="b")
+            await (await channel.get_queue(env.inbox("b"), ensure=False)).consume(ignore)
+        [replied] = await env.relay.take("relayd.outbound", 1)
+        assert (replied.user_id, replied.routing_key) == ("b-user", "b")
+
+    async def test_user_limits(self, env: Env) -> None:
+        """A business gets max_connections connections and max_channels channels, no more."""
+        password = await env.add_with_password("acme", "acme-user")
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(await env.connect("acme-user", password))
+            await stack.enter_async_context(await env.connect("acme-user", password))
+            with pytest.raises(aiormq.exceptions.AMQPError):  # Connection.Close: NOT_ALLOWED
+                await env.connect("acme-user", password)
+            for _ in range(3):
+                await first.channel()
+            with pytest.raises(aiormq.exceptions.AMQPError):
+                await first.channel()
+
+
+class TestOnboarding:
+    async def test_add_provisions_exactly_the_grant(self, env: Env) -> None:
+        """`business add` creates the user with its permissions, topic permission, limits,
+        and a bounded inbox, and registers the business."""
+        result = await env.add("acme", "acme-user")
+        assert result["added"]
+        assert result["provisioned"] == ["user", "permissions", "topic permission",
+                                         "max-connections", "max-channels", "password"]
+        assert len(result["password"]) >= 32
+        permissions = env.admin.get("permissions", env.vhost, "acme-user")
+        assert {k: permissions[k] for k in ("configure", "write", "read")} == {
+            "configure": "^$", "write": r"^relayd\.replies$",
+            "read": r"^relayd\.biz\.acme\.inbox$"}
+        [topic] = env.admin.get("topic-permissions", env.vhost, "acme-user")
+        assert (topic["exchange"], topic["write"], topic["read"]) == (
+            "relayd.replies", "^acme$", "^$")
+        [limits] = env.admin.get("user-limits", "acme-user")
+        assert limits["value"] == {"max-connections": 2, "max-channels": 3}
+        inbox = env.admin.get("queues", env.vhost, env.inbox("acme"))
+        assert inbox["arguments"]["x-overflow"] == "reject-publish"
+        assert inbox["arguments"]["x-max-length"] == 100_000
+        business = await env.relay.store.business("acme")
+        assert business is not None
+        assert business.amqp_user == "acme-user"
+
+    async def test_add_again_changes_nothing(self, env: Env) -> None:
+        """Re-running `business add` keeps the user, its password and its permissions, and
+        issues no new password; the password file is left as it was."""
+        password_file = env.relay.root / "acme.password"
+        args = ("business", "add", "acme", "--amqp-user", "acme-user", "--json",
+                "--password-file", str(password_file))
+        code, out, _ = await env.cli(*args)
+        assert code == 0
+        assert "password" not in orjson.loads(out)
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        password = password_file.read_text()
+
+        def broker_state() -> list[Any]:
+            return [env.admin.get("users", "acme-user"),
+                    env.admin.get("permissions", env.vhost, "acme-user"),
+                    env.admin.get("topic-permissions", env.vhost, "acme-user"),
+                    env.admin.get("user-limits", "acme-user"),
+                    env.admin.get("queues", env.vhost, env.inbox("acme"))["arguments"]]
+
+        before = broker_state()
+        for _ in range(2):
+            code, out, err = await env.cli(*args)
+            assert code == 0, err
+            assert orjson.loads(out) == {"business": "acme", "added": False, "provisioned": []}
+        assert broker_state() == before
+        assert password_file.read_text() == password
+        assert [b.id for b in await env.relay.store.businesses()] == ["acme"]
+        connection = await env.connect("acme-user", password.strip())
+        await connection.close()
+
+    async def test_interrupted_add_is_completed_by_running_it_again(self, env: Env) -> None:
+        """A user left without a password (a run that stopped half way) gets its password
+        from the next `business add`, and is registered."""
+        settings = env.relay.settings
+        provision.ensure(env.admin.api, provision.grant(settings, "acme", "acme-user",
+                                                        "password"))
+        result = await env.add("acme", "acme-user")
+        assert (result["added"], result["provisioned"]) == (True, ["password"])
+        connection = await env.connect("acme-user", result["password"])
+        await connection.close()
+
+    async def test_refuses_a_user_it_did_not_create(self, env: Env) -> None:
+        """`business add` never takes over an existing broker user such as an admin."""
+        before = env.admin.get("permissions", env.vhost, "guest")
+        code, _, err = await env.cli("business", "add", "evil", "--amqp-user", "guest")
+        assert code == 1
+        assert "not created by relayd" in err
+        assert env.admin.get("permissions", env.vhost, "guest") == before
+        assert await env.relay.store.business("evil") is None
+
+    async def test_rotate_credentials(self, env: Env) -> None:
+        """A new password works, the old one no longer does, and open connections close."""
+        old = await env.add_with_password("acme", "acme-user")
+        connection = await env.connect("acme-user", old)
+        closed = closed_event(connection)
+        password_file = env.relay.root / "new.password"
+        code, _, err = await env.cli("business", "rotate-credentials", "acme",
+                                     "--password-file", str(password_file))
+        assert code == 0, err
+        await asyncio.wait_for(closed.wait(), WAIT)
+        new = password_file.read_text().strip()
+        assert new != old
+        with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
+            await env.connect("acme-user", old)
+        connection = await env.connect("acme-user", new)
+        await connection.close()
+
+
+class TestRemoval:
+    async def test_removed_business_is_cut_off_at_once(self, env: Env) -> None:
+        """`business remove` closes the open connection, refuses the next one, deletes the
+        inbox and exchange and unregisters; running it again finds nothing."""
+        password = await env.add_with_password("acme", "acme-user")
+        connection = await env.connect("acme-user", password)
+        closed = closed_event(connection)
+        channel = await connection.channel()
+        await (await channel.get_queue(env.inbox("acme"), ensure=False)).consume(ignore)
+
+        code, out, err = await env.cli("business", "remove", "acme", "--json")
+        assert code == 0, err
+        assert orjson.loads(out) == {"business": "acme", "removed": True, "user": "deleted",
+                                     "connections_closed": 1}
+        await asyncio.wait_for(closed.wait(), WAIT)
+        with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
+            await env.connect("acme-user", password)
+        assert env.admin.get("users", "acme-user") is None
+        assert env.admin.get("queues", env.vhost, env.inbox("acme")) is None
+        assert env.admin.get("exchanges", env.vhost, env.exchange("acme")) is None
+        assert await env.relay.store.business("acme") is None
+        code, _, _ = await env.cli("business", "remove", "acme")
+        assert code == 3
+
+
+class TestCertificates:
+    async def test_mtls_business_logs_in_with_its_certificate_alone(self, env: Env) -> None:
+        """An x509 business gets no password; its certificate (CN = its user) logs it in
+        with EXTERNAL, and it may do what a password business may."""
+        result = await env.add("m", "m-user", "--auth", "x509")
+        assert "password" not in result
+        assert result["provisioned"] == ["user", "permissions", "topic permission",
+                                         "max-connections", "max-channels"]
+        cert = env.node.make_client_cert("m-user")
+        connection = await env.connect(cert=cert)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            replies = await channel.get_exchange("relayd.replies", ensure=False)
+            await replies.publish(reply_message("c" * 32, "m-user"), routing_key="m")
+            refused = await refusal(connection, lambda ch: ch.declare_queue(exclusive=True))
+            assert refused.startswith("ACCESS_REFUSED")
+        [replied] = await env.relay.take("relayd.outbound", 1)
+        assert replied.user_id == "m-user"
+        with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
+            await env.connect("m-user", "")
+        code, _, err = await env.cli("business", "rotate-credentials", "m")
+        assert code == 1
+        assert "certificate" in err
+
+    async def test_certificate_from_another_ca_is_refused(self, env: Env) -> None:
+        """A certificate with the right CN from a CA the broker does not trust gets no
+        connection."""
+        await env.add("m", "m-user", "--auth", "x509")
+        forged = env.node.make_client_cert("m-user", other_ca=True)
+        with pytest.raises(aiormq.exceptions.AMQPConnectionError):
+            await env.connect(cert=forged)
+
+
+class TestRelaydTls:
+    @pytest.mark.parametrize(("tls", "works"), [
+        ({}, True),
+        ({"server_hostname": "localhost"}, True),
+        ({"server_hostname": "broker.example"}, False),
+        ({"server_hostname": "broker.example", "verify_hostname": False}, True),
+        ({"other_ca": True}, False),
+    ])
+    async def test_relayd_verifies_the_broker(self, env: Env, tls: dict[str, Any],
+                                              works: bool) -> None:
+        """relayd checks the broker's chain against amqp.tls.ca_file and its name against
+        the URL's host or amqp.tls.server_hostname, unless verify_hostname is off."""
+        data = relay_config(env.node, env.relay.root, env.vhost)
+        if tls.pop("other_ca", False):
+            tls["ca_file"] = str(env.node.other_ca_cert)
+        data["amqp"]["tls"].update(tls)
+        settings = config.parse(data, environ={})
+        if works:
+            connection = await amqp.connect(settings, "tls-check")
+            await connection.close()
+        else:
+            with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="CERTIFICATE"):
+                await amqp.connect(settings, "tls-check")
