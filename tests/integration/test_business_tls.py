@@ -301,16 +301,24 @@ class TestIsolation:
         assert (replied.user_id, replied.routing_key) == ("b-user", "b")
 
     async def test_user_limits(self, env: Env) -> None:
-        """A business gets max_connections connections and max_channels channels, no more."""
+        """A business gets max_connections connections and max_channels channels, and
+        cannot publish a message over the broker's max_message_size."""
         password = await env.add_with_password("acme", "acme-user")
         async with contextlib.AsyncExitStack() as stack:
             first = await stack.enter_async_context(await env.connect("acme-user", password))
+
+            async def oversized(ch: AbstractChannel) -> None:
+                replies = await ch.get_exchange("relayd.replies", ensure=False)
+                await replies.publish(aio_pika.Message(b"x" * (2 * 1024 * 1024 + 1),
+                                                       user_id="acme-user"), routing_key="acme")
+
+            assert (await refusal(first, oversized)).startswith("PRECONDITION_FAILED")
             await stack.enter_async_context(await env.connect("acme-user", password))
             with pytest.raises(aiormq.exceptions.AMQPError):  # Connection.Close: NOT_ALLOWED
                 await env.connect("acme-user", password)
             for _ in range(3):
                 await first.channel()
-            with pytest.raises(aiormq.exceptions.AMQPError):
+            with pytest.raises(aiormq.exceptions.ConnectionNotAllowed, match="maximum"):
                 await first.channel()
 
 
