@@ -109,3 +109,33 @@ class TestKeysCommands:
         code = cli.main(["keys", "generate", "--config", str(path), "--kid", "a"])
         assert code != ExitCode.BROKER_UNAVAILABLE
         assert "broker" not in capsys.readouterr().err
+
+
+class TestBusinessCredentials:
+    def test_password_options_need_management(self, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """--auth and --password-file are usage errors when no management API is set."""
+        path = _config(tmp_path)
+        code = cli.main(["business", "add", "acme", "--amqp-user", "acme", "--auth", "x509",
+                         "--config", str(path)])
+        assert code == ExitCode.USAGE
+        assert "amqp.management" in capsys.readouterr().err
+
+    def test_rotate_needs_management(self, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """rotate-credentials without amqp.management is a config error naming the key."""
+        path = _config(tmp_path)
+        assert cli.main(["business", "rotate-credentials", "acme", "--config", str(path)]
+                        ) == ExitCode.CONFIG
+        assert "amqp.management:" in capsys.readouterr().err
+
+    def test_unreachable_management_registers_nothing(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """When the management API cannot be reached, add exits 69 and registers nothing."""
+        management = {"url": "http://127.0.0.1:9", "username": "admin", "password": "s3cr3t"}
+        path = _config(tmp_path, amqp={"url": "amqp://127.0.0.1:9/", "management": management})
+        assert cli.main(["business", "add", "acme", "--amqp-user", "acme",
+                         "--config", str(path)]) == ExitCode.BROKER_UNAVAILABLE
+        capsys.readouterr()
+        assert cli.main(["business", "list", "--json", "--config", str(path)]) == ExitCode.OK
+        assert orjson.loads(capsys.readouterr().out) == []
