@@ -51,7 +51,7 @@ async def declare_all(settings: Settings, store: Store) -> int:
 class Onboarded:
     added: bool  # newly registered in the store
     provisioned: list[str] = field(default_factory=list)  # what changed on the broker
-    password: str | None = None  # a password issued now, to hand over once
+    password: str | None = field(default=None, repr=False)  # issued now: hand over once
 
 
 async def add_business(settings: Settings, store: Store, business: Business,
