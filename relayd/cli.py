@@ -284,8 +284,10 @@ def parser() -> argparse.ArgumentParser:
     add = command(dev, "add", cmd_device, "register a device", json_output=True)
     add.add_argument("--user", required=True)
     add.add_argument("--device", required=True, type=device_id)
-    add.add_argument("--enc-key", required=True, help="HPKE public key, base64url")
-    add.add_argument("--sign-key", required=True, help="Ed25519 public key, base64url")
+    # base64url may start with '-': pass keys as --enc-key=VALUE
+    add.add_argument("--enc-key", required=True, help="HPKE public key, base64url (--enc-key=B64)")
+    add.add_argument("--sign-key", required=True,
+                     help="Ed25519 public key, base64url (--sign-key=B64)")
     add.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
     listing = command(dev, "list", cmd_device, "list devices", json_output=True)
     listing.add_argument("--user")
@@ -308,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
         print(f"cannot reach the broker: {exc}", file=sys.stderr)
         return ExitCode.BROKER_UNAVAILABLE
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        print(f"the broker refused a declaration (a queue or exchange of that name exists "
+              f"with other arguments; see docs/operations.md, upgrading): {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
     except OSError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return ExitCode.FAILURE

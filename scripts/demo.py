@@ -9,11 +9,14 @@ rejected with conversation_closed. Uses the SQLite store, with no extra service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import aio_pika
 
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 
-AMQP_URL = os.environ.get("RELAYD_DEMO_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BROKER = "amqp://guest:guest@127.0.0.1:5672"
 BUSINESS = "acme"
 USER = "alice@example.org"  # never leaves the relay: acme only sees an opaque id
 TIMEOUT = 10.0
@@ -53,8 +56,8 @@ async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.Abstra
     raise TimeoutError(f"nothing arrived on {queue.name}")
 
 
-async def play(config: Path, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
+async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys) -> None:
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         ingress = await channel.get_exchange("relayd.ingress")
@@ -125,11 +128,28 @@ async def play(config: Path, relay: RelayPublic, phone: DeviceKeys, laptop: Devi
     print("demo: every hop arrived as expected")
 
 
+@contextlib.contextmanager
+def broker_vhost() -> Iterator[str]:
+    """A vhost of the demo's own on the local broker, removed afterwards; or the URL in
+    RELAYD_DEMO_AMQP_URL, used as it is."""
+    if url := os.environ.get("RELAYD_DEMO_AMQP_URL"):
+        yield url
+        return
+    vhost = f"relayd-demo-{secrets.token_hex(3)}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest",
+                        ".*", ".*", ".*"], check=True)
+        yield f"{BROKER}/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
+
+
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp, broker_vhost() as url:
         work = Path(tmp)
         config = work / "relayd.yaml"
-        config.write_text(f"amqp:\n  url: {AMQP_URL}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
+        config.write_text(f"amqp:\n  url: {url}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
                           f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n")
         relayd(config, "keys", "generate", "--kid", "demo-1")
         relay = RelayPublic.from_json(relayd(config, "keys", "show"))
@@ -139,18 +159,15 @@ def main() -> int:
         for device in (phone, laptop):
             reg = device.registration(USER)
             relayd(config, "device", "add", "--user", USER, "--device", device.device,
-                   "--enc-key", reg["enc_key"], "--sign-key", reg["sign_key"])
+                   f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}")
         print(f"business {BUSINESS} and devices {phone.device}, {laptop.device} registered")
         server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)])
         try:
-            asyncio.run(play(config, relay, phone, laptop))
+            asyncio.run(play(url, relay, phone, laptop))
         finally:
             server.terminate()
             code = server.wait(timeout=30)
             print(f"relayd run exited with {code}")
-            for device in (phone, laptop):
-                relayd(config, "device", "remove", device.device)
-            relayd(config, "business", "remove", BUSINESS)
     return 0
 
 
