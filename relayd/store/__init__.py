@@ -6,8 +6,8 @@ suite in tests/integration/test_store_contract.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from relayd.crypto import Kem
@@ -30,6 +30,7 @@ class Device:
     kem: Kem
     enc_key: bytes  # raw HPKE public key
     sign_key: bytes  # raw Ed25519 public key
+    created_ms: int | None = field(default=None, compare=False)  # None: the store's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +45,35 @@ class Conversation:
     updated_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class UserData:
+    """Everything the store holds about one user (message content is never stored)."""
+
+    devices: list[Device]
+    conversations: list[Conversation]
+    highest_seq: dict[str, int]  # device -> highest up seq accepted (its replay window)
+    next_seq: dict[str, int]  # device -> the next down seq it will be sent
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    at_ms: int
+    action: str
+    subject: str  # a business id, or a keyed reference (relayd.opaque.reference) of a user
+    detail: dict[str, int | str | bool]
+
+
 class Store(Protocol):
     """What the workers and the CLI need from storage; every method is one transaction."""
 
     async def close(self) -> None: ...
 
     async def add_business(self, business: Business) -> bool:
-        """Register a business; False if it exists already (unchanged)."""
+        """Register a business; False if it exists already (unchanged).
+
+        In the same transaction, an audit record `business_add` with subject the business
+        id and detail `{"first_party": ...}`.
+        """
 
     async def business(self, business_id: str) -> Business | None: ...
 
@@ -58,10 +81,12 @@ class Store(Protocol):
 
     async def businesses(self) -> list[Business]: ...
 
-    async def remove_business(self, business_id: str) -> bool: ...
+    async def remove_business(self, business_id: str) -> bool:
+        """Unregister; when it existed, audit `business_remove` with `{"first_party": ...}`."""
 
     async def add_device(self, device: Device) -> bool:
-        """Register a device; False if it exists already (unchanged)."""
+        """Register a device, stamped with `created_ms` or else the store's clock; False if
+        it exists already (unchanged)."""
 
     async def device(self, device_id: str) -> Device | None: ...
 
@@ -81,14 +106,20 @@ class Store(Protocol):
         """Create the (user, business) conversation, or reopen it, or note activity on it.
 
         A conversation the user closed gets epoch + 1 (so a new id) when it reopens and
-        `rotate_on_reopen` is set.
+        `rotate_on_reopen` is set. A conversation created afresh starts at epoch 0, or with
+        `rotate_on_reopen` at a random epoch in [0, 2**62): after its row expired or was
+        erased, the user's next conversation cannot get an id the business saw before.
         """
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
         """Close an open conversation; False if it was not open (nothing changed)."""
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
-        """Accept (device, seq) once: True the first time, False for a replay or too old."""
+        """Accept (device, seq) once: True the first time, False for a replay or too old.
+
+        An accepted claim stamps the device's replay state with the store's clock and the
+        device's user; the state outlives the device (see prune and erase_user).
+        """
 
     async def allocate_seqs(self, source: str, device_ids: Sequence[str],
                             now_ms: int) -> dict[str, int]:
@@ -97,6 +128,37 @@ class Store(Protocol):
         Asking again for the same source returns the same numbers, so a redelivered
         message never advances a device's seq twice.
         """
+
+    async def export_user(self, user: str) -> UserData:
+        """Everything held about `user`, devices and conversations ordered by id."""
+
+    async def erase_user(self, user: str) -> dict[str, int]:
+        """Delete the user's devices with their sent rows, the replay state of every device
+        the user has had, and the user's closed conversations, in one transaction.
+
+        An open conversation is left in place: its business must be told `close` first
+        (relayd.gdpr does, then calls again). Returns the rows deleted per kind, as
+        `devices`, `conversations`, `replay`, `sent`, and `open`: the open conversations left.
+        """
+
+    async def stale_conversations(self, before_ms: int) -> list[Conversation]:
+        """The open conversations whose last activity (updated_ms) is before `before_ms`."""
+
+    async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
+                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+        """Delete what retention lets go, each kind strictly before its cutoff:
+        closed conversations by updated_ms, the replay state of devices that no longer
+        exist by its last claim, sent rows by created_ms, audit records by at_ms.
+
+        Returns the rows deleted as `conversations`, `replay`, `sent`, `audit`.
+        """
+
+    async def add_audit(self, action: str, subject: str,
+                        detail: Mapping[str, int | str | bool], at_ms: int) -> None:
+        """Append an audit record; it must hold no content and no user or device id."""
+
+    async def audit_log(self) -> list[AuditRecord]:
+        """Every audit record, oldest first (ties in the order they were added)."""
 
 
 def open_store(url: str) -> Store:

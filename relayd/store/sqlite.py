@@ -11,17 +11,21 @@ on one. Rare writes (registration) take the lock up front on the loop's thread.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from relayd.crypto import Kem
 from relayd.errors import TransientError
 from relayd.replay import ReplayWindow
-from relayd.store import Business, Conversation, Device, Party
+from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData
 
 MIGRATIONS: list[str] = [
     """
@@ -64,9 +68,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX sent_created ON sent (created_ms);
     """,
+    # 2: what retention and the audit trail need.
+    """
+    ALTER TABLE devices ADD COLUMN created_ms INTEGER;
+    ALTER TABLE replay ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE replay ADD COLUMN user_id TEXT;
+    UPDATE replay SET updated_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000,
+        user_id = (SELECT user_id FROM devices WHERE devices.id = replay.device_id);
+    CREATE INDEX replay_user ON replay (user_id);
+    CREATE INDEX conversations_updated ON conversations (updated_ms);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at_ms);
+    """,
 ]
 
 _CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
+_DEVICE = "id, user_id, kem, enc_key, sign_key, created_ms"
 
 
 def _conversation(row: Any) -> Conversation | None:
@@ -74,7 +97,17 @@ def _conversation(row: Any) -> Conversation | None:
 
 
 def _device(row: Any) -> Device | None:
-    return None if row is None else Device(row[0], row[1], Kem(row[2]), row[3], row[4])
+    return None if row is None else Device(row[0], row[1], Kem(row[2]), row[3], row[4], row[5])
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _audit(db: sqlite3.Connection, action: str, subject: str,
+           detail: Mapping[str, int | str | bool], at_ms: int) -> None:
+    db.execute("INSERT INTO audit (at_ms, action, subject, detail) VALUES (?, ?, ?, ?)",
+               (at_ms, action, subject, orjson.dumps(dict(detail)).decode()))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -184,6 +217,9 @@ class SqliteStore:
                 " ON CONFLICT DO NOTHING",
                 (business.id, business.amqp_user, business.first_party),
             )
+            if cursor.rowcount == 1:
+                _audit(db, "business_add", business.id,
+                       {"first_party": business.first_party}, _now_ms())
             return cursor.rowcount == 1
 
     async def business(self, business_id: str) -> Business | None:
@@ -202,31 +238,34 @@ class SqliteStore:
 
     async def remove_business(self, business_id: str) -> bool:
         with self._write() as db:
-            return db.execute("DELETE FROM businesses WHERE id = ?", (business_id,)).rowcount == 1
+            row = db.execute("DELETE FROM businesses WHERE id = ? RETURNING first_party",
+                             (business_id,)).fetchone()
+            if row is not None:
+                _audit(db, "business_remove", business_id, {"first_party": bool(row[0])},
+                       _now_ms())
+            return row is not None
 
     async def add_device(self, device: Device) -> bool:
         with self._write() as db:
             cursor = db.execute(
-                "INSERT INTO devices (id, user_id, kem, enc_key, sign_key) VALUES (?, ?, ?, ?, ?)"
+                f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (device.id, device.user, device.kem.value, device.enc_key, device.sign_key),
+                (device.id, device.user, device.kem.value, device.enc_key, device.sign_key,
+                 _now_ms() if device.created_ms is None else device.created_ms),
             )
             return cursor.rowcount == 1
 
     async def device(self, device_id: str) -> Device | None:
-        return _device(self._one(
-            "SELECT id, user_id, kem, enc_key, sign_key FROM devices WHERE id = ?", device_id))
+        return _device(self._one(f"SELECT {_DEVICE} FROM devices WHERE id = ?", device_id))
 
     async def devices_of(self, user: str) -> list[Device]:
-        rows = self._db.execute(
-            "SELECT id, user_id, kem, enc_key, sign_key FROM devices WHERE user_id = ?"
-            " ORDER BY id", (user,))
-        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4]) for r in rows]
+        rows = self._db.execute(f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id",
+                                (user,))
+        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
 
     async def devices(self) -> list[Device]:
-        rows = self._db.execute(
-            "SELECT id, user_id, kem, enc_key, sign_key FROM devices ORDER BY user_id, id")
-        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4]) for r in rows]
+        rows = self._db.execute(f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")
+        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
 
     async def remove_device(self, device_id: str) -> bool:
         with self._write() as db:
@@ -250,9 +289,10 @@ class SqliteStore:
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
                 (user, business)).fetchone())
             if current is None:
+                epoch = secrets.randbits(62) if rotate_on_reopen else 0
                 db.execute(
-                    f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', 0,"
-                    " NULL, ?, ?)", (make_id(0), user, business, now_ms, now_ms))
+                    f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', ?,"
+                    " NULL, ?, ?)", (make_id(epoch), user, business, epoch, now_ms, now_ms))
             elif current.state == "closed":
                 rotate = rotate_on_reopen and current.closed_by == "user"
                 epoch = current.epoch + 1 if rotate else current.epoch
@@ -289,9 +329,11 @@ class SqliteStore:
             if not replay.accept(seq):
                 return False
             db.execute(
-                "INSERT INTO replay (device_id, high, bits) VALUES (?, ?, ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high, bits = excluded.bits",
-                (device_id, replay.high, replay.to_bytes()))
+                "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
+                " (?, ?, ?, ?, (SELECT user_id FROM devices WHERE id = ?))"
+                " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high, bits = excluded.bits,"
+                " updated_ms = excluded.updated_ms, user_id = excluded.user_id",
+                (device_id, replay.high, replay.to_bytes(), _now_ms(), device_id))
             return True
 
         return bool(await self._commit(op))
@@ -317,3 +359,68 @@ class SqliteStore:
 
         seqs: dict[str, int] = await self._commit(op)
         return seqs
+
+    async def export_user(self, user: str) -> UserData:
+        with self._write() as db:  # one consistent snapshot
+            devices = [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in db.execute(
+                f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", (user,))]
+            conversations = [Conversation(*r) for r in db.execute(
+                f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? ORDER BY id",
+                (user,))]
+            highest = dict(db.execute(
+                "SELECT device_id, high FROM replay WHERE device_id IN"
+                " (SELECT id FROM devices WHERE user_id = ?)", (user,)).fetchall())
+            next_seq = dict(db.execute("SELECT id, next_seq FROM devices WHERE user_id = ?",
+                                       (user,)).fetchall())
+        return UserData(devices, conversations, highest, next_seq)
+
+    async def erase_user(self, user: str) -> dict[str, int]:
+        mine = "(SELECT id FROM devices WHERE user_id = ?)"
+        with self._write() as db:
+            counts = {
+                "sent": db.execute(f"DELETE FROM sent WHERE device_id IN {mine}",
+                                   (user,)).rowcount,
+                "replay": db.execute(
+                    f"DELETE FROM replay WHERE user_id = ? OR device_id IN {mine}",
+                    (user, user)).rowcount,
+                "devices": db.execute("DELETE FROM devices WHERE user_id = ?", (user,)).rowcount,
+                "conversations": db.execute(
+                    "DELETE FROM conversations WHERE user_id = ? AND state = 'closed'",
+                    (user,)).rowcount,
+            }
+            counts["open"] = db.execute("SELECT count(*) FROM conversations WHERE user_id = ?",
+                                        (user,)).fetchone()[0]
+        return counts
+
+    async def stale_conversations(self, before_ms: int) -> list[Conversation]:
+        rows = self._db.execute(
+            f"SELECT {_CONVERSATION} FROM conversations WHERE state = 'open' AND updated_ms < ?"
+            " ORDER BY updated_ms, id", (before_ms,))
+        return [Conversation(*r) for r in rows]
+
+    async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
+                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+        with self._write() as db:
+            return {
+                "conversations": db.execute(
+                    "DELETE FROM conversations WHERE state = 'closed' AND updated_ms < ?",
+                    (conversations_before_ms,)).rowcount,
+                "replay": db.execute(
+                    "DELETE FROM replay WHERE updated_ms < ?"
+                    " AND device_id NOT IN (SELECT id FROM devices)",
+                    (replay_before_ms,)).rowcount,
+                "sent": db.execute("DELETE FROM sent WHERE created_ms < ?",
+                                   (sent_before_ms,)).rowcount,
+                "audit": db.execute("DELETE FROM audit WHERE at_ms < ?",
+                                    (audit_before_ms,)).rowcount,
+            }
+
+    async def add_audit(self, action: str, subject: str,
+                        detail: Mapping[str, int | str | bool], at_ms: int) -> None:
+        with self._write() as db:
+            _audit(db, action, subject, detail, at_ms)
+
+    async def audit_log(self) -> list[AuditRecord]:
+        rows = self._db.execute("SELECT at_ms, action, subject, detail FROM audit"
+                                " ORDER BY at_ms, id")
+        return [AuditRecord(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from relayd.crypto import Kem
-from relayd.store import Business, Device, Store, open_store
-from relayd.store.sqlite import SqliteStore
+from relayd.store import AuditRecord, Business, Device, Store, open_store
+from relayd.store.sqlite import MIGRATIONS, SqliteStore
 
 BACKENDS = ["sqlite"]
 
@@ -24,8 +25,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await backend.close()
 
 
-def device(device_id: str, user: str = "u1") -> Device:
-    return Device(device_id, user, Kem.X25519, b"e" * 32, b"s" * 32)
+def device(device_id: str, user: str = "u1", created_ms: int | None = None) -> Device:
+    return Device(device_id, user, Kem.X25519, b"e" * 32, b"s" * 32, created_ms)
 
 
 def make_id(user: str, business: str) -> Callable[[int], str]:
@@ -52,6 +53,23 @@ class TestBusinesses:
         assert found is not None
         assert found.first_party
 
+    async def test_add_and_remove_are_audited(self, store: Store) -> None:
+        """Adding and removing a business each leave one audit record with its first-party
+        mark; a repeated add or remove changes nothing and records nothing."""
+        await store.add_business(Business("desk", "desk-user", first_party=True))
+        await store.add_business(Business("desk", "desk-user", first_party=True))
+        await store.add_business(Business("acme", "acme-user"))
+        await store.remove_business("desk")
+        await store.remove_business("desk")
+        log = await store.audit_log()
+        assert [(r.action, r.subject, r.detail) for r in log] == [
+            ("business_add", "desk", {"first_party": True}),
+            ("business_add", "acme", {"first_party": False}),
+            ("business_remove", "desk", {"first_party": True}),
+        ]
+        assert log[0].at_ms <= log[1].at_ms <= log[2].at_ms
+        assert log[0].at_ms > 1_700_000_000_000  # the store's clock, in unix milliseconds
+
 
 class TestDevices:
     async def test_devices_by_user(self, store: Store) -> None:
@@ -66,6 +84,18 @@ class TestDevices:
         assert await store.device("d1") is None
         assert [d.id for d in await store.devices_of("u1")] == ["d2"]
         assert len(await store.devices()) == 2
+
+    async def test_creation_time(self, store: Store) -> None:
+        """A device keeps the creation time it was given, or else gets the store's clock."""
+        await store.add_device(device("d1", created_ms=1234))
+        await store.add_device(device("d2"))
+        first, second = await store.devices_of("u1")
+        assert first.created_ms == 1234
+        assert second.created_ms is not None
+        assert second.created_ms > 1_700_000_000_000
+        found = await store.device("d1")
+        assert found is not None
+        assert found.created_ms == 1234
 
 
 class TestConversations:
@@ -89,14 +119,27 @@ class TestConversations:
         """With rotation, a conversation the user closed reopens under a new epoch and id."""
         ids = make_id("u1", "acme")
         first = await store.open_conversation("u1", "acme", 1, True, ids)
+        assert 0 <= first.epoch < 2**62
+        assert first.id == ids(first.epoch)
         await store.close_conversation(first.id, "user", 2)
         second = await store.open_conversation("u1", "acme", 3, True, ids)
-        assert second.epoch == 1
+        assert second.epoch == first.epoch + 1
         assert second.id != first.id
         assert await store.conversation(first.id) is None
         await store.close_conversation(second.id, "business", 4)
         third = await store.open_conversation("u1", "acme", 5, True, ids)
-        assert (third.epoch, third.id) == (1, second.id)  # a business close does not rotate
+        assert (third.epoch, third.id) == (second.epoch, second.id)  # no rotation
+
+    async def test_fresh_conversation_after_its_row_is_gone(self, store: Store) -> None:
+        """Once the row is deleted, stable gives the same id again and rotation a new one."""
+        async def fresh(rotate: bool) -> str:
+            opened = await store.open_conversation("u1", "acme", 1, rotate, lambda e: f"{e:032}")
+            await store.close_conversation(opened.id, "user", 2)
+            assert (await store.erase_user("u1"))["conversations"] == 1
+            return opened.id
+
+        assert await fresh(False) == await fresh(False) == f"{0:032}"
+        assert len({await fresh(True) for _ in range(3)}) == 3
 
 
 class TestReplay:
@@ -156,3 +199,150 @@ class TestSqliteProcesses:
         await second.close()
 
 
+
+
+class TestExport:
+    async def test_everything_held_about_one_user(self, store: Store) -> None:
+        """Devices, conversations and seq counters of the user, and nothing of anyone else."""
+        await store.add_device(device("d1", "u1", created_ms=10))
+        await store.add_device(device("d2", "u1", created_ms=20))
+        await store.add_device(device("d3", "u2", created_ms=30))
+        await store.claim_seq("d1", 7, 64)
+        await store.claim_seq("d3", 9, 64)
+        await store.allocate_seqs("m1", ["d1", "d2", "d3"], 1)
+        await store.allocate_seqs("m2", ["d2"], 2)
+        acme = await store.open_conversation("u1", "acme", 100, False, make_id("u1", "acme"))
+        globex = await store.open_conversation("u1", "globex", 200, False,
+                                               make_id("u1", "globex"))
+        await store.close_conversation(globex.id, "business", 300)
+        await store.open_conversation("u2", "acme", 400, False, make_id("u2", "acme"))
+        data = await store.export_user("u1")
+        assert data.devices == [device("d1"), device("d2")]
+        assert [d.created_ms for d in data.devices] == [10, 20]
+        closed = await store.conversation(globex.id)
+        assert data.conversations == sorted([acme, closed], key=lambda c: c.id)
+        assert data.highest_seq == {"d1": 7}
+        assert data.next_seq == {"d1": 2, "d2": 3}
+
+    async def test_unknown_user(self, store: Store) -> None:
+        """A user the store has never seen has nothing to export."""
+        data = await store.export_user("nobody")
+        assert (data.devices, data.conversations, data.highest_seq, data.next_seq) == (
+            [], [], {}, {})
+
+
+class TestErase:
+    async def test_erase_leaves_open_conversations_for_the_caller(self, store: Store) -> None:
+        """Erasure deletes devices, their sent rows, the replay state of every device the user
+        had (removed ones too) and closed conversations; open ones stay until closed."""
+        for d in (device("d1"), device("d2"), device("gone"), device("d9", "u2")):
+            await store.add_device(d)
+        for d in ("d1", "d2", "gone", "d9"):
+            await store.claim_seq(d, 1, 64)
+        await store.remove_device("gone")  # its replay state outlives it
+        await store.allocate_seqs("m1", ["d1", "d2", "d9"], 1)
+        await store.allocate_seqs("m2", ["d1"], 2)
+        acme = await store.open_conversation("u1", "acme", 1, False, make_id("u1", "acme"))
+        globex = await store.open_conversation("u1", "globex", 1, False, make_id("u1", "globex"))
+        await store.close_conversation(globex.id, "user", 2)
+        theirs = await store.open_conversation("u2", "acme", 1, False, make_id("u2", "acme"))
+
+        assert await store.erase_user("u1") == {"devices": 2, "sent": 3, "replay": 3,
+                                                "conversations": 1, "open": 1}
+        assert await store.devices_of("u1") == []
+        assert await store.conversation(globex.id) is None
+        assert await store.conversation(acme.id) == acme
+        await store.close_conversation(acme.id, "user", 3)
+        assert await store.erase_user("u1") == {"devices": 0, "sent": 0, "replay": 0,
+                                                "conversations": 1, "open": 0}
+        assert await store.export_user("u1") == await store.export_user("nobody")
+        assert await store.erase_user("u1") == {"devices": 0, "sent": 0, "replay": 0,
+                                                "conversations": 0, "open": 0}
+
+        assert [d.id for d in await store.devices()] == ["d9"]
+        assert await store.conversation(theirs.id) == theirs
+        assert not await store.claim_seq("d9", 1, 64)
+        assert await store.allocate_seqs("m1", ["d9"], 9) == {"d9": 1}
+        assert await store.claim_seq("d1", 1, 64)  # no replay state was left
+        assert await store.claim_seq("gone", 1, 64)
+
+
+class TestRetention:
+    async def test_stale_conversations_are_open_and_inactive(self, store: Store) -> None:
+        """Only open conversations whose last activity is strictly before the cutoff."""
+        old = await store.open_conversation("u1", "acme", 100, False, make_id("u1", "acme"))
+        edge = await store.open_conversation("u2", "acme", 200, False, make_id("u2", "acme"))
+        shut = await store.open_conversation("u3", "acme", 50, False, make_id("u3", "acme"))
+        await store.close_conversation(shut.id, "business", 60)
+        assert await store.stale_conversations(200) == [old]
+        assert await store.stale_conversations(201) == [old, edge]
+        assert await store.stale_conversations(100) == []
+
+    async def test_prune_each_kind_before_its_cutoff(self, store: Store) -> None:
+        """Closed conversations, orphaned replay state, sent rows and audit records go when
+        older than their cutoff; open conversations and live devices' state never do."""
+        await store.add_device(device("d1"))
+        await store.add_device(device("gone"))
+        await store.claim_seq("d1", 1, 64)
+        await store.claim_seq("gone", 1, 64)
+        await store.remove_device("gone")
+        await store.allocate_seqs("m1", ["d1"], 100)
+        await store.allocate_seqs("m2", ["d1"], 200)
+        closed = await store.open_conversation("u1", "acme", 100, False, make_id("u1", "acme"))
+        await store.close_conversation(closed.id, "user", 150)
+        still_open = await store.open_conversation("u1", "globex", 10, False,
+                                                   make_id("u1", "globex"))
+        await store.add_audit("erase", "ref1", {"devices": 1}, 1000)
+        await store.add_audit("erase", "ref2", {"devices": 2}, 2000)
+        nothing = {"conversations": 0, "replay": 0, "sent": 0, "audit": 0}
+
+        assert await store.prune(conversations_before_ms=150, replay_before_ms=0,
+                                 sent_before_ms=100, audit_before_ms=1000) == nothing
+        assert await store.prune(conversations_before_ms=151, replay_before_ms=2**62,
+                                 sent_before_ms=101, audit_before_ms=1001) == {
+            "conversations": 1, "replay": 1, "sent": 1, "audit": 1}
+        assert await store.conversation(closed.id) is None
+        assert await store.conversation(still_open.id) == still_open
+        assert not await store.claim_seq("d1", 1, 64)  # a live device keeps its window
+        assert await store.claim_seq("gone", 1, 64)
+        assert await store.allocate_seqs("m2", ["d1"], 300) == {"d1": 2}
+        assert [r.subject for r in await store.audit_log() if r.action == "erase"] == ["ref2"]
+        assert await store.prune(conversations_before_ms=151, replay_before_ms=0,
+                                 sent_before_ms=101, audit_before_ms=1001) == nothing
+
+
+class TestAudit:
+    async def test_records_come_back_in_order(self, store: Store) -> None:
+        """Audit records are returned oldest first with their detail as given."""
+        await store.add_audit("erase", "b", {"devices": 2, "note": "x", "flag": True}, 20)
+        await store.add_audit("erase", "a", {}, 10)
+        await store.add_audit("prune", "c", {"sent": 1}, 20)
+        assert await store.audit_log() == [
+            AuditRecord(10, "erase", "a", {}),
+            AuditRecord(20, "erase", "b", {"devices": 2, "note": "x", "flag": True}),
+            AuditRecord(20, "prune", "c", {"sent": 1}),
+        ]
+
+    async def test_migration_2_keeps_version_1_data(self, tmp_path: Path) -> None:
+        """A version-1 file gains the retention columns; its replay state is kept, stamped
+        with the migration time and its device's user, so erasure and pruning can find it."""
+        path = tmp_path / "v1.db"
+        with sqlite3.connect(path) as db:
+            db.executescript(MIGRATIONS[0])
+            db.executescript("""
+                INSERT INTO devices (id, user_id, kem, enc_key, sign_key)
+                    VALUES ('d1', 'u1', 'X25519', x'00', x'00');
+                INSERT INTO replay (device_id, high, bits) VALUES ('d1', 5, x'00');
+                PRAGMA user_version = 1;""")
+        db.close()
+        store = SqliteStore(path)
+        assert store.migrate() == len(MIGRATIONS) == 2
+        found = await store.device("d1")
+        assert found is not None
+        assert found.created_ms is None
+        assert await store.prune(conversations_before_ms=0, replay_before_ms=2**62,
+                                 sent_before_ms=0, audit_before_ms=0) == {
+            "conversations": 0, "replay": 0, "sent": 0, "audit": 0}  # d1 still exists
+        assert (await store.export_user("u1")).highest_seq == {"d1": 5}
+        assert (await store.erase_user("u1"))["replay"] == 1
+        await store.close()
