@@ -37,7 +37,7 @@ def management(settings: Settings) -> provision.Api | None:
 async def declare_all(settings: Settings, store: Store) -> int:
     """Declare the core topology and every registered business and device."""
     t = settings.topology
-    specs = topology.core(t)
+    specs = topology.core(t, settings.gdpr.identity_user is not None)
     for business in await store.businesses():
         specs += topology.business(t, business.id)
     for device in await store.devices():

@@ -98,6 +98,13 @@ class Publisher:
                                    delivery_mode=DeliveryMode.PERSISTENT)
         return self._publish(self._t.devices_exchange, device, message)
 
+    async def delete_device_queue(self, device: str) -> None:
+        """Delete a device's queue and the undelivered messages in it; gone already is fine."""
+        try:
+            await topology.delete_queue(self._channel, topology.device_queue(self._t, device))
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise TransientError("delete_failed", type(exc).__name__) from None
+
     def dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage, queue: str,
                     reason: str) -> Awaitable[None]:
         """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason."""

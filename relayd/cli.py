@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 import uvloop
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import admin, config, keys, log, payload, provision, worker
+from relayd import admin, config, gdpr, keys, log, payload, provision, retention, worker
 from relayd.crypto import Kem, b64d, fingerprint
 from relayd.errors import ConfigError, ExitCode
 from relayd.store import Business, Device, Store, open_store
@@ -61,8 +62,13 @@ def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.run import run
 
-    roles: list[worker.Role] = ["inbound", "outbound"] if args.role == "all" else [args.role]
-    return uvloop.run(run(settings, roles))
+    roles: list[worker.Role] = [args.role] if args.role in ("inbound", "outbound", "gdpr") else []
+    if args.role == "all":
+        roles = ["inbound", "outbound", "gdpr"] if settings.gdpr.identity_user else [
+            "inbound", "outbound"]
+    with_retention = args.role == "retention" or (
+        args.role == "all" and settings.retention.enabled)
+    return uvloop.run(run(settings, roles, with_retention))
 
 
 def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -221,6 +227,39 @@ def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
     return asyncio.run(act())
 
 
+def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
+    async def act() -> int:
+        store = open_store(settings.store.url)
+        try:
+            if args.action == "export":
+                print(orjson.dumps(await gdpr.export(store, args.user),
+                                   option=orjson.OPT_INDENT_2).decode())
+            elif args.action == "audit":
+                rows = [{"at": _iso(r.at_ms), "action": r.action, "subject": r.subject,
+                         "detail": orjson.dumps(r.detail).decode()}
+                        for r in await store.audit_log()]
+                _print(args, rows, _table(rows, ["at", "action", "subject", "detail"]))
+            else:
+                keyring = _keyring(settings)
+                async with gdpr.broker(settings) as sink:
+                    if args.action == "erase":
+                        counts = await gdpr.erase(store, keyring, sink, args.user, via="cli")
+                    else:
+                        counts = await retention.enforce(settings, store, keyring, sink,
+                                                         time.time_ns() // 1_000_000)
+                _print(args, counts, f"{args.action}: " + ", ".join(
+                    f"{count} {kind}" for kind, count in counts.items()))
+            return ExitCode.OK
+        finally:
+            await store.close()
+
+    return asyncio.run(act())
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="relayd", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -236,7 +275,9 @@ def parser() -> argparse.ArgumentParser:
 
     command(commands, "check-config", cmd_check_config, "validate the config and exit")
     run = command(commands, "run", cmd_run, "run the relay workers")
-    run.add_argument("--role", choices=["inbound", "outbound", "all"], default="all")
+    run.add_argument("--role", choices=["inbound", "outbound", "gdpr", "retention", "all"],
+                     default="all", help="all: inbound, outbound, gdpr when gdpr.identity_user"
+                     " is set, and retention when retention.enabled")
 
     key_commands = commands.add_parser("keys", help="the relay's keys").add_subparsers(
         dest="action", required=True)
@@ -293,6 +334,17 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--user")
     remove = command(dev, "remove", cmd_device, "unregister a device", json_output=True)
     remove.add_argument("device", type=device_id)
+
+    rights = commands.add_parser("gdpr", help="data subjects' rights and retention").add_subparsers(
+        dest="action", required=True)
+    erase = command(rights, "erase", cmd_gdpr, "erase everything held about a user (Art. 17)",
+                    json_output=True)
+    erase.add_argument("--user", required=True)
+    export = command(rights, "export", cmd_gdpr,
+                     "print everything held about a user as JSON (Art. 15)")
+    export.add_argument("--user", required=True)
+    command(rights, "prune", cmd_gdpr, "run one retention pass now", json_output=True)
+    command(rights, "audit", cmd_gdpr, "list the audit records", json_output=True)
     return top
 
 

@@ -23,6 +23,7 @@ PLACEHOLDERS = {"change-me", "changeme", "change_me", "secret", "password", "xxx
 Positive = Annotated[int, Field(ge=1)]
 Seconds = Annotated[float, Field(gt=0)]
 Rate = Annotated[float, Field(gt=0)]  # per second
+Days = Annotated[float, Field(gt=0)]
 
 
 class Section(BaseModel):
@@ -129,6 +130,8 @@ class Topology(Section):
     device_message_ttl_days: Annotated[float, Field(gt=0)] = 30.0
     dead_message_ttl_days: Annotated[float, Field(gt=0)] = 14.0
     delivery_limit: Positive = 10
+    gdpr_exchange: str = "relayd.gdpr"
+    gdpr_queue: str = "relayd.gdpr"
 
     @field_validator("device_queue")
     @classmethod
@@ -163,6 +166,22 @@ class Conversations(Section):
     opaque_id_policy: Literal["stable", "rotate_on_delete"] = "stable"
 
 
+class Retention(Section):
+    """How long the relay keeps what it must keep; a job in `relayd run` enforces it."""
+
+    enabled: bool = True
+    interval_seconds: Seconds = 3600.0
+    inactive_conversation_days: Days = 180.0
+    closed_conversation_days: Days = 30.0
+    replay_state_days: Days = 30.0
+    sent_days: Days = 7.0
+    audit_days: Days = 365.0
+
+
+class Gdpr(Section):
+    identity_user: str | None = None  # the AMQP user whose erase requests are trusted
+
+
 class Logging(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -182,6 +201,8 @@ class Settings(Section):
     topology: Topology = Topology()
     limits: Limits = Limits()
     conversations: Conversations = Conversations()
+    retention: Retention = Retention()
+    gdpr: Gdpr = Gdpr()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
 
@@ -210,13 +231,18 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError({"(top level)": "must be a mapping of sections"})
     data = _with_env(copy.deepcopy(data), os.environ if environ is None else environ)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         problems = {}
         for err in exc.errors():
             key = ".".join(str(part) for part in err["loc"]) or "(top level)"
             problems[key] = err["msg"].removeprefix("Value error, ")
         raise ConfigError(problems) from None
+    if settings.retention.replay_state_days * 86400 < settings.limits.max_age_seconds:
+        # Until a message is too old to accept, a re-added device id must not be replayable.
+        raise ConfigError({"retention.replay_state_days":
+                           "must cover limits.max_age_seconds"})
+    return settings
 
 
 def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:

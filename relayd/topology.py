@@ -51,8 +51,14 @@ def _work_queue(t: Topology, name: str) -> Queue:
     return Queue(name, arguments)
 
 
-def core(t: Topology) -> list[Spec]:
-    """What the relay needs before it consumes."""
+def core(t: Topology, identity_service: bool = False) -> list[Spec]:
+    """What the relay needs before it consumes; erase requests when an identity service
+    is configured (gdpr.identity_user)."""
+    gdpr: list[Spec] = [
+        Exchange(t.gdpr_exchange, ExchangeType.FANOUT),
+        _work_queue(t, t.gdpr_queue),
+        Binding(t.gdpr_queue, t.gdpr_exchange),
+    ]
     return [
         Exchange(t.dead_exchange, ExchangeType.FANOUT),
         Queue(t.dead_queue, {"x-queue-type": t.queue_type,
@@ -65,6 +71,7 @@ def core(t: Topology) -> list[Spec]:
         _work_queue(t, t.outbound_queue),
         Binding(t.outbound_queue, t.replies_exchange, "#"),
         Exchange(t.devices_exchange, ExchangeType.DIRECT),
+        *(gdpr if identity_service else []),
     ]
 
 

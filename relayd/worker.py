@@ -27,12 +27,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from relayd import amqp, envelope, log, topology
 from relayd.config import Settings
 from relayd.errors import PermanentError, TransientError
+from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
 from relayd.keys import KeyRing
 from relayd.outbound import Outbound
 from relayd.store import Store
 
-Role = Literal["inbound", "outbound"]
+Role = Literal["inbound", "outbound", "gdpr"]
 _log = log.get("relayd.worker")
 _CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 
@@ -65,14 +66,15 @@ class Lanes:
 class Consumer:
     """Settles every message of one queue through its handler."""
 
-    def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound,
+    def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound | Erasure,
                  sink: amqp.Publisher) -> None:
         self.role = role
         self.settings = settings
         self.handler = handler
         self.sink = sink
-        self.queue = (settings.topology.inbound_queue if role == "inbound"
-                      else settings.topology.outbound_queue)
+        t = settings.topology
+        self.queue = {"inbound": t.inbound_queue, "outbound": t.outbound_queue,
+                      "gdpr": t.gdpr_queue}[role]
         self.lanes = Lanes()
         self._attempts: OrderedDict[bytes, int] = OrderedDict()
 
@@ -88,6 +90,10 @@ class Consumer:
                     envelope.KID_HEADER))
                 lane = "d:" + opened.device
                 work = lambda: handler.handle(opened, bool(message.redelivered))  # noqa: E731
+            elif isinstance(handler, Erasure):
+                request = handler.prepare(message.body, message.user_id)
+                lane = "u:" + request.user
+                work = lambda: handler.handle(request, bool(message.redelivered))  # noqa: E731
             else:
                 incoming = handler.prepare(message.body, message.user_id,
                                            message.routing_key or "")
@@ -218,9 +224,12 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
                    keys: KeyRing, stop: asyncio.Event, lost: asyncio.Event,
                    consuming: asyncio.Event | None) -> None:
     channel = await open_channel(connection, settings)
-    await topology.declare(channel, topology.core(settings.topology))
+    await topology.declare(channel, topology.core(settings.topology,
+                                                  settings.gdpr.identity_user is not None))
     sink = amqp.Publisher(channel, settings)
-    handler = (Inbound if role == "inbound" else Outbound)(settings, store, keys, sink)
+    handler: Inbound | Outbound | Erasure = (
+        Erasure(settings, store, keys, sink) if role == "gdpr"
+        else (Inbound if role == "inbound" else Outbound)(settings, store, keys, sink))
     consumer = Consumer(role, settings, handler, sink)
     queue = await channel.get_queue(consumer.queue, ensure=False)
     tag = await queue.consume(consumer.on_message)

@@ -6,6 +6,8 @@ a group commit: every write queued while the previous commit was in flight goes 
 the next transaction, each in its own savepoint, so concurrent messages share one fsync
 (synchronous=FULL, so a confirmed write survives power loss) and the loop never blocks
 on one. Rare writes (registration) take the lock up front on the loop's thread.
+Deleted rows are overwritten (secure_delete), and erasure and pruning end with a
+truncating checkpoint, so what is deleted does not linger in the file or its WAL.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA secure_delete = ON")
     return db
 
 
@@ -199,6 +202,10 @@ class SqliteStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _scrub(self) -> None:
+        """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _one(self, sql: str, *args: Any) -> Any:
         return self._db.execute(sql, args).fetchone()
@@ -390,6 +397,7 @@ class SqliteStore:
             }
             counts["open"] = db.execute("SELECT count(*) FROM conversations WHERE user_id = ?",
                                         (user,)).fetchone()[0]
+        self._scrub()
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -401,7 +409,7 @@ class SqliteStore:
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
         with self._write() as db:
-            return {
+            counts = {
                 "conversations": db.execute(
                     "DELETE FROM conversations WHERE state = 'closed' AND updated_ms < ?",
                     (conversations_before_ms,)).rowcount,
@@ -414,6 +422,8 @@ class SqliteStore:
                 "audit": db.execute("DELETE FROM audit WHERE at_ms < ?",
                                     (audit_before_ms,)).rowcount,
             }
+        self._scrub()
+        return counts
 
     async def add_audit(self, action: str, subject: str,
                         detail: Mapping[str, int | str | bool], at_ms: int) -> None:

@@ -1,0 +1,98 @@
+"""Storage limitation (Art. 5(1)(e)): keep nothing longer than its purpose needs.
+
+One pass, enforce(), in this order (periods in the `retention` config section):
+- open conversations idle for `inactive_conversation_days` expire: their business and the
+  user's devices are told `close` (confirmed) before the store closes the conversation,
+  on the user's behalf (so rotate_on_delete gives the user a new id when they return);
+- closed conversations are deleted `closed_conversation_days` after they closed;
+- the replay state of a device that no longer exists goes `replay_state_days` after its
+  last use, sent rows after `sent_days`, audit records after `audit_days`.
+Undelivered device messages and dead letters expire in the broker itself
+(`topology.device_message_ttl_days`, `topology.dead_message_ttl_days`).
+
+enforce() returns what it removed as a dict of counts: the metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiormq
+
+from relayd import amqp, gdpr, log
+from relayd.config import Settings
+from relayd.errors import TransientError
+from relayd.inbound import Sink, fan_out, now_ms
+from relayd.keys import KeyRing
+from relayd.store import Store
+from relayd.topology import DAY_MS
+
+_log = log.get("relayd.retention")
+_CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+
+
+async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
+                  now: int) -> dict[str, int]:
+    """One retention pass as of `now` (unix ms); return the counts of what it removed."""
+    r = settings.retention
+
+    def before(days: float) -> int:
+        return now - int(days * DAY_MS)
+
+    expired = 0
+    for conversation in await store.stale_conversations(before(r.inactive_conversation_days)):
+        if await store.business(conversation.business) is not None:
+            await gdpr.tell_close(sink, conversation, "expire")
+        event_id = gdpr.close_id("expire", conversation)
+        await fan_out(store, keys, sink, await store.devices_of(conversation.user),
+                      f"expire:{event_id}", event_id, conversation.business, "close", {})
+        expired += await store.close_conversation(conversation.id, "user", now)
+    pruned = await store.prune(conversations_before_ms=before(r.closed_conversation_days),
+                               replay_before_ms=before(r.replay_state_days),
+                               sent_before_ms=before(r.sent_days),
+                               audit_before_ms=before(r.audit_days))
+    return {"expired": expired, **pruned}
+
+
+async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
+                         stop: asyncio.Event) -> None:
+    """A pass every `retention.interval_seconds` until `stop`; a failed pass is logged and
+    the next one retries (every step is idempotent)."""
+    while not stop.is_set():
+        try:
+            counts = await enforce(settings, store, keys, sink, now_ms())
+            _log.info("retention", **counts)
+        except TransientError as exc:
+            _log.warning("retention_failed", reason=exc.reason)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.retention.interval_seconds)
+
+
+async def _pass_on(stop: asyncio.Event, halt: asyncio.Event) -> None:
+    await stop.wait()
+    halt.set()
+
+
+async def serve(settings: Settings, store: Store, keys: KeyRing, stop: asyncio.Event) -> None:
+    """retention_loop on a connection of its own, reconnecting whenever it is lost."""
+    while not stop.is_set():
+        halt = asyncio.Event()
+        follow = asyncio.create_task(_pass_on(stop, halt))
+        try:
+            connection = await amqp.connect(settings, "relayd-retention")
+            connection.close_callbacks.add(lambda *_, halt=halt: halt.set())
+            try:
+                channel = await connection.channel(publisher_confirms=True,
+                                                   on_return_raises=True)
+                await retention_loop(settings, store, keys, amqp.Publisher(channel, settings),
+                                     halt)
+            finally:
+                with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
+                    await connection.close()
+        except _CONNECT_ERRORS as exc:
+            _log.warning("connection_lost", stage="retention", reason=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.amqp.reconnect_max_backoff)
+        finally:
+            follow.cancel()
