@@ -236,9 +236,10 @@ def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
                                    option=orjson.OPT_INDENT_2).decode())
             elif args.action == "audit":
                 rows = [{"at": _iso(r.at_ms), "action": r.action, "subject": r.subject,
-                         "detail": orjson.dumps(r.detail).decode()}
-                        for r in await store.audit_log()]
-                _print(args, rows, _table(rows, ["at", "action", "subject", "detail"]))
+                         "detail": r.detail} for r in await store.audit_log()]
+                _print(args, rows, _table(
+                    [{**row, "detail": orjson.dumps(row["detail"]).decode()} for row in rows],
+                    ["at", "action", "subject", "detail"]))
             else:
                 keyring = _keyring(settings)
                 async with gdpr.broker(settings) as sink:

@@ -178,6 +178,26 @@ class Relay:
         for name in queue_names:
             assert await self.depth(name) == 0, f"{name} is not empty"
 
+    async def exists(self, queue_name: str) -> bool:
+        """Whether the broker has the queue (asked on a throwaway channel)."""
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_queue(queue_name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        await channel.close()
+        return True
+
+    async def cli(self, *args: str) -> tuple[int, str]:
+        """Run `relayd ARGS --config F` as a process; return its exit code and stdout."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", *args, "--config", str(self.config_path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), WAIT * 4)
+        assert process.returncode is not None
+        assert not err or process.returncode != 0, err.decode()
+        return process.returncode, out.decode()
+
     def device_queue(self, device: DeviceKeys) -> str:
         return self.settings.topology.device_queue.format(device=device.device)
 

@@ -1,0 +1,445 @@
+"""The data subject's rights and the relay's privacy duties, end to end on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from relayd import gdpr, opaque, retention
+from relayd.client import DeviceKeys
+from relayd.crypto import fingerprint
+from relayd.inbound import now_ms
+from relayd.store import Store
+from tests.integration.harness import (
+    WAIT,
+    Relay,
+    add_amqp_user,
+    amqp_url,
+    rabbitmqctl,
+    relay_in_vhost,
+)
+
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+DAY_MS = 86_400_000
+
+
+def _holds(value: object, needle: str | bytes) -> bool:
+    return isinstance(value, type(needle)) and needle in value  # type: ignore[operator]
+
+
+def traces(db_path: Path, needles: list[str | bytes]) -> list[tuple[str, str, str]]:
+    """Every (table, column, needle) where a cell of any table in the schema holds a needle."""
+    found = []
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert {"devices", "conversations", "replay", "sent", "audit"} <= set(tables)
+        for table in tables:
+            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+            for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 - names from the schema
+                found += [(table, column, repr(needle))
+                          for column, value in zip(columns, row, strict=True)
+                          for needle in needles if _holds(value, needle)]
+    finally:
+        db.close()
+    return found
+
+
+def file_bytes(db_path: Path) -> bytes:
+    """The database file and its WAL, as raw bytes."""
+    return b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+
+
+async def open_conversation(relay: Relay, device: DeviceKeys, business: str,
+                            others: list[DeviceKeys] = ()) -> str:  # type: ignore[assignment]
+    """Start a conversation; return the opaque id the business saw."""
+    await relay.send(device, business, "start", {"text": "hello"})
+    [start] = await relay.events(business, 1)
+    for other in others:
+        await relay.received(other, 1)
+    return str(start["conversation"])
+
+
+class FailingStore:
+    """The real store, except that one method raises once: a crash at that point."""
+
+    def __init__(self, store: Store, method: str) -> None:
+        self._store = store
+        self._method = method
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._method:
+            async def crash(*_: Any) -> None:
+                raise RuntimeError("crashed")
+            return crash
+        return getattr(self._store, name)
+
+
+class TestErasure:
+    async def test_erase_leaves_no_trace(self, relay: Relay) -> None:
+        """After `relayd gdpr erase`, no table, no file page and no queue holds the user,
+        the business of the open conversation got close, and other users are untouched."""
+        await relay.add_business("acme")
+        await relay.add_business("globex", amqp_user="globex-user")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        laptop = await relay.add_device(ALICE, "alice-laptop")
+        lost = await relay.add_device(ALICE, "alice-lost")
+        bob = await relay.add_device(BOB, "bob-phone")
+        await relay.start()
+        await relay.send(lost, "acme", "typing_start")  # leaves replay state behind
+        await relay.dead(1)
+        await relay.cli("device", "remove", "alice-lost")
+        acme = await open_conversation(relay, phone, "acme", [laptop])
+        globex = await open_conversation(relay, laptop, "globex", [phone])
+        await relay.send(laptop, "globex", "close")
+        await relay.events("globex", 1)
+        await relay.received(phone, 1)
+        await relay.reply("acme", acme, "message", {"text": "undelivered"})
+        await relay.wait_depth(relay.device_queue(laptop), 1)
+        bobs = await open_conversation(relay, bob, "acme")
+
+        code, out = await relay.cli("gdpr", "erase", "--user", ALICE, "--json")
+        assert code == 0
+        assert orjson.loads(out) == {"devices": 2, "conversations": 2, "closed": 1,
+                                     "replay": 3, "sent": 5}
+        [close] = await relay.take(relay.inbox("acme"), 1)
+        event = orjson.loads(close.body)
+        assert event == {"v": 1, "type": "close", "conversation": acme, "id": close.message_id,
+                         "ts": event["ts"], "body": {}}
+        assert (close.type, str(uuid.UUID(close.message_id))) == ("close", close.message_id)
+        await relay.assert_empty(relay.inbox("globex"))
+        for device in (phone, laptop, lost):
+            assert not await relay.exists(relay.device_queue(device))
+
+        db = relay.settings.store.sqlite_path
+        alice_keys = [k for d in (phone, laptop, lost) for k in (d.enc_public, d.sign_public)]
+        needles: list[str | bytes] = [ALICE, "alice-phone", "alice-laptop", "alice-lost",
+                                      acme, globex, *alice_keys]
+        assert traces(db, needles) == []
+        raw = file_bytes(db)
+        assert [n for n in needles if (n.encode() if isinstance(n, str) else n) in raw] == []
+        assert traces(db, [BOB, "bob-phone", bobs]) != []  # the scan does see live data
+
+        [record] = [r for r in await relay.store.audit_log() if r.action == "erase"]
+        assert record.subject == opaque.reference(relay.keyring.opaque_secret, "user", ALICE)
+        assert record.detail == {"devices": 2, "conversations": 2, "closed": 1, "replay": 3,
+                                 "sent": 5, "via": "cli"}
+        reply_id = await relay.reply("acme", bobs, "message", {"text": "still here"})
+        [delivered] = await relay.received(bob, 1)
+        assert delivered["id"] == reply_id
+        code, out = await relay.cli("gdpr", "erase", "--user", ALICE, "--json")
+        assert (code, orjson.loads(out)) == (0, {"devices": 0, "conversations": 0, "closed": 0,
+                                                 "replay": 0, "sent": 0})
+
+    @pytest.mark.parametrize("crash_at", ["close_conversation", "erase_user"])
+    async def test_a_rerun_finishes_an_interrupted_erasure(self, relay: Relay,
+                                                           crash_at: str) -> None:
+        """A crash after the close is confirmed but before the rows go: the re-run sends the
+        close again under the same id only if the store had not recorded it, then erases."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.start()
+        conversation = await open_conversation(relay, phone, "acme")
+        await relay.halt()
+        async with gdpr.broker(relay.settings) as sink:
+            with pytest.raises(RuntimeError):
+                await gdpr.erase(FailingStore(relay.store, crash_at), relay.keyring, sink,
+                                 ALICE, via="cli")
+            [first] = await relay.take(relay.inbox("acme"), 1)
+            assert orjson.loads(first.body)["conversation"] == conversation
+            assert not await relay.exists(relay.device_queue(phone))
+            assert await relay.store.devices_of(ALICE) != []
+            counts = await gdpr.erase(relay.store, relay.keyring, sink, ALICE, via="cli")
+        resent = 1 if crash_at == "close_conversation" else 0
+        assert counts == {"devices": 1, "conversations": 1, "closed": resent, "replay": 1,
+                          "sent": 0}
+        again = await relay.take(relay.inbox("acme"), resent)
+        assert [m.message_id for m in again] == [first.message_id] * resent
+        assert await relay.store.export_user(ALICE) == await relay.store.export_user("nobody")
+        await relay.assert_empty(relay.inbox("acme"))
+
+    async def test_erase_request_over_amqp(self, tmp_path: Path) -> None:
+        """The identity service's request erases the user; the same request from anyone
+        else, or without user_id, or malformed, is dead-lettered with its reason."""
+        identity = f"relayd-identity-{uuid.uuid4().hex[:8]}"
+        async with relay_in_vhost(tmp_path, gdpr={"identity_user": identity}) as relay:
+            password = add_amqp_user(relay.vhost, identity)
+            try:
+                await relay.add_business("acme")
+                phone = await relay.add_device(ALICE, "alice-phone")
+                await relay.start("inbound", "outbound", "gdpr")
+                conversation = await open_conversation(relay, phone, "acme")
+
+                def request(user: str = ALICE, **extra: Any) -> bytes:
+                    return orjson.dumps({"v": 1, "type": "erase", "user": user,
+                                         "id": str(uuid.uuid4()), **extra})
+
+                exchange = await relay.channel.get_exchange("relayd.gdpr")
+                for user_id in ("guest", None):
+                    await exchange.publish(aio_pika.Message(request(), user_id=user_id),
+                                           routing_key="")
+                service = await aio_pika.connect(amqp_url(identity, password, relay.vhost))
+                async with service:
+                    channel = await service.channel(publisher_confirms=True)
+                    as_service = await channel.get_exchange("relayd.gdpr")
+                    await as_service.publish(aio_pika.Message(request(extra=1),
+                                                              user_id=identity), "")
+                    dead = await relay.dead(3)
+                    assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
+                        "malformed", "unauthenticated", "unauthenticated"]
+                    assert await relay.store.devices_of(ALICE) != []
+                    await as_service.publish(aio_pika.Message(request(), user_id=identity), "")
+                    [close] = await relay.events("acme", 1)
+                assert (close["type"], close["conversation"]) == ("close", conversation)
+                async with asyncio.timeout(WAIT):  # the rows go after the close is confirmed
+                    while not await relay.store.audit_log():  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                assert await relay.store.export_user(ALICE) == await relay.store.export_user("x")
+                [record] = [r for r in await relay.store.audit_log() if r.action == "erase"]
+                assert record.detail["via"] == "amqp"
+                assert not await relay.exists(relay.device_queue(phone))
+            finally:
+                rabbitmqctl("delete_user", identity)
+
+
+class TestAccess:
+    async def test_export_prints_everything_held(self, relay: Relay) -> None:
+        """`relayd gdpr export` lists the user's devices with key fingerprints and their
+        conversations with business, opaque id, state and times, and says there is no content."""
+        await relay.add_business("acme", amqp_user="acme-user")
+        await relay.add_business("globex")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.add_device(BOB, "bob-phone")
+        await relay.start()
+        acme = await open_conversation(relay, phone, "acme")
+        globex = await open_conversation(relay, phone, "globex")
+        await relay.reply("globex", globex, "close")
+        await relay.received(phone, 1)
+
+        code, out = await relay.cli("gdpr", "export", "--user", ALICE)
+        assert code == 0
+        data = orjson.loads(out)
+        assert data["user"] == ALICE
+        [device] = data["devices"]
+        assert device == {
+            "device": "alice-phone", "kem": "X25519",
+            "enc_key_fingerprint": fingerprint(phone.enc_public),
+            "sign_key_fingerprint": fingerprint(phone.sign_public),
+            "created_ms": device["created_ms"], "highest_seq_received": 2,
+            "next_seq_to_send": 2}
+        assert abs(device["created_ms"] - now_ms()) < DAY_MS
+        conversations = {c["business"]: c for c in data["conversations"]}
+        assert (conversations["acme"]["conversation"], conversations["acme"]["state"]) == (
+            acme, "open")
+        assert conversations["globex"]["conversation"] == globex
+        assert (conversations["globex"]["state"], conversations["globex"]["closed_by"]) == (
+            "closed", "business")
+        assert set(conversations["acme"]) == {"business", "conversation", "state", "epoch",
+                                              "created_ms", "updated_ms", "closed_by"}
+        assert data["messages"].startswith("not stored")
+        assert b"bob" not in out.encode()
+
+
+class TestRetention:
+    async def test_a_pass_expires_and_prunes(self, relay: Relay) -> None:
+        """Idle conversations are closed (business and devices told), closed ones deleted a
+        period later, and orphaned replay state, sent rows and audit records pruned."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        laptop = await relay.add_device(ALICE, "alice-laptop")
+        gone = await relay.add_device(BOB, "bob-old")
+        await relay.start()
+        conversation = await open_conversation(relay, phone, "acme", [laptop])
+        await relay.send(gone, "acme", "typing_start")  # refused, but its seq is claimed
+        await relay.dead(1)
+        await relay.cli("device", "remove", "bob-old")
+        await relay.halt()
+        r = relay.settings.retention
+        later = now_ms() + int(r.inactive_conversation_days * DAY_MS) + 1
+        async with gdpr.broker(relay.settings) as sink:
+            counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
+                                             later)
+            # replay: the removed device's; sent: all three rows (the echo of the start and
+            # the two closes), created before the pass's "now" minus sent_days
+            assert counts == {"expired": 1, "conversations": 0, "replay": 1, "sent": 3,
+                              "audit": 0}
+            [close] = await relay.events("acme", 1)
+            assert (close["type"], close["conversation"]) == ("close", conversation)
+            for device in (phone, laptop):
+                [down] = await relay.received(device, 1)
+                assert (down["type"], down["id"], down["from"]) == ("close", close["id"], "acme")
+            closed = await relay.store.conversation(conversation)
+            assert closed is not None
+            assert (closed.state, closed.closed_by) == ("closed", "user")
+            even_later = later + int(r.closed_conversation_days * DAY_MS) + 1
+            assert await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
+                                           even_later) == {
+                "expired": 0, "conversations": 1, "replay": 0, "sent": 0, "audit": 0}
+        assert await relay.store.conversation(conversation) is None
+        await relay.assert_empty(relay.inbox("acme"), relay.device_queue(phone))
+
+    async def test_the_daemon_runs_the_job(self, tmp_path: Path) -> None:
+        """`relayd run --role retention` closes an idle conversation by itself."""
+        async with relay_in_vhost(
+                tmp_path, limits={"max_age_seconds": 1},  # so replay_state_days may be short
+                retention={"interval_seconds": 0.2, "inactive_conversation_days": 1e-5,
+                           "replay_state_days": 2e-5}) as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device(ALICE, "alice-phone")
+            await relay.start("inbound")
+            await relay.send(phone, "acme", "start")
+            [start] = await relay.events("acme", 1)
+            process = relay.spawn("retention")
+            try:
+                [close] = await relay.events("acme", 1)
+            finally:
+                process.terminate()
+                assert process.wait(timeout=30) == 0
+            assert (close["type"], close["conversation"]) == ("close", start["conversation"])
+
+    async def test_prune_from_the_cli(self, relay: Relay) -> None:
+        """`relayd gdpr prune` runs one pass and prints its counts."""
+        await relay.store.add_audit("erase", "old-ref", {}, 1)
+        code, out = await relay.cli("gdpr", "prune", "--json")
+        assert (code, orjson.loads(out)) == (0, {"expired": 0, "conversations": 0,
+                                                 "replay": 0, "sent": 0, "audit": 1})
+
+
+class TestOpaqueIdPolicy:
+    @pytest.mark.parametrize(("policy", "same"), [("stable", True), ("rotate_on_delete", False)])
+    async def test_start_close_start(self, tmp_path: Path, policy: str, same: bool) -> None:
+        """After the user deletes a conversation and starts again, stable keeps the id and
+        rotate_on_delete gives a new one, under which the old id is unknown."""
+        async with relay_in_vhost(tmp_path, conversations={"opaque_id_policy": policy}) as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device(ALICE, "alice-phone")
+            await relay.start()
+            first = await open_conversation(relay, phone, "acme")
+            await relay.send(phone, "acme", "close")
+            await relay.events("acme", 1)
+            second = await open_conversation(relay, phone, "acme")
+            assert (first == second) is same
+            reply_id = await relay.reply("acme", first, "message", {"text": "old id"})
+            if same:
+                [delivered] = await relay.received(phone, 1)
+                assert delivered["id"] == reply_id
+            else:
+                [error] = await relay.events("acme", 1)
+                assert (error["code"], error["ref"]) == ("unknown_conversation", reply_id)
+                await relay.reply("acme", second, "message", {"text": "new id"})
+                [delivered] = await relay.received(phone, 1)
+                assert delivered["body"] == {"text": "new id"}
+
+
+class TestDeviceRevocation:
+    async def test_removed_device_is_cut_off_at_once(self, relay: Relay) -> None:
+        """`relayd device remove`: the next reply reaches only the other device, the removed
+        one's queue and undelivered messages are gone, and what it sends is refused."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        laptop = await relay.add_device(ALICE, "alice-laptop")
+        await relay.start()
+        conversation = await open_conversation(relay, laptop, "acme", [phone])
+        await relay.reply("acme", conversation, "message", {"text": "before"})
+        await relay.received(laptop, 1)
+        await relay.wait_depth(relay.device_queue(phone), 1)
+
+        code, out = await relay.cli("device", "remove", "alice-phone", "--json")
+        assert (code, orjson.loads(out)) == (0, {"device": "alice-phone", "removed": True})
+        assert not await relay.exists(relay.device_queue(phone))
+        after = await relay.reply("acme", conversation, "message", {"text": "after"})
+        [delivered] = await relay.received(laptop, 1)
+        assert delivered["id"] == after
+        assert not await relay.exists(relay.device_queue(phone))
+        await relay.send(laptop, "acme", "message", {"text": "from the laptop"})
+        [event] = await relay.events("acme", 1)
+        assert event["body"] == {"text": "from the laptop"}
+        await relay.send(phone, "acme", "message", {"text": "from the lost phone"})
+        [dead] = await relay.dead(1)
+        assert dead.headers["x-relayd-reason"] == "unknown_device"
+        await relay.assert_empty(relay.inbox("acme"), relay.device_queue(laptop),
+                                 relay.settings.topology.dead_queue)
+
+
+class TestMinimisation:
+    async def test_businesses_see_the_relays_clock_and_nothing_of_the_device(
+            self, relay: Relay) -> None:
+        """A skewed device clock never reaches the business: the event ts is the relay's,
+        and the AMQP properties carry nothing from the device."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.start()
+        skews = [200_000, -3_600_000]  # ahead within clock_skew_seconds, and an hour behind
+        for skew in skews:
+            before = now_ms()
+            await relay.send(phone, "acme", "message", {"text": "hi"}, ts=before + skew)
+            [message] = await relay.take(relay.inbox("acme"), 1)
+            after = now_ms()
+            event = orjson.loads(message.body)
+            assert set(event) == {"v", "type", "conversation", "id", "ts", "body"}
+            assert before <= event["ts"] <= after
+            assert message.content_type == "application/json"
+            assert (message.message_id, message.type) == (event["id"], "message")
+            assert not message.headers
+            for leak in ("app_id", "timestamp", "user_id", "correlation_id", "reply_to",
+                         "expiration", "content_encoding"):
+                assert getattr(message, leak) is None, leak
+
+    async def test_no_message_content_is_stored(self, relay: Relay) -> None:
+        """After a conversation in both directions, the store's files hold none of its text."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        laptop = await relay.add_device(ALICE, "alice-laptop")
+        await relay.start()
+        texts = [f"secret-{uuid.uuid4().hex}" for _ in range(4)]
+        await relay.send(phone, "acme", "start", {"text": texts[0], "intent": texts[1]})
+        [start] = await relay.events("acme", 1)
+        await relay.send(phone, "acme", "message", {"text": texts[2]})
+        await relay.reply("acme", start["conversation"], "message", {"text": texts[3]})
+        await relay.events("acme", 1)
+        await relay.received(laptop, 3)
+        await relay.received(phone, 1)
+        raw = file_bytes(relay.settings.store.sqlite_path)
+        assert len(raw) > 0
+        assert [t for t in texts if t.encode() in raw] == []
+
+
+class TestFirstParty:
+    async def test_only_the_first_party_desk_sees_the_account_id(self, relay: Relay) -> None:
+        """With a first-party desk and an ordinary business, only the desk's events carry
+        "user"; marking and removing it are audited and `business list` shows the mark."""
+        code, _ = await relay.cli("business", "add", "desk", "--amqp-user", "desk-user",
+                                  "--first-party")
+        assert code == 0
+        await relay.add_business("acme")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.start("inbound")
+        for business in ("desk", "acme"):
+            for kind, body in (("start", {"text": "hi"}), ("message", {"text": "x"}),
+                               ("typing_start", {}), ("read", {}), ("close", {})):
+                await relay.send(phone, business, kind, body)
+        desk = [orjson.loads(m.body) for m in await relay.take(relay.inbox("desk"), 5)]
+        acme = await relay.take(relay.inbox("acme"), 5)
+        assert [e.get("user") for e in desk] == [ALICE] * 5
+        for message in acme:
+            assert "user" not in orjson.loads(message.body)
+            assert ALICE.encode() not in message.body
+            assert ALICE not in str(message.info())
+
+        code, out = await relay.cli("business", "list", "--json")
+        assert {b["id"]: b["first_party"] for b in orjson.loads(out)} == {
+            "acme": False, "desk": True}
+        await relay.cli("business", "remove", "desk")
+        code, out = await relay.cli("gdpr", "audit", "--json")
+        records = [(r["action"], r["subject"], r["detail"]) for r in orjson.loads(out)]
+        assert records == [("business_add", "desk", {"first_party": True}),
+                           ("business_add", "acme", {"first_party": False}),
+                           ("business_remove", "desk", {"first_party": True})]
