@@ -174,6 +174,14 @@ class TestValidation:
         assert set(problems) == {"amqp.management.password"}
         assert "placeholder" in problems["amqp.management.password"]
 
+    def test_replay_state_must_outlive_the_max_age(self) -> None:
+        """Replay state kept for less than limits.max_age_seconds is refused by its key."""
+        data = _with("retention", replay_state_days=1)
+        data["limits"] = {"max_age_seconds": 86400 + 1}
+        assert set(_problems(data)) == {"retention.replay_state_days"}
+        data["limits"] = {"max_age_seconds": 86400}
+        assert config.parse(data, environ={}).retention.replay_state_days == 1
+
     def test_real_management_password_accepted(self) -> None:
         """A non-placeholder management password is kept."""
         data = _with("amqp", management={"url": "http://broker:15672", "username": "relayd",
