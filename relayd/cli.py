@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import admin, config, gdpr, keys, log, payload, provision, retention, worker
 from relayd.crypto import Kem, b64d, fingerprint
-from relayd.errors import ConfigError, ExitCode
+from relayd.errors import ConfigError, ExitCode, TransientError
 from relayd.store import Business, Device, Store, open_store
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -243,11 +243,17 @@ def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
             else:
                 keyring = _keyring(settings)
                 async with gdpr.broker(settings) as sink:
-                    if args.action == "erase":
-                        counts = await gdpr.erase(store, keyring, sink, args.user, via="cli")
-                    else:
-                        counts = await retention.enforce(settings, store, keyring, sink,
-                                                         time.time_ns() // 1_000_000)
+                    try:
+                        if args.action == "erase":
+                            counts = await gdpr.erase(store, keyring, sink, args.user,
+                                                      via="cli")
+                        else:
+                            counts = await retention.enforce(settings, store, keyring, sink,
+                                                             time.time_ns() // 1_000_000)
+                    except TransientError as exc:
+                        print(f"{args.action} not finished ({exc}): run it again",
+                              file=sys.stderr)
+                        return ExitCode.FAILURE
                 _print(args, counts, f"{args.action}: " + ", ".join(
                     f"{count} {kind}" for kind, count in counts.items()))
             return ExitCode.OK

@@ -3,8 +3,8 @@
 erase() keeps the store as its to-do list and empties it last, so a crash at any point
 leaves what a re-run needs to finish the job:
 1. delete the user's device queues, and the undelivered messages in them;
-2. tell the business of each open conversation `close` (confirmed by the broker), then
-   close it in the store;
+2. tell the business of each open conversation `close` (confirmed by the broker; a
+   business no longer registered has no one to tell), then close it in the store;
 3. in one transaction, delete the devices, their replay state and sent rows, and the
    closed conversations. A conversation a device reopened meanwhile is still open, so
    steps 1-3 run again (a few rounds at most);
@@ -77,7 +77,8 @@ async def erase(store: Store, keys: KeyRing, sink: Broker, user: str,
             await sink.delete_device_queue(device.id)
         for conversation in held.conversations:
             if conversation.state == "open":
-                await tell_close(sink, conversation, "erase")
+                if await store.business(conversation.business) is not None:
+                    await tell_close(sink, conversation, "erase")
                 await store.close_conversation(conversation.id, "user", now_ms())
                 totals["closed"] += 1
         counts = await store.erase_user(user)

@@ -4,6 +4,7 @@ One pass, enforce(), in this order (periods in the `retention` config section):
 - open conversations idle for `inactive_conversation_days` expire: their business and the
   user's devices are told `close` (confirmed) before the store closes the conversation,
   on the user's behalf (so rotate_on_delete gives the user a new id when they return);
+  one that cannot be told now is counted as `failed` and retried by the next pass;
 - closed conversations are deleted `closed_conversation_days` after they closed;
 - the replay state of a device that no longer exists goes `replay_state_days` after its
   last use, sent rows after `sent_days`, audit records after `audit_days`.
@@ -40,19 +41,24 @@ async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
     def before(days: float) -> int:
         return now - int(days * DAY_MS)
 
-    expired = 0
+    expired = failed = 0
     for conversation in await store.stale_conversations(before(r.inactive_conversation_days)):
-        if await store.business(conversation.business) is not None:
-            await gdpr.tell_close(sink, conversation, "expire")
         event_id = gdpr.close_id("expire", conversation)
-        await fan_out(store, keys, sink, await store.devices_of(conversation.user),
-                      f"expire:{event_id}", event_id, conversation.business, "close", {})
+        try:
+            if await store.business(conversation.business) is not None:
+                await gdpr.tell_close(sink, conversation, "expire")
+            await fan_out(store, keys, sink, await store.devices_of(conversation.user),
+                          f"expire:{event_id}", event_id, conversation.business, "close", {})
+        except TransientError as exc:
+            _log.warning("expire_failed", reason=exc.reason)
+            failed += 1
+            continue
         expired += await store.close_conversation(conversation.id, "user", now)
     pruned = await store.prune(conversations_before_ms=before(r.closed_conversation_days),
                                replay_before_ms=before(r.replay_state_days),
                                sent_before_ms=before(r.sent_days),
                                audit_before_ms=before(r.audit_days))
-    return {"expired": expired, **pruned}
+    return {"expired": expired, "failed": failed, **pruned}
 
 
 async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: Sink,

@@ -255,7 +255,7 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
 
 def add_amqp_user(vhost: str, user: str) -> str:
     """A broker user with rights in `vhost` only; return its password."""
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_hex(12)  # token_urlsafe may start with "-": an option to rabbitmqctl
     with contextlib.suppress(subprocess.CalledProcessError):
         rabbitmqctl("delete_user", user)
     rabbitmqctl("add_user", user, password)

@@ -166,6 +166,23 @@ class TestErasure:
         assert await relay.store.export_user(ALICE) == await relay.store.export_user("nobody")
         await relay.assert_empty(relay.inbox("acme"))
 
+    async def test_a_business_gone_from_the_registry_is_not_waited_for(
+            self, relay: Relay) -> None:
+        """An open conversation with a business that was removed since is erased without
+        a close to send, while a registered business still gets its close."""
+        await relay.add_business("acme")
+        await relay.add_business("gone", amqp_user="gone-user")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.start()
+        acme = await open_conversation(relay, phone, "acme")
+        await open_conversation(relay, phone, "gone")
+        await relay.cli("business", "remove", "gone")
+        code, out = await relay.cli("gdpr", "erase", "--user", ALICE, "--json")
+        assert (code, orjson.loads(out)["closed"], orjson.loads(out)["conversations"]) == (
+            0, 2, 2)
+        [close] = await relay.events("acme", 1)
+        assert (close["type"], close["conversation"]) == ("close", acme)
+
     async def test_erase_request_over_amqp(self, tmp_path: Path) -> None:
         """The identity service's request erases the user; the same request from anyone
         else, or without user_id, or malformed, is dead-lettered with its reason."""
@@ -269,8 +286,8 @@ class TestRetention:
                                              later)
             # replay: the removed device's; sent: all three rows (the echo of the start and
             # the two closes), created before the pass's "now" minus sent_days
-            assert counts == {"expired": 1, "conversations": 0, "replay": 1, "sent": 3,
-                              "audit": 0}
+            assert counts == {"expired": 1, "failed": 0, "conversations": 0, "replay": 1,
+                              "sent": 3, "audit": 0}
             [close] = await relay.events("acme", 1)
             assert (close["type"], close["conversation"]) == ("close", conversation)
             for device in (phone, laptop):
@@ -282,9 +299,30 @@ class TestRetention:
             even_later = later + int(r.closed_conversation_days * DAY_MS) + 1
             assert await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                            even_later) == {
-                "expired": 0, "conversations": 1, "replay": 0, "sent": 0, "audit": 0}
+                "expired": 0, "failed": 0, "conversations": 1, "replay": 0, "sent": 0,
+                "audit": 0}
         assert await relay.store.conversation(conversation) is None
         await relay.assert_empty(relay.inbox("acme"), relay.device_queue(phone))
+
+    async def test_a_business_that_cannot_be_told_is_retried(self, relay: Relay) -> None:
+        """When one business cannot be reached, its conversation stays open for the next
+        pass, and the others expire and pruning goes on."""
+        await relay.add_business("acme")
+        await relay.add_business("globex", amqp_user="globex-user")
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await relay.start()
+        acme = await open_conversation(relay, phone, "acme")
+        globex = await open_conversation(relay, phone, "globex")
+        await relay.halt()
+        await relay.channel.exchange_delete("relayd.biz.globex")
+        later = now_ms() + int(relay.settings.retention.inactive_conversation_days * DAY_MS) + 1
+        async with gdpr.broker(relay.settings) as sink:
+            counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
+                                             later)
+        assert (counts["expired"], counts["failed"]) == (1, 1)
+        [close] = await relay.events("acme", 1)
+        assert close["conversation"] == acme
+        assert [c.id for c in await relay.store.stale_conversations(later)] == [globex]
 
     async def test_the_daemon_runs_the_job(self, tmp_path: Path) -> None:
         """`relayd run --role retention` closes an idle conversation by itself."""
@@ -309,7 +347,7 @@ class TestRetention:
         """`relayd gdpr prune` runs one pass and prints its counts."""
         await relay.store.add_audit("erase", "old-ref", {}, 1)
         code, out = await relay.cli("gdpr", "prune", "--json")
-        assert (code, orjson.loads(out)) == (0, {"expired": 0, "conversations": 0,
+        assert (code, orjson.loads(out)) == (0, {"expired": 0, "failed": 0, "conversations": 0,
                                                  "replay": 0, "sent": 0, "audit": 1})
 
 
