@@ -85,8 +85,7 @@ class FailingStore:
 
 class TestErasure:
     async def test_erase_leaves_no_trace(self, relay: Relay) -> None:
-        """After `relayd gdpr erase`, no table, no file page and no queue holds the user,
-        the business of the open conversation got close, and other users are untouched."""
+        """After erasure no table, file byte or queue holds the user; the business got close."""
         await relay.add_business("acme")
         await relay.add_business("globex", amqp_user="globex-user")
         phone = await relay.add_device(ALICE, "alice-phone")
@@ -142,8 +141,7 @@ class TestErasure:
     @pytest.mark.parametrize("crash_at", ["close_conversation", "erase_user"])
     async def test_a_rerun_finishes_an_interrupted_erasure(self, relay: Relay,
                                                            crash_at: str) -> None:
-        """A crash after the close is confirmed but before the rows go: the re-run sends the
-        close again under the same id only if the store had not recorded it, then erases."""
+        """A re-run after a crash finishes; an unrecorded close is resent under the same id."""
         await relay.add_business("acme")
         phone = await relay.add_device(ALICE, "alice-phone")
         await relay.start()
@@ -168,8 +166,7 @@ class TestErasure:
 
     async def test_a_business_gone_from_the_registry_is_not_waited_for(
             self, relay: Relay) -> None:
-        """An open conversation with a business that was removed since is erased without
-        a close to send, while a registered business still gets its close."""
+        """A conversation with a business removed since is erased with no close to send."""
         await relay.add_business("acme")
         await relay.add_business("gone", amqp_user="gone-user")
         phone = await relay.add_device(ALICE, "alice-phone")
@@ -184,8 +181,7 @@ class TestErasure:
         assert (close["type"], close["conversation"]) == ("close", acme)
 
     async def test_erase_request_over_amqp(self, tmp_path: Path) -> None:
-        """The identity service's request erases the user; the same request from anyone
-        else, or without user_id, or malformed, is dead-lettered with its reason."""
+        """Only the identity service's request erases; others are dead-lettered with a reason."""
         identity = f"relayd-identity-{uuid.uuid4().hex[:8]}"
         async with relay_in_vhost(tmp_path, gdpr={"identity_user": identity}) as relay:
             password = add_amqp_user(relay.vhost, identity)
@@ -229,8 +225,7 @@ class TestErasure:
 
 class TestAccess:
     async def test_export_prints_everything_held(self, relay: Relay) -> None:
-        """`relayd gdpr export` lists the user's devices with key fingerprints and their
-        conversations with business, opaque id, state and times, and says there is no content."""
+        """`gdpr export` lists devices, key fingerprints and conversations, and no content."""
         await relay.add_business("acme", amqp_user="acme-user")
         await relay.add_business("globex")
         phone = await relay.add_device(ALICE, "alice-phone")
@@ -267,8 +262,7 @@ class TestAccess:
 
 class TestRetention:
     async def test_a_pass_expires_and_prunes(self, relay: Relay) -> None:
-        """Idle conversations are closed (business and devices told), closed ones deleted a
-        period later, and orphaned replay state, sent rows and audit records pruned."""
+        """A pass closes idle conversations, then deletes closed ones and orphaned state."""
         await relay.add_business("acme")
         phone = await relay.add_device(ALICE, "alice-phone")
         laptop = await relay.add_device(ALICE, "alice-laptop")
@@ -305,8 +299,7 @@ class TestRetention:
         await relay.assert_empty(relay.inbox("acme"), relay.device_queue(phone))
 
     async def test_a_business_that_cannot_be_told_is_retried(self, relay: Relay) -> None:
-        """When one business cannot be reached, its conversation stays open for the next
-        pass, and the others expire and pruning goes on."""
+        """An unreachable business's conversation waits for the next pass; the rest goes on."""
         await relay.add_business("acme")
         await relay.add_business("globex", amqp_user="globex-user")
         phone = await relay.add_device(ALICE, "alice-phone")
@@ -354,8 +347,7 @@ class TestRetention:
 class TestOpaqueIdPolicy:
     @pytest.mark.parametrize(("policy", "same"), [("stable", True), ("rotate_on_delete", False)])
     async def test_start_close_start(self, tmp_path: Path, policy: str, same: bool) -> None:
-        """After the user deletes a conversation and starts again, stable keeps the id and
-        rotate_on_delete gives a new one, under which the old id is unknown."""
+        """Restarting a deleted conversation keeps its id (stable) or gives a new one (rotate)."""
         async with relay_in_vhost(tmp_path, conversations={"opaque_id_policy": policy}) as relay:
             await relay.add_business("acme")
             phone = await relay.add_device(ALICE, "alice-phone")
@@ -379,8 +371,7 @@ class TestOpaqueIdPolicy:
 
 class TestDeviceRevocation:
     async def test_removed_device_is_cut_off_at_once(self, relay: Relay) -> None:
-        """`relayd device remove`: the next reply reaches only the other device, the removed
-        one's queue and undelivered messages are gone, and what it sends is refused."""
+        """A removed device gets nothing more and loses its queue; the other one works on."""
         await relay.add_business("acme")
         phone = await relay.add_device(ALICE, "alice-phone")
         laptop = await relay.add_device(ALICE, "alice-laptop")
@@ -410,8 +401,7 @@ class TestDeviceRevocation:
 class TestMinimisation:
     async def test_businesses_see_the_relays_clock_and_nothing_of_the_device(
             self, relay: Relay) -> None:
-        """A skewed device clock never reaches the business: the event ts is the relay's,
-        and the AMQP properties carry nothing from the device."""
+        """A skewed device clock and the device's AMQP properties never reach the business."""
         await relay.add_business("acme")
         phone = await relay.add_device(ALICE, "alice-phone")
         await relay.start()
@@ -452,8 +442,7 @@ class TestMinimisation:
 
 class TestFirstParty:
     async def test_only_the_first_party_desk_sees_the_account_id(self, relay: Relay) -> None:
-        """With a first-party desk and an ordinary business, only the desk's events carry
-        "user"; marking and removing it are audited and `business list` shows the mark."""
+        """Only the first-party desk's events carry the account id; the mark is audited."""
         code, _ = await relay.cli("business", "add", "desk", "--amqp-user", "desk-user",
                                   "--first-party")
         assert code == 0

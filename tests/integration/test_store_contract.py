@@ -54,8 +54,7 @@ class TestBusinesses:
         assert found.first_party
 
     async def test_add_and_remove_are_audited(self, store: Store) -> None:
-        """Adding and removing a business each leave one audit record with its first-party
-        mark; a repeated add or remove changes nothing and records nothing."""
+        """Adding and removing a business each leave one audit record with the first-party mark."""
         await store.add_business(Business("desk", "desk-user", first_party=True))
         await store.add_business(Business("desk", "desk-user", first_party=True))
         await store.add_business(Business("acme", "acme-user"))
@@ -233,8 +232,7 @@ class TestExport:
 
 class TestErase:
     async def test_erase_leaves_open_conversations_for_the_caller(self, store: Store) -> None:
-        """Erasure deletes devices, their sent rows, the replay state of every device the user
-        had (removed ones too) and closed conversations; open ones stay until closed."""
+        """Erasure deletes all but open conversations, which wait for their close."""
         for d in (device("d1"), device("d2"), device("gone"), device("d9", "u2")):
             await store.add_device(d)
         for d in ("d1", "d2", "gone", "d9"):
@@ -279,8 +277,7 @@ class TestRetention:
         assert await store.stale_conversations(100) == []
 
     async def test_prune_each_kind_before_its_cutoff(self, store: Store) -> None:
-        """Closed conversations, orphaned replay state, sent rows and audit records go when
-        older than their cutoff; open conversations and live devices' state never do."""
+        """Each kind goes strictly before its cutoff; open conversations and live state stay."""
         await store.add_device(device("d1"))
         await store.add_device(device("gone"))
         await store.claim_seq("d1", 1, 64)
@@ -324,8 +321,7 @@ class TestAudit:
         ]
 
     async def test_migration_2_keeps_version_1_data(self, tmp_path: Path) -> None:
-        """A version-1 file gains the retention columns; its replay state is kept, stamped
-        with the migration time and its device's user, so erasure and pruning can find it."""
+        """A version-1 file keeps its data; its replay state gains its user and a time."""
         path = tmp_path / "v1.db"
         with sqlite3.connect(path) as db:
             db.executescript(MIGRATIONS[0])
