@@ -64,13 +64,15 @@ async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
 async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
                          stop: asyncio.Event) -> None:
     """A pass every `retention.interval_seconds` until `stop`; a failed pass is logged and
-    the next one retries (every step is idempotent)."""
+    the next one retries (every step is idempotent). A failure never stops the relay."""
     while not stop.is_set():
         try:
             counts = await enforce(settings, store, keys, sink, now_ms())
             _log.info("retention", **counts)
         except TransientError as exc:
             _log.warning("retention_failed", reason=exc.reason)
+        except Exception as exc:  # the type only: a message may quote stored data
+            _log.error("retention_failed", reason="internal_error", error=type(exc).__name__)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.retention.interval_seconds)
 

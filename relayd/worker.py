@@ -6,8 +6,9 @@ The ack policy lives here and only here:
 - a TransientError, or any unexpected error, waits (exponential backoff, no busy loop)
   and requeues; after `workers.max_attempts` the message is dead-lettered
   (retries_exhausted, or internal_error for a bug) instead of looping forever;
-- messages of one lane (a device inbound, a conversation outbound) are handled one at
-  a time, in delivery order; different lanes run concurrently, up to the prefetch.
+- messages of one lane (a device inbound, a conversation outbound, a user for erasure)
+  are handled one at a time, in delivery order; different lanes run concurrently, up to
+  the prefetch.
 The worker reconnects from scratch when the connection is lost, and drains on stop.
 """
 
