@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from relayd import payload, ratelimit
 from relayd.config import Settings
-from relayd.errors import PermanentError, ReplyError
+from relayd.errors import PermanentError, ReplyError, TransientError
 from relayd.inbound import Sink, fan_out, now_ms
 from relayd.keys import KeyRing
 from relayd.store import Business, Conversation, Store
@@ -64,7 +64,14 @@ class Outbound:
             reply = self._accepted(business, incoming)
             await self._deliver(business, reply, redelivered)
         except ReplyError as exc:
-            await self._answer(business, incoming, exc)
+            try:
+                await self._answer(business, incoming, exc)
+            except TransientError as failed:
+                if failed.reason not in ("nacked", "unroutable"):
+                    raise
+                # Its inbox refuses the error event (full, or gone): keep the reply in
+                # relayd.dead under its code instead of holding a worker slot to retry.
+                raise PermanentError(exc.reason, "the error event was refused") from None
             return f"error:{exc.reason}"
         return reply.type
 

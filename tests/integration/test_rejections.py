@@ -152,3 +152,15 @@ class TestTransientFailures:
         [dead] = await relay.dead(1)
         assert dead.headers["x-relayd-reason"] == "retries_exhausted"
         await relay.assert_empty(relay.settings.topology.inbound_queue)
+
+    async def test_refused_error_event_dead_letters_the_reply_at_once(
+            self, relay: Relay) -> None:
+        """When a business's inbox refuses its error event, the reply goes to relayd.dead
+        under its error code, without retries holding a worker slot."""
+        await relay.add_business("acme")
+        await relay.channel.queue_delete(relay.inbox("acme"))
+        await relay.start("outbound")
+        await relay.reply("acme", "a" * 32, "message", {"text": "x"})
+        [dead] = await relay.dead(1)
+        assert dead.headers["x-relayd-reason"] == "unknown_conversation"
+        assert dead.headers["x-relayd-queue"] == "relayd.outbound"
