@@ -7,6 +7,7 @@ broker acks it, and an unroutable or nacked publish raises TransientError.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, DeliveryMode
 from aio_pika.exceptions import DeliveryError, PublishError
 
-from relayd import envelope, topology
+from relayd import envelope, metrics, topology
 from relayd.config import Settings
 from relayd.errors import TransientError
 
@@ -76,6 +77,7 @@ class Publisher:
 
     async def _publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
         underlay = await self._channel.get_underlay_channel()
+        started = time.monotonic()
         try:
             await underlay.basic_publish(message.body, exchange=exchange, routing_key=routing_key,
                                          properties=message.properties, mandatory=True)
@@ -85,6 +87,12 @@ class Publisher:
             raise TransientError("nacked", "the broker refused a publish") from None
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise TransientError("publish_failed", type(exc).__name__) from None
+        metrics.confirmed(self._target(exchange), time.monotonic() - started)
+
+    def _target(self, exchange: str) -> str:
+        if exchange == self._t.devices_exchange:
+            return "device"
+        return "dead" if exchange == self._t.dead_exchange else "business"
 
     def to_business(self, business: str, body: bytes, message_id: str,
                     kind: str) -> Awaitable[None]:

@@ -7,18 +7,20 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiormq
 import orjson
+import structlog
 import uvloop
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import admin, config, gdpr, keys, log, payload, provision, retention, worker
+from relayd import admin, config, gdpr, keys, log, payload, provision, retention, status
 from relayd.crypto import Kem, b64d, fingerprint
 from relayd.errors import ConfigError, ExitCode, TransientError
+from relayd.run import ROLES, Role
 from relayd.store import Business, Device, Store, open_store
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -51,7 +53,7 @@ def cmd_keys_generate(args: argparse.Namespace, settings: config.Settings) -> in
 
 
 def _keyring(settings: config.Settings) -> keys.KeyRing:
-    return keys.load(settings.keys.dir, timedelta(days=settings.keys.grace_period_days))
+    return keys.from_settings(settings.keys)
 
 
 def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -60,15 +62,29 @@ def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
-    from relayd.run import run
+    from relayd.supervisor import Supervisor
 
-    roles: list[worker.Role] = [args.role] if args.role in ("inbound", "outbound", "gdpr") else []
+    roles: list[Role] = [args.role]
     if args.role == "all":
-        roles = ["inbound", "outbound", "gdpr"] if settings.gdpr.identity_user else [
-            "inbound", "outbound"]
-    with_retention = args.role == "retention" or (
-        args.role == "all" and settings.retention.enabled)
-    return uvloop.run(run(settings, roles, with_retention))
+        roles = ["inbound", "outbound"]
+        roles += ["gdpr"] if settings.gdpr.identity_user else []
+        roles += ["retention"] if settings.retention.enabled else []
+    structlog.contextvars.bind_contextvars(worker="supervisor")
+    return asyncio.run(Supervisor(settings, Path(args.config), roles).run())
+
+
+def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
+    from relayd.run import work
+
+    structlog.contextvars.bind_contextvars(worker=args.name or args.role)
+    return uvloop.run(work(settings, Path(args.config), args.role, args.control_fd))
+
+
+def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
+    report = asyncio.run(status.gather(settings))
+    _print(args, report, status.render(report))
+    running = report["supervisor"] is not None and report["supervisor"]["ready"]
+    return ExitCode.OK if running else ExitCode.FAILURE
 
 
 def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -282,9 +298,15 @@ def parser() -> argparse.ArgumentParser:
 
     command(commands, "check-config", cmd_check_config, "validate the config and exit")
     run = command(commands, "run", cmd_run, "run the relay workers")
-    run.add_argument("--role", choices=["inbound", "outbound", "gdpr", "retention", "all"],
-                     default="all", help="all: inbound, outbound, gdpr when gdpr.identity_user"
-                     " is set, and retention when retention.enabled")
+    run.add_argument("--role", choices=[*ROLES, "all"], default="all",
+                     help="all: inbound, outbound, gdpr when gdpr.identity_user is set, and "
+                     "retention when retention.enabled")
+    one = command(commands, "worker", cmd_worker, "one worker process (`run` starts these)")
+    one.add_argument("--role", choices=ROLES, required=True)
+    one.add_argument("--name", help="how its log lines name it, e.g. inbound-0")
+    one.add_argument("--control-fd", type=int, help="socket to the supervisor (by `run`)")
+    command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
+            json_output=True)
 
     key_commands = commands.add_parser("keys", help="the relay's keys").add_subparsers(
         dest="action", required=True)
@@ -378,4 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.FAILURE
+    except Exception:  # a bug: log its type and frames, never its message (it may quote data)
+        log.get("relayd.cli").exception("crashed")
+        return ExitCode.SOFTWARE
     return code

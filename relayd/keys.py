@@ -5,6 +5,11 @@ Each key is one JSON file in `keys.dir`, mode 0600, never overwritten:
 `hpke-<kid>.json`, `signing.json`, `opaque.json`. The newest HPKE key is the current one
 (it is what devices seal to); older ones keep opening messages for `grace_period_days`
 after their successor was made.
+
+Under systemd, `LoadCredential=keys:/etc/relayd/keys` hands the same files to the
+service as credentials named `keys_<file>` in $CREDENTIALS_DIRECTORY. When that
+directory holds `keys_signing.json`, every key is read from there and `keys.dir` is
+not used (see location()).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,12 +28,14 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from relayd.config import Keys
 from relayd.crypto import Kem, PrivateKey, b64d, b64e, raw_public
 from relayd.errors import KeyFileError
 
 KID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch()
 SIGNING_FILE = "signing.json"
 OPAQUE_FILE = "opaque.json"
+CREDENTIAL_PREFIX = "keys_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +137,29 @@ def _hpke_key(path: Path) -> RelayKey:
         raise KeyFileError(str(path), f"malformed HPKE key: {exc}") from None
 
 
-def load(keys_dir: Path, grace_period: timedelta, now: datetime | None = None) -> KeyRing:
+def location(keys_dir: Path, environ: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """Where the key files are, and the prefix of their names: systemd's credentials
+    directory when it holds the keys, else `keys_dir`."""
+    credentials = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / (CREDENTIAL_PREFIX + SIGNING_FILE)).is_file():
+        return Path(credentials), CREDENTIAL_PREFIX
+    return keys_dir, ""
+
+
+def from_settings(section: Keys, environ: Mapping[str, str] | None = None) -> KeyRing:
+    """The keys the config names, from wherever location() finds them."""
+    keys_dir, prefix = location(section.dir, environ)
+    return load(keys_dir, timedelta(days=section.grace_period_days), prefix=prefix)
+
+
+def load(keys_dir: Path, grace_period: timedelta, now: datetime | None = None,
+         prefix: str = "") -> KeyRing:
     """Load and check every key; refuse files that others can read."""
     now = now or datetime.now(UTC)
     if not keys_dir.is_dir():
         raise KeyFileError(str(keys_dir), "no such directory: run `relayd keys generate`")
-    keys = sorted((_hpke_key(p) for p in keys_dir.glob("hpke-*.json")), key=lambda k: k.created)
+    keys = sorted((_hpke_key(p) for p in keys_dir.glob(f"{prefix}hpke-*.json")),
+                  key=lambda k: k.created)
     if not keys:
         raise KeyFileError(str(keys_dir), "holds no HPKE key: run `relayd keys generate`")
     usable = {keys[-1].kid: keys[-1]}
@@ -143,11 +168,12 @@ def load(keys_dir: Path, grace_period: timedelta, now: datetime | None = None) -
             usable[older.kid] = older
     try:
         signing = ed25519.Ed25519PrivateKey.from_private_bytes(
-            b64d(_read(keys_dir / SIGNING_FILE)["private_key"])
+            b64d(_read(keys_dir / (prefix + SIGNING_FILE))["private_key"])
         )
-        opaque = b64d(_read(keys_dir / OPAQUE_FILE)["secret"])
+        opaque = b64d(_read(keys_dir / (prefix + OPAQUE_FILE))["secret"])
     except (KeyError, ValueError, TypeError) as exc:
         raise KeyFileError(str(keys_dir), f"malformed signing or opaque key: {exc}") from None
     if len(opaque) < 32:
-        raise KeyFileError(str(keys_dir / OPAQUE_FILE), "the secret must be 32 bytes or more")
+        raise KeyFileError(str(keys_dir / (prefix + OPAQUE_FILE)),
+                           "the secret must be 32 bytes or more")
     return KeyRing(hpke=usable, current=keys[-1], signing=signing, opaque_secret=opaque)

@@ -1,30 +1,121 @@
 """structlog set up for journald: JSON lines on stdout, or a console renderer on a terminal.
 
-Nothing here logs identifiers: callers bind only stages, outcomes, reasons, timings and
-keyed references (relayd.opaque.reference).
+No plaintext, key, user id or device id may reach a log line, and `redact` guarantees it
+rather than trusting each call site: it runs last before rendering and lets through only
+the values of the keys in SAFE_KEYS (stages, outcomes, reasons, timings, counts, key ids,
+exception types). Any other value is replaced by a keyed hash reference
+(relayd.opaque.reference), so that two lines about the same thing can still be matched
+without saying what it is. An event name that is not a plain identifier is hashed too.
+Exceptions are rendered as their type and frames, never their message (it may quote
+input). Records of libraries (aio-pika, asyncio) keep only their format template.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import sys
-from typing import Any
+import traceback
+from collections.abc import MutableMapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
 
 import orjson
 import structlog
 
 from relayd.config import Logging
+from relayd.opaque import reference
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+SAFE_KEYS = frozenset({
+    "event", "level", "timestamp", "worker", "pid", "stage", "role", "outcome", "reason",
+    "type", "latency_ms", "signal", "abandoned", "kid", "kids", "retry_in_s", "code",
+    "restarts", "state", "consuming", "workers", "ready", "port", "error", "cause", "trace",
+    "logger", "template", "source", "queue", "seconds", "job",
+})
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_Scalar = (str, int, float, bool, type(None))
+
+_reference_secret = secrets.token_bytes(32)
+
+
+def set_reference_secret(secret: bytes) -> None:
+    """Key the references in log lines (the relay's opaque secret), so that every process
+    of one relay names the same value the same way."""
+    global _reference_secret
+    _reference_secret = secret
+
+
+def _safe(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(isinstance(v, _Scalar) for v in value)
+    return isinstance(value, _Scalar)
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Keep the values of SAFE_KEYS; replace every other value by a keyed reference."""
+    for key, value in event.items():
+        if key == "event" and isinstance(value, str) and _IDENTIFIER.fullmatch(value):
+            continue
+        if key != "event" and key in SAFE_KEYS and _safe(value):
+            continue
+        event[key] = "ref:" + reference(_reference_secret, "log", repr(value))
+    return event
+
+
+def _frame(frame: traceback.FrameSummary) -> str:
+    path = Path(frame.filename)
+    return f"{path.parent.name}/{path.name}:{frame.lineno} {frame.name}"
+
+
+def exception_summary(_: Any, __: str, event: MutableMapping[str, Any]
+                      ) -> MutableMapping[str, Any]:
+    """Replace `exc_info` by the exception's type, its cause's type and its frames."""
+    exc_info = event.pop("exc_info", None)
+    if not exc_info:
+        return event
+    if isinstance(exc_info, BaseException):
+        exc: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = sys.exc_info()[1]
+    if exc is None:
+        return event
+    event["error"] = type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None:
+        event["cause"] = type(cause).__name__
+    tb: TracebackType | None = exc.__traceback__
+    event["trace"] = [_frame(f) for f in traceback.extract_tb(tb)][-8:]
+    return event
+
+
+class _LibraryRecords(logging.Handler):
+    """Library (stdlib logging) records, as relayd lines: name and template, no arguments."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {
+            "logger": record.name,
+            "template": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+        }
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        get("relayd.library").log(record.levelno, "library", **fields)
 
 
 def _dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
-def setup(settings: Logging) -> None:
-    console = settings.format == "console" or (settings.format == "auto" and sys.stdout.isatty())
+def setup(settings: Logging, stream: TextIO | None = None) -> None:
+    """Configure structlog, and route library records through it (WARNING and up)."""
+    stream = stream or sys.stdout
+    console = settings.format == "console" or (settings.format == "auto" and stream.isatty())
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=_dumps))
     structlog.configure(
@@ -32,13 +123,32 @@ def setup(settings: Logging) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            exception_summary,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryRecords())
+    root.setLevel(max(logging.WARNING, _LEVELS[settings.level]))
+
+
+def set_level(level: str) -> None:
+    """Change the level at run time (on reload); loggers pick it up at their next call."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
+
+
+def reset() -> None:
+    """Undo setup(): structlog's defaults, and no library handler (for tests)."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
+        root.removeHandler(handler)
 
 
 def get(name: str = "relayd") -> Any:

@@ -1,8 +1,13 @@
-"""`relayd run`: the workers of the chosen roles, and the retention job, until SIGTERM or
-SIGINT. Run the retention job in one process only.
+"""`relayd worker`: one worker process of one role, as `relayd run` starts it.
 
-A first signal stops consuming and drains in-flight messages up to
-`workers.shutdown_timeout`; a second one forces the exit.
+Roles: inbound, outbound and gdpr consume their queue; retention runs the retention job
+(relayd/retention.py), in this one process only, and counts as ready once it runs.
+
+It talks to its supervisor over a socket pair (fd `--control-fd`), one line at a time:
+it reports `consuming <kid>` or `connecting <kid>` whenever that changes, and obeys
+`stop` (drain, then exit 0) and `reload` (re-read the keys and the log level). When the
+supervisor goes away (end of file), it stops as if told to. SIGTERM and SIGINT stop it
+too, and a second signal forces the exit; SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -10,41 +15,100 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from datetime import timedelta
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
-from relayd import keys as relay_keys
-from relayd import log, retention, worker
-from relayd.config import Settings
-from relayd.errors import ExitCode
+from relayd import config, keys, log, retention, worker
+from relayd.errors import ConfigError, ExitCode
 from relayd.store import open_store
 
 _log = log.get("relayd.run")
+Role = worker.Role | Literal["retention"]
+ROLES: tuple[Role, ...] = ("inbound", "outbound", "gdpr", "retention")
 
 
-async def run(settings: Settings, roles: list[worker.Role], with_retention: bool = False) -> int:
-    keyring = relay_keys.load(settings.keys.dir,
-                              timedelta(days=settings.keys.grace_period_days))
-    store = open_store(settings.store.url)
-    stop = asyncio.Event()
+class ReportingEvent(asyncio.Event):
+    """An Event that calls `report(is_set)` whenever it changes."""
+
+    def __init__(self, report: Callable[[bool], None]) -> None:
+        super().__init__()
+        self._report = report
+
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            self._report(True)
+
+    def clear(self) -> None:
+        if self.is_set():
+            super().clear()
+            self._report(False)
+
+
+async def work(settings: config.Settings, config_path: Path, role: Role,
+               control_fd: int | None = None) -> int:
+    keyring = keys.from_settings(settings.keys)
+    log.set_reference_secret(keyring.opaque_secret)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    writer: asyncio.StreamWriter | None = None
+
+    def report(consuming: bool) -> None:
+        if writer is not None and not writer.is_closing():
+            state = "consuming" if consuming else "connecting"
+            writer.write(f"{state} {keyring.current.kid}\n".encode())
+
+    consuming = ReportingEvent(report)
+
+    def reload() -> None:
+        nonlocal keyring
+        try:
+            fresh = config.load(config_path)
+            keyring = keys.from_settings(fresh.keys)
+        except ConfigError as exc:
+            _log.error("reload_failed", error=type(exc).__name__)
+            return
+        log.set_level(fresh.logging.level)
+        _log.info("reloaded", kid=keyring.current.kid, kids=sorted(keyring.hpke))
+        report(consuming.is_set())
+
+    signalled = asyncio.Event()  # apart from `stop`: a supervisor's stop is not a signal
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
+        if signalled.is_set():
             _log.warning("forced_exit", signal=signal.Signals(signum).name)
             os._exit(ExitCode.FAILURE)
         _log.info("stopping", signal=signal.Signals(signum).name)
+        signalled.set()
         stop.set()
+
+    async def obey(reader: asyncio.StreamReader) -> None:
+        async for line in reader:
+            if line.strip() == b"stop":
+                stop.set()
+            elif line.strip() == b"reload":
+                reload()
+        stop.set()  # the supervisor is gone
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    ready = [asyncio.Event() for _ in roles]
-    tasks = [asyncio.create_task(worker.serve(settings, role, store, keyring, stop, event))
-             for role, event in zip(roles, ready, strict=True)]
-    if with_retention:
-        tasks.append(asyncio.create_task(retention.serve(settings, store, keyring, stop)))
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    listener = None
+    if control_fd is not None:
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
+        listener = asyncio.create_task(obey(reader))
+    store = open_store(settings.store.url)
     try:
-        await asyncio.gather(*tasks)
+        if role == "retention":
+            consuming.set()
+            await retention.serve(settings, store, keyring, stop)
+        else:
+            await worker.serve(settings, role, store, lambda: keyring, stop, consuming)
     finally:
         await store.close()
+        if listener is not None:
+            listener.cancel()
     _log.info("stopped")
     return ExitCode.OK

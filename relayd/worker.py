@@ -25,7 +25,7 @@ from typing import Literal
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from relayd import amqp, envelope, log, topology
+from relayd import amqp, envelope, log, metrics, topology
 from relayd.config import Settings
 from relayd.errors import PermanentError, TransientError
 from relayd.gdpr import Erasure
@@ -46,7 +46,7 @@ class Lanes:
         self._tails: dict[str, asyncio.Task[None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, key: str | None, job: Callable[[], Awaitable[None]]) -> None:
+    def submit(self, key: str | None, job: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         previous = self._tails.get(key) if key is not None else None
         task = asyncio.create_task(self._after(previous, job))
         self.tasks.add(task)
@@ -55,6 +55,7 @@ class Lanes:
             self._tails[key] = task
             task.add_done_callback(lambda t: self._tails.pop(key, None)
                                    if self._tails.get(key) is t else None)
+        return task
 
     @staticmethod
     async def _after(previous: asyncio.Task[None] | None,
@@ -68,8 +69,9 @@ class Consumer:
     """Settles every message of one queue through its handler."""
 
     def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound | Erasure,
-                 sink: amqp.Publisher) -> None:
+                 sink: amqp.Publisher, keys: Callable[[], KeyRing] | None = None) -> None:
         self.role = role
+        self.keys = keys  # read per message: a reload takes effect at the next message
         self.settings = settings
         self.handler = handler
         self.sink = sink
@@ -82,9 +84,12 @@ class Consumer:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """Called in delivery order; everything before the lane runs synchronously."""
         started = time.monotonic()
+        metrics.received(self.role)
         work: Callable[[], Awaitable[str]]
         lane: str | None
         handler = self.handler
+        if self.keys is not None:
+            handler.keys = self.keys()
         try:
             if isinstance(handler, Inbound):
                 opened = handler.prepare(message.body, (message.headers or {}).get(
@@ -102,7 +107,8 @@ class Consumer:
                 work = lambda: handler.handle(incoming, bool(message.redelivered))  # noqa: E731
         except PermanentError as exc:
             lane, work = None, _raiser(exc)
-        self.lanes.submit(lane, lambda: self.settle(message, work, started))
+        task = self.lanes.submit(lane, lambda: self.settle(message, work, started))
+        task.add_done_callback(lambda _: metrics.settled(self.role))
 
     async def settle(self, message: AbstractIncomingMessage,
                      work: Callable[[], Awaitable[str]], started: float) -> None:
@@ -138,8 +144,10 @@ class Consumer:
                 await asyncio.sleep(self._backoff(self._attempt(message)))
                 await message.nack(requeue=True)
         finally:
+            latency = time.monotonic() - started
             _log.info("handled", stage=self.role, type=kind, outcome=outcome, reason=reason,
-                      latency_ms=round((time.monotonic() - started) * 1000, 2))
+                      latency_ms=round(latency * 1000, 2))
+            metrics.handled(self.role, outcome, reason, kind, latency, message.timestamp)
 
     @staticmethod
     def _key(message: AbstractIncomingMessage) -> bytes:
@@ -193,10 +201,16 @@ async def open_channel(connection: AbstractConnection, settings: Settings) -> Ab
     return channel
 
 
-async def serve(settings: Settings, role: Role, store: Store, keys: KeyRing,
-                stop: asyncio.Event, consuming: asyncio.Event | None = None) -> None:
-    """Consume `role`'s queue until `stop` is set, reconnecting whenever the link is lost."""
+async def serve(settings: Settings, role: Role, store: Store,
+                keys: KeyRing | Callable[[], KeyRing], stop: asyncio.Event,
+                consuming: asyncio.Event | None = None) -> None:
+    """Consume `role`'s queue until `stop` is set, reconnecting whenever the link is lost.
+
+    `keys` may be a function returning the current keys, read at each message (reload).
+    """
+    current = keys if callable(keys) else lambda: keys
     backoff = 0.5
+    connected = False
     while not stop.is_set():
         try:
             connection = await amqp.connect(settings, f"relayd-{role}")
@@ -207,11 +221,13 @@ async def serve(settings: Settings, role: Role, store: Store, keys: KeyRing,
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, settings.amqp.reconnect_max_backoff)
             continue
-        backoff = 0.5
+        if connected:
+            metrics.RECONNECTS.labels(role).inc()
+        backoff, connected = 0.5, True
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
         try:
-            await _consume(connection, settings, role, store, keys, stop, lost, consuming)
+            await _consume(connection, settings, role, store, current, stop, lost, consuming)
         except _CONNECT_ERRORS as exc:
             _log.warning("connection_lost", stage=role, reason=type(exc).__name__)
         finally:
@@ -222,16 +238,16 @@ async def serve(settings: Settings, role: Role, store: Store, keys: KeyRing,
 
 
 async def _consume(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
-                   keys: KeyRing, stop: asyncio.Event, lost: asyncio.Event,
+                   keys: Callable[[], KeyRing], stop: asyncio.Event, lost: asyncio.Event,
                    consuming: asyncio.Event | None) -> None:
     channel = await open_channel(connection, settings)
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None))
     sink = amqp.Publisher(channel, settings)
     handler: Inbound | Outbound | Erasure = (
-        Erasure(settings, store, keys, sink) if role == "gdpr"
-        else (Inbound if role == "inbound" else Outbound)(settings, store, keys, sink))
-    consumer = Consumer(role, settings, handler, sink)
+        Erasure(settings, store, keys(), sink) if role == "gdpr"
+        else (Inbound if role == "inbound" else Outbound)(settings, store, keys(), sink))
+    consumer = Consumer(role, settings, handler, sink, keys)
     queue = await channel.get_queue(consumer.queue, ensure=False)
     tag = await queue.consume(consumer.on_message)
     _log.info("consuming", stage=role)

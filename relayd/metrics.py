@@ -1,0 +1,129 @@
+"""Prometheus metrics. Workers count; the supervisor serves the sum over every worker.
+
+Worker processes run in prometheus-client's multiprocess mode: `relayd run` gives them a
+private PROMETHEUS_MULTIPROC_DIR, where each process keeps its values in a file, and
+sums the files when scraped. Labels only ever hold stages, outcomes, reason codes,
+publish targets and queue roles: never an id.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+MESSAGES = Counter("relayd_messages", "Messages handled, by stage and outcome.",
+                   ["stage", "outcome"])
+REJECTIONS = Counter("relayd_rejections", "Messages rejected (dead-lettered or answered "
+                     "with an error event), by stage and reason code.", ["stage", "reason"])
+CONFIRM_LATENCY = Histogram(
+    "relayd_publish_confirm_seconds", "From a publish to the broker's confirm, by target.",
+    ["target"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+END_TO_END = Histogram(
+    "relayd_end_to_end_seconds", "From a message's arrival (or its AMQP timestamp) to its "
+    "ack, by stage.", ["stage"],
+    buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+IN_FLIGHT = Gauge("relayd_in_flight_messages", "Messages received and not yet settled.",
+                  ["stage"], multiprocess_mode="livesum")
+RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again after the "
+                     "first, by stage.", ["stage"])
+
+_REASON = re.compile(r"[a-z][a-z_]{0,39}")
+ACKED = ("delivered", "dead_lettered")
+
+
+def reason_label(reason: str) -> str:
+    """A reason code as a label value; anything else is `other` (labels stay bounded)."""
+    return reason if _REASON.fullmatch(reason) else "other"
+
+
+def received(stage: str) -> None:
+    IN_FLIGHT.labels(stage).inc()
+
+
+def settled(stage: str) -> None:
+    """The message left our hands: settled, or abandoned to the broker's redelivery."""
+    IN_FLIGHT.labels(stage).dec()
+
+
+def handled(stage: str, outcome: str, reason: str, kind: str, latency_s: float,
+            sent_at: datetime | None) -> None:
+    """Count one settled message; `kind` `error:<code>` means it was answered with an error."""
+    if kind.startswith("error:"):
+        outcome, reason = "rejected", kind.removeprefix("error:")
+    MESSAGES.labels(stage, outcome).inc()
+    if outcome in ("rejected", "dead_lettered"):
+        REJECTIONS.labels(stage, reason_label(reason)).inc()
+    if outcome in ACKED or outcome == "rejected":
+        waited = time.time() - sent_at.timestamp() if sent_at is not None else 0.0
+        END_TO_END.labels(stage).observe(max(latency_s, waited))
+
+
+def confirmed(target: str, seconds: float) -> None:
+    CONFIRM_LATENCY.labels(target).observe(seconds)
+
+
+def aggregated(metrics_dir: Path, registry: CollectorRegistry | None = None) -> Collector:
+    """The sum of every worker's values in `metrics_dir` (registered in `registry`)."""
+    collector: Collector = MultiProcessCollector(  # type: ignore[no-untyped-call]
+        registry, str(metrics_dir))
+    return collector
+
+
+def forget(metrics_dir: Path, pid: int) -> None:
+    """Drop the live gauges of a worker process that exited (its counters stay)."""
+    mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+
+
+def message_totals(collector: Collector) -> dict[tuple[str, str], float]:
+    """relayd_messages_total by (stage, outcome), summed over the workers."""
+    totals: dict[tuple[str, str], float] = {}
+    for family in collector.collect():
+        if family.name == "relayd_messages":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["stage"], sample.labels["outcome"])
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+class SupervisorCollector(Collector):
+    """What only the supervisor knows: its workers, their restarts, the queue depths."""
+
+    def __init__(self) -> None:
+        self.configured: dict[str, int] = {}
+        self.consuming: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        self.queues: dict[str, tuple[int, int]] = {}  # role -> (messages, consumers)
+        self.ready = False
+
+    def collect(self) -> Iterable[Metric]:
+        configured = GaugeMetricFamily("relayd_workers", "Worker processes configured.",
+                                       labels=["role"])
+        consuming = GaugeMetricFamily("relayd_workers_consuming",
+                                      "Worker processes connected and consuming.",
+                                      labels=["role"])
+        restarts = CounterMetricFamily("relayd_worker_restarts",
+                                       "Worker processes restarted after they exited.",
+                                       labels=["role"])
+        for role, count in self.configured.items():
+            configured.add_metric([role], count)
+            consuming.add_metric([role], self.consuming.get(role, 0))
+            restarts.add_metric([role], self.restarts.get(role, 0))
+        depth = GaugeMetricFamily("relayd_queue_messages", "Messages ready in a queue.",
+                                  labels=["queue"])
+        consumers = GaugeMetricFamily("relayd_queue_consumers", "Consumers of a queue.",
+                                      labels=["queue"])
+        for queue, (messages, count) in self.queues.items():
+            depth.add_metric([queue], messages)
+            consumers.add_metric([queue], count)
+        ready = GaugeMetricFamily("relayd_ready", "1 when every worker is consuming.")
+        ready.add_metric([], 1 if self.ready else 0)
+        return [configured, consuming, restarts, depth, consumers, ready]

@@ -1,0 +1,135 @@
+"""`relayd status`: one screen about a running relay, for a person at a terminal.
+
+Workers, rates and the keys in use come from the supervisor's /status endpoint (on
+metrics.host:metrics.port); queue depths from the broker itself (passive declares), so
+they show even when relayd is down.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractConnection
+
+from relayd import amqp, keys
+from relayd.config import Settings
+from relayd.errors import ConfigError
+
+QUEUES = ("inbound", "outbound", "dead")
+
+
+def queue_names(settings: Settings) -> dict[str, str]:
+    t = settings.topology
+    return {"inbound": t.inbound_queue, "outbound": t.outbound_queue, "dead": t.dead_queue}
+
+
+class QueueDepths:
+    """Messages and consumers of the inbound, outbound and dead queues, on one connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connection: AbstractConnection | None = None
+
+    async def sample(self) -> dict[str, tuple[int, int]]:
+        if self.connection is None or self.connection.is_closed:
+            self.connection = await amqp.connect(self.settings, "relayd-status")
+        depths = {}
+        async with self.connection.channel() as channel:  # a missing queue closes it
+            for role, name in queue_names(self.settings).items():
+                declared = await channel.declare_queue(name, passive=True)
+                result = declared.declaration_result
+                depths[role] = (int(result.message_count or 0), int(result.consumer_count or 0))
+        return depths
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+def supervisor_url(settings: Settings) -> str:
+    host = settings.metrics.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.metrics.port}/status"
+
+
+def from_supervisor(settings: Settings, timeout: float = 3.0) -> dict[str, Any] | None:
+    """The running supervisor's /status, or None when it does not answer."""
+    if not settings.metrics.enabled:
+        return None
+    try:
+        with urllib.request.urlopen(supervisor_url(settings), timeout=timeout) as answer:  # noqa: S310 - http:// built above
+            data: dict[str, Any] = orjson.loads(answer.read())
+            return data
+    except (OSError, ValueError):
+        return None
+
+
+async def gather(settings: Settings) -> dict[str, Any]:
+    """Everything `relayd status` shows, as data."""
+    report: dict[str, Any] = {"supervisor": from_supervisor(settings)}
+    depths = QueueDepths(settings)
+    try:
+        report["queues"] = {q: {"messages": m, "consumers": c}
+                            for q, (m, c) in (await depths.sample()).items()}
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        report["queues"] = {"error": type(exc).__name__}
+    finally:
+        await depths.close()
+    if report["supervisor"] is None:
+        try:
+            ring = keys.from_settings(settings.keys)
+            report["keys"] = {"current": ring.current.kid, "kem": ring.current.kem.value,
+                              "usable": sorted(ring.hpke)}
+        except ConfigError as exc:
+            report["keys"] = {"error": "; ".join(exc.problems.values())}
+    else:
+        report["keys"] = report["supervisor"]["keys"]
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as a screen of text."""
+    lines = []
+    sup = report["supervisor"]
+    if sup is None:
+        lines.append("relayd: not running (no answer from the supervisor's /status)")
+    else:
+        state = "ready" if sup["ready"] else ("stopping" if sup["stopping"] else "NOT READY")
+        lines.append(f"relayd: {state}, supervisor pid {sup['pid']}, "
+                     f"up {_duration(sup['uptime_s'])}")
+        lines.append("")
+        lines.append(f"  {'WORKER':<12}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  KID")
+        lines += [f"  {w['name']:<12}{w['pid'] or '-':>8}  {w['state']:<10}"
+                  f"{w['restarts']:>9}  {w['kid'] or '-'}" for w in sup["workers"]]
+    lines.append("")
+    queues = report["queues"]
+    if "error" in queues:
+        lines.append(f"queues: broker unreachable ({queues['error']})")
+    else:
+        lines.append("queues: " + "   ".join(
+            f"{q} {queues[q]['messages']} ({queues[q]['consumers']} consumers)" for q in QUEUES))
+    if sup is not None:
+        rates = sup["rates"]
+        lines.append("rates (last minute, per second):" if rates else
+                     "rates: not enough samples yet")
+        for stage, by_outcome in sorted(rates.items()):
+            lines.append(f"  {stage:<10}" + "  ".join(
+                f"{outcome} {rate:g}" for outcome, rate in sorted(by_outcome.items())))
+    k = report["keys"]
+    if "error" in k:
+        lines.append(f"keys: unreadable here ({k['error']})")
+    else:
+        others = [kid for kid in k["usable"] if kid != k["current"]]
+        lines.append(f"keys: current {k['current']} ({k['kem']})"
+                     + (f", still opening {', '.join(others)}" if others else ""))
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"

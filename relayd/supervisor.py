@@ -1,0 +1,353 @@
+"""`relayd run`: a supervisor of worker processes, for systemd or a terminal.
+
+It starts `workers.inbound` inbound and `workers.outbound` outbound workers, and one
+gdpr and one retention worker when they are asked for, each a `relayd worker` process
+(relayd/run.py) tied to it by a socket pair. A worker that exits
+is started again after an exponential backoff. The service is ready (READY=1, /readyz)
+only while every worker reports that it consumes.
+
+- SIGTERM/SIGINT: every worker is told to stop and drains; the supervisor exits 0 when
+  all exited cleanly. A second signal kills them (SIGKILL) and exits 1.
+- SIGHUP: the config and keys are checked, then every worker re-reads its keys and log
+  level between two messages; a bad file changes nothing.
+- Jobs run periodically inside the supervisor: the systemd watchdog, queue depths and
+  message rates for /metrics and `relayd status`. Add a Job to `Supervisor.jobs` for
+  another periodic task (it must not block the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from relayd import config, endpoints, keys, log, metrics, status
+from relayd.errors import ConfigError, ExitCode
+from relayd.run import Role
+from relayd.sdnotify import Notifier, without_notify
+
+_log = log.get("relayd.supervisor")
+RESTART_INITIAL_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0  # a worker that ran this long restarts with the initial backoff again
+KILL_GRACE_S = 5.0  # past workers.shutdown_timeout, a stopping worker is killed
+
+
+@dataclass
+class Job:
+    """A periodic task of the supervisor; a failure is logged and the job runs again."""
+
+    name: str
+    every_s: float
+    run: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Slot:
+    """One worker process, and what it last reported."""
+
+    role: Role
+    index: int
+    pid: int | None = None
+    control: asyncio.StreamWriter | None = None
+    consuming: bool = False
+    kid: str = ""
+    restarts: int = 0
+    exit_code: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    def tell(self, command: str) -> None:
+        if self.control is not None and not self.control.is_closing():
+            self.control.write(command.encode() + b"\n")
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before starting a worker that exited `failures` times in a row."""
+    return float(min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (failures - 1)))
+
+
+class Rates:
+    """Messages per second by stage and outcome, over about the last minute."""
+
+    def __init__(self, metrics_dir: Path, window: int = 7) -> None:
+        self._collector = metrics.aggregated(metrics_dir)
+        self._samples: deque[tuple[float, dict[tuple[str, str], float]]] = deque(maxlen=window)
+
+    async def sample(self) -> None:
+        self._samples.append((time.monotonic(), metrics.message_totals(self._collector)))
+
+    def per_second(self) -> dict[str, dict[str, float]]:
+        rates: dict[str, dict[str, float]] = {}
+        if len(self._samples) < 2:
+            return rates
+        (t0, first), (t1, last) = self._samples[0], self._samples[-1]
+        for (stage, outcome), value in last.items():
+            rate = (value - first.get((stage, outcome), 0.0)) / (t1 - t0)
+            rates.setdefault(stage, {})[outcome] = round(rate, 3)
+        return rates
+
+
+class Supervisor:
+    def __init__(self, settings: config.Settings, config_path: Path,
+                 roles: list[Role], notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.keyring = keys.from_settings(settings.keys)
+        self.notifier = notifier or Notifier()
+        counts = {"inbound": settings.workers.inbound, "outbound": settings.workers.outbound,
+                  "gdpr": 1, "retention": 1}
+        self.slots = [Slot(role, i) for role in roles for i in range(counts[role])]
+        self.collector = metrics.SupervisorCollector()
+        self.collector.configured = {role: counts[role] for role in roles}
+        self.stopping = asyncio.Event()
+        self.forced = False
+        self.announced = False
+        self.started = time.time()
+        self.metrics_dir: Path | None = None
+        self.rates: Rates | None = None
+        self.depths: status.QueueDepths | None = None
+        self.jobs: list[Job] = []
+        if self.notifier.watchdog_s:
+            self.jobs.append(Job("watchdog", self.notifier.watchdog_s, self._watchdog))
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        log.set_reference_secret(self.keyring.opaque_secret)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        server = None
+        if self.settings.metrics.enabled:
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix="relayd-metrics-"))
+            self.rates = Rates(self.metrics_dir)
+            self.depths = status.QueueDepths(self.settings)
+            self.jobs += [Job("rates", 10.0, self.rates.sample),
+                          Job("queue_depths", 15.0, self._sample_depths)]
+            server = await endpoints.serve(self.settings.metrics.host, self.settings.metrics.port,
+                                           self._routes())
+            port = server.sockets[0].getsockname()[1]
+            _log.info("metrics_listening", port=port)
+        jobs = [asyncio.create_task(self._every(job)) for job in self.jobs]
+        self.notifier.status(self.describe())
+        try:
+            await asyncio.gather(*(self._keep(slot) for slot in self.slots))
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+            if self.depths is not None:
+                await self.depths.close()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        clean = not self.forced and all(s.exit_code in (None, 0) for s in self.slots)
+        _log.info("stopped", code=0 if clean else 1)
+        return ExitCode.OK if clean else ExitCode.FAILURE
+
+    def _environment(self) -> dict[str, str]:
+        env = without_notify(os.environ)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        return env
+
+    async def _keep(self, slot: Slot) -> None:
+        """Run the slot's worker until we stop, starting it again whenever it exits."""
+        failures = 0
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            slot.exit_code = await self._run_worker(slot)
+            if self.stopping.is_set():
+                return
+            failures = 1 if time.monotonic() - began >= STABLE_S else failures + 1
+            delay = backoff(failures)
+            _log.warning("worker_exited", worker=slot.name, code=slot.exit_code,
+                         retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if not self.stopping.is_set():
+                slot.restarts += 1
+                self.collector.restarts[slot.role] = (
+                    self.collector.restarts.get(slot.role, 0) + 1)
+
+    async def _run_worker(self, slot: Slot) -> int:
+        """Start the slot's worker, follow its reports, and return its exit code."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relayd", "worker", "--role", slot.role,
+                "--name", slot.name, "--config", str(self.config_path),
+                "--control-fd", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), env=self._environment())
+        except OSError as exc:
+            ours.close()
+            _log.error("worker_spawn_failed", worker=slot.name, error=type(exc).__name__)
+            return ExitCode.FAILURE
+        finally:
+            theirs.close()
+        reader, slot.control = await asyncio.open_connection(sock=ours)
+        slot.pid = process.pid
+        if self.stopping.is_set():
+            slot.tell("stop")
+        try:
+            async for line in reader:
+                state, _, kid = line.decode(errors="replace").strip().partition(" ")
+                slot.consuming, slot.kid = state == "consuming", kid
+                self._changed()
+        except (ConnectionError, ValueError):
+            pass
+        code = await process.wait()
+        slot.control.close()
+        slot.control, slot.pid, slot.consuming = None, None, False
+        self._changed()
+        if self.metrics_dir is not None:
+            metrics.forget(self.metrics_dir, process.pid)
+        return code
+
+    async def _every(self, job: Job) -> None:
+        while True:
+            try:
+                await job.run()
+            except Exception as exc:  # a job's failure must not stop the supervisor
+                _log.warning("job_failed", job=job.name, error=type(exc).__name__)
+            await asyncio.sleep(job.every_s)
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return not self.stopping.is_set() and all(s.consuming for s in self.slots)
+
+    def describe(self) -> str:
+        consuming = sum(s.consuming for s in self.slots)
+        text = f"{consuming}/{len(self.slots)} workers consuming, key {self.keyring.current.kid}"
+        return f"stopping: {text}" if self.stopping.is_set() else text
+
+    def _changed(self) -> None:
+        self.collector.ready = self.ready
+        self.collector.consuming = {role: sum(s.consuming for s in self.slots if s.role == role)
+                                    for role in self.collector.configured}
+        if self.ready and not self.announced:
+            self.announced = True
+            _log.info("ready", workers=len(self.slots), kid=self.keyring.current.kid)
+            self.notifier.ready(self.describe())
+        else:
+            self.notifier.status(self.describe())
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `relayd status` shows: workers, keys, rates and queue depths."""
+        ring = self.keyring
+        source, _ = keys.location(self.settings.keys.dir)
+        return {
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "stopping": self.stopping.is_set(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "workers": [{"name": s.name, "role": s.role, "pid": s.pid,
+                         "state": "consuming" if s.consuming else
+                         ("starting" if s.pid else "down"),
+                         "restarts": s.restarts, "kid": s.kid} for s in self.slots],
+            "keys": {"current": ring.current.kid, "kem": ring.current.kem.value,
+                     "usable": sorted(ring.hpke),
+                     "source": "credentials" if source != self.settings.keys.dir else "dir"},
+            "rates": self.rates.per_second() if self.rates else {},
+            "queues": {q: {"messages": m, "consumers": c}
+                       for q, (m, c) in self.collector.queues.items()},
+        }
+
+    def _routes(self) -> endpoints.Routes:
+        assert self.metrics_dir is not None
+        registry = CollectorRegistry()
+        metrics.aggregated(self.metrics_dir, registry)
+        registry.register(self.collector)
+
+        def readyz() -> endpoints.Response:
+            if self.ready:
+                return endpoints.Response(HTTPStatus.OK, b"ready\n")
+            return endpoints.Response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"not ready: {self.describe()}\n".encode())
+
+        return {
+            "/metrics": lambda: endpoints.Response(HTTPStatus.OK, generate_latest(registry),
+                                                   CONTENT_TYPE_LATEST),
+            "/healthz": lambda: endpoints.Response(HTTPStatus.OK, b"alive\n"),
+            "/readyz": readyz,
+            "/status": lambda: endpoints.Response(HTTPStatus.OK, orjson.dumps(self.snapshot()),
+                                                  "application/json"),
+        }
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        self.notifier.watchdog()
+
+    async def _sample_depths(self) -> None:
+        assert self.depths is not None
+        try:
+            self.collector.queues = await self.depths.sample()
+        except Exception:
+            self.collector.queues = {}  # absent rather than stale
+            raise
+
+    # --- signals -------------------------------------------------------------------------
+
+    def _on_stop_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping.is_set():
+            _log.warning("forced_exit", signal=name)
+            self.forced = True
+            self.kill_all()
+            return
+        _log.info("stopping", signal=name)
+        self.stopping.set()
+        self.notifier.stopping(self.describe())
+        self.collector.ready = False
+        for slot in self.slots:
+            slot.tell("stop")
+        deadline = self.settings.workers.shutdown_timeout + KILL_GRACE_S
+        asyncio.get_running_loop().call_later(deadline, self.kill_all)
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+
+    def reload(self) -> None:
+        """Check the config and keys, then have every worker reload them."""
+        try:
+            fresh = config.load(self.config_path)
+            ring = keys.from_settings(fresh.keys)
+        except ConfigError as exc:
+            _log.error("reload_failed", error=type(exc).__name__)
+            return
+        if fresh.model_dump(exclude={"logging"}) != self.settings.model_dump(
+                exclude={"logging"}):
+            _log.warning("reload_needs_restart", reason="only keys and logging.level reload")
+        log.set_level(fresh.logging.level)
+        self.keyring = ring
+        _log.info("reloading", kid=ring.current.kid, kids=sorted(ring.hpke))
+        for slot in self.slots:
+            slot.tell("reload")
+        self.notifier.status(self.describe())
