@@ -144,7 +144,8 @@ def set_level(level: str) -> None:
 
 
 def reset() -> None:
-    """Undo setup(): structlog's defaults, and no library handler (for tests)."""
+    """Undo setup() and set_reference_secret() (for tests)."""
+    set_reference_secret(secrets.token_bytes(32))
     structlog.reset_defaults()
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:

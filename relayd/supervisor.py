@@ -85,14 +85,14 @@ def backoff(failures: int) -> float:
 
 
 class Rates:
-    """Messages per second by stage and outcome, over about the last minute."""
+    """Messages per second by stage and outcome, over the last `window` samples."""
 
-    def __init__(self, metrics_dir: Path, window: int = 7) -> None:
-        self._collector = metrics.aggregated(metrics_dir)
+    def __init__(self, window: int = 7) -> None:
         self._samples: deque[tuple[float, dict[tuple[str, str], float]]] = deque(maxlen=window)
 
-    async def sample(self) -> None:
-        self._samples.append((time.monotonic(), metrics.message_totals(self._collector)))
+    def add(self, at: float, totals: dict[tuple[str, str], float]) -> None:
+        """Note the message totals (relayd_messages_total by stage, outcome) at time `at`."""
+        self._samples.append((at, totals))
 
     def per_second(self) -> dict[str, dict[str, float]]:
         rates: dict[str, dict[str, float]] = {}
@@ -139,9 +139,9 @@ class Supervisor:
         server = None
         if self.settings.metrics.enabled:
             self.metrics_dir = Path(tempfile.mkdtemp(prefix="relayd-metrics-"))
-            self.rates = Rates(self.metrics_dir)
+            self.rates = Rates()
             self.depths = status.QueueDepths(self.settings)
-            self.jobs += [Job("rates", 10.0, self.rates.sample),
+            self.jobs += [Job("rates", 10.0, self._sample_rates),
                           Job("queue_depths", 15.0, self._sample_depths)]
             server = await endpoints.serve(self.settings.metrics.host, self.settings.metrics.port,
                                            self._routes())
@@ -301,6 +301,12 @@ class Supervisor:
 
     async def _watchdog(self) -> None:
         self.notifier.watchdog()
+
+    async def _sample_rates(self) -> None:
+        assert self.rates is not None
+        assert self.metrics_dir is not None
+        self.rates.add(time.monotonic(), metrics.message_totals(
+            metrics.aggregated(self.metrics_dir)))
 
     async def _sample_depths(self) -> None:
         assert self.depths is not None

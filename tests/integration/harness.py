@@ -76,12 +76,17 @@ class Relay:
         await asyncio.wait_for(asyncio.gather(*self.tasks), WAIT * 2)
         self.tasks.clear()
 
-    def spawn(self, role: str = "all") -> subprocess.Popen[bytes]:
-        """`relayd run` as a real process, for kill and signal tests; it logs to root."""
+    def spawn(self, role: str = "all", env: dict[str, str] | None = None,
+              command: tuple[str, ...] = ("-m", "relayd")) -> subprocess.Popen[bytes]:
+        """`relayd run` as a real process, for kill and signal tests; it logs to root.
+
+        It leads a process group of its own, with its workers: kill_group() ends them all.
+        """
         with (self.root / "relayd.log").open("ab") as log_file:
             return subprocess.Popen(
-                [sys.executable, "-m", "relayd", "run", "--role", role, "--config",
-                 str(self.config_path)], stdout=log_file, stderr=subprocess.STDOUT)
+                [sys.executable, *command, "run", "--role", role, "--config",
+                 str(self.config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True)
 
     async def reconnect(self) -> None:
         """A fresh connection for the test itself, after the broker dropped the old one."""
@@ -267,3 +272,10 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
                  wait: float = 30) -> int:
     process.send_signal(sig)
     return process.wait(timeout=wait)
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a spawned relay and its workers, if any of them is left (for `finally`)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)

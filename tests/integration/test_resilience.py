@@ -6,7 +6,7 @@ import asyncio
 import signal
 
 from relayd.errors import ExitCode
-from tests.integration.harness import Relay, rabbitmqctl, stop_process
+from tests.integration.harness import Relay, kill_group, rabbitmqctl, stop_process
 
 USERS = 4
 PER_DEVICE = 250
@@ -52,13 +52,14 @@ async def wait_consuming(relay: Relay, queue: str, wait: float = 30) -> None:
 
 class TestCrash:
     async def test_sigkill_mid_stream_loses_nothing(self, relay: Relay) -> None:
-        """A worker killed with SIGKILL mid-stream and restarted delivers every message."""
+        """A relay killed with SIGKILL mid-stream (supervisor and workers) and started again
+        delivers every message."""
         await relay.add_business("acme")
         expected = await send_numbered(relay, PER_DEVICE)
         process = relay.spawn()
         await relay.wait_depth(relay.inbox("acme"), 5)
-        process.kill()
-        assert process.wait(timeout=10) == -signal.SIGKILL
+        kill_group(process)
+        assert process.returncode == -signal.SIGKILL
         assert await relay.depth(relay.settings.topology.inbound_queue) > 0
         process = relay.spawn()
         try:

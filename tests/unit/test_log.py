@@ -1,0 +1,113 @@
+"""relayd.log: the redaction layer and the exception rendering, through the real renderer."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from relayd import log
+from relayd.config import Logging
+
+USER = "alice@example.org"
+
+
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    """Log lines rendered as relayd renders them for journald, into a buffer."""
+    stream = io.StringIO()
+    log.setup(Logging(level="debug", format="json"), stream=stream)
+    try:
+        yield stream
+    finally:
+        log.reset()
+
+
+def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+class TestRedact:
+    def test_safe_keys_keep_their_values(self, lines: io.StringIO) -> None:
+        """Stage, outcome, reason, latency and kid reach the line as they are."""
+        log.get().info("handled", stage="inbound", outcome="dead_lettered", reason="stale",
+                       latency_ms=1.5, kid="r2026-11", abandoned=0)
+        [line] = parsed(lines)
+        assert line["event"] == "handled"
+        assert (line["stage"], line["outcome"], line["reason"]) == (
+            "inbound", "dead_lettered", "stale")
+        assert (line["latency_ms"], line["kid"], line["abandoned"]) == (1.5, "r2026-11", 0)
+
+    def test_other_keys_become_references(self, lines: io.StringIO) -> None:
+        """A user id under any other key is replaced by a stable keyed reference."""
+        log.get().info("seen", user=USER, device="phone-1")
+        log.get().info("seen", user=USER)
+        first, second = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert "phone-1" not in lines.getvalue()
+        assert first["user"].startswith("ref:")
+        assert first["user"] == second["user"]
+        assert first["user"] != first["device"]
+
+    def test_reference_depends_on_the_secret(self, lines: io.StringIO) -> None:
+        """References are keyed: another relay secret names the same value differently."""
+        log.get().info("seen", user=USER)
+        log.set_reference_secret(b"\x01" * 32)
+        log.get().info("seen", user=USER)
+        first, second = parsed(lines)
+        assert first["user"] != second["user"]
+
+    def test_event_text_with_data_is_hashed(self, lines: io.StringIO) -> None:
+        """An event that is not a plain identifier (an f-string, say) is not printed."""
+        log.get().info(f"message from {USER}")
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert line["event"].startswith("ref:")
+
+    def test_structured_values_under_safe_keys_are_hashed(self, lines: io.StringIO) -> None:
+        """A dict under a safe key (a payload by mistake) is hashed, not printed."""
+        log.get().info("handled", reason={"text": "my secret"})
+        assert "my secret" not in lines.getvalue()
+        assert parsed(lines)[0]["reason"].startswith("ref:")
+
+
+class TestExceptions:
+    def test_exception_message_is_never_rendered(self, lines: io.StringIO) -> None:
+        """A logged exception shows its type, its cause's type and frames, not its text."""
+        def lookup() -> None:
+            try:
+                {}[USER]
+            except KeyError as exc:
+                raise ValueError(f"no device for {USER}") from exc
+
+        try:
+            lookup()
+        except ValueError:
+            log.get().exception("handler_failed", stage="inbound")
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert (line["error"], line["cause"]) == ("ValueError", "KeyError")
+        assert any("test_log.py" in frame for frame in line["trace"])
+
+    def test_library_records_keep_only_their_template(self, lines: io.StringIO) -> None:
+        """A library's log record keeps its format string; the arguments are dropped."""
+        logging.getLogger("aiormq.connection").warning("Connection to %s lost", USER)
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert (line["event"], line["logger"], line["template"]) == (
+            "library", "aiormq.connection", "Connection to %s lost")
+
+
+class TestLevel:
+    def test_set_level_applies_to_existing_loggers(self, lines: io.StringIO) -> None:
+        """After set_level, a logger made before it filters at the new level."""
+        logger = log.get("relayd.test")
+        logger.info("before")
+        log.set_level("warning")
+        logger.info("hidden")
+        logger.warning("shown")
+        assert [line["event"] for line in parsed(lines)] == ["before", "shown"]
