@@ -400,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.FAILURE
-    except Exception:  # a bug: log its type and frames, never its message (it may quote data)
-        log.get("relayd.cli").exception("crashed")
+    except Exception as exc:  # a bug, or a failure nothing above names
+        if args.command in ("run", "worker"):  # the daemon: type and frames, never the text
+            log.get("relayd.cli").exception("crashed")
+        else:  # an operator's command: the operator needs the message
+            print(f"relayd: {type(exc).__name__}: {exc}", file=sys.stderr)
         return ExitCode.SOFTWARE
     return code

@@ -150,7 +150,8 @@ def main() -> int:
         work = Path(tmp)
         config = work / "relayd.yaml"
         config.write_text(f"amqp:\n  url: {url}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
-                          f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n")
+                          f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n"
+                          "metrics:\n  port: 0\n")
         relayd(config, "keys", "generate", "--kid", "demo-1")
         relay = RelayPublic.from_json(relayd(config, "keys", "show"))
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")

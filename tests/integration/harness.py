@@ -221,6 +221,7 @@ def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
         # Tests send far faster than people do; test_fair_share sets tight limits itself.
         "limits": {"device_rate": 1e6, "device_burst": 1_000_000,
                    "business_rate": 1e6, "business_burst": 1_000_000},
+        "metrics": {"port": 0},  # any free port: tests run side by side
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -94,7 +94,7 @@ class TestExampleConfig:
         settings = config.load(EXAMPLE, environ={})
         assert settings.amqp.url.startswith(("amqp://", "amqps://"))
         assert settings.store.url == "sqlite:////var/lib/relayd/relayd.db"
-        assert settings.keys.dir == Path("/var/lib/relayd/keys")
+        assert settings.keys.dir == Path("/etc/relayd/keys")
         required = {key for key, field in _leaves(config.Settings)
                     if field.is_required() and not key.startswith("amqp.management.")}
         assert required == REQUIRED
