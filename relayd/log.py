@@ -128,7 +128,8 @@ def setup(settings: Logging, stream: TextIO | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # one write() per line, so that lines of several processes sharing stdout never mix
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()

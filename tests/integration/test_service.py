@@ -237,6 +237,35 @@ class TestSystemd:
         finally:
             kill_group(process)
 
+    async def test_second_signal_forces(self, tmp_path: Path, systemd: FakeSystemd) -> None:
+        """While workers cannot stop (stuck connecting to a broker that never answers, with
+        a drain deadline far away), a second SIGTERM kills them and relayd exits 1."""
+        held: list[asyncio.StreamWriter] = []
+        silent = await asyncio.start_server(lambda _, writer: held.append(writer),
+                                            "127.0.0.1", 0)
+        broker = silent.sockets[0].getsockname()[1]
+        port = free_port()
+        config = write_config(tmp_path, "unused", metrics={"port": port},
+                              workers={"shutdown_timeout": 600},
+                              amqp={"url": f"amqp://guest:guest@127.0.0.1:{broker}/",
+                                    "connect_timeout": 600})
+        keys.generate(tmp_path / "keys", "test-1")
+        process = run_in_background(config, {**os.environ, **systemd.environment()})
+        try:
+            report = await status_when(port, lambda r: all(w["pid"] for w in r["workers"]))
+            process.send_signal(signal.SIGTERM)
+            await systemd.until("STOPPING")
+            assert all(alive(w["pid"]) for w in report["workers"])
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == ExitCode.FAILURE
+            assert not any(alive(w["pid"]) for w in report["workers"])
+        finally:
+            kill_group(process)
+            for writer in held:
+                writer.close()
+            silent.close()
+            await silent.wait_closed()
+
     async def test_refuses_to_start_without_keys(self, tmp_path: Path) -> None:
         """A config whose keys are missing stops `relayd run` at once with exit code 78,
         before any worker starts."""
@@ -273,6 +302,37 @@ class TestWorkers:
                 assert stop_process(process) == ExitCode.OK
             finally:
                 kill_group(process)
+
+
+    async def test_workers_stop_when_the_supervisor_dies(self, tmp_path: Path) -> None:
+        """Workers whose supervisor was killed notice it, drain and exit on their own."""
+        port = free_port()
+        async with relay_in_vhost(tmp_path, metrics={"port": port},
+                                  logging={"level": "info"}) as relay:
+            process = relay.spawn()
+            try:
+                report = await status_when(port, lambda r: r["ready"], wait=60)
+                pids = [w["pid"] for w in report["workers"]]
+                process.kill()
+                process.wait(timeout=10)
+
+                async def workers_gone() -> bool | None:
+                    return None if any(alive(pid) for pid in pids) else True
+                await until(workers_gone, wait=30)
+            finally:
+                kill_group(process)
+        lines = [orjson.loads(line) for line in (tmp_path / "relayd.log").read_text().splitlines()]
+        assert sorted(line["worker"] for line in lines if line["event"] == "drained") == [
+            "inbound-0", "outbound-0"]
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 USER = "user-7q2w9x@example.org"
