@@ -8,11 +8,13 @@ publish targets and queue roles: never an id.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,6 +39,13 @@ RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again 
 
 _REASON = re.compile(r"[a-z][a-z_]{0,39}")
 ACKED = ("delivered", "dead_lettered")
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+@functools.cache
+def _child(metric: M, *values: str) -> M:
+    """metric.labels(*values), looked up once per label set (they are few and fixed)."""
+    return metric.labels(*values)
 
 
 def reason_label(reason: str) -> str:
@@ -45,12 +54,12 @@ def reason_label(reason: str) -> str:
 
 
 def received(stage: str) -> None:
-    IN_FLIGHT.labels(stage).inc()
+    _child(IN_FLIGHT, stage).inc()
 
 
 def settled(stage: str) -> None:
     """The message left our hands: settled, or abandoned to the broker's redelivery."""
-    IN_FLIGHT.labels(stage).dec()
+    _child(IN_FLIGHT, stage).dec()
 
 
 def handled(stage: str, outcome: str, reason: str, kind: str, latency_s: float,
@@ -58,16 +67,16 @@ def handled(stage: str, outcome: str, reason: str, kind: str, latency_s: float,
     """Count one settled message; `kind` `error:<code>` means it was answered with an error."""
     if kind.startswith("error:"):
         outcome, reason = "rejected", kind.removeprefix("error:")
-    MESSAGES.labels(stage, outcome).inc()
+    _child(MESSAGES, stage, outcome).inc()
     if outcome in ("rejected", "dead_lettered"):
-        REJECTIONS.labels(stage, reason_label(reason)).inc()
+        _child(REJECTIONS, stage, reason_label(reason)).inc()
     if outcome in ACKED or outcome == "rejected":
         waited = time.time() - sent_at.timestamp() if sent_at is not None else 0.0
-        END_TO_END.labels(stage).observe(max(latency_s, waited))
+        _child(END_TO_END, stage).observe(max(latency_s, waited))
 
 
 def confirmed(target: str, seconds: float) -> None:
-    CONFIRM_LATENCY.labels(target).observe(seconds)
+    _child(CONFIRM_LATENCY, target).observe(seconds)
 
 
 def aggregated(metrics_dir: Path, registry: CollectorRegistry | None = None) -> Collector:
