@@ -106,6 +106,8 @@ class Rates:
 
 
 class Supervisor:
+    """The worker processes of the given roles, their state, the endpoints and the jobs."""
+
     def __init__(self, settings: config.Settings, config_path: Path,
                  roles: list[Role], notifier: Notifier | None = None) -> None:
         self.settings = settings
