@@ -57,8 +57,10 @@ class TestCrash:
         await relay.add_business("acme")
         expected = await send_numbered(relay, PER_DEVICE)
         process = relay.spawn()
-        await relay.wait_depth(relay.inbox("acme"), 5)
-        kill_group(process)
+        try:
+            await relay.wait_depth(relay.inbox("acme"), 5)
+        finally:
+            kill_group(process)
         assert process.returncode == -signal.SIGKILL
         assert await relay.depth(relay.settings.topology.inbound_queue) > 0
         process = relay.spawn()
@@ -66,6 +68,7 @@ class TestCrash:
             seen, duplicates = await collect(relay, expected)
         finally:
             stop_process(process)
+            kill_group(process)
         assert seen == expected
         assert duplicates <= relay.settings.workers.prefetch
 
@@ -76,13 +79,17 @@ class TestGracefulStop:
         await relay.add_business("acme")
         expected = await send_numbered(relay, PER_DEVICE)
         process = relay.spawn()
-        await relay.wait_depth(relay.inbox("acme"), 5)
-        assert stop_process(process, signal.SIGTERM) == ExitCode.OK
+        try:
+            await relay.wait_depth(relay.inbox("acme"), 5)
+            assert stop_process(process, signal.SIGTERM) == ExitCode.OK
+        finally:
+            kill_group(process)
         process = relay.spawn()
         try:
             seen, duplicates = await collect(relay, expected)
-        finally:
             assert stop_process(process, signal.SIGINT) == ExitCode.OK
+        finally:
+            kill_group(process)
         assert seen == expected
         assert duplicates == 0  # a graceful stop acks all it finished
 
