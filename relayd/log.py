@@ -2,12 +2,13 @@
 
 No plaintext, key, user id or device id may reach a log line, and `redact` guarantees it
 rather than trusting each call site: it runs last before rendering and lets through only
-the values of the keys in SAFE_KEYS (stages, outcomes, reasons, timings, counts, key ids,
-exception types). Any other value is replaced by a keyed hash reference
-(relayd.opaque.reference), so that two lines about the same thing can still be matched
-without saying what it is. An event name that is not a plain identifier is hashed too.
-Exceptions are rendered as their type and frames, never their message (it may quote
-input). Records of libraries (aio-pika, asyncio) keep only their format template.
+the values of the keys in SAFE_KEYS (stages, outcomes, reasons, timings, key ids,
+exception types), integers under COUNT_KEYS and keyed references under REFERENCE_KEYS.
+Any other value is replaced by a keyed hash reference (relayd.opaque.reference), so that
+two lines about the same thing can still be matched without saying what it is. An event
+name that is not a plain identifier is hashed too. Exceptions are rendered as their type
+and frames, never their message (it may quote input). Records of libraries (aio-pika,
+asyncio) keep only their format template.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 SAFE_KEYS = frozenset({
     "event", "level", "timestamp", "logger", "template",  # the line itself
     "worker", "job", "stage", "type", "outcome", "reason", "latency_ms",  # what happened
-    "signal", "code", "abandoned", "retry_in_s", "workers", "count", "port",  # process
+    "signal", "code", "retry_in_s", "port", "via",  # process
     "kid", "kids",  # relay key ids, public by design
     "error", "cause", "trace",  # exception types and frames (exception_summary)
 })
+# Keys whose values pass only as integers (counts), and only as keyed references.
+COUNT_KEYS = frozenset({"abandoned", "workers", "count", "devices", "conversations", "closed",
+                        "replay", "sent", "expired", "failed", "audit"})
+REFERENCE_KEYS = frozenset({"user_ref"})  # relayd.opaque.reference() output
+_REFERENCE = re.compile(r"[a-z2-7]{15}")
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _Scalar = (str, int, float, bool, type(None))
 
@@ -64,6 +70,10 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
         if key == "event" and isinstance(value, str) and _IDENTIFIER.fullmatch(value):
             continue
         if key != "event" and key in SAFE_KEYS and _safe(value):
+            continue
+        if key in COUNT_KEYS and type(value) is int:
+            continue
+        if key in REFERENCE_KEYS and isinstance(value, str) and _REFERENCE.fullmatch(value):
             continue
         event[key] = "ref:" + reference(_reference_secret, "log", repr(value))
     return event

@@ -1,10 +1,12 @@
 """`relayd worker`: one worker process of one role, as `relayd run` starts it.
 
 Roles: inbound, outbound and gdpr consume their queue; retention runs the retention job
-(relayd/retention.py), in this one process only, and counts as ready once it runs.
+(relayd/retention.py), in this one process only. It consumes nothing, so the service's
+readiness does not wait for it.
 
 It talks to its supervisor over a socket pair (fd `--control-fd`), one line at a time:
-it reports `consuming <kid>` or `connecting <kid>` whenever that changes, and obeys
+it reports `consuming <kid>` or `connecting <kid>` (`running <kid>` for retention)
+whenever that changes, and obeys
 `stop` (drain, then exit 0) and `reload` (re-read the keys and the log level). When the
 supervisor goes away (end of file), it stops as if told to. SIGTERM and SIGINT stop it
 too, and a second signal forces the exit; SIGHUP reloads.
@@ -57,7 +59,8 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
 
     def report(consuming: bool) -> None:
         if writer is not None and not writer.is_closing():
-            state = "consuming" if consuming else "connecting"
+            state = "running" if role == "retention" else (
+                "consuming" if consuming else "connecting")
             writer.write(f"{state} {keyring.current.kid}\n".encode())
 
     consuming = ReportingEvent(report)
@@ -102,7 +105,7 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
     store = open_store(settings.store.url)
     try:
         if role == "retention":
-            consuming.set()
+            report(False)
             await retention.serve(settings, store, keyring, stop)
         else:
             await worker.serve(settings, role, store, lambda: keyring, stop, consuming)

@@ -65,7 +65,7 @@ class Slot:
     index: int
     pid: int | None = None
     control: asyncio.StreamWriter | None = None
-    consuming: bool = False
+    state: str = "down"  # starting, then as reported: connecting, consuming, running
     kid: str = ""
     restarts: int = 0
     exit_code: int | None = None
@@ -73,6 +73,15 @@ class Slot:
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
+
+    @property
+    def consumes(self) -> bool:
+        """Whether it has a queue to consume: every role but retention."""
+        return self.role != "retention"
+
+    @property
+    def consuming(self) -> bool:
+        return self.state == "consuming"
 
     def tell(self, command: str) -> None:
         if self.control is not None and not self.control.is_closing():
@@ -118,7 +127,8 @@ class Supervisor:
                   "gdpr": 1, "retention": 1}
         self.slots = [Slot(role, i) for role in roles for i in range(counts[role])]
         self.collector = metrics.SupervisorCollector()
-        self.collector.configured = {role: counts[role] for role in roles}
+        self.consumers = [slot for slot in self.slots if slot.consumes]
+        self.collector.configured = {s.role: counts[s.role] for s in self.consumers}
         self.stopping = asyncio.Event()
         self.forced = False
         self.announced = False
@@ -209,19 +219,19 @@ class Supervisor:
         finally:
             theirs.close()
         reader, slot.control = await asyncio.open_connection(sock=ours)
-        slot.pid = process.pid
+        slot.pid, slot.state = process.pid, "starting"
         if self.stopping.is_set():
             slot.tell("stop")
         try:
             async for line in reader:
                 state, _, kid = line.decode(errors="replace").strip().partition(" ")
-                slot.consuming, slot.kid = state == "consuming", kid
+                slot.state, slot.kid = state, kid
                 self._changed()
         except (ConnectionError, ValueError):
             pass
         code = await process.wait()
         slot.control.close()
-        slot.control, slot.pid, slot.consuming = None, None, False
+        slot.control, slot.pid, slot.state = None, None, "down"
         self._changed()
         if self.metrics_dir is not None:
             metrics.forget(self.metrics_dir, process.pid)
@@ -239,16 +249,18 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        return not self.stopping.is_set() and all(s.consuming for s in self.slots)
+        return not self.stopping.is_set() and all(s.consuming for s in self.consumers)
 
     def describe(self) -> str:
-        consuming = sum(s.consuming for s in self.slots)
-        text = f"{consuming}/{len(self.slots)} workers consuming, key {self.keyring.current.kid}"
+        consuming = sum(s.consuming for s in self.consumers)
+        text = (f"{consuming}/{len(self.consumers)} workers consuming, "
+                f"key {self.keyring.current.kid}")
         return f"stopping: {text}" if self.stopping.is_set() else text
 
     def _changed(self) -> None:
         self.collector.ready = self.ready
-        self.collector.consuming = {role: sum(s.consuming for s in self.slots if s.role == role)
+        self.collector.consuming = {role: sum(s.consuming for s in self.consumers
+                                              if s.role == role)
                                     for role in self.collector.configured}
         if self.ready and not self.announced:
             self.announced = True
@@ -266,9 +278,7 @@ class Supervisor:
             "ready": self.ready,
             "stopping": self.stopping.is_set(),
             "uptime_s": round(time.time() - self.started, 1),
-            "workers": [{"name": s.name, "role": s.role, "pid": s.pid,
-                         "state": "consuming" if s.consuming else
-                         ("starting" if s.pid else "down"),
+            "workers": [{"name": s.name, "role": s.role, "pid": s.pid, "state": s.state,
                          "restarts": s.restarts, "kid": s.kid} for s in self.slots],
             "keys": {"current": ring.current.kid, "kem": ring.current.kem.value,
                      "usable": sorted(ring.hpke),

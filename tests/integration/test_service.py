@@ -98,6 +98,12 @@ async def status_when(port: int, condition: Callable[[dict[str, Any]], bool],
     return await until(check, wait)
 
 
+def all_up(report: dict[str, Any]) -> bool:
+    """Ready, and every worker (retention too, which readiness does not wait for) runs."""
+    return bool(report["ready"]) and all(
+        w["state"] in ("consuming", "running") for w in report["workers"])
+
+
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of /metrics, by (name, labels)."""
     code, body = http(port, "/metrics")
@@ -286,10 +292,10 @@ class TestWorkers:
             expected = await send_numbered(relay, 100)
             process = relay.spawn()
             try:
-                before = await status_when(port, lambda report: report["ready"], wait=60)
+                before = await status_when(port, all_up, wait=60)
                 victim = next(w for w in before["workers"] if w["role"] == "inbound")
                 os.kill(victim["pid"], signal.SIGKILL)
-                after = await status_when(port, lambda r: r["ready"] and any(
+                after = await status_when(port, lambda r: all_up(r) and any(
                     w["restarts"] == 1 for w in r["workers"]), wait=60)
                 [restarted] = [w for w in after["workers"] if w["name"] == victim["name"]]
                 assert restarted["pid"] != victim["pid"]
@@ -311,7 +317,7 @@ class TestWorkers:
                                   logging={"level": "info"}) as relay:
             process = relay.spawn()
             try:
-                report = await status_when(port, lambda r: r["ready"], wait=60)
+                report = await status_when(port, all_up, wait=60)
                 pids = [w["pid"] for w in report["workers"]]
                 process.kill()
                 process.wait(timeout=10)
@@ -433,7 +439,7 @@ class TestMetrics:
             await relay.add_business("acme")
             process = relay.spawn()
             try:
-                await status_when(port, lambda report: report["ready"], wait=60)
+                await status_when(port, all_up, wait=60)
                 hidden = await conversation(relay, "metrics")
 
                 async def settled() -> dict[Any, float] | None:
@@ -476,7 +482,8 @@ class TestMetrics:
         assert "inbound 0 (1 consumers)" in summary.stdout
         assert "keys: current test-1 (X25519)" in summary.stdout
         report = orjson.loads(as_json.stdout)
-        assert [w["state"] for w in report["supervisor"]["workers"]] == ["consuming"] * 2
+        assert [(w["name"], w["state"]) for w in report["supervisor"]["workers"]] == [
+            ("inbound-0", "consuming"), ("outbound-0", "consuming"), ("retention-0", "running")]
         assert report["queues"]["inbound"] == {"messages": 0, "consumers": 1}
         assert stopped.returncode == ExitCode.FAILURE
         assert "not running" in stopped.stdout
@@ -495,7 +502,7 @@ class TestReload:
             phone = await relay.add_device("alice", "phone")
             process = relay.spawn()
             try:
-                await status_when(port, lambda report: report["ready"], wait=60)
+                await status_when(port, all_up, wait=60)
                 ids = {await relay.send(phone, "acme", "start")}
                 for n in range(200):
                     ids.add(await relay.send(phone, "acme", "message", {"text": str(n)}))
@@ -526,7 +533,7 @@ class TestReload:
                      for line in (tmp_path / "relayd.log").read_text().splitlines()]
             reloaded = [line for line in lines if line["event"] == "reloaded"]
             assert sorted(line["worker"] for line in reloaded) == [
-                "inbound-0", "inbound-1", "outbound-0"]
+                "inbound-0", "inbound-1", "outbound-0", "retention-0"]
             assert all(line["kids"] == ["test-1", "test-2"] for line in reloaded)
 
     async def test_bad_keys_change_nothing(self, tmp_path: Path) -> None:
@@ -537,7 +544,7 @@ class TestReload:
             phone = await relay.add_device("alice", "phone")
             process = relay.spawn()
             try:
-                await status_when(port, lambda report: report["ready"], wait=60)
+                await status_when(port, all_up, wait=60)
                 (relay.settings.keys.dir / "hpke-broken.json").write_text("{}")
                 (relay.settings.keys.dir / "hpke-broken.json").chmod(0o600)
                 process.send_signal(signal.SIGHUP)

@@ -12,6 +12,7 @@ import pytest
 
 from relayd import log
 from relayd.config import Logging
+from relayd.opaque import reference
 
 USER = "alice@example.org"
 
@@ -67,6 +68,25 @@ class TestRedact:
         [line] = parsed(lines)
         assert USER not in lines.getvalue()
         assert line["event"].startswith("ref:")
+
+    def test_counts_pass_as_integers_only(self, lines: io.StringIO) -> None:
+        """A count key shows an integer, but a list of ids under it is hashed."""
+        log.get().info("retention", expired=3, devices=["phone-1"])
+        [line] = parsed(lines)
+        assert line["expired"] == 3
+        assert line["devices"].startswith("ref:")
+        assert "phone-1" not in lines.getvalue()
+
+    def test_user_ref_passes_only_as_a_reference(self, lines: io.StringIO) -> None:
+        """user_ref keeps an opaque.reference() value (to match the audit trail), and hashes
+        anything else, such as the user id itself."""
+        ref = reference(b"\x02" * 32, "user", USER)
+        log.get().info("erased", user_ref=ref)
+        log.get().info("erased", user_ref=USER)
+        first, second = parsed(lines)
+        assert first["user_ref"] == ref
+        assert second["user_ref"].startswith("ref:")
+        assert USER not in lines.getvalue()
 
     def test_structured_values_under_safe_keys_are_hashed(self, lines: io.StringIO) -> None:
         """A dict under a safe key (a payload by mistake) is hashed, not printed."""
