@@ -4,7 +4,7 @@ Usage: .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--soak SECONDS
 
 Scenarios, each in a vhost of its own on the local RabbitMQ, each worker a real process:
   a   naive passthrough: consume -> publish -> await confirm -> ack, no crypto, no store
-  b   relayd inbound, X25519, one worker process (b2: two worker processes)
+  b   relayd inbound, X25519, one inbound worker process (b2: workers.inbound = 2)
   c1  relayd outbound, 1 device per user;  c3: 3 devices per user
   d   relayd inbound with the MLKEM768_X25519 hybrid suite
 All use quorum work queues, persistent ~400-byte messages and the same prefetch.
@@ -217,12 +217,12 @@ class Setup:
     env: dict[str, str]
 
 
-def relay_setup(root: Path, vhost_name: str, kem: Kem) -> Setup:
+def relay_setup(root: Path, vhost_name: str, kem: Kem, inbound_workers: int = 1) -> Setup:
     config = {
         "amqp": {"url": f"amqp://guest:guest@{HOST}/{vhost_name}"},
         "store": {"url": f"sqlite:///{root}/relayd.db"},
         "keys": {"dir": str(root / "keys")},
-        "workers": {"prefetch": PREFETCH, "inbound": 1, "outbound": 1},
+        "workers": {"prefetch": PREFETCH, "inbound": inbound_workers, "outbound": 1},
         # no rate limits: the bench floods from a few devices on purpose
         "limits": {"max_age_seconds": 7 * 86400, "device_rate": 1e9, "device_burst": 10**9,
                    "business_rate": 1e9, "business_burst": 10**9},
@@ -254,11 +254,11 @@ def text_for(size: int) -> str:
     return "x" * max(1, size)
 
 
-async def inbound(name: str, kem: Kem, processes: int, total: int, latency_s: float,
+async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s: float,
                   soak_s: float = 0) -> Result:
     result = Result(name, total)
     with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
-        setup = relay_setup(Path(tmp), vh, kem)
+        setup = relay_setup(Path(tmp), vh, kem, worker_count)
         t = setup.settings.topology
         store = open_store(setup.settings.store.url)
         await store.add_business(Business("acme", "guest"))
@@ -286,7 +286,7 @@ async def inbound(name: str, kem: Kem, processes: int, total: int, latency_s: fl
             progress(f"{name}: sealing and preloading {total} envelopes")
             await publish_all(ingress, t.inbound_routing_key, [sealed(i) for i in range(total)])
             inbox = topology.business_inbox(t, "acme")
-            workers = Workers([relay_command(setup, "inbound")] * processes, setup.env)
+            workers = Workers([relay_command(setup, "inbound")], setup.env)
             try:
                 async def drained() -> bool:
                     return await depth(channel, inbox) >= total
