@@ -13,6 +13,8 @@ truncating checkpoint, so what is deleted does not linger in the file or its WAL
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import secrets
 import sqlite3
 import time
@@ -122,6 +124,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _lock_file(path: Path) -> int:
+    """A descriptor of `<db>.lock`: writers of every process take it in turn.
+
+    SQLite's own busy handler polls with sleeps of up to 100 ms, so two processes that
+    commit often wait far longer than the commits take; flock() wakes the next writer
+    the moment the lock is free.
+    """
+    return os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+@contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 Op = Callable[[sqlite3.Connection], Any]
 Outcome = tuple[bool, Any]
 
@@ -130,9 +151,9 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = _connect(self.path)
+        self._db, self._db_lock = _connect(self.path), _lock_file(self.path)
         self.migrate()
-        self._writer = _connect(self.path)
+        self._writer, self._writer_lock = _connect(self.path), _lock_file(self.path)
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -163,24 +184,31 @@ class SqliteStore:
             self._flusher = None
 
     def _apply(self, ops: list[Op]) -> list[Outcome]:
-        """One transaction; each op in a savepoint, so one failing op undoes only itself."""
-        db, outcomes = self._writer, []
+        """Commit `ops` together, holding the cross-process write lock."""
+        db = self._writer
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                db.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, op(db)))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                db.execute("RELEASE op")
-            db.execute("COMMIT")
+            with _locked(self._writer_lock):
+                return self._run(db, ops)
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             error = TransientError("store_busy", type(exc).__name__)
             return [(False, error)] * len(ops)
+
+    @staticmethod
+    def _run(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
+        """One transaction; each op in a savepoint, so one failing op undoes only itself."""
+        outcomes: list[Outcome] = []
+        db.execute("BEGIN IMMEDIATE")
+        for op in ops:
+            db.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, op(db)))
+            except Exception as exc:
+                db.execute("ROLLBACK TO op")
+                outcomes.append((False, exc))
+            db.execute("RELEASE op")
+        db.execute("COMMIT")
         return outcomes
 
     def migrate(self) -> int:
@@ -195,13 +223,14 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with _locked(self._db_lock):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _scrub(self) -> None:
         """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
@@ -216,6 +245,8 @@ class SqliteStore:
         self._committer.shutdown()
         self._writer.close()
         self._db.close()
+        os.close(self._writer_lock)
+        os.close(self._db_lock)
 
     async def add_business(self, business: Business) -> bool:
         with self._write() as db:
