@@ -82,6 +82,7 @@ class Amqp(Section):
 
 class Store(Section):
     url: str
+    pool_size: Positive = 10
 
     @field_validator("url")
     @classmethod

@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from relayd import amqp, envelope, log, metrics, topology
 from relayd.config import Settings
-from relayd.errors import PermanentError, TransientError
+from relayd.errors import PermanentError, StoreUnavailableError, TransientError
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
 from relayd.keys import KeyRing
@@ -119,6 +119,8 @@ class Consumer:
             except PermanentError as exc:
                 outcome, reason = "dead_lettered", exc.reason
                 await self.sink.dead_letter(message, self.queue, exc.reason)
+            except StoreUnavailableError:
+                raise  # not the message's fault: below, it goes back without counting
             except Exception as exc:  # transient, or a bug: retry, then dead-letter
                 if isinstance(exc, TransientError):
                     reason = exc.reason
@@ -137,7 +139,7 @@ class Consumer:
                 await self.sink.dead_letter(message, self.queue, reason)
             await message.ack()
             self._attempts.pop(self._key(message), None)
-        except (TransientError, *_CONNECT_ERRORS) as exc:
+        except (TransientError, StoreUnavailableError, *_CONNECT_ERRORS) as exc:
             # Not settled: the broker redelivers it once our channel is gone or requeues it.
             outcome, reason = "unsettled", type(exc).__name__
             with contextlib.suppress(*_CONNECT_ERRORS):

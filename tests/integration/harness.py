@@ -241,7 +241,7 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "test-1", kem)
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         connection = await aio_pika.connect(settings.amqp.url)
         channel = await connection.channel(publisher_confirms=True)
         relay = Relay(root, vhost, settings, store, keyring,
