@@ -9,7 +9,9 @@ does (relayd.topology.device: queue and binding), and reads the node's memory fr
     .venv/bin/python scripts/measure-device-queues.py --steps 10000 --variant cqv2
 
 --variant names the queue arguments changed from relayd's: `relayd` (as shipped),
-`cqv2` (x-queue-version 2), `lazy` (x-queue-mode lazy).
+`cqv2` (x-queue-version 2), `lazy` (x-queue-mode lazy). --pending N puts N messages of
+--size bytes in each queue (a device offline with messages waiting); --idle S measures
+again after S seconds without traffic (idle queue processes hibernate).
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def memory(broker: TestBroker) -> dict[str, int]:
     }
 
 
-async def declare(url: str, names: range, extra: dict[str, Any]) -> None:
-    """Declare and bind relayd.device.dev-NNNNNN for every number in `names`."""
+async def declare(url: str, names: range, extra: dict[str, Any], pending: int,
+                  size: int) -> None:
+    """Declare and bind relayd.device.dev-NNNNNN for every number in `names`, then put
+    `pending` persistent messages of `size` bytes in each."""
     t = Topology()
     connection = await aio_pika.connect(url)
     async with connection:
@@ -66,6 +70,8 @@ async def declare(url: str, names: range, extra: dict[str, Any]) -> None:
 
         async def lane(offset: int) -> None:
             channel = await connection.channel()
+            exchange = await channel.get_exchange(t.devices_exchange)
+            body = bytes(size)
             for number in names[offset::CHANNELS]:
                 device = f"dev-{number:06d}"
                 queue_spec, binding = topology.device(t, device)
@@ -74,6 +80,9 @@ async def declare(url: str, names: range, extra: dict[str, Any]) -> None:
                 queue = await channel.declare_queue(
                     queue_spec.name, durable=True, arguments={**queue_spec.arguments, **extra})
                 await queue.bind(binding.exchange, binding.routing_key)
+                for _ in range(pending):
+                    await exchange.publish(aio_pika.Message(
+                        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), device)
 
         await asyncio.gather(*(lane(i) for i in range(CHANNELS)))
 
@@ -95,6 +104,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[10_000, 50_000],
                         help="queue counts to measure at, ascending")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="relayd")
+    parser.add_argument("--pending", type=int, default=0, help="messages waiting per queue")
+    parser.add_argument("--size", type=int, default=1024, help="bytes per waiting message")
+    parser.add_argument("--idle", type=float, default=0, help="seconds to idle, then measure")
     parser.add_argument("--dir", type=Path, help="node directory (default: a temporary one)")
     args = parser.parse_args()
     steps = sorted(args.steps)
@@ -107,7 +119,8 @@ def main() -> int:
             done, results = 0, []
             for step in steps:
                 started = time.monotonic()
-                asyncio.run(declare(broker.amqp_url, range(done, step), VARIANTS[args.variant]))
+                asyncio.run(declare(broker.amqp_url, range(done, step), VARIANTS[args.variant],
+                                    args.pending, args.size))
                 declared_s = time.monotonic() - started
                 done = step
                 now = settle(broker)
@@ -116,8 +129,17 @@ def main() -> int:
                                 "total_mib": round(now["total"] / MIB, 1),
                                 "bytes_per_queue": per_queue})
                 print(json.dumps(results[-1]), flush=True)
+            if args.idle:
+                time.sleep(args.idle)
+                now = settle(broker)
+                results.append({"queues": done, "after_idle_s": args.idle,
+                                "total_mib": round(now["total"] / MIB, 1),
+                                "bytes_per_queue": {k: round((now[k] - base[k]) / done)
+                                                    for k in now}})
+                print(json.dumps(results[-1]), flush=True)
             version = broker.ctl("version").strip()
             print(json.dumps({"summary": {"rabbitmq": version, "variant": args.variant,
+                                          "pending": args.pending, "size": args.size,
                                           "steps": results}}))
         finally:
             broker.stop()
