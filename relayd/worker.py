@@ -79,6 +79,7 @@ class Consumer:
         self.sink = sink
         self.queue = queue or shard.entry_queue(settings.topology, role)
         self.lanes = Lanes()
+        self.handing_back = False  # stopping a shard: start nothing more, see _consume
         self._attempts: OrderedDict[bytes, int] = OrderedDict()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -112,6 +113,8 @@ class Consumer:
 
     async def settle(self, message: AbstractIncomingMessage,
                      work: Callable[[], Awaitable[str]], started: float) -> None:
+        if self.handing_back:
+            return  # left unacked: it goes back to the queue when our channel closes
         outcome, reason, kind = "delivered", "", ""
         try:
             try:
@@ -266,9 +269,17 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     if lost.is_set():  # their deliveries died with the channel: the broker resends
         await asyncio.gather(*(consumer.drain(0) for consumer, _, _ in consumers))
         return
-    with contextlib.suppress(*_CONNECT_ERRORS):
-        for _, queue, tag in consumers:
-            await queue.cancel(tag)
+    if settings.topology.shards > 1:
+        # A cancelled single active consumer hands its shard over at once, while what it
+        # had received would still be in work: instead keep the consumer, finish only
+        # what started, and let the channel's close return the rest, in order, to the
+        # standby that then takes over.
+        for consumer, _, _ in consumers:
+            consumer.handing_back = True
+    else:
+        with contextlib.suppress(*_CONNECT_ERRORS):
+            for _, queue, tag in consumers:
+                await queue.cancel(tag)
     abandoned = await asyncio.gather(*(consumer.drain(settings.workers.shutdown_timeout)
                                        for consumer, _, _ in consumers))
     _log.info("drained", stage=role, abandoned=sum(abandoned))
