@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -107,9 +108,12 @@ def main() -> int:
     parser.add_argument("--pending", type=int, default=0, help="messages waiting per queue")
     parser.add_argument("--size", type=int, default=1024, help="bytes per waiting message")
     parser.add_argument("--idle", type=float, default=0, help="seconds to idle, then measure")
+    parser.add_argument("--budget", type=float, default=1200,
+                        help="seconds each step may take before the run gives up")
     parser.add_argument("--dir", type=Path, help="node directory (default: a temporary one)")
     args = parser.parse_args()
     steps = sorted(args.steps)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the node is stopped below
     with tempfile.TemporaryDirectory(prefix="relayd-measure-") as scratch:
         broker = TestBroker(args.dir or Path(scratch))
         broker.start(timeout=120)
@@ -119,8 +123,9 @@ def main() -> int:
             done, results = 0, []
             for step in steps:
                 started = time.monotonic()
-                asyncio.run(declare(broker.amqp_url, range(done, step), VARIANTS[args.variant],
-                                    args.pending, args.size))
+                asyncio.run(asyncio.wait_for(declare(
+                    broker.amqp_url, range(done, step), VARIANTS[args.variant], args.pending,
+                    args.size), args.budget))
                 declared_s = time.monotonic() - started
                 done = step
                 now = settle(broker)
