@@ -269,7 +269,7 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     if lost.is_set():  # their deliveries died with the channel: the broker resends
         await asyncio.gather(*(consumer.drain(0) for consumer, _, _ in consumers))
         return
-    if settings.topology.shards > 1:
+    if shard.sharded(settings.topology, role):
         # A cancelled single active consumer hands its shard over at once, while what it
         # had received would still be in work: instead keep the consumer, finish only
         # what started, and let the channel's close return the rest, in order, to the

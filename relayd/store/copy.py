@@ -68,6 +68,13 @@ async def copy_sqlite(path: Path, target: PostgresStore, force: bool = False) ->
                 await conn.copy_records_to_table(
                     table, columns=columns, records=_records(source, table, columns, booleans))
                 copied[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
+                for column in columns:  # ids were copied as they were: move counters past them
+                    counter = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)",
+                                                  table, column)
+                    if counter is not None:
+                        await conn.execute(
+                            f"SELECT setval($1, coalesce(max({column}), 0) + 1, false)"
+                            f" FROM {table}", counter)
         return copied
     finally:
         source.close()

@@ -83,7 +83,7 @@ class TestCopy:
     async def test_copy_moves_every_state(self, tmp_path: Path,
                                           pg_config: tuple[Path, str]) -> None:
         """After a copy, PostgreSQL answers as SQLite did: parties, conversations, replay
-        windows and down seqs carry on where they were."""
+        windows, down seqs and the audit trail carry on where they were."""
         path, url = pg_config
         source = f"sqlite:///{tmp_path}/old.db"
         await populate(source)
@@ -105,6 +105,10 @@ class TestCopy:
                 "phone": 1, "laptop": 1}
             assert await new.allocate_seqs("reply:acme:3", ["phone", "laptop"], 70) == {
                 "phone": 3, "laptop": 2}
+            assert await new.audit_log() == await old.audit_log()
+            assert (await new.export_user("bob")) == (await old.export_user("bob"))
+            await new.add_audit("copied", "test", {}, 80)  # new ids start past the copied
+            assert "copied" in [r.action for r in await new.audit_log()]
         finally:
             await old.close()
             await new.close()
