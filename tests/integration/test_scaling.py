@@ -7,6 +7,7 @@ relay's keys, as on separate machines; they share the vhost and the database.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 from collections import Counter, defaultdict
@@ -18,7 +19,13 @@ import pytest
 from relayd import shard
 from relayd.client import parse_event
 from relayd.errors import ExitCode
-from tests.integration.harness import Relay, rabbitmqctl, relay_in_vhost, stop_process
+from tests.integration.harness import (
+    Relay,
+    kill_group,
+    rabbitmqctl,
+    relay_in_vhost,
+    stop_process,
+)
 
 USERS = 6
 COUNT = 40  # numbered messages per conversation, each way
@@ -79,8 +86,22 @@ def first_occurrences(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def stop_all(*processes: subprocess.Popen[bytes]) -> list[int]:
-    return [stop_process(p, signal.SIGTERM) if p.poll() is None else p.returncode
-            for p in processes]
+    """SIGTERM each host still running; its exit code (and SIGKILL whatever is left over,
+    workers included)."""
+    codes = [stop_process(p, signal.SIGTERM) if p.poll() is None else p.returncode
+             for p in processes]
+    for process in processes:
+        kill_group(process)
+    return codes
+
+
+def take_away(host: subprocess.Popen[bytes], sig: int) -> None:
+    """SIGKILL a host's supervisor and workers at once, as a crash of its machine would;
+    or SIGTERM its supervisor, which stops its workers gracefully."""
+    if sig == signal.SIGKILL:
+        os.killpg(host.pid, signal.SIGKILL)
+    else:
+        host.send_signal(sig)
 
 
 class TestOrder:
@@ -113,7 +134,7 @@ class TestOrder:
                                                              {"text": str(n)}))
                     if n == COUNT // 2:  # host A is at work on the stream: take it away
                         await relay.wait_depth(relay.inbox("acme"), USERS * 4)
-                        host_a.send_signal(sig)
+                        take_away(host_a, sig)
                 assert host_a.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 0)
                 events = await drain(relay, relay.inbox("acme"), set().union(*up.values()),
                                      lambda m: parse_event(m.body))
@@ -195,7 +216,7 @@ class TestRouter:
             second = None
             try:
                 await wait_consumers(relay, 1, entry=True, roles=(role,))
-                second = relay.spawn(role, relay.other_host("host-b"))
+                second = relay.spawn(role, config_path=relay.other_host("host-b"))
                 await wait_consumers(relay, 2, roles=(role,))
                 assert consumers(relay)[entry] == 1
                 assert stop_process(first) == ExitCode.OK
