@@ -113,6 +113,13 @@ class Publisher:
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise TransientError("delete_failed", type(exc).__name__) from None
 
+    def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],
+                 content_type: str) -> Awaitable[None]:
+        """A message forwarded, as it came, to one shard queue (see relayd.shard)."""
+        message = aio_pika.Message(body, headers=headers, content_type=content_type,
+                                   delivery_mode=DeliveryMode.PERSISTENT)
+        return self._publish(self._t.shard_exchange, queue, message)
+
     def dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage, queue: str,
                     reason: str) -> Awaitable[None]:
         """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason."""

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import admin, config, gdpr, keys, log, payload, provision, retention, status
 from relayd.crypto import Kem, b64d, fingerprint
-from relayd.errors import ConfigError, ExitCode, TransientError
+from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
 from relayd.run import ROLES, Role
 from relayd.store import Business, Device, Store, open_store
 
@@ -89,13 +89,59 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
     async def declare() -> int:
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         try:
             return await admin.declare_all(settings, store)
         finally:
             await store.close()
 
     print(f"declared {asyncio.run(declare())} exchanges, queues and bindings")
+    return ExitCode.OK
+
+
+def cmd_store_migrate(args: argparse.Namespace, settings: config.Settings) -> int:
+    async def migrate() -> tuple[int, int]:
+        store = await open_store(settings.store.url, migrate=False)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    before, now = asyncio.run(migrate())
+    _print(args, {"before": before, "now": now},
+           f"schema at version {now}" + (f" (was {before})" if before != now else ": up to date"))
+    return ExitCode.OK
+
+
+def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
+    from relayd.store.copy import CopyRefusedError, copy_sqlite
+    from relayd.store.postgres import PostgresStore
+
+    if not args.source.startswith("sqlite:///"):
+        print("--from must be a sqlite:/// URL", file=sys.stderr)
+        return ExitCode.USAGE
+    if settings.store.url.startswith("sqlite:///"):
+        print("store.url must name the PostgreSQL store to copy into", file=sys.stderr)
+        return ExitCode.USAGE
+
+    source = Path(args.source.removeprefix("sqlite:///"))
+    if not source.is_file():
+        print(f"{source}: no such file", file=sys.stderr)
+        return ExitCode.NOT_FOUND
+
+    async def copy() -> dict[str, int]:
+        target = await PostgresStore.connect(settings.store.url)
+        try:
+            return await copy_sqlite(source, target, args.force)
+        finally:
+            await target.close()
+
+    try:
+        copied = asyncio.run(copy())
+    except CopyRefusedError as exc:
+        print(f"not copied: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    _print(args, copied, "\n".join(f"{table}: {rows} rows" for table, rows in copied.items()))
     return ExitCode.OK
 
 
@@ -186,7 +232,7 @@ def cmd_business(args: argparse.Namespace, settings: config.Settings) -> int:
         return ExitCode.USAGE
 
     async def act() -> int:
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         try:
             return await _BUSINESS_ACTIONS[args.action](args, settings, store)
         except provision.ProvisionError as exc:
@@ -209,7 +255,7 @@ def _device(args: argparse.Namespace) -> Device:
 
 def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
     async def act() -> int:
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         try:
             if args.action == "add":
                 try:
@@ -245,7 +291,7 @@ def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
     async def act() -> int:
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         try:
             if args.action == "export":
                 print(orjson.dumps(await gdpr.export(store, args.user),
@@ -319,6 +365,17 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     command(topo, "declare", cmd_topology_declare, "declare everything, idempotently")
 
+    stores = commands.add_parser("store", help="the registry's database").add_subparsers(
+        dest="action", required=True)
+    command(stores, "migrate", cmd_store_migrate, "bring the schema to this version",
+            json_output=True)
+    copy = command(stores, "copy", cmd_store_copy,
+                   "copy a SQLite registry into the configured PostgreSQL store",
+                   json_output=True)
+    copy.add_argument("--from", dest="source", required=True, help="sqlite:///PATH")
+    copy.add_argument("--force", action="store_true",
+                      help="replace what the target holds (refused by default)")
+
     def business_id(value: str) -> str:
         return _valid_id(payload.BUSINESS_ID, value, "a business id")
 
@@ -388,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, why in exc.problems.items():
             print(f"  {key}: {why}", file=sys.stderr)
         return ExitCode.CONFIG
+    except StoreUnavailableError as exc:
+        print(f"cannot reach the store: {exc}", file=sys.stderr)
+        return ExitCode.STORE_UNAVAILABLE
     except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
         print(f"cannot reach the broker: {exc}", file=sys.stderr)
         return ExitCode.BROKER_UNAVAILABLE

@@ -82,6 +82,7 @@ class Amqp(Section):
 
 class Store(Section):
     url: str
+    pool_size: Positive = 10
 
     @field_validator("url")
     @classmethod
@@ -132,6 +133,8 @@ class Topology(Section):
     delivery_limit: Positive = 10
     gdpr_exchange: str = "relayd.gdpr"
     gdpr_queue: str = "relayd.gdpr"
+    shards: Annotated[int, Field(ge=1, le=1024)] = 1
+    shard_exchange: str = "relayd.shards"
 
     @field_validator("device_queue")
     @classmethod

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line (argparse's own code)
     NOT_FOUND = 3  # the business, device or user named does not exist
     BROKER_UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker could not be reached
+    STORE_UNAVAILABLE = 69  # the same code: the database could not be reached
     SOFTWARE = 70  # EX_SOFTWARE: a bug
     CONFIG = 78  # EX_CONFIG: the config or the key files are wrong
 
@@ -64,3 +65,8 @@ class TransientError(RelaydError):
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         super().__init__(f"{reason}: {detail or reason}")
+
+
+class StoreUnavailableError(RelaydError):
+    """The store cannot be reached (a database restart, a lost connection): retry later,
+    without counting it against the message."""

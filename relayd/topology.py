@@ -51,6 +51,20 @@ def _work_queue(t: Topology, name: str) -> Queue:
     return Queue(name, arguments)
 
 
+def shards(t: Topology) -> list[Spec]:
+    """With topology.shards > 1: the shard queues of each direction, one active consumer
+    each, fed by the router through the shard exchange (routing key = queue name)."""
+    if t.shards == 1:
+        return []
+    specs: list[Spec] = [Exchange(t.shard_exchange, ExchangeType.DIRECT)]
+    for base in (t.inbound_queue, t.outbound_queue):
+        for k in range(t.shards):
+            queue = _work_queue(t, f"{base}.{k}")
+            queue.arguments["x-single-active-consumer"] = True
+            specs += [queue, Binding(queue.name, t.shard_exchange, queue.name)]
+    return specs
+
+
 def core(t: Topology, identity_service: bool = False) -> list[Spec]:
     """What the relay needs before it consumes; erase requests when an identity service
     is configured (gdpr.identity_user)."""
@@ -72,6 +86,7 @@ def core(t: Topology, identity_service: bool = False) -> list[Spec]:
         Binding(t.outbound_queue, t.replies_exchange, "#"),
         Exchange(t.devices_exchange, ExchangeType.DIRECT),
         *(gdpr if identity_service else []),
+        *shards(t),
     ]
 
 

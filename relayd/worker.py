@@ -25,9 +25,9 @@ from typing import Literal
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from relayd import amqp, envelope, log, metrics, topology
+from relayd import amqp, envelope, log, metrics, shard, topology
 from relayd.config import Settings
-from relayd.errors import PermanentError, TransientError
+from relayd.errors import PermanentError, StoreUnavailableError, TransientError
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
 from relayd.keys import KeyRing
@@ -36,6 +36,7 @@ from relayd.store import Store
 
 Role = Literal["inbound", "outbound", "gdpr"]
 _log = log.get("relayd.worker")
+ROUTER_RETRY_S = 2.0  # how often a standby asks to become the router
 _CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 
 
@@ -69,16 +70,16 @@ class Consumer:
     """Settles every message of one queue through its handler."""
 
     def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound | Erasure,
-                 sink: amqp.Publisher, keys: Callable[[], KeyRing] | None = None) -> None:
+                 sink: amqp.Publisher, keys: Callable[[], KeyRing] | None = None,
+                 queue: str | None = None) -> None:
         self.role = role
         self.keys = keys  # read per message: a reload takes effect at the next message
         self.settings = settings
         self.handler = handler
         self.sink = sink
-        t = settings.topology
-        self.queue = {"inbound": t.inbound_queue, "outbound": t.outbound_queue,
-                      "gdpr": t.gdpr_queue}[role]
+        self.queue = queue or shard.entry_queue(settings.topology, role)
         self.lanes = Lanes()
+        self.handing_back = False  # stopping a shard: start nothing more, see _consume
         self._attempts: OrderedDict[bytes, int] = OrderedDict()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -87,24 +88,24 @@ class Consumer:
         metrics.received(self.role)
         work: Callable[[], Awaitable[str]]
         lane: str | None
-        handler = self.handler
+        handler, topology = self.handler, self.settings.topology
         if self.keys is not None:
             handler.keys = self.keys()
+        again = shard.redelivered(message, topology)
         try:
             if isinstance(handler, Inbound):
                 opened = handler.prepare(message.body, (message.headers or {}).get(
                     envelope.KID_HEADER))
                 lane = "d:" + opened.device
-                work = lambda: handler.handle(opened, bool(message.redelivered))  # noqa: E731
+                work = lambda: handler.handle(opened, again)  # noqa: E731
             elif isinstance(handler, Erasure):
                 request = handler.prepare(message.body, message.user_id)
                 lane = "u:" + request.user
-                work = lambda: handler.handle(request, bool(message.redelivered))  # noqa: E731
+                work = lambda: handler.handle(request, again)  # noqa: E731
             else:
-                incoming = handler.prepare(message.body, message.user_id,
-                                           message.routing_key or "")
+                incoming = handler.prepare(message.body, *shard.origin(message, topology))
                 lane = "c:" + handler.lane(incoming)
-                work = lambda: handler.handle(incoming, bool(message.redelivered))  # noqa: E731
+                work = lambda: handler.handle(incoming, again)  # noqa: E731
         except PermanentError as exc:
             lane, work = None, _raiser(exc)
         task = self.lanes.submit(lane, lambda: self.settle(message, work, started))
@@ -112,6 +113,8 @@ class Consumer:
 
     async def settle(self, message: AbstractIncomingMessage,
                      work: Callable[[], Awaitable[str]], started: float) -> None:
+        if self.handing_back:
+            return  # left unacked: it goes back to the queue when our channel closes
         outcome, reason, kind = "delivered", "", ""
         try:
             try:
@@ -119,6 +122,8 @@ class Consumer:
             except PermanentError as exc:
                 outcome, reason = "dead_lettered", exc.reason
                 await self.sink.dead_letter(message, self.queue, exc.reason)
+            except StoreUnavailableError:
+                raise  # not the message's fault: below, it goes back without counting
             except Exception as exc:  # transient, or a bug: retry, then dead-letter
                 if isinstance(exc, TransientError):
                     reason = exc.reason
@@ -137,7 +142,7 @@ class Consumer:
                 await self.sink.dead_letter(message, self.queue, reason)
             await message.ack()
             self._attempts.pop(self._key(message), None)
-        except (TransientError, *_CONNECT_ERRORS) as exc:
+        except (TransientError, StoreUnavailableError, *_CONNECT_ERRORS) as exc:
             # Not settled: the broker redelivers it once our channel is gone or requeues it.
             outcome, reason = "unsettled", type(exc).__name__
             with contextlib.suppress(*_CONNECT_ERRORS):
@@ -247,19 +252,70 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     handler: Inbound | Outbound | Erasure = (
         Erasure(settings, store, keys(), sink) if role == "gdpr"
         else (Inbound if role == "inbound" else Outbound)(settings, store, keys(), sink))
-    consumer = Consumer(role, settings, handler, sink, keys)
-    queue = await channel.get_queue(consumer.queue, ensure=False)
-    tag = await queue.consume(consumer.on_message)
+    consumers = []
+    for name, arguments in shard.queues(settings.topology, role):
+        consumer = Consumer(role, settings, handler, sink, keys, name)
+        queue = await channel.get_queue(name, ensure=False)
+        consumers.append((consumer, queue, await queue.consume(consumer.on_message,
+                                                               arguments=arguments)))
+    router = (asyncio.create_task(_route(connection, settings, role, store, keys, stop, lost))
+              if shard.sharded(settings.topology, role) else None)
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()
     await _wait_any(stop, lost)
-    if lost.is_set():
-        await consumer.drain(0)  # their deliveries died with the channel: the broker resends
+    if router is not None:
+        await router
+    if lost.is_set():  # their deliveries died with the channel: the broker resends
+        await asyncio.gather(*(consumer.drain(0) for consumer, _, _ in consumers))
         return
-    with contextlib.suppress(*_CONNECT_ERRORS):
-        await queue.cancel(tag)
-    abandoned = await consumer.drain(settings.workers.shutdown_timeout)
-    _log.info("drained", stage=role, abandoned=abandoned)
+    if shard.sharded(settings.topology, role):
+        # A cancelled single active consumer hands its shard over at once, while what it
+        # had received would still be in work: instead keep the consumer, finish only
+        # what started, and let the channel's close return the rest, in order, to the
+        # standby that then takes over.
+        for consumer, _, _ in consumers:
+            consumer.handing_back = True
+    else:
+        with contextlib.suppress(*_CONNECT_ERRORS):
+            for _, queue, tag in consumers:
+                await queue.cancel(tag)
+    abandoned = await asyncio.gather(*(consumer.drain(settings.workers.shutdown_timeout)
+                                       for consumer, _, _ in consumers))
+    _log.info("drained", stage=role, abandoned=sum(abandoned))
+
+
+async def _route(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
+                 keys: Callable[[], KeyRing], stop: asyncio.Event, lost: asyncio.Event) -> None:
+    """Be the router of `role`'s entry queue (see relayd.shard) while no other process is.
+
+    The lock is an exclusive queue: the broker lets one connection own it and deletes it
+    when that connection dies; while another process holds it, ask again every few s.
+    """
+    name = shard.entry_queue(settings.topology, role)
+    while not (stop.is_set() or lost.is_set()):
+        channel = await open_channel(connection, settings)
+        sink = amqp.Publisher(channel, settings)
+        router = (shard.InboundRouter if role == "inbound" else shard.OutboundRouter)(
+            settings, store, keys(), sink)
+        consumer = Consumer(role, settings, router, sink, keys, name)
+        try:
+            await channel.declare_queue(f"{name}.router-lock", exclusive=True)
+        except aiormq.exceptions.ChannelLockedResource:  # another process routes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_wait_any(stop, lost), ROUTER_RETRY_S)
+            continue
+        closed = asyncio.Event()
+        channel.close_callbacks.add(lambda *_, closed=closed: closed.set())
+        queue = await channel.get_queue(name, ensure=False)
+        tag = await queue.consume(consumer.on_message)
+        _log.info("routing", stage=role)
+        await _wait_any(stop, lost, closed)
+        if lost.is_set() or closed.is_set():  # the broker resends what was in flight
+            await consumer.drain(0)
+            continue
+        with contextlib.suppress(*_CONNECT_ERRORS):
+            await queue.cancel(tag)
+        await consumer.drain(settings.workers.shutdown_timeout)
 
 

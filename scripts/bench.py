@@ -261,7 +261,7 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
     with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
         setup = relay_setup(Path(tmp), vh, kem, worker_count)
         t = setup.settings.topology
-        store = open_store(setup.settings.store.url)
+        store = await open_store(setup.settings.store.url)
         await store.add_business(Business("acme", "guest"))
         devices = [DeviceKeys.generate(f"dev-{i}", kem) for i in range(USERS)]
         for i, device in enumerate(devices):
@@ -352,7 +352,7 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float) -> Re
     with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
         setup = relay_setup(Path(tmp), vh, Kem.X25519)
         t = setup.settings.topology
-        store = open_store(setup.settings.store.url)
+        store = await open_store(setup.settings.store.url)
         await store.add_business(Business("acme", "guest"))
         secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
         conversations = []

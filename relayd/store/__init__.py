@@ -1,7 +1,8 @@
 """The relay's registry, behind one small interface.
 
-SQLite is the embedded default (`sqlite:///path`). Every backend passes the same contract
-suite in tests/integration/test_store_contract.py.
+SQLite is the embedded default (`sqlite:///path`); PostgreSQL (`postgresql://…`) serves
+several relayd hosts at once. Every backend passes the same contract suite in
+tests/integration/test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Store(Protocol):
     """What the workers and the CLI need from storage; every method is one transaction."""
 
     async def close(self) -> None: ...
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply the migrations the schema lacks; return (version before, version now)."""
 
     async def add_business(self, business: Business) -> bool:
         """Register a business; False if it exists already (unchanged).
@@ -161,10 +165,20 @@ class Store(Protocol):
         """Every audit record, oldest first (ties in the order they were added)."""
 
 
-def open_store(url: str) -> Store:
-    """The backend that `url` names; the schema is migrated on open."""
+async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> Store:
+    """The backend that `url` names; the schema is migrated on open unless told not to.
+
+    Raises StoreUnavailableError when a database server cannot be reached.
+    """
     if url.startswith("sqlite:///"):
         from relayd.store.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"))
+        return SqliteStore(url.removeprefix("sqlite:///"), migrate=migrate)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from relayd.store.postgres import PostgresStore
+        except ImportError:
+            raise ValueError("a postgresql:// store needs asyncpg: pip install"
+                             " 'relayd[postgres]'") from None
+        return await PostgresStore.connect(url, migrate=migrate, pool_size=pool_size)
     raise ValueError(f"no store backend for {url.split(':', 1)[0]}")

@@ -148,11 +148,12 @@ Outcome = tuple[bool, Any]
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, migrate: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db, self._db_lock = _connect(self.path), _lock_file(self.path)
-        self.migrate()
+        if migrate:
+            self._migrate()
         self._writer, self._writer_lock = _connect(self.path), _lock_file(self.path)
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
@@ -211,15 +212,18 @@ class SqliteStore:
         db.execute("COMMIT")
         return outcomes
 
-    def migrate(self) -> int:
-        """Apply the migrations this file lacks; return the schema version."""
+    def _migrate(self) -> tuple[int, int]:
         with self._write() as db:
             version: int = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
-        return len(MIGRATIONS)
+        return version, len(MIGRATIONS)
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply the migrations this file lacks; return (version before, version now)."""
+        return self._migrate()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

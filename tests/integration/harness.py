@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from relayd import admin, config, keys, worker
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.crypto import Kem
 from relayd.store import Business, Device, Store, open_store
+from tests.support import postgres
 
 BROKER = os.environ.get("RELAYD_TEST_BROKER", "127.0.0.1:5672")
 WAIT = 15.0
@@ -77,16 +79,30 @@ class Relay:
         self.tasks.clear()
 
     def spawn(self, role: str = "all", env: dict[str, str] | None = None,
-              command: tuple[str, ...] = ("-m", "relayd")) -> subprocess.Popen[bytes]:
-        """`relayd run` as a real process, for kill and signal tests; it logs to root.
+              command: tuple[str, ...] = ("-m", "relayd"),
+              config_path: Path | None = None) -> subprocess.Popen[bytes]:
+        """`relayd run` as a real process, for kill and signal tests; it logs beside its
+        config file.
 
         It leads a process group of its own, with its workers: kill_group() ends them all.
         """
-        with (self.root / "relayd.log").open("ab") as log_file:
+        path = config_path or self.config_path
+        with (path.parent / "relayd.log").open("ab") as log_file:
             return subprocess.Popen(
                 [sys.executable, *command, "run", "--role", role, "--config",
-                 str(self.config_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                 str(path)], stdout=log_file, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True)
+
+    def other_host(self, name: str) -> Path:
+        """The config of another relayd host: its own file and copy of the relay's keys,
+        the same broker vhost and the same store. Return the config's path."""
+        home = self.root / name
+        shutil.copytree(self.settings.keys.dir, home / "keys")
+        data = yaml.safe_load(self.config_path.read_text())
+        data["keys"]["dir"] = str(home / "keys")
+        path = home / "relayd.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
 
     async def reconnect(self) -> None:
         """A fresh connection for the test itself, after the broker dropped the old one."""
@@ -231,32 +247,41 @@ def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
+async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519, store: str | None = None,
                          **sections: dict[str, Any]) -> AsyncIterator[Relay]:
-    vhost = f"relayd-test-{secrets.token_hex(4)}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
+    """A relay in a fresh vhost. `store` is sqlite (a file under root) or postgresql (a
+    fresh database); RELAYD_TEST_STORE and RELAYD_TEST_SHARDS set the defaults, so the
+    whole suite can be run again over PostgreSQL or sharded queues."""
+    async with contextlib.AsyncExitStack() as stack:
+        if (store or os.environ.get("RELAYD_TEST_STORE", "sqlite")) == "postgresql":
+            url = await stack.enter_async_context(postgres.database())
+            sections = {**sections, "store": {"url": url}}
+        if "RELAYD_TEST_SHARDS" in os.environ:
+            shards = int(os.environ["RELAYD_TEST_SHARDS"])
+            sections = {**sections, "topology": {"shards": shards,
+                                                 **sections.get("topology", {})}}
+        vhost = f"relayd-test-{secrets.token_hex(4)}"
+        rabbitmqctl("add_vhost", vhost)
+        stack.callback(rabbitmqctl, "delete_vhost", vhost)
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         path = write_config(root, vhost, **sections)
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "test-1", kem)
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        store = open_store(settings.store.url)
+        registry = await open_store(settings.store.url)
+        stack.push_async_callback(registry.close)
         connection = await aio_pika.connect(settings.amqp.url)
+        stack.push_async_callback(connection.close)
         channel = await connection.channel(publisher_confirms=True)
-        relay = Relay(root, vhost, settings, store, keyring,
+        relay = Relay(root, vhost, settings, registry, keyring,
                       RelayPublic.from_json(keyring.public_info()), connection, channel,
                       config_path=path)
-        await admin.declare_all(settings, store)
+        await admin.declare_all(settings, registry)
         try:
             yield relay
         finally:
             if relay.tasks:
                 await relay.halt()
-            await connection.close()
-            await store.close()
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 def add_amqp_user(vhost: str, user: str) -> str:

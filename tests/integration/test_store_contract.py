@@ -8,19 +8,31 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relayd.crypto import Kem
 from relayd.store import AuditRecord, Business, Device, Store, open_store
 from relayd.store.sqlite import MIGRATIONS, SqliteStore
+from tests.support import postgres
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = open_store(f"sqlite:///{tmp_path}/relayd.db")
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty store of each backend: a SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/relayd.db"
+    else:
+        async with postgres.database() as url:
+            yield url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    backend = await open_store(store_url)
     yield backend
     await backend.close()
 
@@ -164,40 +176,79 @@ class TestSeqs:
         assert await store.allocate_seqs("m3", ["d2", "gone"], 4) == {"d2": 2}
 
 
-CONCURRENT_CLAIMS = """
+RACE = """
 import asyncio, sys
 from relayd.store import open_store
 async def main():
-    store = open_store(sys.argv[1])
-    won = [s for s in range(1, 201) if await store.claim_seq("d1", s, 1024)]
-    print(" ".join(map(str, won)))
+    store = await open_store(sys.argv[1], pool_size=4)
+    mine = {action}
+    print(mine)
+    await store.close()
 asyncio.run(main())
 """
+CLAIMS = RACE.format(action='[s for s in range(1, 201) if await store.claim_seq("d1", s, 1024)]')
+ALLOCATIONS = RACE.format(action='[await store.allocate_seqs(f"m{n}", ["d1", "d2"], n)'
+                          ' for n in range(1, 51)]')
+CLOSES = RACE.format(action='sum([await store.close_conversation(sys.argv[2], "user", n)'
+                     ' for n in range(20)])')
+OPENS = RACE.format(action='[(await store.open_conversation("u1", "acme", n, True,'
+                    ' lambda e: str(e).ljust(32, "x"))).epoch for n in range(20)]')
 
 
-class TestSqliteProcesses:
-    def test_several_processes_share_one_file(self, tmp_path: Path) -> None:
+def race(script: str, *args: str, processes: int = 4) -> list[Any]:
+    """Run `script` in several processes at once; return what each printed."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+             for _ in range(processes)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    return [eval(out) for out in outputs]  # noqa: S307 - our own scripts print literals
+
+
+class TestProcesses:
+    """Several processes (as on several hosts) change the same rows at once."""
+
+    async def test_each_seq_is_claimed_once(self, store: Store, store_url: str) -> None:
         """Four processes racing for the same seqs: each seq is won by exactly one."""
-        url = f"sqlite:///{tmp_path}/shared.db"
-        SqliteStore(tmp_path / "shared.db")
-        procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_CLAIMS, url],
-                                  stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(Path.cwd())})
-                 for _ in range(4)]
-        won = [int(s) for p in procs for s in p.communicate(timeout=120)[0].split()]
-        assert all(p.returncode == 0 for p in procs)
+        won = [s for mine in race(CLAIMS, store_url) for s in mine]
         assert sorted(won) == list(range(1, 201))
 
-    async def test_migrations_are_versioned(self, tmp_path: Path) -> None:
-        """Opening an existing file again applies nothing twice."""
-        first = SqliteStore(tmp_path / "m.db")
-        version = first.migrate()
+    async def test_allocations_are_idempotent_across_processes(self, store: Store,
+                                                               store_url: str) -> None:
+        """Racing allocations of the same sources agree, and each device counts 1..50."""
+        await store.add_device(device("d1"))
+        await store.add_device(device("d2"))
+        results = race(ALLOCATIONS, store_url)
+        assert all(r == results[0] for r in results)
+        assert results[0] == [{"d1": n, "d2": n} for n in range(1, 51)]
+        assert await store.allocate_seqs("m51", ["d1"], 51) == {"d1": 51}
+
+    async def test_a_close_is_applied_once(self, store: Store, store_url: str) -> None:
+        """Many racing closes of one conversation: exactly one of them closes it."""
+        opened = await store.open_conversation("u1", "acme", 1, False, make_id("u1", "acme"))
+        assert sum(race(CLOSES, store_url, opened.id)) == 1
+
+    async def test_racing_opens_make_one_conversation(self, store: Store,
+                                                      store_url: str) -> None:
+        """Processes opening the same conversation at once all get the same one."""
+        results = race(OPENS, store_url)
+        assert len({epoch for r in results for epoch in r}) == 1
+        conversation = await store.conversation_of("u1", "acme")
+        assert conversation is not None
+        assert conversation.state == "open"
+
+
+class TestMigrations:
+    async def test_migrations_are_versioned(self, store_url: str) -> None:
+        """A new store migrates from 0; opening it again applies nothing twice."""
+        first = await open_store(store_url, migrate=False)
+        before, now = await first.migrate()
         await first.close()
-        second = SqliteStore(tmp_path / "m.db")
-        assert second.migrate() == version
+        assert before == 0
+        assert now >= 1
+        second = await open_store(store_url)
+        assert await second.migrate() == (now, now)
         await second.close()
-
-
 
 
 class TestExport:
@@ -332,7 +383,7 @@ class TestAudit:
                 PRAGMA user_version = 1;""")
         db.close()
         store = SqliteStore(path)
-        assert store.migrate() == len(MIGRATIONS) == 2
+        assert await store.migrate() == (len(MIGRATIONS), len(MIGRATIONS)) == (2, 2)
         found = await store.device("d1")
         assert found is not None
         assert found.created_ms is None

@@ -1,0 +1,226 @@
+"""Several relayd hosts on one broker and one PostgreSQL: order, nothing lost, state once.
+
+Each host is a real `relayd run` process with its own config file and its own copy of the
+relay's keys, as on separate machines; they share the vhost and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayd import shard
+from relayd.client import parse_event
+from relayd.errors import ExitCode
+from tests.integration.harness import (
+    Relay,
+    kill_group,
+    rabbitmqctl,
+    relay_in_vhost,
+    stop_process,
+)
+
+USERS = 6
+COUNT = 40  # numbered messages per conversation, each way
+SHARDS = 4
+
+
+def consumers(relay: Relay) -> Counter[str]:
+    """Consumers per queue, standbys included (the broker's consumer_count omits those)."""
+    listing = rabbitmqctl("list_consumers", "-q", "--no-table-headers", "-p", relay.vhost,
+                          "queue_name")
+    return Counter(listing.split())
+
+
+async def wait_consumers(relay: Relay, at_least: int, entry: bool = False,
+                         roles: tuple[str, ...] = ("inbound", "outbound"),
+                         wait: float = 60) -> None:
+    """Until every work queue of `roles` (and, if `entry`, each router's entry queue) has
+    at least `at_least` consumers."""
+    t = relay.settings.topology
+    names = [name for role in roles for name, _ in shard.queues(t, role)]
+    if entry:
+        names += [shard.entry_queue(t, role) for role in roles]
+    async with asyncio.timeout(wait):
+        while True:  # the broker offers no event for a new consumer
+            counts = consumers(relay)
+            if all(counts[name] >= at_least for name in names):
+                return
+            await asyncio.sleep(0.2)
+
+
+async def drain(relay: Relay, queue_name: str, expected: set[str], key: Any,
+                wait: float = 90) -> list[Any]:
+    """Every message of a queue, acked and decoded with `key`, until each expected id was
+    seen; returns them in arrival order (duplicates included)."""
+    seen: set[str] = set()
+    got: list[Any] = []
+    queue = await relay.queue(queue_name)
+    async with asyncio.timeout(wait), queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            item = key(message)
+            got.append(item)
+            seen.add(item["id"])
+            if expected <= seen:
+                break
+    return got
+
+
+def first_occurrences(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At-least-once delivery may repeat a message; the order is that of first arrivals."""
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        if item["id"] not in seen:
+            seen.add(item["id"])
+            unique.append(item)
+    return unique
+
+
+def stop_all(*processes: subprocess.Popen[bytes]) -> list[int]:
+    """SIGTERM each host still running; its exit code (and SIGKILL whatever is left over,
+    workers included)."""
+    codes = [stop_process(p, signal.SIGTERM) if p.poll() is None else p.returncode
+             for p in processes]
+    for process in processes:
+        kill_group(process)
+    return codes
+
+
+def take_away(host: subprocess.Popen[bytes], sig: int) -> None:
+    """SIGKILL a host's supervisor and workers at once, as a crash of its machine would;
+    or SIGTERM its supervisor, which stops its workers gracefully."""
+    if sig == signal.SIGKILL:
+        os.killpg(host.pid, signal.SIGKILL)
+    else:
+        host.send_signal(sig)
+
+
+class TestOrder:
+    @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+    async def test_order_per_conversation_survives_losing_a_host(self, tmp_path: Path,
+                                                                 sig: int) -> None:
+        """Interleaved numbered conversations through two hosts with sharded queues arrive
+        in order both ways and complete, although the busy host is killed (or stopped)
+        mid-stream."""
+        # A small prefetch keeps a backlog in the broker, for the standby to take over.
+        async with relay_in_vhost(tmp_path, store="postgresql", topology={"shards": SHARDS},
+                                  workers={"prefetch": 8}) as relay:
+            await relay.add_business("acme")
+            devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
+            host_a = relay.spawn()
+            await wait_consumers(relay, 1, entry=True)  # host A routes and holds every shard
+            host_b = relay.spawn(config_path=relay.other_host("host-b"))
+            try:
+                await wait_consumers(relay, 2)
+                starts = {await relay.send(d, "acme", "start"): d for d in devices}
+                conversation = {starts[e["id"]].device: e["conversation"]
+                                for e in await relay.events("acme", USERS)}
+                up: dict[str, set[str]] = defaultdict(set)
+                down: dict[str, set[str]] = defaultdict(set)
+                for n in range(1, COUNT + 1):
+                    for d in devices:
+                        c = conversation[d.device]
+                        up[c].add(await relay.send(d, "acme", "message", {"text": str(n)}))
+                        down[d.device].add(await relay.reply("acme", c, "message",
+                                                             {"text": str(n)}))
+                    if n == COUNT // 2:  # host A is at work on the stream: take it away
+                        await relay.wait_depth(relay.inbox("acme"), USERS * 4)
+                        take_away(host_a, sig)
+                assert host_a.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 0)
+                events = await drain(relay, relay.inbox("acme"), set().union(*up.values()),
+                                     lambda m: parse_event(m.body))
+                for c, ids in up.items():
+                    mine = first_occurrences([e for e in events if e["conversation"] == c])
+                    assert [e["body"]["text"] for e in mine] == [str(n) for n in
+                                                                 range(1, COUNT + 1)]
+                    assert {e["id"] for e in mine} == ids
+                for d in devices:
+                    received = first_occurrences(await drain(
+                        relay, relay.device_queue(d), down[d.device],
+                        lambda m, d=d: d.open(relay.public, m.body)))
+                    assert [m["body"]["text"] for m in received] == [str(n) for n in
+                                                                     range(1, COUNT + 1)]
+                    assert [m["seq"] for m in received] == list(range(1, COUNT + 1))
+            finally:
+                codes = stop_all(host_a, host_b)
+            assert codes[1] == ExitCode.OK
+
+
+class TestSeveralHosts:
+    async def test_each_state_change_is_applied_once(self, tmp_path: Path) -> None:
+        """Two hosts consuming the same queues: a replayed envelope is accepted once, down
+        seqs have no gap or repeat, and a conversation closes once."""
+        async with relay_in_vhost(tmp_path, store="postgresql") as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device("alice", "phone")
+            laptop = await relay.add_device("alice", "laptop")
+            hosts = [relay.spawn(), relay.spawn(config_path=relay.other_host("host-b"))]
+            try:
+                await wait_consumers(relay, 2)
+                await relay.send(phone, "acme", "start")
+                [start] = await relay.events("acme", 1)
+                conversation = start["conversation"]
+
+                sealed = phone.seal(relay.public, phone.payload("acme", "message",
+                                                               {"text": "once"}))
+                await asyncio.gather(*(relay.publish_up(sealed) for _ in range(40)))
+                dead = await relay.dead(39)
+                assert {m.headers["x-relayd-reason"] for m in dead} == {"replayed"}
+                [accepted] = await relay.events("acme", 1)
+                assert accepted["body"] == {"text": "once"}
+
+                replies = await asyncio.gather(*(
+                    relay.reply("acme", conversation, "message", {"text": str(n)})
+                    for n in range(30)))
+                on_phone = await relay.received(phone, 30)
+                on_laptop = await relay.received(laptop, 32)  # two echoes, then the replies
+                assert sorted(m["seq"] for m in on_phone) == list(range(1, 31))
+                assert sorted(m["seq"] for m in on_laptop) == list(range(1, 33))
+                assert {m["id"] for m in on_phone} == set(replies)
+
+                close = phone.seal(relay.public, phone.payload("acme", "close"))
+                await asyncio.gather(*(relay.publish_up(close) for _ in range(5)))
+                [closed] = await relay.events("acme", 1)
+                assert closed["type"] == "close"
+                assert {m.headers["x-relayd-reason"] for m in await relay.dead(4)} == {
+                    "replayed"}
+                [gone] = await relay.received(laptop, 1)
+                assert gone["type"] == "close"
+                late = await relay.reply("acme", conversation, "message", {"text": "late"})
+                [error] = await relay.events("acme", 1)
+                assert (error["ref"], error["code"]) == (late, "conversation_closed")
+                await relay.assert_empty(relay.inbox("acme"), relay.device_queue(phone),
+                                         relay.device_queue(laptop),
+                                         relay.settings.topology.dead_queue)
+            finally:
+                codes = stop_all(*hosts)
+            assert codes == [ExitCode.OK, ExitCode.OK]
+
+
+@pytest.mark.parametrize("role", ["inbound", "outbound"])
+class TestRouter:
+    async def test_a_standby_takes_over_the_router(self, tmp_path: Path, role: str) -> None:
+        """Only one host routes an entry queue; when it stops, another takes over."""
+        async with relay_in_vhost(tmp_path, topology={"shards": 2}) as relay:
+            entry = shard.entry_queue(relay.settings.topology, role)
+            first = relay.spawn(role)
+            second = None
+            try:
+                await wait_consumers(relay, 1, entry=True, roles=(role,))
+                second = relay.spawn(role, config_path=relay.other_host("host-b"))
+                await wait_consumers(relay, 2, roles=(role,))
+                assert consumers(relay)[entry] == 1
+                assert stop_process(first) == ExitCode.OK
+                await wait_consumers(relay, 1, entry=True, roles=(role,))
+                assert consumers(relay)[entry] == 1
+            finally:
+                stop_all(first, *([second] if second else []))

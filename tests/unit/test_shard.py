@@ -1,0 +1,49 @@
+"""Which shard a lane belongs to, and which queues a worker consumes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relayd import shard, topology
+from relayd.config import Topology
+
+
+class TestShardOf:
+    @given(st.text(min_size=1, max_size=64), st.integers(min_value=1, max_value=1024))
+    def test_in_range_and_stable(self, lane: str, shards: int) -> None:
+        """A lane always maps to the same shard, inside 0..shards-1."""
+        k = shard.shard_of(lane, shards)
+        assert 0 <= k < shards
+        assert shard.shard_of(lane, shards) == k
+
+    def test_spreads_devices_evenly(self) -> None:
+        """10,000 device lanes over 8 shards: no shard gets more than 10 % above its share."""
+        counts = Counter(shard.shard_of(f"d:device-{i}", 8) for i in range(10_000))
+        assert len(counts) == 8
+        assert max(counts.values()) < 1.1 * 10_000 / 8
+
+
+class TestQueues:
+    def test_one_shard_is_the_contract_queue(self) -> None:
+        """By default a worker consumes the contract's own queue, as before sharding."""
+        t = Topology()
+        assert shard.queues(t, "inbound") == [("relayd.inbound", {})]
+        assert shard.queues(t, "outbound") == [("relayd.outbound", {})]
+        assert topology.shards(t) == []
+
+    def test_shards_have_one_active_consumer_each(self) -> None:
+        """With N shards each direction has N single-active-consumer queues, bound to the
+        shard exchange by their own name."""
+        t = Topology(shards=3)
+        names = [name for name, arguments in shard.queues(t, "inbound")]
+        assert names == ["relayd.inbound.0", "relayd.inbound.1", "relayd.inbound.2"]
+        specs = topology.shards(t)
+        queues = [s for s in specs if isinstance(s, topology.Queue)]
+        assert len(queues) == 6
+        assert all(q.arguments["x-single-active-consumer"] for q in queues)
+        bindings = {(b.queue, b.exchange, b.routing_key) for b in specs
+                    if isinstance(b, topology.Binding)}
+        assert ("relayd.outbound.2", "relayd.shards", "relayd.outbound.2") in bindings
