@@ -48,6 +48,7 @@ PREFETCH = 256
 BODY_BYTES = 400
 USERS = 64
 POLL_S = 0.01
+FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
 
 
 def progress(text: str) -> None:
@@ -296,7 +297,7 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
                     channel, t.inbound_queue, drained, workers, total, 300)
                 progress(f"{name}: {result.rate:.0f} msg/s; latency at half rate")
                 await (await channel.get_queue(inbox, ensure=False)).purge()
-                result.latency_rate = result.rate / 2
+                result.latency_rate = FIXED_RATE or result.rate / 2
                 count = max(50, int(result.latency_rate * latency_s))
                 ids = [str(uuid.uuid4()) for _ in range(count)]
                 messages = [sealed(total + i, ids[i]) for i in range(count)]
@@ -398,7 +399,7 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float) -> Re
                 progress(f"{name}: {result.rate:.0f} replies/s; latency at half rate")
                 for queue in device_queues:
                     await (await channel.get_queue(queue, ensure=False)).purge()
-                result.latency_rate = result.rate / 2
+                result.latency_rate = FIXED_RATE or result.rate / 2
                 count = max(50, int(result.latency_rate * latency_s))
                 ids = [str(uuid.uuid4()) for _ in range(count)]
                 messages = [message(i, ids[i]) for i in range(count)]
@@ -467,7 +468,7 @@ async def naive(total: int, latency_s: float) -> Result:
                     channel, "bench.in", drained, workers, total, 300)
                 progress(f"a: {result.rate:.0f} msg/s; latency at half rate")
                 await (await channel.get_queue("bench.sink", ensure=False)).purge()
-                result.latency_rate = result.rate / 2
+                result.latency_rate = FIXED_RATE or result.rate / 2
                 count = max(50, int(result.latency_rate * latency_s))
                 sent_at: dict[str, float] = {}
 
@@ -538,11 +539,15 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small run, under a minute")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="measure latency at this many msg/s instead of half saturation")
     parser.add_argument("--soak", type=float, default=0, metavar="SECONDS",
                         help="after (b)'s latency phase, hold half rate this long, sampling RSS")
     parser.add_argument("--only", nargs="+", choices=["b", "b2", "c1", "c3", "d"],
                         help="run only these scenarios (the baseline a always runs)")
     args = parser.parse_args()
+    global FIXED_RATE
+    FIXED_RATE = args.rate
     figures = uvloop.run(main_async(args))  # the load generator must not be the bottleneck
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
