@@ -2,12 +2,19 @@
 
 A path socket, or an abstract one written `@name`. Outside systemd (no NOTIFY_SOCKET)
 every call is a no-op. See sd_notify(3).
+
+A send never blocks the caller (the supervisor's event loop, which must stay free to stop):
+while the manager's receive queue is full, datagrams wait, in order, for a thread that
+sends them as the manager reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+from collections import deque
 from collections.abc import Mapping
 
 ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -21,6 +28,8 @@ class Notifier:
         address = env.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self.watchdog_s = self._watchdog(env)
+        self._backlog: deque[bytes] = deque()  # not sent yet: the manager's queue was full
+        self._lock = threading.Lock()
 
     @staticmethod
     def _watchdog(env: Mapping[str, str]) -> float | None:
@@ -38,12 +47,36 @@ class Notifier:
         """Send `KEY=value` lines as one datagram; False if there is no one to tell."""
         if not self.address:
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        datagram = "\n".join(fields).encode()
+        with self._lock:
+            if self._backlog:  # behind the others, in order
+                self._backlog.append(datagram)
+                return True
             try:
-                sock.sendto("\n".join(fields).encode(), self.address)
+                self._sendto(datagram, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._backlog.append(datagram)
+                threading.Thread(target=self._send_backlog, name="relayd-notify",
+                                 daemon=True).start()
             except OSError:
                 return False
         return True
+
+    def _send_backlog(self) -> None:
+        """Send the backlog, waiting as long as the manager takes to read."""
+        while True:
+            with self._lock:
+                if not self._backlog:
+                    return
+                datagram = self._backlog[0]
+            with contextlib.suppress(OSError):  # the manager went away: nobody to tell
+                self._sendto(datagram)
+            with self._lock:
+                self._backlog.popleft()
+
+    def _sendto(self, datagram: bytes, flags: int = 0) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(datagram, flags, self.address)
 
     def ready(self, status: str) -> bool:
         return self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

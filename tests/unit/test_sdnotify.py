@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,24 @@ class TestNotifier:
     def test_gone_socket_is_not_an_error(self, tmp_path: Path) -> None:
         """A NOTIFY_SOCKET nobody listens on makes send() return False, not raise."""
         assert not Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody")}).watchdog()
+
+    def test_full_queue_does_not_block(self, listener: tuple[socket.socket, str]) -> None:
+        """While the manager reads nothing, sends still return (the supervisor's loop must
+        stay free to stop); once it reads, every datagram arrives, in order."""
+        sock, name = listener
+        notifier = Notifier({"NOTIFY_SOCKET": name})
+        qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        count = qlen + 20
+        returned = threading.Event()
+
+        def ping() -> None:
+            for n in range(count):
+                notifier.status(str(n))
+            returned.set()
+        threading.Thread(target=ping, daemon=True).start()
+        assert returned.wait(10)  # a blocking send would wait for a read that comes later
+        assert [sock.recv(4096) for _ in range(count)] == [
+            f"STATUS={n}".encode() for n in range(count)]
 
 
 class TestWatchdog:
