@@ -200,6 +200,24 @@ async def _wait_any(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+async def watch_lag(stage: str, every_s: float = 0.1, report_s: float = 1.0,
+                    floor_ms: float = 10.0) -> None:
+    """Log the loop's worst lag (how late a timer fired) each `report_s` it reached
+    `floor_ms`: work that blocks the loop, such as crypto or storage, shows here before it
+    starves heartbeats."""
+    loop = asyncio.get_running_loop()
+    worst, reported = 0.0, loop.time()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(every_s)
+        now = loop.time()
+        worst = max(worst, now - before - every_s)
+        if now - reported >= report_s:
+            if worst * 1000 >= floor_ms:
+                _log.info("loop_lag", stage=stage, max_ms=round(worst * 1000, 1))
+            worst, reported = 0.0, now
+
+
 async def open_channel(connection: AbstractConnection, settings: Settings) -> AbstractChannel:
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     await channel.set_qos(prefetch_count=settings.workers.prefetch)
@@ -263,7 +281,11 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()
-    await _wait_any(stop, lost)
+    lag = asyncio.create_task(watch_lag(role))
+    try:
+        await _wait_any(stop, lost)
+    finally:
+        lag.cancel()
     if router is not None:
         await router
     if lost.is_set():  # their deliveries died with the channel: the broker resends

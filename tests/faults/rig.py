@@ -1,0 +1,553 @@
+"""A relay under faults: a real `relayd run` on a dedicated RabbitMQ node, and its parties.
+
+The parties live in the test's event loop, on robust aio-pika connections, and re-send
+each publish until the broker confirms it:
+- devices (several users, 2-3 devices each) seal numbered messages up, and open and
+  record what comes down;
+- a business consumes its inbox, replies to each message event, de-duplicates on the
+  event id and derives each reply's id from it, so a redelivered event yields the same
+  reply;
+- an operator drains relayd.dead, opening dead-lettered envelopes with the relay's own
+  key to learn their ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+import psutil
+import yaml
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from relayd import admin, config, envelope, keys
+from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+from relayd.store import Business, Device, Store, open_store
+from tests.faults.ledger import Ledger, Row, Up
+from tests.support.broker import TestBroker
+
+# relayd run supervises worker processes once relayd/supervisor.py exists; before, the
+# process is the worker and the rig restarts it itself.
+SUPERVISED = importlib.util.find_spec("relayd.supervisor") is not None
+NAMESPACE = uuid.UUID("0c7c1a52-4f8e-4c38-9a55-2f6b1d9e8e01")
+BUSINESS = "acme"
+WAIT = 90.0  # bound of every wait in a phase
+_AWAY = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, wait: float = WAIT) -> None:
+    """Poll external state that offers no event (a process, the broker's counters)."""
+    deadline = time.monotonic() + wait
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {wait:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+# --- relayd itself ---------------------------------------------------------------------
+
+
+def _role(process: psutil.Process) -> str:
+    args = process.cmdline()
+    return args[args.index("--role") + 1] if "--role" in args else "all"
+
+
+@dataclass
+class Relayd:
+    """`relayd run` as a real process, logging to `log_path`."""
+
+    config_path: Path
+    log_path: Path
+    workers_per_role: dict[str, int]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relayd", "run", "--config", str(self.config_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that consume: the supervisor's children, or relayd run itself."""
+        assert self.process is not None
+        parent = psutil.Process(self.process.pid)
+        if not SUPERVISED:
+            return [parent]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return [p for p in parent.children() if p.is_running()
+                    and p.status() != psutil.STATUS_ZOMBIE]
+        return []
+
+    def expected(self, role: str) -> int:
+        """How many consumers `role`'s queue has when relayd is fully up."""
+        return self.workers_per_role[role] if SUPERVISED else 1
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal relayd run and return its exit code."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return await asyncio.to_thread(self.process.wait, 60)
+
+    def rss(self) -> dict[str, int]:
+        """Resident memory of each worker, by role and pid."""
+        found = {}
+        for worker in self.workers():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found[f"{_role(worker)}-{worker.pid}"] = worker.memory_info().rss
+        return found
+
+
+# --- the parties -------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    """One robust connection of a test party, with a confirming channel."""
+
+    connection: AbstractRobustConnection
+    channel: AbstractRobustChannel
+
+    @classmethod
+    async def open(cls, url: str, name: str, prefetch: int = 256) -> Client:
+        connection = await aio_pika.connect_robust(
+            url, reconnect_interval=0.5, client_properties={"connection_name": name})
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        return cls(connection, channel)  # type: ignore[arg-type]
+
+    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> int:
+        """Publish until the broker confirms; return the attempts it took (1: no resend)."""
+        deadline = time.monotonic() + WAIT
+        for attempt in range(1, 1000):
+            try:
+                underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), WAIT)
+                await underlay.basic_publish(message.body, exchange=exchange,
+                                             routing_key=routing_key,
+                                             properties=message.properties, mandatory=True)
+            except _AWAY:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)  # the broker is away: try again shortly
+                continue
+            return attempt
+        raise AssertionError("publish never confirmed")
+
+    async def consume(self, queue: str,
+                      callback: Callable[[AbstractIncomingMessage], Awaitable[None]]) -> str:
+        declared = await self.channel.declare_queue(queue, passive=True)
+        return await declared.consume(callback)
+
+    async def counts(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of `queue`; None while the broker is away."""
+        try:
+            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), 5)
+            ok = await underlay.queue_declare(queue, passive=True, timeout=5)
+        except _AWAY:
+            return None
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+
+async def settle(message: AbstractIncomingMessage) -> None:
+    """Ack; if the channel is gone the broker redelivers, and the party de-duplicates."""
+    with contextlib.suppress(*_AWAY):
+        await message.ack()
+
+
+@dataclass
+class Phone:
+    user: str
+    keys: DeviceKeys
+
+
+# --- the rig -----------------------------------------------------------------------------
+
+
+def write_config(root: Path, url: str, **sections: dict[str, Any]) -> Path:
+    data: dict[str, Any] = {
+        "amqp": {"url": url, "heartbeat": 5, "reconnect_max_backoff": 2},
+        "store": {"url": f"sqlite:///{root}/relayd.db"},
+        "keys": {"dir": str(root / "keys")},
+        "workers": {"inbound": 2, "outbound": 1, "retry_initial_backoff": 0.2,
+                    "retry_max_backoff": 2, "shutdown_timeout": 10},
+        "logging": {"level": "info", "format": "json"},
+        "metrics": {"enabled": False},
+        "limits": {"device_rate": 1e6, "device_burst": 1_000_000,
+                   "business_rate": 1e6, "business_burst": 1_000_000},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path = root / "relayd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@dataclass
+class Rig:
+    """One relay in a vhost of the dedicated node, with its parties and its ledger."""
+
+    node: TestBroker
+    vhost: str
+    root: Path
+    settings: config.Settings
+    keyring: keys.KeyRing
+    store: Store
+    relayd: Relayd
+    phones: list[Phone]
+    ledger: Ledger = field(default_factory=Ledger)
+    rng: random.Random = field(default_factory=random.Random)
+    clients: dict[str, Client] = field(default_factory=dict)
+    conversations: dict[str, str] = field(default_factory=dict)  # user -> conversation id
+    sealed: dict[str, bytes] = field(default_factory=dict)  # up id -> its envelope
+    replied: set[str] = field(default_factory=set)  # events whose reply was confirmed
+    business_tag: str | None = None
+    rss_max: dict[str, int] = field(default_factory=dict)  # role -> max RSS seen
+    sampler: asyncio.Task[None] | None = None
+
+    @property
+    def public(self) -> RelayPublic:
+        return RelayPublic.from_json(self.keyring.public_info())
+
+    @property
+    def topology(self) -> config.Topology:
+        return self.settings.topology
+
+    def devices_of(self, user: str) -> list[Phone]:
+        return [p for p in self.phones if p.user == user]
+
+    @property
+    def users(self) -> list[str]:
+        return sorted({p.user for p in self.phones})
+
+    # --- setup -----------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, node: TestBroker, root: Path, vhost: str, users: dict[str, int],
+                     **sections: dict[str, Any]) -> Rig:
+        node.ctl("add_vhost", vhost)
+        node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        url = f"amqp://guest:guest@127.0.0.1:{node.amqp_port}/{vhost}"
+        path = write_config(root, url, **sections)
+        settings = config.load(path, environ={})
+        keys.generate(settings.keys.dir, "fault-1")
+        keyring = keys.load(settings.keys.dir, timedelta(days=1))
+        store = open_store(settings.store.url)
+        await admin.add_business(settings, store, Business(BUSINESS, "guest"))
+        phones = []
+        for user, count in users.items():
+            for n in range(count):
+                device = DeviceKeys.generate(f"{user}-d{n}")
+                await admin.add_device(settings, store, Device(
+                    device.device, user, device.kem, device.enc_public, device.sign_public))
+                phones.append(Phone(user, device))
+        relayd = Relayd(path, root / "relayd.log",
+                        {"inbound": settings.workers.inbound,
+                         "outbound": settings.workers.outbound})
+        rig = cls(node, vhost, root, settings, keyring, store, relayd, phones)
+        relayd.start()
+        try:
+            for name in ("devices", "business", "operator", "probe"):
+                rig.clients[name] = await Client.open(url, f"fault-{name}")
+            await rig.ready()
+            for phone in phones:
+                await rig.clients["devices"].consume(
+                    rig.topology.device_queue.format(device=phone.keys.device),
+                    functools.partial(rig._on_device, phone))
+            await rig.clients["operator"].consume(rig.topology.dead_queue, rig._on_dead)
+            await rig.resume_business()
+        except BaseException:
+            await rig.close()
+            raise
+        rig.sampler = asyncio.create_task(rig._sample_rss())
+        return rig
+
+    async def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
+        if self.relayd.process is not None and self.relayd.process.poll() is None:
+            workers = self.relayd.workers() if SUPERVISED else []
+            await self.relayd.stop(signal.SIGKILL)
+            for worker in workers:  # a killed supervisor leaves its workers behind
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
+        for client in self.clients.values():
+            with contextlib.suppress(*_AWAY):
+                await client.connection.close()
+        await self.store.close()
+
+    # --- relayd under test ---------------------------------------------------------------
+
+    async def consumers(self, queue: str) -> int | None:
+        counts = await self.clients["probe"].counts(queue)
+        return None if counts is None else counts[1]
+
+    async def ready(self) -> None:
+        """Until every worker consumes its queue."""
+        async def up() -> bool:
+            for role in ("inbound", "outbound"):
+                if await self.consumers(self.queue_of(role)) != self.relayd.expected(role):
+                    return False
+            return True
+        await until(up, "relayd to consume both queues")
+
+    async def kill_worker(self, role: str | None = None) -> str:
+        """SIGKILL one worker (of `role`, or any), and wait until it consumes again."""
+        candidates = [w for w in self.relayd.workers()
+                      if role is None or _role(w) in (role, "all")]
+        victim = self.rng.choice(candidates)
+        name = _role(victim)
+        roles = ["inbound", "outbound"] if name == "all" else [name]
+        if SUPERVISED:
+            victim.kill()
+            await asyncio.to_thread(victim.wait, 10)
+        else:
+            await self.relayd.stop(signal.SIGKILL)
+
+        async def gone() -> bool:
+            for r in roles:
+                count = await self.consumers(self.queue_of(r))
+                if count is not None and count < self.relayd.expected(r):
+                    return True
+            return False
+        await until(gone, "the broker to drop the killed worker's consumer")
+        if not SUPERVISED:
+            self.relayd.restarts += 1
+            self.relayd.start()
+        await self.ready()
+        return name
+
+    def queue_of(self, role: str) -> str:
+        return self.topology.inbound_queue if role == "inbound" else self.topology.outbound_queue
+
+    async def _sample_rss(self) -> None:
+        while True:
+            with contextlib.suppress(psutil.Error, AssertionError):
+                for name, rss in self.relayd.rss().items():
+                    role = name.rpartition("-")[0]
+                    self.rss_max[role] = max(self.rss_max.get(role, 0), rss)
+            await asyncio.sleep(0.5)
+
+    def log_mark(self) -> int:
+        return self.relayd.log_path.stat().st_size
+
+    def max_loop_lag_ms(self, since: int) -> float | None:
+        """The worst event-loop lag the workers logged since offset `since` of the log."""
+        worst = None
+        with self.relayd.log_path.open("rb") as log_file:
+            log_file.seek(since)
+            for line in log_file:
+                if b'"loop_lag"' in line:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        lag = float(orjson.loads(line)["max_ms"])
+                        worst = lag if worst is None else max(worst, lag)
+        return worst
+
+    # --- broker state ------------------------------------------------------------------------
+
+    @property
+    def queues(self) -> list[str]:
+        t = self.topology
+        return [t.inbound_queue, t.outbound_queue, t.business_inbox.format(business=BUSINESS),
+                t.dead_queue, *(t.device_queue.format(device=p.keys.device) for p in self.phones)]
+
+    async def drained(self, *names: str) -> None:
+        """Until the named queues (default: all) have no message ready."""
+        async def empty() -> bool:
+            for name in names or self.queues:
+                counts = await self.clients["probe"].counts(name)
+                if counts is None or counts[0]:
+                    return False
+            return True
+        await until(empty, f"queues {', '.join(names) or 'all'} to drain")
+
+    def relayd_connections(self) -> set[tuple[str, int, int, str]]:
+        """(name, connected_at, heartbeat timeout, state) of each relayd connection."""
+        out = self.node.ctl("list_connections", "--formatter", "json", "client_properties",
+                            "connected_at", "timeout", "state", "vhost")
+        found = set()
+        for c in json.loads(out):
+            props = {p[0]: p[2] for p in c["client_properties"]}
+            name = str(props.get("connection_name", ""))
+            if c["vhost"] == self.vhost and name.startswith("relayd-"):
+                found.add((name, int(c["connected_at"]), int(c["timeout"]), str(c["state"])))
+        return found
+
+    def missed_heartbeats(self) -> int:
+        """Lines of the node's log that report a client's missed heartbeats."""
+        text = self.node.log_file.read_text(errors="replace")
+        return text.count("missed heartbeats")
+
+    # --- the parties' callbacks ------------------------------------------------------------
+
+    async def _on_device(self, phone: Phone, message: AbstractIncomingMessage) -> None:
+        self.ledger.device_got(phone.keys.device, phone.keys.open(self.public, message.body))
+        await settle(message)
+
+    async def _on_business(self, message: AbstractIncomingMessage) -> None:
+        """Record the event; answer a message event unless its reply was confirmed before."""
+        event = parse_event(message.body)
+        self.ledger.business_got(event)
+        event_id = str(event.get("id"))
+        sent = self.ledger.up.get(event_id)
+        if sent is not None:
+            self.conversations[sent.user] = str(event["conversation"])
+        if sent is not None and event["type"] == "message" and event_id not in self.replied:
+            await self.business_reply(sent.phase, sent.user, "message",
+                                      {"text": f"re {event['body']['text']}"},
+                                      str(uuid.uuid5(NAMESPACE, event_id)))
+            self.replied.add(event_id)
+        await settle(message)
+
+    async def business_reply(self, phase: str, user: str, kind: str, body: dict[str, Any],
+                             reply_id: str) -> None:
+        self.ledger.sent_reply(reply_id, phase, [p.keys.device for p in self.devices_of(user)])
+        attempts = await self.clients["business"].publish(
+            self.topology.replies_exchange, BUSINESS, aio_pika.Message(
+                reply(self.conversations[user], kind, body, reply_id),
+                content_type="application/json", user_id="guest",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT))
+        self.ledger.resent[reply_id] += attempts - 1
+
+    async def _on_dead(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        reason = str(headers.get("x-relayd-reason") or headers.get("x-first-death-reason"))
+        self.ledger.dead_lettered(self._id_of(message), reason)
+        await settle(message)
+
+    def _id_of(self, message: AbstractIncomingMessage) -> str | None:
+        """The message id inside a dead-lettered message: sealed up, or a JSON reply."""
+        if message.content_type != envelope.CONTENT_TYPE:
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                return str(orjson.loads(message.body).get("id"))
+            return None
+        key = self.keyring.hpke.get(str((message.headers or {}).get(envelope.KID_HEADER)))
+        if key is None:
+            return None
+        _, payload = envelope.open_sealed(message.body, direction="up", kid=key.kid,
+                                          kem=key.kem, private=key.private)
+        return str(orjson.loads(payload).get("id"))
+
+    async def pause_business(self) -> None:
+        assert self.business_tag is not None
+        declared = await self.clients["business"].channel.declare_queue(
+            self.topology.business_inbox.format(business=BUSINESS), passive=True)
+        await declared.cancel(self.business_tag)
+        self.business_tag = None
+
+    async def resume_business(self) -> None:
+        self.business_tag = await self.clients["business"].consume(
+            self.topology.business_inbox.format(business=BUSINESS), self._on_business)
+
+    # --- traffic -----------------------------------------------------------------------------
+
+    async def send(self, phase: str, phone: Phone, kind: str, body: dict[str, Any] | None = None,
+                   sealed: bytes | None = None) -> tuple[str, bytes]:
+        """Seal (unless `sealed`) and publish one up message; return its id and envelope."""
+        if sealed is None:
+            message_id = str(uuid.uuid4())
+            sealed = phone.keys.seal(self.public, phone.keys.payload(
+                BUSINESS, kind, body, message_id=message_id))
+            others = [p.keys.device for p in self.devices_of(phone.user) if p is not phone]
+            self.ledger.sent_up(message_id, Up(phase, phone.keys.device, phone.user, kind),
+                                others)
+        else:
+            _, payload = envelope.open_sealed(
+                sealed, direction="up", kid=self.keyring.current.kid,
+                kem=self.keyring.current.kem, private=self.keyring.current.private)
+            message_id = str(orjson.loads(payload)["id"])
+        self.sealed[message_id] = sealed
+        attempts = await self.clients["devices"].publish(
+            self.topology.ingress_exchange, self.topology.inbound_routing_key, aio_pika.Message(
+                sealed, content_type=envelope.CONTENT_TYPE,
+                headers={envelope.KID_HEADER: self.keyring.current.kid},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT))
+        self.ledger.resent[message_id] += attempts - 1
+        return message_id, sealed
+
+    async def round(self, phase: str, number: int) -> list[bytes]:
+        """Every device sends its next numbered message; return the envelopes."""
+        sent = await asyncio.gather(*(
+            self.send(phase, phone, "message", {"text": f"{phase} #{number} {phone.keys.device}"})
+            for phone in self.phones))
+        return [envelope_ for _, envelope_ in sent]
+
+    async def phase(self, name: str, fault: Callable[[], Awaitable[list[str]]], *,
+                    min_rounds: int = 10, max_rounds: int = 200,
+                    pace: float = 0.2) -> tuple[Row, Row]:
+        """Numbered traffic both ways while `fault` runs, then closes, then the checker."""
+        mark = self.log_mark()
+        for user in self.users:
+            await self.send(name, self.devices_of(user)[0], "start")
+        done = asyncio.Event()
+
+        async def traffic() -> None:
+            for number in range(max_rounds):
+                if done.is_set() and number >= min_rounds:
+                    return
+                await self.round(name, number)
+                await asyncio.sleep(pace)  # the pace of the traffic, not a synchronisation
+
+        sender = asyncio.create_task(traffic())
+        try:
+            notes = await fault()
+        finally:
+            done.set()
+            await sender
+        notes += await self.finish(name)
+        up, down = self.ledger.rows(name)
+        lag = self.max_loop_lag_ms(mark)
+        up.notes = notes
+        down.notes = [f"max loop lag {lag:.0f} ms" if lag is not None else "loop lag < 10 ms"]
+        return up, down
+
+    async def finish(self, name: str) -> list[str]:
+        """Closes once everything sent arrived, then drain everything: the phase's end."""
+        await self.ledger.settled(name, WAIT)  # so the closes come after all the rest
+        await self.drained(*self.queues[:3])
+        first, second = self.users[0], self.users[1]
+        await self.send(name, self.devices_of(first)[0], "close")
+        await self.business_reply(name, second, "close", {},
+                                  str(uuid.uuid5(NAMESPACE, f"close {name}")))
+        await self.ledger.settled(name, WAIT)
+        await self.drained()
+        notes = []
+        states = {u: await self.store.conversation_of(u, BUSINESS) for u in self.users}
+        wrong = [u for u, c in states.items() if c is None or (c.state, c.closed_by) != (
+            ("closed", "user") if u == first else ("closed", "business") if u == second
+            else ("open", None))]
+        notes.append("conversation states ok" if not wrong else f"WRONG STATE: {wrong}")
+        resent = sum(self.ledger.resent[i] for i in self.ledger.ups_of[name])
+        resent += sum(self.ledger.resent[i] for i, p in self.ledger.replies.items() if p == name)
+        if resent:
+            notes.append(f"{resent} publishes resent after a lost confirm")
+        return notes
+
+    def break_device(self, device: str, user: str, public: bytes) -> None:
+        """Register a device whose signing key is corrupt in the store, as a bug would."""
+        db = sqlite3.connect(self.settings.store.sqlite_path)
+        try:
+            with db:
+                db.execute("INSERT INTO devices (id, user_id, kem, enc_key, sign_key)"
+                           " VALUES (?, ?, 'X25519', ?, ?)", (device, user, public, b"\0" * 31))
+        finally:
+            db.close()
