@@ -135,6 +135,9 @@ class Inbound:
         """Only the user opens a conversation; other types need it open."""
         store, policy = self.store, self.settings.conversations.opaque_id_policy
         if up.type in ("start", "message"):
+            current = await store.conversation_of(device.user, up.to) if retry else None
+            if current is not None and current.state == "closed":
+                return current  # closed since our first attempt: a retry reopens nothing
             secret = self.keys.opaque_secret
             return await store.open_conversation(
                 device.user, up.to, now_ms(), policy == "rotate_on_delete",

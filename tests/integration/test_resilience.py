@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from relayd import amqp
 from relayd.errors import ExitCode
+from relayd.inbound import Inbound
 from tests.integration.harness import Relay, kill_group, rabbitmqctl, stop_process
 
 USERS = 4
@@ -108,3 +110,33 @@ class TestReconnect:
         message_id = await relay.send(phone, "acme", "message", {"text": "after"})
         [event] = await relay.events("acme", 1, wait=30)
         assert event["id"] == message_id
+
+
+class TestRedelivery:
+    """A redelivered message is a retry: it changes no state that changed since."""
+
+    @staticmethod
+    def handler(relay: Relay) -> Inbound:
+        return Inbound(relay.settings, relay.store, relay.keyring,
+                       amqp.Publisher(relay.channel, relay.settings))
+
+    async def test_redelivered_message_does_not_reopen_a_conversation_closed_since(
+            self, relay: Relay) -> None:
+        """A message redelivered after the user closed the conversation does not reopen it."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        tablet = await relay.add_device("alice", "tablet")
+        inbound = self.handler(relay)
+        kid = relay.public.kid
+        message = inbound.prepare(phone.seal(relay.public, phone.payload(
+            "acme", "message", {"text": "hi"})), kid)
+        await inbound.handle(message, redelivered=False)  # delivered, but its ack is lost
+        await inbound.handle(inbound.prepare(tablet.seal(relay.public, tablet.payload(
+            "acme", "close")), kid), redelivered=False)
+        await inbound.handle(message, redelivered=True)  # the broker's redelivery
+        conversation = await relay.store.conversation_of("alice", "acme")
+        assert conversation is not None
+        assert (conversation.state, conversation.closed_by) == ("closed", "user")
+        events = await relay.events("acme", 3)
+        assert [e["type"] for e in events] == ["message", "close", "message"]
+        assert events[0]["id"] == events[2]["id"]  # a same-id duplicate, as at-least-once allows
