@@ -52,6 +52,7 @@ NAMESPACE = uuid.UUID("0c7c1a52-4f8e-4c38-9a55-2f6b1d9e8e01")
 BUSINESS = "acme"
 WAIT = 90.0  # bound of every wait in a phase
 _AWAY = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+Fault = Callable[[], Awaitable[list[str]]]  # injects a fault; returns notes for the table
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, wait: float = WAIT) -> None:
@@ -392,6 +393,11 @@ class Rig:
                 found.add((name, int(c["connected_at"]), int(c["timeout"]), str(c["state"])))
         return found
 
+    def queue_arguments(self) -> dict[str, dict[str, Any]]:
+        out = self.node.ctl("list_queues", "-p", self.vhost, "--formatter", "json", "name",
+                            "arguments")
+        return {q["name"]: {a[0]: a[2] for a in q["arguments"]} for q in json.loads(out)}
+
     def missed_heartbeats(self) -> int:
         """Lines of the node's log that report a client's missed heartbeats."""
         text = self.node.log_file.read_text(errors="replace")
@@ -491,7 +497,7 @@ class Rig:
             for phone in self.phones))
         return [envelope_ for _, envelope_ in sent]
 
-    async def phase(self, name: str, fault: Callable[[], Awaitable[list[str]]], *,
+    async def phase(self, name: str, fault: Fault, *, after_close: Fault | None = None,
                     min_rounds: int = 10, max_rounds: int = 200,
                     pace: float = 0.2) -> tuple[Row, Row]:
         """Numbered traffic both ways while `fault` runs, then closes, then the checker."""
@@ -513,24 +519,25 @@ class Rig:
         finally:
             done.set()
             await sender
-        notes += await self.finish(name)
+        notes += await self.finish(name, after_close)
         up, down = self.ledger.rows(name)
         lag = self.max_loop_lag_ms(mark)
         up.notes = notes
         down.notes = [f"max loop lag {lag:.0f} ms" if lag is not None else "loop lag < 10 ms"]
         return up, down
 
-    async def finish(self, name: str) -> list[str]:
-        """Closes once everything sent arrived, then drain everything: the phase's end."""
+    async def finish(self, name: str, after_close: Fault | None) -> list[str]:
+        """Closes once everything sent arrived (and `after_close` while they are handled),
+        then drain everything: the phase's end."""
         await self.ledger.settled(name, WAIT)  # so the closes come after all the rest
         await self.drained(*self.queues[:3])
         first, second = self.users[0], self.users[1]
         await self.send(name, self.devices_of(first)[0], "close")
         await self.business_reply(name, second, "close", {},
                                   str(uuid.uuid5(NAMESPACE, f"close {name}")))
+        notes = await after_close() if after_close is not None else []
         await self.ledger.settled(name, WAIT)
         await self.drained()
-        notes = []
         states = {u: await self.store.conversation_of(u, BUSINESS) for u in self.users}
         wrong = [u for u, c in states.items() if c is None or (c.state, c.closed_by) != (
             ("closed", "user") if u == first else ("closed", "business") if u == second

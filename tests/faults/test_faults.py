@@ -12,7 +12,7 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +20,15 @@ import pytest_asyncio
 
 from relayd.client import DeviceKeys
 from tests.faults.ledger import NOTES, ROWS, Row
-from tests.faults.rig import SUPERVISED, WAIT, Phone, Rig, until
+from tests.faults.rig import SUPERVISED, WAIT, Fault, Phone, Rig, until
 from tests.support.broker import TestBroker
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker_node,
               pytest.mark.asyncio(loop_scope="module")]
 
 USERS = {"u0": 3, "u1": 2, "u2": 2, "u3": 3}  # user -> devices
-KILLS = 12
-Fault = Callable[[], Awaitable[list[str]]]
+ALARM_S = 12.0  # more than twice the 5 s heartbeat
+KILLS = 12  # while the numbered traffic flows, then 3 more while the closes are handled
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -107,15 +107,24 @@ class TestFaults:
         assert rig.missed_heartbeats() == 0
 
     async def test_kill_9_workers(self, rig: Rig) -> None:
-        """Workers killed with SIGKILL at random moments lose nothing."""
-        async def kills() -> list[str]:
-            victims: Counter[str] = Counter()
-            for _ in range(KILLS):
-                await asyncio.sleep(rig.rng.uniform(0.2, 1.2))  # a random moment
-                victims[await rig.kill_worker()] += 1
-            return [f"{KILLS} kills: " + ", ".join(f"{n} {r}" for r, n in sorted(victims.items()))]
+        """Workers killed with SIGKILL at random moments lose nothing and apply each state
+        change once, closes included."""
+        victims: Counter[str] = Counter()
 
-        record(rig, *await rig.phase(f"kill -9 x{KILLS}", kills))
+        def kills(count: int, latest: float) -> Fault:
+            async def fault() -> list[str]:
+                for _ in range(count):
+                    await asyncio.sleep(rig.rng.uniform(0.0, latest))  # a random moment
+                    victims[await rig.kill_worker()] += 1
+                return [f"{sum(victims.values())} kills: "
+                        + ", ".join(f"{n} {r}" for r, n in sorted(victims.items()))]
+            return fault
+
+        up, down = await rig.phase(f"kill -9 x{KILLS + 3}", kills(KILLS, 1.2),
+                                   after_close=kills(3, 0.3))
+        up.notes = up.notes[1:]  # the count after the closes says it all
+        record(rig, up, down)
+        assert sum(victims.values()) >= 10
 
     async def test_broker_restart(self, rig: Rig) -> None:
         """The broker stopped and started again mid-stream loses nothing."""
@@ -151,17 +160,19 @@ class TestFaults:
         before = rig.relayd_connections()
 
         async def alarm() -> list[str]:
-            await asyncio.gather(*(rig.round(name, 1000 + n) for n in range(40)))  # a backlog
+            await asyncio.gather(*(rig.round(name, 1000 + n) for n in range(100)))  # a backlog
             rig.node.ctl("set_vm_memory_high_watermark", "0")
             try:
                 await until(lambda: asyncio.to_thread(
                     lambda: any(c[3] == "blocked" for c in rig.relayd_connections())),
                     "a relayd connection to be blocked")
-                rss = rig.relayd.rss()
+                blocked = rig.relayd.rss()
+                await asyncio.sleep(ALARM_S)  # the alarm lasts longer than a heartbeat timeout
+                rss = [*blocked.values(), *rig.relayd.rss().values()]
             finally:
                 rig.node.ctl("set_vm_memory_high_watermark", "0.4")
-            mib = ", ".join(f"{r / 2**20:.0f}" for r in rss.values())
-            return [f"publishers blocked; worker RSS during the alarm {mib} MiB"]
+            return [f"relayd blocked for {ALARM_S:.0f} s; worker RSS then "
+                    f"{max(rss) / 2**20:.0f} MiB at most"]
 
         up, down = await rig.phase(name, alarm)
         up.notes.append(connections_kept(rig, before))

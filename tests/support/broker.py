@@ -178,6 +178,7 @@ class TestBroker:
     mgmt_port: int = 0
     dist_port: int = 0
     extra_conf: str = ""
+    advanced_config: str = ""  # Erlang terms for settings rabbitmq.conf has no key for
     conf_file: Path | None = None
     plugins_file: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -382,6 +383,8 @@ log.file.level = info
         (base / "rabbitmq.conf").write_text(self._config())
         plugins = self.plugins_file.read_text() if self.plugins_file else PLUGINS + "\n"
         (base / "enabled_plugins").write_text(plugins)
+        if self.advanced_config:
+            (base / "advanced.config").write_text(self.advanced_config + "\n")
 
     def start(self, timeout: float = 60) -> None:
         """Start the node (reusing any data in ``base_dir``) and wait until it serves."""
