@@ -214,7 +214,7 @@ async def watch_lag(stage: str, every_s: float = 0.1, report_s: float = 1.0,
         worst = max(worst, now - before - every_s)
         if now - reported >= report_s:
             if worst * 1000 >= floor_ms:
-                _log.info("loop_lag", stage=stage, max_ms=round(worst * 1000, 1))
+                _log.info("loop_lag", stage=stage, latency_ms=round(worst * 1000, 1))
             worst, reported = 0.0, now
 
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -67,9 +68,19 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, wait: float = W
 # --- relayd itself ---------------------------------------------------------------------
 
 
-def _role(process: psutil.Process) -> str:
+def _option(process: psutil.Process, name: str, default: str) -> str:
     args = process.cmdline()
-    return args[args.index("--role") + 1] if "--role" in args else "all"
+    return args[args.index(name) + 1] if name in args else default
+
+
+def _role(process: psutil.Process) -> str:
+    """A worker's role; `all` for relayd run without a supervisor."""
+    return _option(process, "--role", "all")
+
+
+def _slot(process: psutil.Process) -> str:
+    """The supervisor's name for a worker (inbound-0, ...), stable across its restarts."""
+    return _option(process, "--name", "all")
 
 
 @dataclass
@@ -223,6 +234,7 @@ class Rig:
     replied: set[str] = field(default_factory=set)  # events whose reply was confirmed
     business_tag: str | None = None
     rss_max: dict[str, int] = field(default_factory=dict)  # role -> max RSS seen
+    kills: Counter[str] = field(default_factory=Counter)  # worker slot -> SIGKILLs
     sampler: asyncio.Task[None] | None = None
 
     @property
@@ -252,7 +264,7 @@ class Rig:
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "fault-1")
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        store = open_store(settings.store.url)
+        store = await open_store(settings.store.url)
         await admin.add_business(settings, store, Business(BUSINESS, "guest"))
         phones = []
         for user, count in users.items():
@@ -312,10 +324,13 @@ class Rig:
         await until(up, "relayd to consume both queues")
 
     async def kill_worker(self, role: str | None = None) -> str:
-        """SIGKILL one worker (of `role`, or any), and wait until it consumes again."""
+        """SIGKILL a worker (of `role`, or any consuming one; of those, one killed least
+        often) and wait until its queue has all its consumers again."""
         candidates = [w for w in self.relayd.workers()
-                      if role is None or _role(w) in (role, "all")]
-        victim = self.rng.choice(candidates)
+                      if _role(w) in ((role,) if role else ("inbound", "outbound", "all"))]
+        fewest = min(self.kills[_slot(w)] for w in candidates)
+        victim = self.rng.choice([w for w in candidates if self.kills[_slot(w)] == fewest])
+        self.kills[_slot(victim)] += 1
         name = _role(victim)
         roles = ["inbound", "outbound"] if name == "all" else [name]
         if SUPERVISED:
@@ -359,7 +374,7 @@ class Rig:
             for line in log_file:
                 if b'"loop_lag"' in line:
                     with contextlib.suppress(orjson.JSONDecodeError):
-                        lag = float(orjson.loads(line)["max_ms"])
+                        lag = float(orjson.loads(line)["latency_ms"])
                         worst = lag if worst is None else max(worst, lag)
         return worst
 
