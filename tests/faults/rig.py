@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import random
@@ -46,9 +45,6 @@ from relayd.store import Business, Device, Store, open_store
 from tests.faults.ledger import Ledger, Row, Up
 from tests.support.broker import TestBroker
 
-# relayd run supervises worker processes once relayd/supervisor.py exists; before, the
-# process is the worker and the rig restarts it itself.
-SUPERVISED = importlib.util.find_spec("relayd.supervisor") is not None
 NAMESPACE = uuid.UUID("0c7c1a52-4f8e-4c38-9a55-2f6b1d9e8e01")
 BUSINESS = "acme"
 WAIT = 90.0  # bound of every wait in a phase
@@ -74,24 +70,23 @@ def _option(process: psutil.Process, name: str, default: str) -> str:
 
 
 def _role(process: psutil.Process) -> str:
-    """A worker's role; `all` for relayd run without a supervisor."""
-    return _option(process, "--role", "all")
+    return _option(process, "--role", "")
 
 
 def _slot(process: psutil.Process) -> str:
     """The supervisor's name for a worker (inbound-0, ...), stable across its restarts."""
-    return _option(process, "--name", "all")
+    return _option(process, "--name", "")
 
 
 @dataclass
 class Relayd:
-    """`relayd run` as a real process, logging to `log_path`."""
+    """`relayd run` as a real process, logging to `log_path`: a supervisor whose children
+    are the worker processes."""
 
     config_path: Path
     log_path: Path
     workers_per_role: dict[str, int]
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYD_")}
@@ -101,19 +96,12 @@ class Relayd:
                 stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
     def workers(self) -> list[psutil.Process]:
-        """The processes that consume: the supervisor's children, or relayd run itself."""
+        """The live worker processes."""
         assert self.process is not None
-        parent = psutil.Process(self.process.pid)
-        if not SUPERVISED:
-            return [parent]
         with contextlib.suppress(psutil.NoSuchProcess):
-            return [p for p in parent.children() if p.is_running()
-                    and p.status() != psutil.STATUS_ZOMBIE]
+            return [p for p in psutil.Process(self.process.pid).children()
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         return []
-
-    def expected(self, role: str) -> int:
-        """How many consumers `role`'s queue has when relayd is fully up."""
-        return self.workers_per_role[role] if SUPERVISED else 1
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal relayd run and return its exit code."""
@@ -298,7 +286,7 @@ class Rig:
         if self.sampler is not None:
             self.sampler.cancel()
         if self.relayd.process is not None and self.relayd.process.poll() is None:
-            workers = self.relayd.workers() if SUPERVISED else []
+            workers = self.relayd.workers()
             await self.relayd.stop(signal.SIGKILL)
             for worker in workers:  # a killed supervisor leaves its workers behind
                 with contextlib.suppress(psutil.NoSuchProcess):
@@ -318,37 +306,28 @@ class Rig:
         """Until every worker consumes its queue."""
         async def up() -> bool:
             for role in ("inbound", "outbound"):
-                if await self.consumers(self.queue_of(role)) != self.relayd.expected(role):
+                if await self.consumers(self.queue_of(role)) != self.relayd.workers_per_role[
+                        role]:
                     return False
             return True
         await until(up, "relayd to consume both queues")
 
     async def kill_worker(self, role: str | None = None) -> str:
         """SIGKILL a worker (of `role`, or any consuming one; of those, one killed least
-        often) and wait until its queue has all its consumers again."""
+        often), then wait until the supervisor has started it again and it consumes."""
         candidates = [w for w in self.relayd.workers()
-                      if _role(w) in ((role,) if role else ("inbound", "outbound", "all"))]
+                      if _role(w) in ((role,) if role else ("inbound", "outbound"))]
         fewest = min(self.kills[_slot(w)] for w in candidates)
         victim = self.rng.choice([w for w in candidates if self.kills[_slot(w)] == fewest])
         self.kills[_slot(victim)] += 1
-        name = _role(victim)
-        roles = ["inbound", "outbound"] if name == "all" else [name]
-        if SUPERVISED:
-            victim.kill()
-            await asyncio.to_thread(victim.wait, 10)
-        else:
-            await self.relayd.stop(signal.SIGKILL)
+        name, queue = _role(victim), self.queue_of(_role(victim))
+        victim.kill()
+        await asyncio.to_thread(victim.wait, 10)
 
         async def gone() -> bool:
-            for r in roles:
-                count = await self.consumers(self.queue_of(r))
-                if count is not None and count < self.relayd.expected(r):
-                    return True
-            return False
+            count = await self.consumers(queue)
+            return count is not None and count < self.relayd.workers_per_role[name]
         await until(gone, "the broker to drop the killed worker's consumer")
-        if not SUPERVISED:
-            self.relayd.restarts += 1
-            self.relayd.start()
         await self.ready()
         return name
 

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from relayd.client import DeviceKeys
 from tests.faults.ledger import NOTES, ROWS, Row
-from tests.faults.rig import SUPERVISED, WAIT, Fault, Phone, Rig, until
+from tests.faults.rig import WAIT, Fault, Phone, Rig, until
 from tests.support.broker import TestBroker
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker_node,
@@ -48,9 +48,9 @@ async def rig(node: TestBroker, tmp_path_factory: pytest.TempPathFactory) -> Asy
                 ROWS[index] = fresh
         mib = {role: f"{rss / 2**20:.0f} MiB" for role, rss in sorted(rig.rss_max.items())}
         NOTES.extend([
-            f"seed {seed} (FAULT_SEED={seed} repeats the kill schedule); relayd run "
-            f"{'supervises its workers' if SUPERVISED else 'is a single process'}; "
-            f"{len(USERS)} users with {sum(USERS.values())} devices",
+            f"seed {seed} (FAULT_SEED={seed} repeats the kill schedule); {len(USERS)} users "
+            f"with {sum(USERS.values())} devices; relayd run with 2 inbound and 1 outbound "
+            "worker processes",
             f"max RSS per worker during the suite: {mib}",
             f"'missed heartbeats' lines in the node's log: {rig.missed_heartbeats()}",
         ])
@@ -126,10 +126,8 @@ class TestFaults:
         up.notes = up.notes[1:]  # the count after the closes says it all
         record(rig, up, down)
         assert sum(victims.values()) >= 10
-        if SUPERVISED:  # its workers were killed and started again, not relayd run
-            assert rig.relayd.process.pid == supervisor
-            assert rig.relayd.process.poll() is None
-            assert rig.relayd.restarts == 0
+        assert rig.relayd.process.pid == supervisor  # it started its workers again
+        assert rig.relayd.process.poll() is None
 
     async def test_broker_restart(self, rig: Rig) -> None:
         """The broker stopped and started again mid-stream loses nothing."""
