@@ -67,6 +67,7 @@ def record(rig: Rig, up: Row, down: Row) -> None:
     # envelope twice (a lost confirm): the relay turns the copy away as a replay.
     assert set(rig.ledger.dead_copies_of_delivered(phase)) <= {"replayed"}
     assert "conversation states ok" in up.notes
+    assert rig.missed_heartbeats() == 0
 
 
 async def flowing(rig: Rig, phase: str, more: int = 20) -> None:
@@ -104,7 +105,6 @@ class TestFaults:
         record(rig, up, down)
         assert (up.duplicated, down.duplicated) == (0, 0)
         assert rig.ledger.dead_copies_of_delivered(name) == Counter({"replayed": 4})
-        assert rig.missed_heartbeats() == 0
 
     async def test_kill_9_workers(self, rig: Rig) -> None:
         """Workers killed with SIGKILL at random moments lose nothing and apply each state
