@@ -114,7 +114,8 @@ class Relayd:
         found = {}
         for worker in self.workers():
             with contextlib.suppress(psutil.NoSuchProcess):
-                found[f"{_role(worker)}-{worker.pid}"] = worker.memory_info().rss
+                if role := _role(worker):  # not one still starting
+                    found[f"{role}-{worker.pid}"] = worker.memory_info().rss
         return found
 
 
@@ -305,11 +306,8 @@ class Rig:
     async def ready(self) -> None:
         """Until every worker consumes its queue."""
         async def up() -> bool:
-            for role in ("inbound", "outbound"):
-                if await self.consumers(self.queue_of(role)) != self.relayd.workers_per_role[
-                        role]:
-                    return False
-            return True
+            wanted = self.relayd.workers_per_role
+            return {r: await self.consumers(self.queue_of(r)) for r in wanted} == wanted
         await until(up, "relayd to consume both queues")
 
     async def kill_worker(self, role: str | None = None) -> str:
