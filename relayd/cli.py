@@ -77,7 +77,7 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.run import work
 
     structlog.contextvars.bind_contextvars(worker=args.name or args.role)
-    return uvloop.run(work(settings, Path(args.config), args.role, args.control_fd))
+    return uvloop.run(work(settings, Path(args.config), args.role, args.control_fd, args.name))
 
 
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -135,6 +135,7 @@ class Topology(Section):
     gdpr_queue: str = "relayd.gdpr"
     shards: Annotated[int, Field(ge=1, le=1024)] = 1
     shard_exchange: str = "relayd.shards"
+    shard_member_ttl: Annotated[float, Field(ge=0.3, le=600)] = 6.0
 
     @field_validator("device_queue")
     @classmethod

@@ -50,7 +50,7 @@ class ReportingEvent(asyncio.Event):
 
 
 async def work(settings: config.Settings, config_path: Path, role: Role,
-               control_fd: int | None = None) -> int:
+               control_fd: int | None = None, name: str | None = None) -> int:
     keyring = keys.from_settings(settings.keys)
     log.set_reference_secret(keyring.opaque_secret)
     loop = asyncio.get_running_loop()
@@ -108,7 +108,11 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
             report(False)
             await retention.serve(settings, store, keyring, stop)
         else:
-            await worker.serve(settings, role, store, lambda: keyring, stop, consuming)
+            # Under a supervisor, the name outlives a restart: a restarted worker takes its
+            # shards back at once instead of waiting for its old self to be forgotten.
+            member = (f"{socket.gethostname()}:{os.getppid()}:{name}"
+                      if name and control_fd is not None else None)
+            await worker.serve(settings, role, store, lambda: keyring, stop, consuming, member)
     finally:
         await store.close()
         if listener is not None:

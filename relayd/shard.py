@@ -7,16 +7,18 @@ each message, untouched, to shard queue `<queue>.<k>` with k = hash(lane) % N, a
 only once the broker confirmed the copy. The lane is the device going in (the router opens
 the envelope to learn it) and the conversation going out. Each shard queue has a single
 active consumer (x-single-active-consumer), so one lane is handled by one process at a
-time, in order, and a standby takes over from a killed one. Every process consumes every
-shard with a random consumer priority: brokers that honour priorities with single active
-consumer (RabbitMQ 4.0+) spread the shards over the processes; older ones keep the first
-consumer active. docs/scaling.md weighs this against the alternatives.
+time, in order, even while two processes briefly both believe a shard is theirs.
+
+The shards are shared out by relayd, not by the broker: every process of a role marks
+itself alive in the store every `topology.shard_member_ttl / 3` seconds and consumes its
+share (see share()) of the shards among the members alive. A process that stops leaves
+at once; one that dies is forgotten after `shard_member_ttl`, and its shards move to the
+others. docs/scaling.md weighs this against the alternatives.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,6 @@ from relayd.store import Store
 USER_HEADER = "x-relayd-amqp-user"  # the broker-validated user_id of a forwarded reply
 ROUTING_KEY_HEADER = "x-relayd-routing-key"  # the routing key it was published with
 REDELIVERED_HEADER = "x-relayd-redelivered"  # the router got it redelivered: maybe a retry
-PRIORITIES = 1_000_000
 
 
 def shard_of(lane: str, shards: int) -> int:
@@ -54,12 +55,18 @@ def shard_queue(t: Topology, role: str, k: int) -> str:
     return f"{entry_queue(t, role)}.{k}"
 
 
-def queues(t: Topology, role: str) -> list[tuple[str, dict[str, Any]]]:
-    """The queues a worker of `role` consumes, each with its consumer arguments."""
+def queues(t: Topology, role: str) -> list[str]:
+    """The queues the workers of `role` consume between them."""
     if not sharded(t, role):
-        return [(entry_queue(t, role), {})]
-    return [(shard_queue(t, role, k), {"x-priority": random.randrange(PRIORITIES)})  # noqa: S311
-            for k in range(t.shards)]
+        return [entry_queue(t, role)]
+    return [shard_queue(t, role, k) for k in range(t.shards)]
+
+
+def share(members: list[str], member: str, shards: int) -> set[int]:
+    """The shards `member` consumes: dealt round the members in sorted order, so that
+    every process seeing the same members agrees, and no two hold more than one apart."""
+    ranked = sorted(set(members) | {member})
+    return set(range(ranked.index(member), shards, len(ranked)))
 
 
 def _forwarded(message: AbstractIncomingMessage, t: Topology) -> bool:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import secrets
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -226,11 +229,14 @@ async def open_channel(connection: AbstractConnection, settings: Settings) -> Ab
 
 async def serve(settings: Settings, role: Role, store: Store,
                 keys: KeyRing | Callable[[], KeyRing], stop: asyncio.Event,
-                consuming: asyncio.Event | None = None) -> None:
+                consuming: asyncio.Event | None = None, member: str | None = None) -> None:
     """Consume `role`'s queue until `stop` is set, reconnecting whenever the link is lost.
 
     `keys` may be a function returning the current keys, read at each message (reload).
+    `member` names this process among those sharing the shards (relayd.shard.share); it
+    must differ from every other process's, and should outlive a restart.
     """
+    member = member or f"{socket.gethostname()}:{os.getpid()}:{role}:{secrets.token_hex(4)}"
     current = keys if callable(keys) else lambda: keys
     backoff = 0.5
     connected = False
@@ -250,7 +256,8 @@ async def serve(settings: Settings, role: Role, store: Store,
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
         try:
-            await _consume(connection, settings, role, store, current, stop, lost, consuming)
+            await _consume(connection, settings, role, store, current, stop, lost, consuming,
+                           member)
         except _CONNECT_ERRORS as exc:
             _log.warning("connection_lost", stage=role, reason=type(exc).__name__)
         finally:
@@ -262,7 +269,7 @@ async def serve(settings: Settings, role: Role, store: Store,
 
 async def _consume(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
                    keys: Callable[[], KeyRing], stop: asyncio.Event, lost: asyncio.Event,
-                   consuming: asyncio.Event | None) -> None:
+                   consuming: asyncio.Event | None, member: str) -> None:
     channel = await open_channel(connection, settings)
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None))
@@ -270,14 +277,32 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     handler: Inbound | Outbound | Erasure = (
         Erasure(settings, store, keys(), sink) if role == "gdpr"
         else (Inbound if role == "inbound" else Outbound)(settings, store, keys(), sink))
-    consumers = []
-    for name, arguments in shard.queues(settings.topology, role):
-        consumer = Consumer(role, settings, handler, sink, keys, name)
-        queue = await channel.get_queue(name, ensure=False)
-        consumers.append((consumer, queue, await queue.consume(consumer.on_message,
-                                                               arguments=arguments)))
-    router = (asyncio.create_task(_route(connection, settings, role, store, keys, stop, lost))
-              if shard.sharded(settings.topology, role) else None)
+
+    def consumer_of(queue: str) -> Consumer:
+        return Consumer(role, settings, handler, sink, keys, queue)
+
+    if shard.sharded(settings.topology, role):
+        shards = Shards(connection, settings, role, store, member, consumer_of)
+        router = asyncio.create_task(_route(connection, settings, role, store, keys, stop, lost))
+        await shards.share()
+        _log.info("consuming", stage=role, shards=len(shards.held))
+        if consuming is not None:
+            consuming.set()
+        lag = asyncio.create_task(watch_lag(role))
+        try:
+            while not (stop.is_set() or lost.is_set()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_wait_any(stop, lost), shards.every_s)
+                if not (stop.is_set() or lost.is_set()):
+                    await shards.share()
+        finally:
+            lag.cancel()
+        await router
+        await shards.hand_back(lost.is_set())
+        return
+    consumer = consumer_of(shard.entry_queue(settings.topology, role))
+    queue = await channel.get_queue(consumer.queue, ensure=False)
+    tag = await queue.consume(consumer.on_message)
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()
@@ -286,25 +311,72 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
         await _wait_any(stop, lost)
     finally:
         lag.cancel()
-    if router is not None:
-        await router
-    if lost.is_set():  # their deliveries died with the channel: the broker resends
-        await asyncio.gather(*(consumer.drain(0) for consumer, _, _ in consumers))
+    if lost.is_set():  # its deliveries died with the channel: the broker resends them
+        await consumer.drain(0)
         return
-    if shard.sharded(settings.topology, role):
-        # A cancelled single active consumer hands its shard over at once, while what it
-        # had received would still be in work: instead keep the consumer, finish only
-        # what started, and let the channel's close return the rest, in order, to the
-        # standby that then takes over.
-        for consumer, _, _ in consumers:
-            consumer.handing_back = True
-    else:
-        with contextlib.suppress(*_CONNECT_ERRORS):
-            for _, queue, tag in consumers:
-                await queue.cancel(tag)
-    abandoned = await asyncio.gather(*(consumer.drain(settings.workers.shutdown_timeout)
-                                       for consumer, _, _ in consumers))
-    _log.info("drained", stage=role, abandoned=sum(abandoned))
+    with contextlib.suppress(*_CONNECT_ERRORS):
+        await queue.cancel(tag)
+    abandoned = await consumer.drain(settings.workers.shutdown_timeout)
+    _log.info("drained", stage=role, abandoned=abandoned)
+
+
+class Shards:
+    """The shard queues this process consumes: its share (relayd.shard.share) among the
+    processes of its role alive in the store, taken again every `every_s`. Each shard has a
+    channel of its own, so that one can be handed back while the others go on."""
+
+    def __init__(self, connection: AbstractConnection, settings: Settings, role: Role,
+                 store: Store, member: str, consumer_of: Callable[[str], Consumer]) -> None:
+        self.connection, self.settings, self.role = connection, settings, role
+        self.store, self.member, self.consumer_of = store, member, consumer_of
+        self.held: dict[int, tuple[Consumer, AbstractChannel]] = {}
+        self.releasing: dict[int, asyncio.Task[None]] = {}
+        self.ttl_s = settings.topology.shard_member_ttl
+        self.every_s = self.ttl_s / 3
+
+    async def share(self) -> None:
+        """Take the shards newly ours, and hand back those no longer ours."""
+        t = self.settings.topology
+        try:
+            members = await self.store.members(self.role, self.member, int(self.ttl_s * 1000))
+        except StoreUnavailableError:
+            return  # keep what we hold until the store answers again
+        mine = shard.share(members, self.member, t.shards)
+        for k in set(self.held) - mine:
+            self.releasing[k] = asyncio.create_task(self._release(k, *self.held.pop(k)))
+        for k in sorted(mine - set(self.held) - set(self.releasing)):
+            consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
+            channel = await open_channel(self.connection, self.settings)
+            queue = await channel.get_queue(consumer.queue, ensure=False)
+            await queue.consume(consumer.on_message)
+            self.held[k] = consumer, channel
+        if mine != set(self.held):
+            _log.info("shards_shared", stage=self.role, members=len(members),
+                      held=len(self.held))
+
+    async def _release(self, k: int, consumer: Consumer, channel: AbstractChannel) -> None:
+        """Hand one shard back in order. A cancelled single active consumer would pass the
+        shard on at once, while what it had received was still in work: instead finish
+        only what started, and let the channel's close return the rest, in order, to the
+        queue and so to the next consumer."""
+        consumer.handing_back = True
+        await consumer.drain(self.settings.workers.shutdown_timeout)
+        with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
+            await channel.close()
+        self.releasing.pop(k, None)
+
+    async def hand_back(self, lost: bool) -> None:
+        """Give every shard up: on a lost connection at once (the broker resends what was
+        in flight); on a stop, in order, and leave so that the others take over now."""
+        held, self.held = self.held, {}
+        if lost:
+            await asyncio.gather(*(consumer.drain(0) for consumer, _ in held.values()))
+            return
+        await asyncio.gather(*(self._release(k, *h) for k, h in held.items()),
+                             *self.releasing.values())
+        with contextlib.suppress(StoreUnavailableError):
+            await self.store.leave(self.role, self.member)
+        _log.info("drained", stage=self.role)
 
 
 async def _route(connection: AbstractConnection, settings: Settings, role: Role, store: Store,

@@ -133,6 +133,13 @@ class Store(Protocol):
         message never advances a device's seq twice.
         """
 
+    async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
+        """Mark `member` of `role` alive by the store's clock, forget the members of `role`
+        not seen for `ttl_ms`, and return those alive, `member` included, sorted."""
+
+    async def leave(self, role: str, member: str) -> None:
+        """Forget `member` of `role` at once (it stops cleanly)."""
+
     async def export_user(self, user: str) -> UserData:
         """Everything held about `user`, devices and conversations ordered by id."""
 

@@ -22,10 +22,11 @@ class CopyRefusedError(Exception):
 
 
 def _tables(db: sqlite3.Connection) -> list[str]:
-    """The SQLite file's tables, in the order they were created (parents first)."""
+    """The SQLite file's tables, in the order they were created (parents first), except
+    members: which processes are alive now is not the installation's to move."""
     return [row[0] for row in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        " ORDER BY rowid")]
+        " AND name <> 'members' ORDER BY rowid")]
 
 
 def _records(db: sqlite3.Connection, table: str, columns: list[str],

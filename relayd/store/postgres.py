@@ -84,6 +84,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_at ON audit (at_ms);
     """,
+    # 3: the relayd processes alive, among which the shards are shared (relayd.shard).
+    """
+    CREATE TABLE members (
+        role TEXT COLLATE "C" NOT NULL,
+        member TEXT COLLATE "C" NOT NULL,
+        seen_ms BIGINT NOT NULL,
+        PRIMARY KEY (role, member)
+    );
+    """,
 ]
 
 _MIGRATION_LOCK = 0x72656C6179640001  # pg_advisory_xact_lock key: "relayd" + 1
@@ -334,6 +343,21 @@ class PostgresStore:
                     source, list(allocated), list(allocated.values()), now_ms)
                 seqs.update(allocated)
         return seqs
+
+    async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
+        # The server's clock, not each host's: hosts' clocks may disagree by more than ttl.
+        rows = await self._fetch(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms),"
+            " seen AS (INSERT INTO members (role, member, seen_ms) SELECT $1, $2, ms FROM now"
+            "  ON CONFLICT (role, member) DO UPDATE SET seen_ms = excluded.seen_ms),"
+            " gone AS (DELETE FROM members WHERE role = $1 AND member <> $2"
+            "  AND seen_ms < (SELECT ms FROM now) - $3)"
+            " SELECT member FROM members WHERE role = $1 AND member <> $2"
+            "  AND seen_ms >= (SELECT ms FROM now) - $3", role, member, ttl_ms)
+        return sorted([member, *(row[0] for row in rows)])
+
+    async def leave(self, role: str, member: str) -> None:
+        await self._execute("DELETE FROM members WHERE role = $1 AND member = $2", role, member)
 
     async def export_user(self, user: str) -> UserData:
         mine = "(SELECT id FROM devices WHERE user_id = $1)"

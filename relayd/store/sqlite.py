@@ -90,6 +90,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_at ON audit (at_ms);
     """,
+    # 3: the relayd processes alive, among which the shards are shared (relayd.shard).
+    """
+    CREATE TABLE members (
+        role TEXT NOT NULL,
+        member TEXT NOT NULL,
+        seen_ms INTEGER NOT NULL,
+        PRIMARY KEY (role, member)
+    );
+    """,
 ]
 
 _CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
@@ -401,6 +410,24 @@ class SqliteStore:
 
         seqs: dict[str, int] = await self._commit(op)
         return seqs
+
+    async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
+        def op(db: sqlite3.Connection) -> list[str]:
+            now = _now_ms()
+            db.execute("INSERT INTO members (role, member, seen_ms) VALUES (?, ?, ?)"
+                       " ON CONFLICT (role, member) DO UPDATE SET seen_ms = excluded.seen_ms",
+                       (role, member, now))
+            db.execute("DELETE FROM members WHERE role = ? AND seen_ms < ?",
+                       (role, now - ttl_ms))
+            return [row[0] for row in db.execute(
+                "SELECT member FROM members WHERE role = ? ORDER BY member", (role,))]
+
+        members: list[str] = await self._commit(op)
+        return members
+
+    async def leave(self, role: str, member: str) -> None:
+        await self._commit(lambda db: db.execute(
+            "DELETE FROM members WHERE role = ? AND member = ?", (role, member)))
 
     async def export_user(self, user: str) -> UserData:
         with self._write() as db:  # one consistent snapshot

@@ -39,15 +39,42 @@ def consumers(relay: Relay) -> Counter[str]:
     return Counter(listing.split())
 
 
-async def wait_consumers(relay: Relay, at_least: int, entry: bool = False,
-                         roles: tuple[str, ...] = ("inbound", "outbound"),
-                         wait: float = 60) -> None:
-    """Until every work queue of `roles` (and, if `entry`, each router's entry queue) has
-    at least `at_least` consumers."""
+def holders(relay: Relay) -> dict[str, list[str]]:
+    """The connection (its client address) of each consumer of each queue."""
+    connection = {}
+    for line in rabbitmqctl("list_channels", "-q", "--no-table-headers", "pid",
+                            "name").splitlines():
+        pid, name = line.split("\t")
+        connection[pid] = name.rsplit(" (", 1)[0]
+    held: dict[str, list[str]] = defaultdict(list)
+    for line in rabbitmqctl("list_consumers", "-q", "--no-table-headers", "-p", relay.vhost,
+                            "queue_name", "channel_pid").splitlines():
+        queue, pid = line.split("\t")
+        held[queue].append(connection.get(pid, "gone"))
+    return held
+
+
+async def wait_shared(relay: Relay, hosts: int, roles: tuple[str, ...] = ("inbound", "outbound"),
+                      wait: float = 60) -> None:
+    """Until each role's shard queues have one consumer each, spread over `hosts`
+    connections (one per host: each host runs one worker of each role), and each entry
+    queue has its router."""
     t = relay.settings.topology
-    names = [name for role in roles for name, _ in shard.queues(t, role)]
-    if entry:
-        names += [shard.entry_queue(t, role) for role in roles]
+    async with asyncio.timeout(wait):
+        while True:  # the broker offers no event for a new consumer
+            held = holders(relay)
+            if all(len(held[shard.entry_queue(t, role)]) == 1
+                   and all(len(held[q]) == 1 for q in shard.queues(t, role))
+                   and len({held[q][0] for q in shard.queues(t, role)}) == hosts
+                   for role in roles):
+                return
+            await asyncio.sleep(0.2)
+
+
+async def wait_consumers(relay: Relay, at_least: int, wait: float = 60) -> None:
+    """Until the work queue of each role has at least `at_least` consumers."""
+    t = relay.settings.topology
+    names = [q for role in ("inbound", "outbound") for q in shard.queues(t, role)]
     async with asyncio.timeout(wait):
         while True:  # the broker offers no event for a new consumer
             counts = consumers(relay)
@@ -111,16 +138,17 @@ class TestOrder:
         """Interleaved numbered conversations through two hosts with sharded queues arrive
         in order both ways and complete, although the busy host is killed (or stopped)
         mid-stream."""
-        # A small prefetch keeps a backlog in the broker, for the standby to take over.
-        async with relay_in_vhost(tmp_path, store="postgresql", topology={"shards": SHARDS},
-                                  workers={"prefetch": 8}) as relay:
+        # A small prefetch keeps a backlog in the broker, for host B to take over.
+        async with relay_in_vhost(tmp_path, store="postgresql", workers={"prefetch": 8},
+                                  topology={"shards": SHARDS, "shard_member_ttl": 1.5}
+                                  ) as relay:
             await relay.add_business("acme")
             devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
             host_a = relay.spawn()
-            await wait_consumers(relay, 1, entry=True)  # host A routes and holds every shard
+            await wait_shared(relay, 1)  # host A routes and holds every shard
             host_b = relay.spawn(config_path=relay.other_host("host-b"))
             try:
-                await wait_consumers(relay, 2)
+                await wait_shared(relay, 2)  # A handed half the shards over to B
                 starts = {await relay.send(d, "acme", "start"): d for d in devices}
                 conversation = {starts[e["id"]].device: e["conversation"]
                                 for e in await relay.events("acme", USERS)}
@@ -132,10 +160,11 @@ class TestOrder:
                         up[c].add(await relay.send(d, "acme", "message", {"text": str(n)}))
                         down[d.device].add(await relay.reply("acme", c, "message",
                                                              {"text": str(n)}))
-                    if n == COUNT // 2:  # host A is at work on the stream: take it away
+                    if n == COUNT // 2:  # both hosts are at work on the stream: take A away
                         await relay.wait_depth(relay.inbox("acme"), USERS * 4)
                         take_away(host_a, sig)
                 assert host_a.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 0)
+                await wait_shared(relay, 1)  # B holds every shard, and routes
                 events = await drain(relay, relay.inbox("acme"), set().union(*up.values()),
                                      lambda m: parse_event(m.body))
                 for c, ids in up.items():
@@ -215,12 +244,13 @@ class TestRouter:
             first = relay.spawn(role)
             second = None
             try:
-                await wait_consumers(relay, 1, entry=True, roles=(role,))
+                await wait_shared(relay, 1, roles=(role,))
+                router = holders(relay)[entry]
                 second = relay.spawn(role, config_path=relay.other_host("host-b"))
-                await wait_consumers(relay, 2, roles=(role,))
-                assert consumers(relay)[entry] == 1
+                await wait_shared(relay, 2, roles=(role,))
+                assert holders(relay)[entry] == router  # the first host still routes
                 assert stop_process(first) == ExitCode.OK
-                await wait_consumers(relay, 1, entry=True, roles=(role,))
-                assert consumers(relay)[entry] == 1
+                await wait_shared(relay, 1, roles=(role,))
+                assert holders(relay)[entry] != router
             finally:
                 stop_all(first, *([second] if second else []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -238,6 +239,28 @@ class TestProcesses:
         assert conversation.state == "open"
 
 
+class TestMembers:
+    """The processes alive, among which relayd.shard shares the shards out."""
+
+    async def test_alive_members_sorted_per_role(self, store: Store) -> None:
+        assert await store.members("inbound", "b", 60_000) == ["b"]
+        assert await store.members("inbound", "a", 60_000) == ["a", "b"]
+        assert await store.members("outbound", "c", 60_000) == ["c"]
+        assert await store.members("inbound", "b", 60_000) == ["a", "b"]
+
+    async def test_silent_members_are_forgotten(self, store: Store) -> None:
+        await store.members("inbound", "old", 60_000)
+        await asyncio.sleep(0.05)
+        assert await store.members("inbound", "new", 10) == ["new"]
+        assert await store.members("inbound", "old", 60_000) == ["new", "old"]
+
+    async def test_leave(self, store: Store) -> None:
+        await store.members("inbound", "a", 60_000)
+        await store.leave("inbound", "a")
+        await store.leave("inbound", "never-joined")
+        assert await store.members("inbound", "b", 60_000) == ["b"]
+
+
 class TestMigrations:
     async def test_migrations_are_versioned(self, store_url: str) -> None:
         """A new store migrates from 0; opening it again applies nothing twice."""
@@ -383,7 +406,7 @@ class TestAudit:
                 PRAGMA user_version = 1;""")
         db.close()
         store = SqliteStore(path)
-        assert await store.migrate() == (len(MIGRATIONS), len(MIGRATIONS)) == (2, 2)
+        assert await store.migrate() == (len(MIGRATIONS), len(MIGRATIONS)) == (3, 3)
         found = await store.device("d1")
         assert found is not None
         assert found.created_ms is None

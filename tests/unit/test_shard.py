@@ -30,16 +30,15 @@ class TestQueues:
     def test_one_shard_is_the_contract_queue(self) -> None:
         """By default a worker consumes the contract's own queue, as before sharding."""
         t = Topology()
-        assert shard.queues(t, "inbound") == [("relayd.inbound", {})]
-        assert shard.queues(t, "outbound") == [("relayd.outbound", {})]
+        assert shard.queues(t, "inbound") == ["relayd.inbound"]
+        assert shard.queues(t, "outbound") == ["relayd.outbound"]
         assert topology.shards(t) == []
 
     def test_shards_have_one_active_consumer_each(self) -> None:
         """With N shards each direction has N single-active-consumer queues, bound to the
         shard exchange by their own name."""
         t = Topology(shards=3)
-        names = [name for name, arguments in shard.queues(t, "inbound")]
-        assert names == ["relayd.inbound.0", "relayd.inbound.1", "relayd.inbound.2"]
+        assert shard.queues(t, "inbound") == [f"relayd.inbound.{k}" for k in range(3)]
         specs = topology.shards(t)
         queues = [s for s in specs if isinstance(s, topology.Queue)]
         assert len(queues) == 6
@@ -47,3 +46,18 @@ class TestQueues:
         bindings = {(b.queue, b.exchange, b.routing_key) for b in specs
                     if isinstance(b, topology.Binding)}
         assert ("relayd.outbound.2", "relayd.shards", "relayd.outbound.2") in bindings
+
+
+class TestShare:
+    @given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=12, unique=True),
+           st.integers(min_value=1, max_value=64))
+    def test_every_shard_once_evenly(self, members: list[str], shards: int) -> None:
+        """Members seeing the same list, in any order, hold every shard exactly once
+        between them, and no member holds more than one shard more than another."""
+        shares = [shard.share(members[::-1], m, shards) for m in members]
+        assert sorted(k for s in shares for k in s) == list(range(shards))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+    def test_a_member_the_store_has_not_listed_yet_counts_itself(self) -> None:
+        assert shard.share([], "a", 3) == {0, 1, 2}
+        assert shard.share(["b"], "a", 4) == {0, 2}
