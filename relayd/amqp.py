@@ -13,14 +13,17 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, DeliveryMode
+from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import DeliveryError, PublishError
+from pamqp.commands import Basic
 
 from relayd import envelope, metrics, topology
 from relayd.config import Settings
 from relayd.errors import TransientError
 
 JSON = "application/json"
+PERSISTENT = 2  # delivery_mode
+Properties = Basic.Properties
 
 
 class _Named(ssl.SSLContext):
@@ -75,12 +78,14 @@ class Publisher:
         self._channel = channel
         self._t = settings.topology
 
-    async def _publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+    async def _publish(self, exchange: str, routing_key: str, body: bytes,
+                       properties: Properties) -> None:
+        # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we use
         underlay = await self._channel.get_underlay_channel()
         started = time.monotonic()
         try:
-            await underlay.basic_publish(message.body, exchange=exchange, routing_key=routing_key,
-                                         properties=message.properties, mandatory=True)
+            await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                         properties=properties, mandatory=True)
         except PublishError:
             raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
@@ -96,15 +101,14 @@ class Publisher:
 
     def to_business(self, business: str, body: bytes, message_id: str,
                     kind: str) -> Awaitable[None]:
-        message = aio_pika.Message(body, content_type=JSON, message_id=message_id, type=kind,
-                                   delivery_mode=DeliveryMode.PERSISTENT)
-        return self._publish(topology.business_exchange(self._t, business), "", message)
+        return self._publish(topology.business_exchange(self._t, business), "", body, Properties(
+            content_type=JSON, message_id=message_id, message_type=kind,
+            delivery_mode=PERSISTENT))
 
     def to_device(self, device: str, sealed: bytes) -> Awaitable[None]:
-        message = aio_pika.Message(sealed, content_type=envelope.CONTENT_TYPE,
-                                   headers={envelope.KID_HEADER: device},
-                                   delivery_mode=DeliveryMode.PERSISTENT)
-        return self._publish(self._t.devices_exchange, device, message)
+        return self._publish(self._t.devices_exchange, device, sealed, Properties(
+            content_type=envelope.CONTENT_TYPE, headers={envelope.KID_HEADER: device},
+            delivery_mode=PERSISTENT))
 
     async def delete_device_queue(self, device: str) -> None:
         """Delete a device's queue and the undelivered messages in it; gone already is fine."""
@@ -116,9 +120,8 @@ class Publisher:
     def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],
                  content_type: str) -> Awaitable[None]:
         """A message forwarded, as it came, to one shard queue (see relayd.shard)."""
-        message = aio_pika.Message(body, headers=headers, content_type=content_type,
-                                   delivery_mode=DeliveryMode.PERSISTENT)
-        return self._publish(self._t.shard_exchange, queue, message)
+        return self._publish(self._t.shard_exchange, queue, body, Properties(
+            content_type=content_type, headers=headers, delivery_mode=PERSISTENT))
 
     def dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage, queue: str,
                     reason: str) -> Awaitable[None]:
@@ -127,9 +130,7 @@ class Publisher:
         headers.update({"x-relayd-reason": reason, "x-relayd-queue": queue})
         if incoming.user_id:  # the broker only lets us publish our own user_id
             headers["x-relayd-amqp-user"] = incoming.user_id
-        message = aio_pika.Message(
-            incoming.body, headers=headers, content_type=incoming.content_type,
-            message_id=incoming.message_id, type=incoming.type,
-            delivery_mode=DeliveryMode.PERSISTENT,
-        )
-        return self._publish(self._t.dead_exchange, reason, message)
+        return self._publish(self._t.dead_exchange, reason, incoming.body, Properties(
+            content_type=incoming.content_type, headers=headers,
+            message_id=incoming.message_id, message_type=incoming.type,
+            delivery_mode=PERSISTENT))
