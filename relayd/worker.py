@@ -341,8 +341,8 @@ class Shards:
             members = await self.store.members(self.role, self.member, int(self.ttl_s * 1000))
         except StoreUnavailableError:
             return  # keep what we hold until the store answers again
-        mine = shard.share(members, self.member, t.shards)
-        for k in set(self.held) - mine:
+        mine, before = shard.share(members, self.member, t.shards), set(self.held)
+        for k in before - mine:
             self.releasing[k] = asyncio.create_task(self._release(k, *self.held.pop(k)))
         for k in sorted(mine - set(self.held) - set(self.releasing)):
             consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
@@ -350,7 +350,7 @@ class Shards:
             queue = await channel.get_queue(consumer.queue, ensure=False)
             await queue.consume(consumer.on_message)
             self.held[k] = consumer, channel
-        if mine != set(self.held):
+        if set(self.held) != before:
             _log.info("shards_shared", stage=self.role, members=len(members),
                       held=len(self.held))
 
