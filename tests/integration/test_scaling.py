@@ -62,7 +62,7 @@ async def wait_shared(relay: Relay, hosts: int, roles: tuple[str, ...] = ("inbou
     t = relay.settings.topology
     async with asyncio.timeout(wait):
         while True:  # the broker offers no event for a new consumer
-            held = holders(relay)
+            held = await asyncio.to_thread(holders, relay)  # the stream flows meanwhile
             if all(len(held[shard.entry_queue(t, role)]) == 1
                    and all(len(held[q]) == 1 for q in shard.queues(t, role))
                    and len({held[q][0] for q in shard.queues(t, role)}) == hosts
@@ -131,12 +131,53 @@ def take_away(host: subprocess.Popen[bytes], sig: int) -> None:
         host.send_signal(sig)
 
 
+class Stream:
+    """Numbered messages, each round one up and one reply per conversation, interleaved."""
+
+    def __init__(self, relay: Relay, devices: list[Any]) -> None:
+        self.relay, self.devices = relay, devices
+        self.rounds = 0
+        self.up: dict[str, set[str]] = defaultdict(set)
+        self.down: dict[str, set[str]] = defaultdict(set)
+        self.conversation: dict[str, str] = {}
+
+    async def start(self) -> None:
+        starts = {await self.relay.send(d, "acme", "start"): d for d in self.devices}
+        self.conversation = {starts[e["id"]].device: e["conversation"]
+                             for e in await self.relay.events("acme", len(self.devices))}
+
+    async def round(self) -> None:
+        self.rounds += 1
+        text = {"text": str(self.rounds)}
+        for d in self.devices:
+            c = self.conversation[d.device]
+            self.up[c].add(await self.relay.send(d, "acme", "message", text))
+            self.down[d.device].add(await self.relay.reply("acme", c, "message", text))
+
+    async def assert_in_order(self) -> None:
+        """Every message arrived, and the first arrivals of each conversation, both ways,
+        are in the order sent, with down seqs counting 1, 2, …"""
+        relay, numbers = self.relay, [str(n) for n in range(1, self.rounds + 1)]
+        events = await drain(relay, relay.inbox("acme"), set().union(*self.up.values()),
+                             lambda m: parse_event(m.body))
+        for c, ids in self.up.items():
+            mine = first_occurrences([e for e in events if e["conversation"] == c])
+            assert [e["body"]["text"] for e in mine] == numbers
+            assert {e["id"] for e in mine} == ids
+        for d in self.devices:
+            received = first_occurrences(await drain(
+                relay, relay.device_queue(d), self.down[d.device],
+                lambda m, d=d: d.open(relay.public, m.body)))
+            assert [m["body"]["text"] for m in received] == numbers
+            assert [m["seq"] for m in received] == list(range(1, self.rounds + 1))
+
+
 class TestOrder:
     @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
     async def test_order_per_conversation_survives_losing_a_host(self, tmp_path: Path,
                                                                  sig: int) -> None:
         """Interleaved numbered conversations through two hosts with sharded queues arrive
-        in order both ways and complete, although the busy host is killed (or stopped)
+        in order both ways and complete, although one host is killed (or stopped)
         mid-stream."""
         # A small prefetch keeps a backlog in the broker, for host B to take over.
         async with relay_in_vhost(tmp_path, store="postgresql", workers={"prefetch": 8},
@@ -149,39 +190,58 @@ class TestOrder:
             host_b = relay.spawn(config_path=relay.other_host("host-b"))
             try:
                 await wait_shared(relay, 2)  # A handed half the shards over to B
-                starts = {await relay.send(d, "acme", "start"): d for d in devices}
-                conversation = {starts[e["id"]].device: e["conversation"]
-                                for e in await relay.events("acme", USERS)}
-                up: dict[str, set[str]] = defaultdict(set)
-                down: dict[str, set[str]] = defaultdict(set)
+                stream = Stream(relay, devices)
+                await stream.start()
                 for n in range(1, COUNT + 1):
-                    for d in devices:
-                        c = conversation[d.device]
-                        up[c].add(await relay.send(d, "acme", "message", {"text": str(n)}))
-                        down[d.device].add(await relay.reply("acme", c, "message",
-                                                             {"text": str(n)}))
+                    await stream.round()
                     if n == COUNT // 2:  # both hosts are at work on the stream: take A away
                         await relay.wait_depth(relay.inbox("acme"), USERS * 4)
                         take_away(host_a, sig)
                 assert host_a.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 0)
                 await wait_shared(relay, 1)  # B holds every shard, and routes
-                events = await drain(relay, relay.inbox("acme"), set().union(*up.values()),
-                                     lambda m: parse_event(m.body))
-                for c, ids in up.items():
-                    mine = first_occurrences([e for e in events if e["conversation"] == c])
-                    assert [e["body"]["text"] for e in mine] == [str(n) for n in
-                                                                 range(1, COUNT + 1)]
-                    assert {e["id"] for e in mine} == ids
-                for d in devices:
-                    received = first_occurrences(await drain(
-                        relay, relay.device_queue(d), down[d.device],
-                        lambda m, d=d: d.open(relay.public, m.body)))
-                    assert [m["body"]["text"] for m in received] == [str(n) for n in
-                                                                     range(1, COUNT + 1)]
-                    assert [m["seq"] for m in received] == list(range(1, COUNT + 1))
+                await stream.assert_in_order()
             finally:
                 codes = stop_all(host_a, host_b)
             assert codes[1] == ExitCode.OK
+
+    async def test_order_holds_while_shards_change_hands(self, tmp_path: Path) -> None:
+        """Host B joins, leaves and joins again while bursts of the stream flow, so shards
+        move between live hosts three times with messages in flight; every conversation
+        still arrives in order both ways."""
+        async with relay_in_vhost(tmp_path, store="postgresql", workers={"prefetch": 8},
+                                  topology={"shards": SHARDS, "shard_member_ttl": 1.5}
+                                  ) as relay:
+            await relay.add_business("acme")
+            devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
+            other = relay.other_host("host-b")
+            host_a = relay.spawn()
+            hosts = [host_a]
+            try:
+                await wait_shared(relay, 1)
+                stream = Stream(relay, devices)
+                await stream.start()
+                done = asyncio.Event()
+
+                async def send() -> None:
+                    while not done.is_set() and stream.rounds < 3000:
+                        for _ in range(10):  # a burst: a backlog for the hand-over to meet
+                            await stream.round()
+                        await asyncio.sleep(0.2)
+
+                sender = asyncio.create_task(send())
+                hosts.append(relay.spawn(config_path=other))
+                await wait_shared(relay, 2)
+                assert await asyncio.to_thread(stop_process, hosts[-1]) == ExitCode.OK
+                await wait_shared(relay, 1)
+                hosts.append(relay.spawn(config_path=other))
+                await wait_shared(relay, 2)
+                assert not sender.done()  # the shards moved three times mid-stream
+                done.set()
+                await sender
+                await stream.assert_in_order()
+            finally:
+                codes = stop_all(*hosts)
+            assert codes == [ExitCode.OK] * len(codes)
 
 
 class TestSeveralHosts:
