@@ -1,12 +1,16 @@
 """The relay's benchmark: relayd against a naive aio-pika passthrough, in one run.
 
 Usage: .venv/bin/python scripts/bench.py [--quick] [--json FILE] [--soak SECONDS]
+           [--only SCENARIO...] [--rate MSG_S] [--postgres SERVER_URL] [--shards N]
 
 Scenarios, each in a vhost of its own on the local RabbitMQ, each worker a real process:
   a   naive passthrough: consume -> publish -> await confirm -> ack, no crypto, no store
   b   relayd inbound, X25519, one inbound worker process (b2: workers.inbound = 2)
   c1  relayd outbound, 1 device per user;  c3: 3 devices per user
   d   relayd inbound with the MLKEM768_X25519 hybrid suite
+  s1  relayd inbound through 4 shard queues, one worker;  s2: two workers
+The store is SQLite, or with --postgres a fresh database per scenario on that server;
+--shards N runs b to d sharded too.
 All use quorum work queues, persistent ~400-byte messages and the same prefetch.
 For each: saturated throughput over a preloaded backlog, then end-to-end latency at half
 that rate, CPU-seconds per 1,000 messages and the peak RSS of every worker process.
@@ -26,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,8 @@ USERS = 64
 SHARDS = 4
 POLL_S = 0.01
 FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
+POSTGRES = ""  # --postgres: the server to make each scenario's database on
+DEFAULT_SHARDS = 1  # --shards
 
 
 def progress(text: str) -> None:
@@ -69,6 +75,28 @@ def vhost() -> Iterator[str]:
         yield name
     finally:
         ctl("delete_vhost", name)
+
+
+@contextlib.asynccontextmanager
+async def scenario() -> AsyncIterator[tuple[str, Path, str]]:
+    """A vhost, a directory and a store URL of the scenario's own: SQLite in the
+    directory, or a fresh database on the --postgres server; all gone afterwards."""
+    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
+        if not POSTGRES:
+            yield vh, Path(tmp), f"sqlite:///{tmp}/relayd.db"
+            return
+        import asyncpg
+
+        name = f"relayd_bench_{secrets.token_hex(4)}"
+        admin = await asyncpg.connect(f"{POSTGRES}/postgres")
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            try:
+                yield vh, Path(tmp), f"{POSTGRES}/{name}"
+            finally:
+                await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @dataclass
@@ -223,11 +251,11 @@ class Setup:
     env: dict[str, str]
 
 
-def relay_setup(root: Path, vhost_name: str, kem: Kem, inbound_workers: int = 1,
+def relay_setup(root: Path, vhost_name: str, store: str, kem: Kem, inbound_workers: int = 1,
                 shards: int = 1) -> Setup:
     config = {
         "amqp": {"url": f"amqp://guest:guest@{HOST}/{vhost_name}"},
-        "store": {"url": f"sqlite:///{root}/relayd.db"},
+        "store": {"url": store},
         "keys": {"dir": str(root / "keys")},
         "workers": {"prefetch": PREFETCH, "inbound": inbound_workers, "outbound": 1},
         # no rate limits: the bench floods from a few devices on purpose
@@ -263,10 +291,10 @@ def text_for(size: int) -> str:
 
 
 async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s: float,
-                  soak_s: float = 0, shards: int = 1) -> Result:
+                  soak_s: float = 0, shards: int = 0) -> Result:
     result = Result(name, total)
-    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
-        setup = relay_setup(Path(tmp), vh, kem, worker_count, shards)
+    async with scenario() as (vh, tmp, store_url):
+        setup = relay_setup(tmp, vh, store_url, kem, worker_count, shards or DEFAULT_SHARDS)
         t = setup.settings.topology
         store = await open_store(setup.settings.store.url)
         await store.add_business(Business("acme", "guest"))
@@ -357,15 +385,15 @@ async def soak(channel: aio_pika.abc.AbstractChannel, inbox: str, workers: Worke
 async def outbound(name: str, per_user: int, total: int, latency_s: float) -> Result:
     result = Result(name, total)
     users = USERS // per_user if per_user > 1 else USERS
-    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
-        setup = relay_setup(Path(tmp), vh, Kem.X25519)
+    async with scenario() as (vh, tmp, store_url):
+        setup = relay_setup(tmp, vh, store_url, Kem.X25519, shards=DEFAULT_SHARDS)
         t = setup.settings.topology
         store = await open_store(setup.settings.store.url)
         await store.add_business(Business("acme", "guest"))
         secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
         conversations = []
         devices: dict[str, DeviceKeys] = {}
-        specs = topology.core(t) + topology.business(t, "acme")
+        specs = topology.core(t) + topology.shards(t) + topology.business(t, "acme")
         for u in range(users):
             for k in range(per_user):
                 device = DeviceKeys.generate(f"dev-{u}-{k}")
@@ -567,9 +595,14 @@ def main() -> int:
                         help="after (b)'s latency phase, hold half rate this long, sampling RSS")
     parser.add_argument("--only", nargs="+", choices=["b", "b2", "c1", "c3", "d", "s1", "s2"],
                         help="run only these scenarios (the baseline a always runs)")
+    parser.add_argument("--postgres", metavar="SERVER_URL", default="",
+                        help="use PostgreSQL: a fresh database per scenario on this server,"
+                             " e.g. postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--shards", type=int, default=1, metavar="N",
+                        help="run b, b2, c1, c3 and d with topology.shards = N")
     args = parser.parse_args()
-    global FIXED_RATE
-    FIXED_RATE = args.rate
+    global FIXED_RATE, POSTGRES, DEFAULT_SHARDS
+    FIXED_RATE, POSTGRES, DEFAULT_SHARDS = args.rate, args.postgres.rstrip("/"), args.shards
     figures = uvloop.run(main_async(args))  # the load generator must not be the bottleneck
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
