@@ -7,7 +7,8 @@ import signal
 
 from relayd import amqp
 from relayd.errors import ExitCode
-from relayd.inbound import Inbound
+from relayd.inbound import ACTIVITY_GRANULARITY_MS, Inbound
+from relayd.store import Conversation
 from tests.integration.harness import Relay, kill_group, rabbitmqctl, stop_process
 
 USERS = 4
@@ -140,3 +141,33 @@ class TestRedelivery:
         events = await relay.events("acme", 3)
         assert [e["type"] for e in events] == ["message", "close", "message"]
         assert events[0]["id"] == events[2]["id"]  # a same-id duplicate, as at-least-once allows
+
+
+class TestActivityTime:
+    async def test_activity_is_written_at_most_once_a_minute(self, relay: Relay) -> None:
+        """Messages into an open conversation write its activity time only when it is a
+        minute old or more: retention reads it in days, and the write cost a fifth of a
+        message."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        inbound = TestRedelivery.handler(relay)
+
+        async def send(kind: str) -> Conversation:
+            await inbound.handle(inbound.prepare(phone.seal(relay.public, phone.payload(
+                "acme", kind, {"text": "hi"})), relay.public.kid), redelivered=False)
+            conversation = await relay.store.conversation_of("alice", "acme")
+            assert conversation is not None
+            return conversation
+
+        started = await send("start")
+        assert (await send("message")).updated_ms == started.updated_ms
+        # Age the activity time through the store's API: close, then reopen, back then.
+        stale = started.updated_ms - ACTIVITY_GRANULARITY_MS
+        await relay.store.close_conversation(started.id, "user", stale)
+        aged = await relay.store.open_conversation("alice", "acme", stale, False,
+                                                   lambda _: started.id)
+        assert aged.updated_ms == stale
+        touched = await send("message")
+        assert touched.updated_ms > stale
+        assert (touched.id, touched.state) == (started.id, "open")
+        await relay.events("acme", 3)
