@@ -339,7 +339,7 @@ class Shards:
         t = self.settings.topology
         try:
             members = await self.store.members(self.role, self.member, int(self.ttl_s * 1000))
-        except StoreUnavailableError:
+        except (StoreUnavailableError, TransientError):
             return  # keep what we hold until the store answers again
         mine, before = shard.share(members, self.member, t.shards), set(self.held)
         for k in before - mine:
