@@ -243,18 +243,21 @@ class TestMembers:
     """The processes alive, among which relayd.shard shares the shards out."""
 
     async def test_alive_members_sorted_per_role(self, store: Store) -> None:
+        """Each call marks its member alive and lists the role's live members, sorted."""
         assert await store.members("inbound", "b", 60_000) == ["b"]
         assert await store.members("inbound", "a", 60_000) == ["a", "b"]
         assert await store.members("outbound", "c", 60_000) == ["c"]
         assert await store.members("inbound", "b", 60_000) == ["a", "b"]
 
     async def test_silent_members_are_forgotten(self, store: Store) -> None:
+        """A member not seen for the ttl is dropped; marking it again brings it back."""
         await store.members("inbound", "old", 60_000)
         await asyncio.sleep(0.05)
         assert await store.members("inbound", "new", 10) == ["new"]
         assert await store.members("inbound", "old", 60_000) == ["new", "old"]
 
     async def test_leave(self, store: Store) -> None:
+        """A member that leaves is gone at once; leaving twice, or unknown, is harmless."""
         await store.members("inbound", "a", 60_000)
         await store.leave("inbound", "a")
         await store.leave("inbound", "never-joined")

@@ -59,5 +59,6 @@ class TestShare:
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
     def test_a_member_the_store_has_not_listed_yet_counts_itself(self) -> None:
+        """A process always counts itself, even in a member list that lacks it."""
         assert shard.share([], "a", 3) == {0, 1, 2}
         assert shard.share(["b"], "a", 4) == {0, 2}
