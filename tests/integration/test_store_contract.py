@@ -257,7 +257,7 @@ class TestMembers:
         assert await store.members("inbound", "old", 60_000) == ["new", "old"]
 
     async def test_leave(self, store: Store) -> None:
-        """A member that leaves is gone at once; leaving twice, or unknown, is harmless."""
+        """A member that leaves is gone at once; an unknown one leaving changes nothing."""
         await store.members("inbound", "a", 60_000)
         await store.leave("inbound", "a")
         await store.leave("inbound", "never-joined")
