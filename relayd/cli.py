@@ -438,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         settings = config.load(Path(args.config))
-        log.setup(settings.logging)
+        # The daemon logs to stdout, for the journal; a command keeps its stdout for its
+        # output (--json), so its log lines go to stderr.
+        daemon = args.handler in (cmd_run, cmd_worker)
+        log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
         code: int = args.handler(args, settings)
     except ConfigError as exc:
         print(f"config error in {args.config}:", file=sys.stderr)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -340,6 +343,18 @@ class TestRetention:
         code, out = await relay.cli("gdpr", "prune", "--json")
         assert (code, orjson.loads(out)) == (0, {"expired": 0, "failed": 0, "conversations": 0,
                                                  "replay": 0, "sent": 0, "audit": 1})
+
+
+    async def test_cli_output_stays_clean_at_info_level(self, relay: Relay) -> None:
+        """A command's log lines go to stderr, so its --json stdout parses even at info."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", "gdpr", "erase", "--user", "nobody", "--json",
+            "--config", str(relay.config_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "RELAYD_LOGGING__LEVEL": "info"})
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        assert orjson.loads(out)["devices"] == 0
+        assert [orjson.loads(line)["event"] for line in err.splitlines()] == ["erased"]
 
 
 class TestOpaqueIdPolicy:
