@@ -104,7 +104,8 @@ class Inbound:
 
     async def handle(self, opened: Opened, redelivered: bool) -> str:
         """Verify and act on one opened message; return what happened, for the log."""
-        device = await self.store.device(opened.device)
+        household = await self.store.household(opened.device)
+        device = next((d for d in household if d.id == opened.device), None)
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
         envelope.verify(opened.signature, opened.payload, direction="up",
@@ -123,7 +124,7 @@ class Inbound:
         conversation = await self._apply_rules(device, up, retry=not first_time)
         event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
                                        device.user if business.first_party else None)
-        others = [d for d in await self.store.devices_of(device.user) if d.id != device.id]
+        others = [d for d in household if d.id != device.id]
         echo: tuple[str, dict[str, Any]] | None = None
         if up.type in ("start", "message"):
             echo = ("echo", {"type": up.type, "body": up.body})

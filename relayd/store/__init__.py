@@ -96,6 +96,10 @@ class Store(Protocol):
 
     async def devices_of(self, user: str) -> list[Device]: ...
 
+    async def household(self, device_id: str) -> list[Device]:
+        """The devices of the user who owns `device_id`, it included, ordered by id; empty
+        if no such device. One read for the inbound path's sender and echo targets."""
+
     async def devices(self) -> list[Device]: ...
 
     async def remove_device(self, device_id: str) -> bool: ...

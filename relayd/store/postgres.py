@@ -241,6 +241,12 @@ class PostgresStore:
                                  user)
         return [_device(r) for r in rows]
 
+    async def household(self, device_id: str) -> list[Device]:
+        rows = await self._fetch(
+            f"SELECT {_DEVICE} FROM devices WHERE user_id ="
+            " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id", device_id)
+        return [_device(r) for r in rows]
+
     async def devices(self) -> list[Device]:
         rows = await self._fetch(f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")
         return [_device(r) for r in rows]

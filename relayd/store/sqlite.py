@@ -314,6 +314,12 @@ class SqliteStore:
                                 (user,))
         return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
 
+    async def household(self, device_id: str) -> list[Device]:
+        rows = self._db.execute(
+            f"SELECT {_DEVICE} FROM devices WHERE user_id ="
+            " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id", (device_id,))
+        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
+
     async def devices(self) -> list[Device]:
         rows = self._db.execute(f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")
         return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]

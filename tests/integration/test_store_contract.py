@@ -97,6 +97,14 @@ class TestDevices:
         assert [d.id for d in await store.devices_of("u1")] == ["d2"]
         assert len(await store.devices()) == 2
 
+    async def test_household(self, store: Store) -> None:
+        """A device's household is its user's devices, it included; none for a stranger."""
+        for name, user in (("phone", "u1"), ("laptop", "u1"), ("tablet", "u2")):
+            await store.add_device(device(name, user))
+        assert [d.id for d in await store.household("phone")] == ["laptop", "phone"]
+        assert [d.id for d in await store.household("tablet")] == ["tablet"]
+        assert await store.household("nobody") == []
+
     async def test_creation_time(self, store: Store) -> None:
         """A device keeps the creation time it was given, or else gets the store's clock."""
         await store.add_device(device("d1", created_ms=1234))
