@@ -114,14 +114,14 @@ class Inbound:
             raise PermanentError("rate_limited", "the device is over limits.device_rate")
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
-        business = await self.store.business(up.to)
+        business, current = await self.store.business_and_conversation(up.to, device.user)
         if business is None:
             raise PermanentError("unknown_business", "no such business")
         window = self.settings.limits.replay_window
         first_time = await self.store.claim_seq(device.id, up.seq, window)
         if not first_time and not redelivered:
             raise EnvelopeError("replayed", "this (device, seq) was accepted before")
-        conversation = await self._apply_rules(device, up, retry=not first_time)
+        conversation = await self._apply_rules(device, up, current, retry=not first_time)
         event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
                                        device.user if business.first_party else None)
         others = [d for d in household if d.id != device.id]
@@ -137,11 +137,12 @@ class Inbound:
         )
         return up.type
 
-    async def _apply_rules(self, device: Device, up: payload.Up, retry: bool) -> Conversation:
-        """Only the user opens a conversation; other types need it open."""
+    async def _apply_rules(self, device: Device, up: payload.Up, current: Conversation | None,
+                           retry: bool) -> Conversation:
+        """Only the user opens a conversation; other types need it open. `current` is the
+        conversation as it was read with the business."""
         store, policy = self.store, self.settings.conversations.opaque_id_policy
         if up.type in ("start", "message"):
-            current = await store.conversation_of(device.user, up.to)
             if current is not None and current.state == "closed" and retry:
                 return current  # closed since our first attempt: a retry reopens nothing
             if (current is not None and current.state == "open"
@@ -151,7 +152,7 @@ class Inbound:
             return await store.open_conversation(
                 device.user, up.to, now_ms(), policy == "rotate_on_delete",
                 lambda epoch: opaque.conversation_id(secret, device.user, up.to, epoch))
-        conversation = await store.conversation_of(device.user, up.to)
+        conversation = current
         if conversation is None:
             raise PermanentError("unknown_conversation", "the user has no such conversation")
         if conversation.state == "open":

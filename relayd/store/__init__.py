@@ -108,6 +108,11 @@ class Store(Protocol):
 
     async def conversation_of(self, user: str, business: str) -> Conversation | None: ...
 
+    async def business_and_conversation(
+            self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
+        """The business, and `user`'s conversation with it, in one read; (None, None) if
+        there is no such business."""
+
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,
                                 make_id: Callable[[int], str]) -> Conversation:

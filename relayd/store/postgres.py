@@ -97,6 +97,7 @@ MIGRATIONS: list[str] = [
 
 _MIGRATION_LOCK = 0x72656C6179640001  # pg_advisory_xact_lock key: "relayd" + 1
 _CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
+_JOINED = ", ".join(f"c.{column}" for column in _CONVERSATION.split(", "))
 _DEVICE = "id, user_id, kem, enc_key, sign_key, created_ms"
 # Errors that mean the database is unreachable or restarting, not that a query is wrong.
 _UNAVAILABLE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
@@ -265,6 +266,16 @@ class PostgresStore:
         return _conversation(await self._row(
             f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = $1 AND business_id = $2",
             user, business))
+
+    async def business_and_conversation(
+            self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
+        row = await self._row(
+            f"SELECT b.id, b.amqp_user, b.first_party, {_JOINED} FROM businesses b"
+            " LEFT JOIN conversations c ON c.business_id = b.id AND c.user_id = $2"
+            " WHERE b.id = $1", business_id, user)
+        if row is None:
+            return None, None
+        return _business(row), None if row[3] is None else Conversation(*row[3:])
 
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,

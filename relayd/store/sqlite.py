@@ -102,6 +102,7 @@ MIGRATIONS: list[str] = [
 ]
 
 _CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
+_JOINED = ", ".join(f"c.{column}" for column in _CONVERSATION.split(", "))
 _DEVICE = "id, user_id, kem, enc_key, sign_key, created_ms"
 
 
@@ -337,6 +338,16 @@ class SqliteStore:
         return _conversation(self._one(
             f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
             user, business))
+
+    async def business_and_conversation(
+            self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
+        row = self._one(f"SELECT b.id, b.amqp_user, b.first_party, {_JOINED} FROM businesses b"
+                        " LEFT JOIN conversations c ON c.business_id = b.id AND c.user_id = ?"
+                        " WHERE b.id = ?", user, business_id)
+        if row is None:
+            return None, None
+        return Business(row[0], row[1], bool(row[2])), (
+            None if row[3] is None else Conversation(*row[3:]))
 
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,

@@ -105,6 +105,16 @@ class TestDevices:
         assert [d.id for d in await store.household("tablet")] == ["tablet"]
         assert await store.household("nobody") == []
 
+    async def test_business_and_conversation(self, store: Store) -> None:
+        """One read gives the business and the user's conversation with it, if any."""
+        acme = Business("acme", "acme-user")
+        await store.add_business(acme)
+        assert await store.business_and_conversation("acme", "u1") == (acme, None)
+        opened = await store.open_conversation("u1", "acme", 1, False, make_id("u1", "acme"))
+        assert await store.business_and_conversation("acme", "u1") == (acme, opened)
+        assert await store.business_and_conversation("acme", "u2") == (acme, None)
+        assert await store.business_and_conversation("other", "u1") == (None, None)
+
     async def test_creation_time(self, store: Store) -> None:
         """A device keeps the creation time it was given, or else gets the store's clock."""
         await store.add_device(device("d1", created_ms=1234))
