@@ -374,8 +374,8 @@ class Shards:
             return
         await asyncio.gather(*(self._release(k, *h) for k, h in held.items()),
                              *self.releasing.values())
-        with contextlib.suppress(StoreUnavailableError):
-            await self.store.leave(self.role, self.member)
+        with contextlib.suppress(StoreUnavailableError, TransientError):
+            await self.store.leave(self.role, self.member)  # else forgotten after the ttl
         _log.info("drained", stage=self.role)
 
 
