@@ -55,13 +55,6 @@ def shard_queue(t: Topology, role: str, k: int) -> str:
     return f"{entry_queue(t, role)}.{k}"
 
 
-def queues(t: Topology, role: str) -> list[str]:
-    """The queues the workers of `role` consume between them."""
-    if not sharded(t, role):
-        return [entry_queue(t, role)]
-    return [shard_queue(t, role, k) for k in range(t.shards)]
-
-
 def share(members: list[str], member: str, shards: int) -> set[int]:
     """The shards `member` consumes: dealt round the members in sorted order, so that
     every process seeing the same members agrees, and no two hold more than one apart."""

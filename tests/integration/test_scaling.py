@@ -18,6 +18,7 @@ import pytest
 
 from relayd import shard
 from relayd.client import parse_event
+from relayd.config import Topology
 from relayd.errors import ExitCode
 from tests.integration.harness import (
     Relay,
@@ -37,6 +38,13 @@ def consumers(relay: Relay) -> Counter[str]:
     listing = rabbitmqctl("list_consumers", "-q", "--no-table-headers", "-p", relay.vhost,
                           "queue_name")
     return Counter(listing.split())
+
+
+def work_queues(t: Topology, role: str) -> list[str]:
+    """The queues the workers of `role` consume between them."""
+    if not shard.sharded(t, role):
+        return [shard.entry_queue(t, role)]
+    return [shard.shard_queue(t, role, k) for k in range(t.shards)]
 
 
 def holders(relay: Relay) -> dict[str, list[str]]:
@@ -64,8 +72,8 @@ async def wait_shared(relay: Relay, hosts: int, roles: tuple[str, ...] = ("inbou
         while True:  # the broker offers no event for a new consumer
             held = await asyncio.to_thread(holders, relay)  # the stream flows meanwhile
             if all(len(held[shard.entry_queue(t, role)]) == 1
-                   and all(len(held[q]) == 1 for q in shard.queues(t, role))
-                   and len({held[q][0] for q in shard.queues(t, role)}) == hosts
+                   and all(len(held[q]) == 1 for q in work_queues(t, role))
+                   and len({held[q][0] for q in work_queues(t, role)}) == hosts
                    for role in roles):
                 return
             await asyncio.sleep(0.2)
@@ -74,7 +82,7 @@ async def wait_shared(relay: Relay, hosts: int, roles: tuple[str, ...] = ("inbou
 async def wait_consumers(relay: Relay, at_least: int, wait: float = 60) -> None:
     """Until the work queue of each role has at least `at_least` consumers."""
     t = relay.settings.topology
-    names = [q for role in ("inbound", "outbound") for q in shard.queues(t, role)]
+    names = [q for role in ("inbound", "outbound") for q in work_queues(t, role)]
     async with asyncio.timeout(wait):
         while True:  # the broker offers no event for a new consumer
             counts = consumers(relay)

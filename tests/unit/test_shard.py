@@ -30,15 +30,19 @@ class TestQueues:
     def test_one_shard_is_the_contract_queue(self) -> None:
         """By default a worker consumes the contract's own queue, as before sharding."""
         t = Topology()
-        assert shard.queues(t, "inbound") == ["relayd.inbound"]
-        assert shard.queues(t, "outbound") == ["relayd.outbound"]
+        assert not shard.sharded(t, "inbound")
+        assert not shard.sharded(t, "outbound")
+        assert shard.entry_queue(t, "inbound") == "relayd.inbound"
+        assert shard.entry_queue(t, "outbound") == "relayd.outbound"
         assert topology.shards(t) == []
 
     def test_shards_have_one_active_consumer_each(self) -> None:
         """With N shards each direction has N single-active-consumer queues, bound to the
         shard exchange by their own name."""
         t = Topology(shards=3)
-        assert shard.queues(t, "inbound") == [f"relayd.inbound.{k}" for k in range(3)]
+        assert shard.sharded(t, "inbound")
+        assert [shard.shard_queue(t, "inbound", k) for k in range(3)] == [
+            f"relayd.inbound.{k}" for k in range(3)]
         specs = topology.shards(t)
         queues = [s for s in specs if isinstance(s, topology.Queue)]
         assert len(queues) == 6
