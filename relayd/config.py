@@ -157,6 +157,10 @@ class Limits(Section):
     max_text_chars: Positive = 10_000
     max_inline_attachment_bytes: Positive = 256 * 1024
     max_attachments: Positive = 10
+    max_quick_replies: Annotated[int, Field(ge=2)] = 5
+    max_list_items: Positive = 100
+    max_time_slots: Positive = 50
+    max_thumbnail_bytes: Positive = 16 * 1024
     replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
     clock_skew_seconds: Annotated[float, Field(ge=0)] = 300.0
     max_age_seconds: Seconds = 7 * 24 * 3600.0

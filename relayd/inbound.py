@@ -126,7 +126,7 @@ class Inbound:
                                        device.user if business.first_party else None)
         others = [d for d in household if d.id != device.id]
         echo: tuple[str, dict[str, Any]] | None = None
-        if up.type in ("start", "message"):
+        if up.type in payload.ECHOED:
             echo = ("echo", {"type": up.type, "body": up.body})
         elif up.type == "close":
             echo = ("close", {})

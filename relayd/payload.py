@@ -7,15 +7,16 @@ ReplyError("invalid").
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
+from relayd import bodies
+from relayd.bodies import canonical_uuid as _uuid
+from relayd.bodies import is_int as _is_int
+from relayd.bodies import short_str as _short_str
 from relayd.config import Limits
 from relayd.errors import EnvelopeError, ReplyError
 
@@ -23,15 +24,16 @@ VERSION: Final = 1
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # always fullmatch()
 BUSINESS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CONVERSATION_ID = re.compile(r"[a-z2-7]{32}")
-UP_TYPES: Final = frozenset({"start", "message", "typing_start", "typing_end", "read", "close"})
-REPLY_TYPES: Final = frozenset({"message", "typing_start", "typing_end", "read", "close"})
+UP_TYPES: Final = frozenset({"start", "message", "typing_start", "typing_end", "read", "close",
+                             "response", "reaction"})
+REPLY_TYPES: Final = frozenset({"message", "typing_start", "typing_end", "read", "close",
+                                "reaction"})
+ECHOED: Final = frozenset({"start", "message", "response", "reaction"})  # to the other devices
 ERROR_CODES: Final = frozenset({"unknown_conversation", "conversation_closed",
                                 "not_your_conversation", "invalid", "too_large", "rate_limited"})
 _UP_KEYS: Final = frozenset({"v", "device", "seq", "ts", "id", "to", "type", "body"})
 _REPLY_KEYS: Final = frozenset({"v", "type", "conversation", "id", "body"})
-_REFERENCE_KEYS: Final = frozenset({"url", "key", "sha256", "size", "mime"})
 _MAX_SEQ: Final = 2**63 - 1
-_SHORT: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,74 +57,6 @@ class Reply:
     conversation: str
     id: str
     body: dict[str, Any]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short_str(value: object, limit: int = _SHORT) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= limit
-
-
-def _uuid(value: object) -> str | None:
-    if not isinstance(value, str) or len(value) != 36:
-        return None
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        return None
-    return canonical if canonical == value.lower() else None
-
-
-def _attachment(item: object, limits: Limits) -> str | None:
-    """Why an attachment is invalid, or None when it is fine."""
-    if not isinstance(item, dict):
-        return "an attachment is an object"
-    if item.keys() == _REFERENCE_KEYS:  # a reference is passed through untouched
-        ok = (all(_short_str(item[k], 2048) for k in ("url", "key", "sha256", "mime"))
-              and _is_int(item["size"]) and item["size"] >= 0)
-        return None if ok else "a reference needs url, key, sha256, mime strings and a size"
-    if not item.keys() <= {"data", "mime", "name"} or not {"data", "mime"} <= item.keys():
-        return "an attachment is a reference {url,key,sha256,size,mime} or inline {data,mime,name?}"
-    if not _short_str(item["mime"]) or ("name" in item and not _short_str(item["name"])):
-        return "mime and name are short strings"
-    data = item["data"]
-    if not isinstance(data, str) or len(data) > limits.max_inline_attachment_bytes * 4 // 3 + 4:
-        return "inline data is standard base64 within max_inline_attachment_bytes"
-    try:
-        size = len(base64.b64decode(data, validate=True))
-    except binascii.Error:
-        return "inline data is not base64"
-    return None if size <= limits.max_inline_attachment_bytes else "inline data is too large"
-
-
-def body_problem(kind: str, body: object, limits: Limits) -> str | None:
-    """Why `body` is not a valid body for a message of type `kind`, or None."""
-    if not isinstance(body, dict):
-        return "body must be an object"
-    if "text" in body and (not isinstance(body["text"], str)
-                           or len(body["text"]) > limits.max_text_chars):
-        return f"text is a string of at most {limits.max_text_chars} characters"
-    if kind == "start":
-        if not body.keys() <= {"intent", "group", "text"}:
-            return "a start body holds only intent, group and text"
-        if any(k in body and not _short_str(body[k]) for k in ("intent", "group")):
-            return "intent and group are short strings"
-        return None
-    if kind == "message":
-        if not body.keys() <= {"text", "attachments"} or not body:
-            return "a message body holds text and/or attachments"
-        if "attachments" not in body:
-            return None
-        attachments = body["attachments"]
-        if not isinstance(attachments, list) or not 0 < len(attachments) <= limits.max_attachments:
-            return f"attachments is a list of 1 to {limits.max_attachments}"
-        for item in attachments:
-            if problem := _attachment(item, limits):
-                return problem
-        return None
-    return "this type carries an empty body" if body else None
 
 
 def peek_device(payload: bytes) -> tuple[dict[str, Any], str]:
@@ -162,7 +96,7 @@ def validate_up(claims: dict[str, Any], limits: Limits) -> Up:
     kind = claims["type"]
     if not isinstance(kind, str) or kind not in UP_TYPES:
         raise bad("type is not one of " + ", ".join(sorted(UP_TYPES)))
-    if problem := body_problem(kind, claims["body"], limits):
+    if problem := bodies.problem(kind, claims["body"], limits, "user"):
         raise bad(problem)
     return Up(claims["device"], seq, ts, message_id, to, kind, claims["body"])
 
@@ -197,7 +131,7 @@ def parse_reply(body: bytes, limits: Limits) -> Reply:
     conversation = data["conversation"]
     if not isinstance(conversation, str) or not CONVERSATION_ID.fullmatch(conversation):
         raise ReplyError("unknown_conversation", "not a conversation id")
-    if problem := body_problem(data["type"], data["body"], limits):
+    if problem := bodies.problem(data["type"], data["body"], limits, "business"):
         raise ReplyError("invalid", problem)
     return Reply(data["type"], conversation, reply_id, data["body"])
 

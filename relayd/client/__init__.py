@@ -2,5 +2,20 @@
 
 from relayd.client.business import parse_event, reply
 from relayd.client.device import DeviceKeys, RelayPublic
+from relayd.client.rich import (
+    Item,
+    ListPicker,
+    Option,
+    QuickReply,
+    Reaction,
+    Response,
+    RichLink,
+    Section,
+    Slot,
+    TimePicker,
+    parse_body,
+)
 
-__all__ = ["DeviceKeys", "RelayPublic", "parse_event", "reply"]
+__all__ = ["DeviceKeys", "Item", "ListPicker", "Option", "QuickReply", "Reaction", "RelayPublic",
+           "Response", "RichLink", "Section", "Slot", "TimePicker", "parse_body", "parse_event",
+           "reply"]

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from relayd import envelope, keys, payload
-from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+from relayd import bodies, envelope, keys, payload
+from relayd.client import (
+    DeviceKeys,
+    Item,
+    ListPicker,
+    Option,
+    QuickReply,
+    Reaction,
+    RelayPublic,
+    Response,
+    RichLink,
+    Section,
+    Slot,
+    TimePicker,
+    parse_body,
+    parse_event,
+    reply,
+)
 from relayd.config import Limits
 from relayd.crypto import Kem, b64d
+from tests.unit import strategies as s
+from tests.unit.helpers import FAST
 
 
 class TestRelayPublic:
@@ -104,3 +126,74 @@ class TestBusinessClient:
         """Anything but a v1 object with a type is a ValueError."""
         with pytest.raises(ValueError, match="not a relayd v1 event"):
             parse_event(raw)
+
+
+class TestRichClient:
+    """relayd.client builds and parses every body of contract 1.1."""
+
+    @FAST
+    @given(st.one_of(s.from_business.map(lambda x: ("business", *x)),
+                     s.from_user.map(lambda x: ("user", *x))))
+    def test_parse_then_build_gives_the_body_back(
+            self, sample: tuple[str, str, dict[str, Any]]) -> None:
+        """Every valid body parses into its object, whose body() is the same body (a
+        `multiple: false` left out, as it is the default) and is accepted by the relay."""
+        sender, kind, body = sample
+        parsed = parse_body(kind, body, sender=sender)
+        if parsed is None:
+            assert kind == "message"
+            assert not body.keys() & set(bodies.INTERACTIVE)
+            return
+        built = parsed.body()
+        expected = copy.deepcopy(body)
+        if expected.get("list_picker", {}).get("multiple") is False:
+            del expected["list_picker"]["multiple"]
+        assert built == expected
+        assert parse_body(kind, built, sender=sender) == parsed
+        if sender == "business":
+            assert payload.parse_reply(reply("a" * 32, kind, built), Limits()).body == built
+        else:
+            device = DeviceKeys.generate("phone-1")
+            claims, _ = payload.peek_device(device.payload("acme", kind, built))
+            assert payload.validate_up(claims, Limits()).body == built
+
+    def test_builders_refuse_what_the_relay_refuses(self) -> None:
+        """A body the relay would refuse is a ValueError when it is built."""
+        with pytest.raises(ValueError, match="2 to 5"):
+            QuickReply("Pick", (Option("a", "A"),)).body()
+        with pytest.raises(ValueError, match="https"):
+            RichLink("See", "javascript:alert(1)", "A").body()
+        with pytest.raises(ValueError, match="emoji"):
+            Reaction(str(uuid.uuid4()), "lol").body()
+        with pytest.raises(ValueError, match="selected"):
+            Response(str(uuid.uuid4()), ()).body()
+
+    def test_builders_name_each_field(self) -> None:
+        """Each builder writes the contract's keys, and reply_to when given."""
+        message_id = str(uuid.uuid4())
+        picker = ListPicker("What would you like?", "Menu", (
+            Section((Item("tea", "Tea", "hot"), Item("cake", "Cake")), "Menu"),), multiple=True,
+            reply_to=message_id)
+        assert picker.body() == {"text": "What would you like?", "reply_to": message_id,
+                                 "list_picker": {"title": "Menu", "multiple": True, "sections": [
+                                     {"title": "Menu", "items": [
+                                         {"id": "tea", "title": "Tea", "subtitle": "hot"},
+                                         {"id": "cake", "title": "Cake"}]}]}}
+        times = TimePicker("When?", "Visit", "Europe/Paris", (Slot("9", 1_795_000_000_000, 1800),))
+        assert times.body()["time_picker"] == {"title": "Visit", "timezone": "Europe/Paris",
+                                               "slots": [{"id": "9", "start": 1_795_000_000_000,
+                                                          "duration": 1800}]}
+        assert Reaction(message_id, "👍", remove=True).body() == {
+            "message_id": message_id, "emoji": "👍", "remove": True}
+        assert Response(message_id, ("tea", "cake")).body() == {
+            "message_id": message_id, "selected": ["tea", "cake"]}
+
+    def test_parse_refuses_and_ignores(self) -> None:
+        """A body the relay would refuse is a ValueError; other types parse to None."""
+        with pytest.raises(ValueError, match="text, attachments, reply_to$"):
+            parse_body("message", {"text": "x", "quick_reply": {"options": []}}, sender="user")
+        with pytest.raises(ValueError, match="options: 2 to 5"):
+            parse_body("message", {"text": "x", "quick_reply": {"options": []}},
+                       sender="business")
+        assert parse_body("message", {"text": "hi"}, sender="business") is None
+        assert parse_body("read", {}, sender="user") is None

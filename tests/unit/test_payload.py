@@ -69,9 +69,10 @@ class TestValidateUp:
             REFERENCE)
 
     def test_types_cover_the_contract(self) -> None:
-        """The up types are exactly the six the contract lists."""
-        assert {"start", "message", "typing_start", "typing_end", "read", "close"} == (
-            payload.UP_TYPES)
+        """The up types are exactly the eight the contract lists; replies have six."""
+        assert {"start", "message", "typing_start", "typing_end", "read", "close", "response",
+                "reaction"} == payload.UP_TYPES
+        assert payload.UP_TYPES - {"start", "response"} == payload.REPLY_TYPES
 
     @pytest.mark.parametrize("field", sorted(["v", "device", "seq", "ts", "id", "to", "type",
                                               "body"]))
