@@ -15,7 +15,9 @@ With a client certificate only (`business add --auth x509`; the certificate's CN
 What it shows (docs/business-guide.md explains each): TLS with the broker's CA; consuming
 your inbox; publishing replies to `relayd.replies` with routing key = your business id and
 `user_id` = your RabbitMQ user; de-duplicating events on `id`; acking an event only after
-the broker has confirmed the reply. It stops on SIGTERM or Ctrl-C.
+the broker has confirmed the reply. A user who writes "menu" gets a list picker, and their
+response is answered with the titles they chose: relayd checks an answer's shape only, so
+the business checks that it answers a menu it sent. It stops on SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from yarl import URL
 # Reply ids derive from the event id, so answering the same event twice (after a crash,
 # before the ack) sends the same reply id, which devices de-duplicate.
 REPLY_NAMESPACE = uuid.UUID("0e6f2c1a-3b7d-4c55-9f1e-7a2b8c9d0e11")
+MENU = {"title": "Menu", "multiple": True, "sections": [
+    {"title": "Drinks", "items": [{"id": "tea", "title": "Tea", "subtitle": "Earl Grey"},
+                                  {"id": "coffee", "title": "Coffee"}]},
+    {"title": "Food", "items": [{"id": "cake", "title": "Cake"},
+                                {"id": "soup", "title": "Soup", "subtitle": "of the day"}]}]}
+TITLES = {item["id"]: item["title"] for section in MENU["sections"] for item in section["items"]}
 
 
 class Seen:
@@ -61,6 +69,7 @@ class Echo:
         self.user = user
         self.replies = replies
         self.seen = Seen()
+        self.menus = Seen(10_000)  # ids of the menus sent: the only answers we accept
 
     async def on_event(self, message: AbstractIncomingMessage) -> None:
         event = json.loads(message.body)
@@ -75,11 +84,31 @@ class Echo:
         if kind == "error":  # a reply of ours was refused: event["ref"] is its id
             print(f"relayd refused reply {event['ref']}: {event['code']}", file=sys.stderr)
             return
-        if kind != "message" or not isinstance(body, dict) or "text" not in body:
-            return  # start, typing, read and close need no answer here
+        if not isinstance(body, dict):
+            return
         reply_id = str(uuid.uuid5(REPLY_NAMESPACE, str(event["id"])))
+        if kind == "response":  # the user picked from a menu: body names it and the ids
+            if body["message_id"] not in self.menus:  # not ours, or forgotten: expired
+                await self.send(event, reply_id, {"text": "That menu has expired: write menu."})
+                return
+            chosen = [TITLES[i] for i in body["selected"] if i in TITLES]
+            await self.send(event, reply_id, {"text": "you chose: " + ", ".join(chosen),
+                                              "reply_to": body["message_id"]})
+            return
+        if kind != "message" or "text" not in body:
+            return  # start, typing, read, reaction and close need no answer here
+        if str(body["text"]).strip().lower() == "menu":
+            # `text` is what an app that predates interactive messages shows instead.
+            await self.send(event, reply_id, {"text": "What would you like?",
+                                              "list_picker": MENU})
+            self.menus.add(reply_id)
+            return
+        await self.send(event, reply_id, {"text": f"echo: {body['text']}"})
+
+    async def send(self, event: dict[str, object], reply_id: str, body: dict[str, object]) -> None:
+        """Publish one message reply in the event's conversation; return once confirmed."""
         reply = {"v": 1, "type": "message", "conversation": event["conversation"],
-                 "id": reply_id, "body": {"text": f"echo: {body['text']}"}}
+                 "id": reply_id, "body": body}
         await self.replies.publish(
             aio_pika.Message(json.dumps(reply).encode(), content_type="application/json",
                              message_id=reply_id, user_id=self.user,

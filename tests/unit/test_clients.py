@@ -190,7 +190,7 @@ class TestRichClient:
 
     def test_parse_refuses_and_ignores(self) -> None:
         """A body the relay would refuse is a ValueError; other types parse to None."""
-        with pytest.raises(ValueError, match="text, attachments, reply_to$"):
+        with pytest.raises(ValueError, match=r"text, attachments, reply_to$"):
             parse_body("message", {"text": "x", "quick_reply": {"options": []}}, sender="user")
         with pytest.raises(ValueError, match="options: 2 to 5"):
             parse_body("message", {"text": "x", "quick_reply": {"options": []}},
