@@ -1,5 +1,5 @@
-"""The JSON examples of docs/protocol.md section 12 pass the relay's own rules, so the
-contract cannot drift from the code."""
+"""The JSON examples of the rich-conversations section of docs/protocol.md pass the relay's
+own rules, so the contract cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from relayd import bodies, payload
 from relayd.config import Limits
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
-SECTION = re.compile(r"^## 12\. .*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+SECTION = re.compile(r"^## \d+\. Rich conversations.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
 BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
 
 
 def examples() -> list[dict[str, Any]]:
     section = SECTION.search(PROTOCOL.read_text())
-    assert section is not None, "docs/protocol.md has no section 12"
+    assert section is not None, "docs/protocol.md has no section on rich conversations"
     found = [orjson.loads(line) for block in BLOCK.findall(section.group())
              for line in block.splitlines() if line.startswith("{")]
     return [e for e in found if "v" in e]  # whole payloads; bare bodies are fragments
@@ -57,7 +57,7 @@ def test_example_passes_the_relay(example: dict[str, Any]) -> None:
 
 
 def test_every_new_type_has_an_example() -> None:
-    """Section 12 shows each interactive key, a response and a reaction from each side."""
+    """The section shows each interactive key, a response and a reaction from each side."""
     shown = {(role(e), e["type"], key) for e in examples() for key in e["body"]}
     for key in bodies.INTERACTIVE:
         assert ("reply", "message", key) in shown
