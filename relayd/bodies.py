@@ -206,9 +206,15 @@ _INTERACTIVE: Final[dict[str, Callable[[object, Limits], str | None]]] = {
 }
 
 
+_MESSAGE_KEYS: Final[dict[Sender, frozenset[str]]] = {
+    "user": frozenset({"text", "attachments", "reply_to"}),
+    "business": frozenset({"text", "attachments", "reply_to", *INTERACTIVE}),
+}
+
+
 def _message(body: dict[str, Any], limits: Limits, sender: Sender) -> str | None:
     interactive = INTERACTIVE if sender == "business" else ()
-    if not body.keys() <= {"text", "attachments", "reply_to", *interactive}:
+    if not body.keys() <= _MESSAGE_KEYS[sender]:
         return ("a message body holds text, attachments, reply_to"
                 + (" and one of " + ", ".join(INTERACTIVE) if interactive else ""))
     if not body.keys() & {"text", "attachments"}:
