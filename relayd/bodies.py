@@ -32,7 +32,8 @@ MAX_START_MS: Final = 2**53 - 1  # the largest integer a JavaScript number holds
 EMOJI_CODE_POINTS: Final = 16
 ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")  # option, item, slot ids
 TIMEZONE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_+-]{0,31}(?:/[A-Za-z0-9_+-]{1,32}){0,2}")
-HTTPS_URL: Final = re.compile(r"https://[!-~]{1,2040}")  # printable ASCII, no space
+# https and then only what RFC 3986 allows in a URI: no space, quote, <, >, \, ^, `, {, |, }.
+HTTPS_URL: Final = re.compile(r"https://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,2040}")
 INTERACTIVE: Final = ("quick_reply", "list_picker", "time_picker", "rich_link")
 
 _REFERENCE_KEYS: Final = frozenset({"url", "key", "sha256", "size", "mime"})
@@ -194,7 +195,7 @@ def _rich_link(value: object, limits: Limits) -> str | None:
         return "rich_link is {url, title, image?}, its title a short string"
     url = value["url"]
     if not isinstance(url, str) or not HTTPS_URL.fullmatch(url):
-        return "a link's url is https:// and up to 2048 printable ASCII characters"
+        return "a link's url is https:// and up to 2048 characters that RFC 3986 allows"
     if "image" in value:
         return _image(value["image"], limits.max_thumbnail_bytes)
     return None

@@ -30,7 +30,7 @@ thumbnails = st.builds(lambda raw: {"data": base64.b64encode(raw).decode(), "mim
                        st.binary(max_size=64))
 timezones = st.sampled_from(["UTC", "Europe/Paris", "America/Argentina/Buenos_Aires",
                              "Etc/GMT+5", "America/Port-au-Prince"])
-https_urls = st.from_regex(r"https://[!-~]{1,60}", fullmatch=True)
+https_urls = st.from_regex(r"https://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,60}", fullmatch=True)
 
 
 def _unique(items: st.SearchStrategy[dict[str, Any]], low: int,

@@ -282,15 +282,20 @@ class TestRichLink:
     @pytest.mark.parametrize("url", ["http://a.example", "javascript:alert(1)",
                                      "HTTPS://a.example", "https://", "https://a b",
                                      "https://a.example/\u202e", "https://é.example",
+                                     "https://a.example/\"onclick=\"x", "https://a/<script>",
+                                     "https://a/{x}", "https://a/a\\b", "https://a/`x`",
                                      "https://" + "a" * 2041])
-    def test_only_https_printable_ascii(self, url: str) -> None:
-        """A link is https:// and at most 2048 printable ASCII characters."""
+    def test_only_https_uri_characters(self, url: str) -> None:
+        """A link is https:// and at most 2048 characters of those RFC 3986 allows: no
+        quote, angle bracket, brace, backslash or backquote for a renderer to trip on."""
         invalid("message", message("rich_link", {"url": url, "title": "A"}))
 
     def test_longest_url(self) -> None:
-        """A 2048-character https URL is accepted."""
+        """A 2048-character https URL, and every character RFC 3986 allows, are accepted."""
         url = "https://" + "a" * 2040
         assert reply("message", message("rich_link", {"url": url, "title": "A"}))
+        every = "https://u@a.example:443/p-._~!$&'()*+,;=:@%20/?q=[1]#f"
+        assert reply("message", message("rich_link", {"url": every, "title": "A"}))
 
     def test_thumbnail_bound(self) -> None:
         """An inline thumbnail is at most max_thumbnail_bytes and an image."""
