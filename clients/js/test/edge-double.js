@@ -47,6 +47,7 @@ export class EdgeDouble {
     /** @type {Map<string, import("ws").WebSocket>} */ this.live = new Map();
     this.logins = 0;
     this.ignoreReceived = false;
+    this.silent = false; // true: no pong to a ping
     /** @type {{kind: string, resolve: (value: any) => void}[]} */ this.waiters = [];
     this.server = new WebSocketServer({ host: "127.0.0.1", port: 0, handleProtocols: (protocols) => (protocols.has("relayd.v1") ? "relayd.v1" : false) });
     this.server.on("connection", (ws) => this.#connection(ws));
@@ -156,6 +157,9 @@ export class EdgeDouble {
       this.#emit("send", send);
       const answer = await this.answer(send);
       if (answer && ws.readyState === OPEN) ws.send(JSON.stringify({ ...answer, ref: frame.ref }));
+    } else if (frame.type === "ping") {
+      this.#emit("ping", frame.ref);
+      if (!this.silent) ws.send(JSON.stringify({ type: "pong", ref: frame.ref }));
     } else if (frame.type === "received") {
       if (!session.unacked.has(frame.tag)) return ws.close(4400, "bad_frame");
       if (this.ignoreReceived) return this.#emit("received", frame.tag);

@@ -19,7 +19,7 @@ afterEach(async () => {
 });
 
 /** A relay (its HPKE and signing keys), a device, an edge that knows the device, a client. */
-async function setup({ answer = undefined, edgeName = undefined, onMessage = undefined, state = undefined } = {}) {
+async function setup({ answer = undefined, edgeName = "edge-1", onMessage = undefined, state = undefined, ping = undefined } = {}) {
   const relayHpke = await DeviceKeys.generate("relay");
   const relaySigning = /** @type {CryptoKeyPair} */ (await crypto.subtle.generateKey("Ed25519", true, ["sign", "verify"]));
   const relay = new RelayPublic("r2026-11", "X25519", relayHpke.encPublic, new Uint8Array(await crypto.subtle.exportKey("raw", relaySigning.publicKey)));
@@ -28,7 +28,7 @@ async function setup({ answer = undefined, edgeName = undefined, onMessage = und
   /** @type {import("../src/payload.js").Down[]} */
   const received = [];
   const client = new EdgeClient({
-    url: edge.url, keys, relay, WebSocket: /** @type {any} */ (WebSocket), edgeName, state,
+    url: edge.url, keys, relay, WebSocket: /** @type {any} */ (WebSocket), edgeName, state, ping,
     backoff: { first: 5, max: 50 },
     onMessage: onMessage ?? ((message) => { received.push(message); }),
   });
@@ -182,7 +182,7 @@ describe("EdgeClient", () => {
     const { edge, client, keys, relay } = await setup();
     client.start();
     await client.ready();
-    const other = new EdgeClient({ url: edge.url, keys, relay, WebSocket: /** @type {any} */ (WebSocket), onMessage: () => {} });
+    const other = new EdgeClient({ url: edge.url, edgeName: "edge-1", keys, relay, WebSocket: /** @type {any} */ (WebSocket), onMessage: () => {} });
     cleanups.push(() => other.stop());
     const stopped = reaches(client, "stopped");
     other.start();
@@ -231,6 +231,31 @@ describe("EdgeClient", () => {
     await until(edge, "received", () => edge.frames.some((f) => /** @type {any} */ (f).type === "received"));
     assert.deepEqual(received.map((m) => m.seq), [1]);
     assert.ok(problems.length >= 40 && problems.every((p) => p.what === "bad_frame"));
+  });
+
+  it("sends one message at a time, so a refused one is not overtaken", async () => {
+    const answers = [{ type: "nack", code: "broker_full" }, { type: "ack" }, { type: "ack" }];
+    const { edge, client, openUp } = await setup({ answer: () => answers.shift() ?? null });
+    client.start();
+    const [first, second] = await Promise.all([client.send("acme", "start", { text: "one" }), client.send("acme", "message", { text: "two" })]);
+    const ups = await Promise.all(edge.sends.map((s) => openUp(s.sealed)));
+    assert.deepEqual(ups.map((up) => [up.id, up.seq]), [[first.id, 1], [first.id, 2], [second.id, 3]]);
+  });
+
+  it("pings the edge, and gives up a connection whose pong does not come", async () => {
+    const { edge, client, problems } = await setup({ ping: { interval: 1000 } });
+    client.start();
+    await client.ready();
+    for (let i = 0; i < 2; i += 1) await edge.next("ping");
+    assert.equal(edge.logins, 1); // answered pings keep the connection
+    edge.silent = true;
+    const closed = edge.next("close");
+    await reaches(client, "waiting");
+    await closed;
+    edge.silent = false;
+    await reaches(client, "ready");
+    assert.equal(edge.logins, 2);
+    assert.ok(problems.some((p) => p.what === "no_pong"));
   });
 
   it("rejects what is in flight when stopped", async () => {

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
-import { DeviceKeys, b64uDecode, b64uEncode, info, loginBytes, openSealed, signedBytes } from "../src/index.js";
+import { DeviceKeys, b64uDecode, b64uEncode, info, loginBytes, loginFrame, openSealed, signedBytes } from "../src/index.js";
 
 const hex = (/** @type {string} */ text) => Uint8Array.from(text.match(/../g) ?? [], (h) => parseInt(h, 16));
 const toHex = (/** @type {Uint8Array} */ bytes) => Buffer.from(bytes).toString("hex");
@@ -22,14 +22,14 @@ const UP = {
   ct: "9cea41bd9ba28a58afec8a84a226e000caf6617e08b41bb9d7a52d153976446036fe835d80f81118ccbc3570c68cc1a9b83c5ac69b10c95da96ab9755ffc4eb72ecc8e7a5542f2ede50b14284dd2ec3b41d644b78ed8a150dd279bc0599b79f30a83775c547685eb49297266179b465c36840c31638b981b14a1cb61e022270accabe7b0bdd57c7594200cb6b4b12364c1eb567b791d4d205b21d34dfb0bf671737d5020be300d5a3d2435acf6084df0133d175acf9208cf8482346ddc4dc91c60a46d218085dc8c9b7f5ab328de8e00c314b4de69f8130931a33c0f35a86c6482aa3e86f247061c915887dd",
 };
 
-// PROVISIONAL: made with Python's cryptography (Ed25519PrivateKey.from_private_bytes(SEED)
-// .sign(...)) until the edge's docs/protocol.md carries the contract's own login vector;
-// replace these values with the doc's then.
+// docs/protocol.md section 12, "A test vector for the login signature".
 const LOGIN = {
-  edge: "edge-1",
+  edge: "edge-1.relay.example",
   device: "alice-phone",
   nonce: "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8",
-  signature: "a9ef2c190ac9e5a793cebe63f1ce66a8491596cb8dd5173b2523e99f2065b9db1b23d5a6a841ab0a4749b8c18d39f480b136dceb9d208117d7fc422e3c25430c",
+  signed: "72656c6179642f763120656467652d6c6f67696e0a656467652d312e72656c61792e6578616d706c650a616c6963652d70686f6e650a404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f",
+  signature: "fc2cd7d7e1f5305e5c2a2a5a4e833b3870f05f211830d25d3c727de7fbb6c31dc681769977c01f350dcdc70a15a96e827366d961d3314c4796dcd060521ca70d",
+  sig: "_CzX1-H1MF5cKipaToM7OHDwXyEYMNJdPHJ95_u2wx3GgXaZd8AfNQ3NxwoVqW6Cc2bZYdMxTEeW3NBgUhynDQ",
 };
 
 /** The vector's device (its Ed25519 seed) with the relay's X25519 key as its HPKE key. */
@@ -62,14 +62,11 @@ describe("the up test vector", () => {
 });
 
 describe("the login test vector", () => {
-  it("signs the challenge to the vector's signature", async () => {
+  it("signs the vector's bytes to the vector's signature, and puts it in the login frame", async () => {
     const keys = await vectorKeys(LOGIN.device);
-    const signature = await keys.sign(loginBytes(LOGIN.edge, LOGIN.device, b64uDecode(LOGIN.nonce)));
-    assert.equal(toHex(signature), LOGIN.signature);
-  });
-
-  it("signs exactly the context, the edge name, the device and the nonce, newline-separated", () => {
-    const bytes = loginBytes("e", "d", Uint8Array.of(0, 255));
-    assert.deepEqual([...bytes], [...new TextEncoder().encode("relayd/v1 edge-login\ne\nd\n"), 0, 255]);
+    const bytes = loginBytes(LOGIN.edge, LOGIN.device, b64uDecode(LOGIN.nonce));
+    assert.equal(toHex(bytes), LOGIN.signed);
+    assert.equal(toHex(await keys.sign(bytes)), LOGIN.signature);
+    assert.deepEqual(await loginFrame(keys, LOGIN.edge, b64uDecode(LOGIN.nonce)), { type: "login", device: LOGIN.device, sig: LOGIN.sig });
   });
 });
