@@ -15,10 +15,9 @@ import aiormq
 import orjson
 import structlog
 import uvloop
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import admin, config, gdpr, keys, log, payload, provision, retention, status
-from relayd.crypto import Kem, b64d, fingerprint
+from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
 from relayd.run import ROLES, Role
 from relayd.store import Business, Device, Store, open_store
@@ -248,8 +247,14 @@ def _device(args: argparse.Namespace) -> Device:
     """The device the arguments describe; ValueError if a key does not decode."""
     kem = Kem(args.kem)
     enc, sign = b64d(args.enc_key), b64d(args.sign_key)
-    kem.public_key(enc)
-    ed25519.Ed25519PublicKey.from_public_bytes(sign)
+    try:
+        kem.public_key(enc)
+    except ValueError as exc:
+        raise ValueError(f"--enc-key: {exc}") from None
+    try:
+        ed25519_public(sign)
+    except ValueError as exc:
+        raise ValueError(f"--sign-key: {exc}") from None
     return Device(args.device, args.user, kem, enc, sign)
 
 
@@ -354,10 +359,14 @@ def parser() -> argparse.ArgumentParser:
     command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
             json_output=True)
 
+    def kid(value: str) -> str:
+        return _valid_id(keys.KID_PATTERN, value, "a kid")
+
     key_commands = commands.add_parser("keys", help="the relay's keys").add_subparsers(
         dest="action", required=True)
     generate = command(key_commands, "generate", cmd_keys_generate, "create missing keys")
-    generate.add_argument("--kid", help="key id for a new HPKE key (default: rYYYY-MM-DD)")
+    generate.add_argument("--kid", type=kid,
+                          help="key id for a new HPKE key (default: rYYYY-MM-DD)")
     generate.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
     command(key_commands, "show", cmd_keys_show, "print the current public keys as JSON")
 

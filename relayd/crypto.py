@@ -5,6 +5,13 @@ Raw encodings, as carried in JSON and on the wire:
 - MLKEM768_X25519: public = ML-KEM-768 encapsulation key (1184 bytes) || X25519 public key
   (32 bytes); private = ML-KEM-768 seed (64 bytes) || X25519 private key (32 bytes).
 - Ed25519: the 32-byte public or private key.
+
+Every public key that comes in (a device's, the relay's own, the relay's as a device reads
+it) is decoded by one function per kind: x25519_public, mlkem768_x25519_public (through
+Kem.public_key) and ed25519_public. Each refuses, with WeakKeyError, the keys that decode
+but must never be used: low-order points (all zero among them), which give every sender
+the same shared secret or let a signature verify without any secret, and non-canonical
+encodings, which let one key have several names.
 """
 
 from __future__ import annotations
@@ -25,8 +32,87 @@ PrivateKey: TypeAlias = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _MLKEM768_PUBLIC = 1184
+_MLKEM768_T = 1152  # the encoded vector t; the last 32 bytes of the key are the seed rho
 _MLKEM_SEED = 64
 _X25519 = 32
+_ED25519 = 32
+_P = 2**255 - 19  # the field of Curve25519 and of edwards25519
+
+# The u-coordinates of the points of order 1, 2, 4 and 8 of Curve25519 and its twist (RFC
+# 7748 section 6; libsodium's blocklist of crypto_scalarmult_curve25519 lists them and
+# their encodings plus p and p+1): a clamped private key times any of them is 0.
+X25519_LOW_ORDER = frozenset({
+    0, 1, _P - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+})
+# The y-coordinates of the eight points of order 1, 2, 4 and 8 of edwards25519 (the
+# identity is y = 1); libsodium's ge25519_has_small_order blocklist.
+_Y8 = 2707385501144840649318225287225658788936804267575313519463743609750303402022
+ED25519_SMALL_ORDER_Y = frozenset({1, _P - 1, 0, _Y8, _P - _Y8})
+_D = -121665 * pow(121666, -1, _P) % _P  # edwards25519's d
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+class WeakKeyError(ValueError):
+    """A public key that decodes but must never be used (low order, or not canonical)."""
+
+
+def x25519_public(raw: bytes) -> x25519.X25519PublicKey:
+    """An X25519 public key; ValueError unless it is 32 bytes, canonical (u < p, so the
+    top bit clear) and not of low order."""
+    if len(raw) != _X25519:
+        raise ValueError("an X25519 public key is 32 bytes")
+    u = int.from_bytes(raw, "little")
+    if u >= _P:
+        raise WeakKeyError("the X25519 public key is not canonical (u >= 2^255-19)")
+    if u in X25519_LOW_ORDER:
+        raise WeakKeyError("the X25519 public key is a low-order point (all zero is one): "
+                           "anyone could compute what is sealed to it")
+    return x25519.X25519PublicKey.from_public_bytes(raw)
+
+
+def mlkem768_x25519_public(raw: bytes) -> hpke.MLKEM768X25519PublicKey:
+    """An MLKEM768_X25519 public key: its X25519 half as x25519_public checks it, and an
+    ML-KEM-768 encapsulation key that passes FIPS 203's checks (its length, and every
+    coefficient below q: cryptography's decoder does that one) and whose vector t is not
+    zero (then the ciphertext alone gives the secret away)."""
+    if len(raw) != _MLKEM768_PUBLIC + _X25519:
+        raise ValueError("an MLKEM768_X25519 public key is 1216 bytes")
+    x = x25519_public(raw[_MLKEM768_PUBLIC:])
+    if not any(raw[:_MLKEM768_T]):
+        raise WeakKeyError("the ML-KEM-768 encapsulation key is zero: anyone could compute "
+                           "what is sealed to it")
+    try:
+        m = mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC])
+    except ValueError:  # its message names the length, whatever failed
+        raise WeakKeyError("the ML-KEM-768 encapsulation key fails FIPS 203's modulus "
+                           "check (a coefficient is not below q = 3329)") from None
+    return hpke.MLKEM768X25519PublicKey(m, x)
+
+
+def ed25519_public(raw: bytes) -> ed25519.Ed25519PublicKey:
+    """An Ed25519 public key; ValueError unless it is 32 bytes, the canonical encoding of a
+    point of edwards25519 (RFC 8032 section 5.1.3: y < p), and not one of the eight
+    points of small order, under which a signature can verify without any secret key (the
+    identity point verifies a zero signature on anything). The other non-canonical
+    encodings, x = 0 with the sign bit set, are at y = 1 and p-1: refused as small order.
+    """
+    if len(raw) != _ED25519:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    y = int.from_bytes(raw, "little") & (2**255 - 1)  # bit 255 is the sign of x
+    if y >= _P:
+        raise WeakKeyError("the Ed25519 public key is not canonical (y >= 2^255-19)")
+    if y in ED25519_SMALL_ORDER_Y:
+        raise WeakKeyError("the Ed25519 public key is a point of small order (the identity "
+                           "and all zero are two): a signature could verify without a key")
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P  # x^2 = u / v
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == -u % _P:
+        x = x * _SQRT_M1 % _P
+    if v * x * x % _P != u:
+        raise WeakKeyError("the Ed25519 public key is not a point of edwards25519")
+    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
 
 
 class Kem(StrEnum):
@@ -61,15 +147,11 @@ class Kem(StrEnum):
         )
 
     def public_key(self, raw: bytes) -> PublicKey:
-        """Decode a raw public key; ValueError when it has the wrong length or shape."""
+        """Decode a raw public key; ValueError when it has the wrong length or shape, and
+        WeakKeyError (a ValueError) when it must not be used."""
         if self is Kem.X25519:
-            return x25519.X25519PublicKey.from_public_bytes(raw)
-        if len(raw) != _MLKEM768_PUBLIC + _X25519:
-            raise ValueError("an MLKEM768_X25519 public key is 1216 bytes")
-        return hpke.MLKEM768X25519PublicKey(
-            mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC]),
-            x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM768_PUBLIC:]),
-        )
+            return x25519_public(raw)
+        return mlkem768_x25519_public(raw)
 
 
 _SUITES = {

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import envelope, opaque, payload, ratelimit
 from relayd.config import Settings
-from relayd.crypto import Kem, PublicKey
+from relayd.crypto import Kem, PublicKey, ed25519_public
 from relayd.errors import EnvelopeError, PermanentError
 from relayd.keys import KeyRing
 from relayd.store import Conversation, Device, Store
@@ -57,8 +57,13 @@ def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
 
 
 @functools.lru_cache(maxsize=16384)
-def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey:
-    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
+    """The device's verifying key; None for one that must never verify (a weak key that
+    reached the store before relayd checked keys at `device add`)."""
+    try:
+        return ed25519_public(raw)
+    except ValueError:
+        return None
 
 
 def seal_down(keys: KeyRing, device: Device, body: bytes) -> bytes:
@@ -108,8 +113,11 @@ class Inbound:
         device = next((d for d in household if d.id == opened.device), None)
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
-        envelope.verify(opened.signature, opened.payload, direction="up",
-                        signer=_sign_key(device.sign_key))
+        signer = _sign_key(device.sign_key)
+        if signer is None:
+            raise EnvelopeError("bad_signature", "the device's key is one no signature may "
+                                "verify under")
+        envelope.verify(opened.signature, opened.payload, direction="up", signer=signer)
         if not redelivered and not self.device_rate.allow(device.id):  # retries are ours
             raise PermanentError("rate_limited", "the device is over limits.device_rate")
         up = payload.validate_up(opened.claims, self.settings.limits)

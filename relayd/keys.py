@@ -29,7 +29,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd.config import Keys
-from relayd.crypto import Kem, PrivateKey, b64d, b64e, raw_public
+from relayd.crypto import Kem, PrivateKey, b64d, b64e, ed25519_public, raw_public, signing_public
 from relayd.errors import KeyFileError
 
 KID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch()
@@ -86,7 +86,7 @@ def generate(keys_dir: Path, kid: str | None = None, kem: Kem = Kem.X25519) -> l
 
     A new kid adds an HPKE key (a rotation); an existing file is never touched.
     """
-    kid = kid or datetime.now(UTC).strftime("r%Y-%m-%d")
+    kid = datetime.now(UTC).strftime("r%Y-%m-%d") if kid is None else kid
     if not KID_PATTERN.fullmatch(kid):
         raise KeyFileError(kid, "a kid is 1-64 letters, digits, '.', '_' or '-'")
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -126,12 +126,14 @@ def _hpke_key(path: Path) -> RelayKey:
     try:
         kem = Kem(data["kem"])
         raw = b64d(data["private_key"])
+        public_raw = raw_public(kem, raw)
+        kem.public_key(public_raw)  # the check every public key passes (relayd.crypto)
         return RelayKey(
             kid=str(data["kid"]),
             kem=kem,
             created=datetime.fromisoformat(data["created"]),
             private=kem.private_key(raw),
-            public_raw=raw_public(kem, raw),
+            public_raw=public_raw,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise KeyFileError(str(path), f"malformed HPKE key: {exc}") from None
@@ -170,6 +172,7 @@ def load(keys_dir: Path, grace_period: timedelta, now: datetime | None = None,
         signing = ed25519.Ed25519PrivateKey.from_private_bytes(
             b64d(_read(keys_dir / (prefix + SIGNING_FILE))["private_key"])
         )
+        ed25519_public(signing_public(signing))  # the check every public key passes
         opaque = b64d(_read(keys_dir / (prefix + OPAQUE_FILE))["secret"])
     except (KeyError, ValueError, TypeError) as exc:
         raise KeyFileError(str(keys_dir), f"malformed signing or opaque key: {exc}") from None

@@ -12,7 +12,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import envelope
-from relayd.crypto import Kem, PrivateKey, b64d, b64e, raw_public
+from relayd.crypto import Kem, PrivateKey, b64d, b64e, ed25519_public, raw_public
 from relayd.errors import EnvelopeError
 
 
@@ -27,9 +27,13 @@ class RelayPublic:
 
     @classmethod
     def from_json(cls, data: dict[str, str] | str | bytes) -> RelayPublic:
+        """ValueError (WeakKeyError among them) for a key relayd.crypto refuses."""
         info: dict[str, str] = data if isinstance(data, dict) else orjson.loads(data)
-        return cls(info["kid"], Kem(info["kem"]), b64d(info["enc_public_key"]),
-                   b64d(info["sign_public_key"]))
+        relay = cls(info["kid"], Kem(info["kem"]), b64d(info["enc_public_key"]),
+                    b64d(info["sign_public_key"]))
+        relay.kem.public_key(relay.enc_public_key)
+        ed25519_public(relay.sign_public_key)
+        return relay
 
 
 @dataclass(slots=True)
@@ -85,7 +89,7 @@ class DeviceKeys:
         signature, payload = envelope.open_sealed(body, direction="down", kid=self.device,
                                                   kem=self.kem, private=self.enc_private)
         envelope.verify(signature, payload, direction="down",
-                        signer=ed25519.Ed25519PublicKey.from_public_bytes(relay.sign_public_key))
+                        signer=ed25519_public(relay.sign_public_key))
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -9,7 +9,11 @@ from pathlib import Path
 import aio_pika
 import orjson
 
+from relayd import envelope
 from relayd.client import DeviceKeys
+from relayd.crypto import Kem, b64e
+from relayd.errors import ExitCode
+from relayd.store import Device
 from tests.integration.harness import Relay, add_amqp_user, amqp_url, relay_in_vhost
 
 USER = "alice@example.org"
@@ -164,3 +168,39 @@ class TestTransientFailures:
         [dead] = await relay.dead(1)
         assert dead.headers["x-relayd-reason"] == "unknown_conversation"
         assert dead.headers["x-relayd-queue"] == "relayd.outbound"
+
+
+class TestWeakKeys:
+    async def test_identity_point_forgery_no_longer_reaches_a_business(
+            self, relay: Relay) -> None:
+        """`device add` refuses the identity point as a signing key; a device that holds it
+        in the store anyway (registered before keys were checked) cannot speak: a message
+        made without any secret, signature (R = identity, S = 0), is dead-lettered as
+        bad_signature, and a healthy device is heard as before."""
+        await relay.add_business("acme")
+        phone = await relay.add_device(USER, "phone")
+        identity = (1).to_bytes(32, "little")
+        mallory = DeviceKeys.generate("mallory")
+        code, _ = await relay.cli("device", "add", "--user", USER, "--device", "mallory",
+                                  f"--enc-key={b64e(mallory.enc_public)}",
+                                  f"--sign-key={b64e(identity)}")
+        assert code == ExitCode.USAGE
+        assert await relay.store.device("mallory") is None
+
+        await relay.store.add_device(Device("mallory", USER, Kem.X25519, mallory.enc_public,
+                                            identity))
+        await relay.start()
+        forged = identity + bytes(32)
+        for kind in ("start", "message"):
+            payload = mallory.payload("acme", kind, {"text": "no secret"} if kind == "message"
+                                      else {})
+            body = relay.public.kem.suite.encrypt(
+                forged + payload, relay.public.kem.public_key(relay.public.enc_public_key),
+                info=envelope.info("up", relay.public.kid))
+            await relay.publish_up(body)
+        assert reasons(await relay.dead(2)) == ["bad_signature", "bad_signature"]
+
+        start_id = await relay.send(phone, "acme", "start")
+        [event] = await relay.events("acme", 1)
+        assert event["id"] == start_id
+        await relay.assert_empty(relay.inbox("acme"), relay.settings.topology.dead_queue)

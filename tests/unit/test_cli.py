@@ -12,7 +12,8 @@ import structlog
 import yaml
 
 from relayd import cli
-from relayd.crypto import b64d
+from relayd.client import DeviceKeys
+from relayd.crypto import b64d, b64e
 from relayd.errors import ExitCode
 
 
@@ -109,6 +110,49 @@ class TestKeysCommands:
         code = cli.main(["keys", "generate", "--config", str(path), "--kid", "a"])
         assert code != ExitCode.BROKER_UNAVAILABLE
         assert "broker" not in capsys.readouterr().err
+
+
+    @pytest.mark.parametrize("kid", ["", "-a", "a b", "é", "a" * 65, "a/b"], ids=repr)
+    def test_invalid_kid_exits_usage_and_writes_nothing(
+        self, tmp_path: Path, kid: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """keys generate --kid with an empty or invalid kid exits 2, says what a kid is, and
+        writes no file."""
+        path = _config(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["keys", "generate", "--config", str(path), f"--kid={kid}"])
+        assert exited.value.code == ExitCode.USAGE
+        assert "a kid must match" in capsys.readouterr().err
+        assert not (tmp_path / "keys").exists()
+
+
+class TestDeviceKeys:
+    @pytest.mark.parametrize(("option", "raw", "why"), [
+        ("--enc-key", bytes(32), "low-order"),
+        ("--enc-key", (2**255 - 20).to_bytes(32, "little"), "low-order"),  # p - 1
+        ("--enc-key", b"\xff" * 32, "not canonical"),
+        ("--sign-key", bytes(32), "small order"),
+        ("--sign-key", (1).to_bytes(32, "little"), "small order"),  # the identity
+        ("--sign-key", b"\xff" * 31 + b"\x7f", "not canonical"),
+    ], ids=["x-zero", "x-p-1", "x-noncanonical", "ed-zero", "ed-identity", "ed-noncanonical"])
+    def test_weak_key_exits_usage_and_registers_nothing(
+        self, tmp_path: Path, option: str, raw: bytes, why: str,
+        capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """device add refuses a weak key before it touches the broker or the store: exit 2,
+        the option and the reason on stderr, no device registered."""
+        path = _config(tmp_path)
+        keys = DeviceKeys.generate("phone").registration("u")
+        keys[option.removeprefix("--").replace("-", "_")] = b64e(raw)
+        code = cli.main(["device", "add", "--config", str(path), "--user", "u",
+                         "--device", "phone", f"--enc-key={keys['enc_key']}",
+                         f"--sign-key={keys['sign_key']}"])
+        assert code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert option in err
+        assert why in err
+        assert cli.main(["device", "list", "--config", str(path), "--json"]) == ExitCode.OK
+        assert orjson.loads(capsys.readouterr().out) == []
 
 
 class TestBusinessCredentials:
