@@ -22,8 +22,6 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from relayd import amqp, log, opaque, payload
 from relayd.config import Settings
 from relayd.crypto import fingerprint
@@ -133,9 +131,9 @@ class Erasure:
         if not amqp_user or amqp_user != self.settings.gdpr.identity_user:
             raise PermanentError("unauthenticated", "erase requests come from gdpr.identity_user")
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise PermanentError("malformed", "not JSON") from None
+            data = payload.loads(body)
+        except ValueError as exc:
+            raise PermanentError("malformed", str(exc)) from None
         if (not isinstance(data, dict) or data.keys() != {"v", "type", "user", "id"}
                 or data["v"] != payload.VERSION or data["type"] != "erase"
                 or not isinstance(data["user"], str) or not 0 < len(data["user"]) <= 1024
