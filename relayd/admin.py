@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel
 
 from relayd import amqp, provision, topology
@@ -34,14 +36,15 @@ def management(settings: Settings) -> provision.Api | None:
     return provision.Api(m) if m is not None else None
 
 
-async def declare_all(settings: Settings, store: Store) -> int:
-    """Declare the core topology and every registered business and device."""
+async def declare_all(settings: Settings, store: Store, secret: bytes) -> int:
+    """Declare the core topology and every registered business and device (`secret`: the
+    relay's opaque secret, which names device queues)."""
     t = settings.topology
     specs = topology.core(t, settings.gdpr.identity_user is not None)
     for business in await store.businesses():
         specs += topology.business(t, business.id)
     for device in await store.devices():
-        specs += topology.device(t, device.id)
+        specs += topology.device(t, device.id, secret)
     async with channel(settings) as ch:
         await topology.declare(ch, specs)
     return len(specs)
@@ -106,17 +109,59 @@ async def rotate_credentials(settings: Settings, store: Store, business_id: str)
     return await asyncio.to_thread(provision.rotate, api, business.amqp_user)
 
 
-async def add_device(settings: Settings, store: Store, device: Device) -> bool:
+async def add_device(settings: Settings, store: Store, device: Device, secret: bytes) -> bool:
     """Declare and bind the device's queue, then register it; False if it existed."""
     async with channel(settings) as ch:
         await topology.declare(ch, topology.core(settings.topology)
-                               + topology.device(settings.topology, device.id))
+                               + topology.device(settings.topology, device.id, secret))
     return await store.add_device(device)
 
 
-async def remove_device(settings: Settings, store: Store, device_id: str) -> bool:
+async def remove_device(settings: Settings, store: Store, device_id: str, secret: bytes) -> bool:
     """Stop sealing to the device at once, then delete its queue and what it holds."""
     removed = await store.remove_device(device_id)
     async with channel(settings) as ch:
-        await topology.delete_queue(ch, topology.device_queue(settings.topology, device_id))
+        await topology.delete_queue(ch, topology.device_queue(settings.topology, device_id,
+                                                              secret))
     return removed
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    queues: int  # legacy queues found, emptied into their new ones and deleted
+    messages: int
+
+
+async def move_legacy_device_queues(settings: Settings, store: Store, secret: bytes) -> Moved:
+    """Upgrading from a relay that named device queues by device id: for each registered
+    device whose queue of the old name exists, unbind it, move what it holds (as it is,
+    persistent, each message acked only once the broker confirmed its copy) into the
+    device's queue of the new name, and delete it. Safe to re-run; declare_all first."""
+    t, queues, messages = settings.topology, 0, 0
+    connection = await amqp.connect(settings, "relayd-admin")
+    try:
+        for device in await store.devices():
+            legacy = t.device_queue.format(device=device.id)
+            probe = await connection.channel()
+            try:
+                await probe.declare_queue(legacy, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                continue
+            await probe.close()
+            ch = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            queue = await ch.get_queue(legacy, ensure=False)
+            await queue.unbind(t.devices_exchange, device.id)
+            target = topology.device_queue(t, device.id, secret)
+            while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                await ch.default_exchange.publish(aio_pika.Message(
+                    message.body, headers=message.headers, content_type=message.content_type,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=target,
+                    mandatory=True)
+                await message.ack()
+                messages += 1
+            await ch.queue_delete(legacy, if_empty=True)
+            await ch.close()
+            queues += 1
+    finally:
+        await connection.close()
+    return Moved(queues, messages)

@@ -74,9 +74,11 @@ async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnect
 class Publisher:
     """Publishes what the relay produces; each call returns once the broker confirmed it."""
 
-    def __init__(self, channel: AbstractChannel, settings: Settings) -> None:
+    def __init__(self, channel: AbstractChannel, settings: Settings, secret: bytes) -> None:
+        """`secret`: the relay's opaque secret, which names device queues (topology)."""
         self._channel = channel
         self._t = settings.topology
+        self._secret = secret
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes,
                        properties: Properties) -> None:
@@ -106,14 +108,16 @@ class Publisher:
             delivery_mode=PERSISTENT))
 
     def to_device(self, device: str, sealed: bytes) -> Awaitable[None]:
-        return self._publish(self._t.devices_exchange, device, sealed, Properties(
+        routing_key = topology.device_routing_key(device, self._secret)
+        return self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
             content_type=envelope.CONTENT_TYPE, headers={envelope.KID_HEADER: device},
             delivery_mode=PERSISTENT))
 
     async def delete_device_queue(self, device: str) -> None:
         """Delete a device's queue and the undelivered messages in it; gone already is fine."""
         try:
-            await topology.delete_queue(self._channel, topology.device_queue(self._t, device))
+            await topology.delete_queue(self._channel,
+                                        topology.device_queue(self._t, device, self._secret))
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise TransientError("delete_failed", type(exc).__name__) from None
 

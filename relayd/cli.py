@@ -16,7 +16,18 @@ import orjson
 import structlog
 import uvloop
 
-from relayd import admin, config, gdpr, keys, log, payload, provision, retention, status
+from relayd import (
+    admin,
+    config,
+    gdpr,
+    keys,
+    log,
+    payload,
+    provision,
+    retention,
+    status,
+    topology,
+)
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
 from relayd.run import ROLES, Role
@@ -87,14 +98,34 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) -> int:
+    secret = _keyring(settings).opaque_secret
+
     async def declare() -> int:
         store = await open_store(settings.store.url)
         try:
-            return await admin.declare_all(settings, store)
+            return await admin.declare_all(settings, store, secret)
         finally:
             await store.close()
 
     print(f"declared {asyncio.run(declare())} exchanges, queues and bindings")
+    return ExitCode.OK
+
+
+def cmd_topology_move(args: argparse.Namespace, settings: config.Settings) -> int:
+    secret = _keyring(settings).opaque_secret
+
+    async def move() -> admin.Moved:
+        store = await open_store(settings.store.url)
+        try:
+            await admin.declare_all(settings, store, secret)
+            return await admin.move_legacy_device_queues(settings, store, secret)
+        finally:
+            await store.close()
+
+    moved = asyncio.run(move())
+    _print(args, {"queues": moved.queues, "messages": moved.messages},
+           f"moved {moved.messages} messages out of {moved.queues} device queues of the old "
+           "names, and deleted those")
     return ExitCode.OK
 
 
@@ -259,34 +290,41 @@ def _device(args: argparse.Namespace) -> Device:
 
 
 def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
+    try:
+        device = _device(args) if args.action == "add" else None
+    except ValueError as exc:
+        print(f"bad key: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    secret = _keyring(settings).opaque_secret  # it names the device queues
+    t = settings.topology
+
     async def act() -> int:
         store = await open_store(settings.store.url)
         try:
-            if args.action == "add":
-                try:
-                    device = _device(args)
-                except ValueError as exc:
-                    print(f"bad key: {exc}", file=sys.stderr)
-                    return ExitCode.USAGE
+            if device is not None:
                 existing = await store.device(args.device)
                 if existing is not None and existing != device:
                     print(f"device {args.device} exists with other keys: remove it first",
                           file=sys.stderr)
                     return ExitCode.FAILURE
-                added = await admin.add_device(settings, store, device)
-                _print(args, {"device": args.device, "added": added},
-                       f"device {args.device}: {'added' if added else 'already registered'}")
+                added = await admin.add_device(settings, store, device, secret)
+                queue = topology.device_queue(t, args.device, secret)
+                _print(args, {"device": args.device, "added": added, "queue": queue},
+                       f"device {args.device}: {'added' if added else 'already registered'}"
+                       f"\nits queue (for the edge or the device): {queue}")
             elif args.action == "remove":
-                removed = await admin.remove_device(settings, store, args.device)
+                removed = await admin.remove_device(settings, store, args.device, secret)
                 _print(args, {"device": args.device, "removed": removed},
                        f"device {args.device}: {'removed' if removed else 'was not registered'}")
                 return ExitCode.OK if removed else ExitCode.NOT_FOUND
             else:
                 rows = [{"device": d.id, "user": d.user, "kem": d.kem.value,
-                         "enc_key": fingerprint(d.enc_key), "sign_key": fingerprint(d.sign_key)}
+                         "enc_key": fingerprint(d.enc_key), "sign_key": fingerprint(d.sign_key),
+                         "queue": topology.device_queue(t, d.id, secret)}
                         for d in await store.devices()
                         if args.user is None or d.user == args.user]
-                _print(args, rows, _table(rows, ["device", "user", "kem", "enc_key", "sign_key"]))
+                _print(args, rows, _table(rows, ["device", "user", "kem", "enc_key", "sign_key",
+                                                 "queue"]))
             return ExitCode.OK
         finally:
             await store.close()
@@ -309,7 +347,7 @@ def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
                     ["at", "action", "subject", "detail"]))
             else:
                 keyring = _keyring(settings)
-                async with gdpr.broker(settings) as sink:
+                async with gdpr.broker(settings, keyring) as sink:
                     try:
                         if args.action == "erase":
                             counts = await gdpr.erase(store, keyring, sink, args.user,
@@ -373,6 +411,9 @@ def parser() -> argparse.ArgumentParser:
     topo = commands.add_parser("topology", help="exchanges and queues").add_subparsers(
         dest="action", required=True)
     command(topo, "declare", cmd_topology_declare, "declare everything, idempotently")
+    command(topo, "move-device-queues", cmd_topology_move,
+            "upgrade: move device queues named by device id (relayd 0.1.0) to their keyed "
+            "names", json_output=True)
 
     stores = commands.add_parser("store", help="the registry's database").add_subparsers(
         dest="action", required=True)

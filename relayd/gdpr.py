@@ -42,12 +42,12 @@ class Broker(Sink, Protocol):
 
 
 @contextlib.asynccontextmanager
-async def broker(settings: Settings) -> AsyncIterator[amqp.Publisher]:
+async def broker(settings: Settings, keys: KeyRing) -> AsyncIterator[amqp.Publisher]:
     """A publisher on a confirming channel of its own, for one-off jobs from the CLI."""
     connection = await amqp.connect(settings, "relayd-gdpr")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        yield amqp.Publisher(channel, settings)
+        yield amqp.Publisher(channel, settings, keys.opaque_secret)
     finally:
         await connection.close()
 

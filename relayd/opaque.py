@@ -1,13 +1,19 @@
-"""Opaque conversation ids: what a business knows a user by.
+"""Opaque ids, keyed hashes under the relay's secret (opaque.json), each with a label of
+its own so that no two kinds ever coincide.
 
-HMAC-SHA256 under the relay's secret of (user, business, epoch), cut to 160 bits and
-written in base32: the same user gets unlinkable ids at different businesses, a new
-epoch gives an unlinkable new id, and the id encodes nothing readable.
+- conversation_id: what a business knows a user by. HMAC-SHA256 of (user, business,
+  epoch), cut to 160 bits and written in base32: the same user gets unlinkable ids at
+  different businesses, a new epoch gives an unlinkable new id, and the id encodes
+  nothing readable.
+- device_token: what the broker knows a device by (its queue's name and its binding's
+  routing key), so that nobody without the secret can name a device's queue to probe it.
+- reference: what logs and audit records name a user or a value by.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 
@@ -16,6 +22,15 @@ def conversation_id(secret: bytes, user: str, business: str, epoch: int) -> str:
     message = b"\0".join((b"relayd/v1 conversation", user.encode(), business.encode(),
                           str(epoch).encode()))
     digest = hmac.new(secret, message, hashlib.sha256).digest()[:20]
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+@functools.lru_cache(maxsize=65536)
+def device_token(secret: bytes, device: str) -> str:
+    """The device's name in the broker: HMAC-SHA256 of its id, 160 bits in base32 (32
+    characters of a-z2-7)."""
+    digest = hmac.new(secret, b"relayd/v1 device queue\0" + device.encode(),
+                      hashlib.sha256).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
 
 

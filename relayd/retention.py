@@ -93,8 +93,8 @@ async def serve(settings: Settings, store: Store, keys: KeyRing, stop: asyncio.E
             try:
                 channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
-                await retention_loop(settings, store, keys, amqp.Publisher(channel, settings),
-                                     halt)
+                sink = amqp.Publisher(channel, settings, keys.opaque_secret)
+                await retention_loop(settings, store, keys, sink, halt)
             finally:
                 with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
                     await connection.close()

@@ -11,6 +11,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from relayd.config import Topology
+from relayd.opaque import device_token
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -98,8 +99,15 @@ def business_inbox(t: Topology, business: str) -> str:
     return t.business_inbox.format(business=business)
 
 
-def device_queue(t: Topology, device: str) -> str:
-    return t.device_queue.format(device=device)
+def device_queue(t: Topology, device: str, secret: bytes) -> str:
+    """The device's queue: named by its keyed token (relayd.opaque.device_token, `secret`
+    the relay's opaque secret), never by its id, so that no one can probe it by name."""
+    return t.device_queue.format(device=device_token(secret, device))
+
+
+def device_routing_key(device: str, secret: bytes) -> str:
+    """The routing key of the device's binding to the devices exchange: its token too."""
+    return device_token(secret, device)
 
 
 def business(t: Topology, business_id: str) -> list[Spec]:
@@ -113,18 +121,18 @@ def business(t: Topology, business_id: str) -> list[Spec]:
     ]
 
 
-def device(t: Topology, device_id: str) -> list[Spec]:
+def device(t: Topology, device_id: str, secret: bytes) -> list[Spec]:
     """A device's queue: undelivered messages expire after the TTL into relayd.dead.
 
     Classic, whatever `queue_type` says: a quorum queue per device costs a Raft group each.
     """
-    queue = device_queue(t, device_id)
+    queue = device_queue(t, device_id, secret)
     return [
         Queue(queue, {"x-queue-type": "classic", "x-overflow": "reject-publish",
                       "x-dead-letter-exchange": t.dead_exchange,
                       "x-max-length": t.device_queue_max_length,
                       "x-message-ttl": int(t.device_message_ttl_days * DAY_MS)}),
-        Binding(queue, t.devices_exchange, device_id),
+        Binding(queue, t.devices_exchange, device_routing_key(device_id, secret)),
     ]
 
 

@@ -273,7 +273,7 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
     channel = await open_channel(connection, settings)
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None))
-    sink = amqp.Publisher(channel, settings)
+    sink = amqp.Publisher(channel, settings, keys().opaque_secret)
     handler: Inbound | Outbound | Erasure = (
         Erasure(settings, store, keys(), sink) if role == "gdpr"
         else (Inbound if role == "inbound" else Outbound)(settings, store, keys(), sink))
@@ -389,7 +389,7 @@ async def _route(connection: AbstractConnection, settings: Settings, role: Role,
     name = shard.entry_queue(settings.topology, role)
     while not (stop.is_set() or lost.is_set()):
         channel = await open_channel(connection, settings)
-        sink = amqp.Publisher(channel, settings)
+        sink = amqp.Publisher(channel, settings, keys().opaque_secret)
         router = (shard.InboundRouter if role == "inbound" else shard.OutboundRouter)(
             settings, store, keys(), sink)
         consumer = Consumer(role, settings, router, sink, keys, name)

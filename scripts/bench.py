@@ -404,7 +404,7 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
                 devices[device.device] = device
                 await store.add_device(Device(device.device, f"user-{u}", Kem.X25519,
                                               device.enc_public, device.sign_public))
-                specs += topology.device(t, device.device)
+                specs += topology.device(t, device.device, secret.opaque_secret)
             conversation = await store.open_conversation(
                 f"user-{u}", "acme", int(time.time() * 1000), False,
                 lambda e, u=u: opaque.conversation_id(secret.opaque_secret, f"user-{u}",
@@ -418,7 +418,7 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
             return aio_pika.Message(body, content_type="application/json", user_id="guest",
                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
-        device_queues = [topology.device_queue(t, d) for d in devices]
+        device_queues = [topology.device_queue(t, d, secret.opaque_secret) for d in devices]
         connection = await aio_pika.connect(setup.settings.amqp.url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)

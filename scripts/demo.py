@@ -56,15 +56,15 @@ async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.Abstra
     raise TimeoutError(f"nothing arrived on {queue.name}")
 
 
-async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys) -> None:
+async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys,
+               names: dict[str, str]) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         ingress = await channel.get_exchange("relayd.ingress")
         replies = await channel.get_exchange("relayd.replies")
         inbox = await channel.get_queue(f"relayd.biz.{BUSINESS}.inbox")
-        queues = {d.device: await channel.get_queue(f"relayd.device.{d.device}")
-                  for d in (phone, laptop)}
+        queues = {d.device: await channel.get_queue(names[d.device]) for d in (phone, laptop)}
 
         async def up(device: DeviceKeys, kind: str, body: dict[str, Any] | None = None) -> None:
             sealed = device.seal(relay, device.payload(BUSINESS, kind, body))
@@ -157,14 +157,16 @@ def main() -> int:
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")
         relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
         phone, laptop = DeviceKeys.generate("alice-phone"), DeviceKeys.generate("alice-laptop")
+        queues = {}  # the operator tells each device (or the edge) its queue's name
         for device in (phone, laptop):
             reg = device.registration(USER)
-            relayd(config, "device", "add", "--user", USER, "--device", device.device,
-                   f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}")
+            queues[device.device] = json.loads(relayd(
+                config, "device", "add", "--user", USER, "--device", device.device,
+                f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}", "--json"))["queue"]
         print(f"business {BUSINESS} and devices {phone.device}, {laptop.device} registered")
         server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)])
         try:
-            asyncio.run(play(url, relay, phone, laptop))
+            asyncio.run(play(url, relay, phone, laptop, queues))
         finally:
             server.terminate()
             code = server.wait(timeout=30)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import signal
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from relayd.config import Topology
 from tests.support.broker import TestBroker
 
 CHANNELS = 16
+SECRET = secrets.token_bytes(32)  # stands in for the relay's opaque secret
 MIB = 1024 * 1024
 VARIANTS: dict[str, dict[str, Any]] = {
     "relayd": {},
@@ -60,7 +62,8 @@ def memory(broker: TestBroker) -> dict[str, int]:
 
 async def declare(url: str, names: range, extra: dict[str, Any], pending: int,
                   size: int) -> None:
-    """Declare and bind relayd.device.dev-NNNNNN for every number in `names`, then put
+    """Declare and bind the queue of device dev-NNNNNN (named by its keyed token, as relayd
+    names it) for every number in `names`, then put
     `pending` persistent messages of `size` bytes in each."""
     t = Topology()
     connection = await aio_pika.connect(url)
@@ -75,7 +78,7 @@ async def declare(url: str, names: range, extra: dict[str, Any], pending: int,
             body = bytes(size)
             for number in names[offset::CHANNELS]:
                 device = f"dev-{number:06d}"
-                queue_spec, binding = topology.device(t, device)
+                queue_spec, binding = topology.device(t, device, SECRET)
                 assert isinstance(queue_spec, topology.Queue)
                 assert isinstance(binding, topology.Binding)
                 queue = await channel.declare_queue(
@@ -83,7 +86,7 @@ async def declare(url: str, names: range, extra: dict[str, Any], pending: int,
                 await queue.bind(binding.exchange, binding.routing_key)
                 for _ in range(pending):
                     await exchange.publish(aio_pika.Message(
-                        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), device)
+                        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), binding.routing_key)
 
         await asyncio.gather(*(lane(i) for i in range(CHANNELS)))
 

@@ -39,7 +39,7 @@ import psutil
 import yaml
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
-from relayd import admin, config, envelope, keys
+from relayd import admin, config, envelope, keys, topology
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.store import Business, Device, Store, open_store
 from tests.faults.ledger import Ledger, Row, Up
@@ -260,7 +260,8 @@ class Rig:
             for n in range(count):
                 device = DeviceKeys.generate(f"{user}-d{n}")
                 await admin.add_device(settings, store, Device(
-                    device.device, user, device.kem, device.enc_public, device.sign_public))
+                    device.device, user, device.kem, device.enc_public, device.sign_public),
+                    keyring.opaque_secret)
                 phones.append(Phone(user, device))
         relayd = Relayd(path, root / "relayd.log",
                         {"inbound": settings.workers.inbound,
@@ -273,7 +274,7 @@ class Rig:
             await rig.ready()
             for phone in phones:
                 await rig.clients["devices"].consume(
-                    rig.topology.device_queue.format(device=phone.keys.device),
+                    rig.device_queue(phone),
                     functools.partial(rig._on_device, phone))
             await rig.clients["operator"].consume(rig.topology.dead_queue, rig._on_dead)
             await rig.resume_business()
@@ -361,7 +362,10 @@ class Rig:
     def queues(self) -> list[str]:
         t = self.topology
         return [t.inbound_queue, t.outbound_queue, t.business_inbox.format(business=BUSINESS),
-                t.dead_queue, *(t.device_queue.format(device=p.keys.device) for p in self.phones)]
+                t.dead_queue, *(self.device_queue(p) for p in self.phones)]
+
+    def device_queue(self, phone: Phone) -> str:
+        return topology.device_queue(self.topology, phone.keys.device, self.keyring.opaque_secret)
 
     async def drained(self, *names: str) -> None:
         """Until the named queues (default: all) have no message ready."""

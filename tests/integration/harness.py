@@ -25,7 +25,7 @@ import aio_pika
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
-from relayd import admin, config, keys, worker
+from relayd import admin, config, keys, topology, worker
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.crypto import Kem
 from relayd.store import Business, Device, Store, open_store
@@ -119,7 +119,8 @@ class Relay:
     async def add_device(self, user: str, device_id: str, kem: Kem = Kem.X25519) -> DeviceKeys:
         device = DeviceKeys.generate(device_id, kem)
         await admin.add_device(self.settings, self.store, Device(
-            device_id, user, kem, device.enc_public, device.sign_public))
+            device_id, user, kem, device.enc_public, device.sign_public),
+            self.keyring.opaque_secret)
         return device
 
     # --- talking to it --------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Relay:
 
     async def received(self, device: DeviceKeys, count: int,
                        wait: float = WAIT) -> list[dict[str, Any]]:
-        name = self.settings.topology.device_queue.format(device=device.device)
+        name = self.device_queue(device)
         return [device.open(self.public, m.body) for m in await self.take(name, count, wait)]
 
     async def dead(self, count: int,
@@ -220,7 +221,8 @@ class Relay:
         return process.returncode, out.decode()
 
     def device_queue(self, device: DeviceKeys) -> str:
-        return self.settings.topology.device_queue.format(device=device.device)
+        return topology.device_queue(self.settings.topology, device.device,
+                                     self.keyring.opaque_secret)
 
     def inbox(self, business: str) -> str:
         return self.settings.topology.business_inbox.format(business=business)
@@ -276,7 +278,7 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519, store: str | None = 
         relay = Relay(root, vhost, settings, registry, keyring,
                       RelayPublic.from_json(keyring.public_info()), connection, channel,
                       config_path=path)
-        await admin.declare_all(settings, registry)
+        await admin.declare_all(settings, registry, keyring.opaque_secret)
         try:
             yield relay
         finally:

@@ -322,6 +322,55 @@ class TestIsolation:
                 await first.channel()
 
 
+class TestDeviceSide:
+    async def test_a_business_learns_nothing_about_any_device(self, env: Env) -> None:
+        """With a business's own credentials, every probe that names a device by its id
+        (a passive declare of the queue the id would name, of the id itself, a publish to
+        relayd.devices under it, the management API) answers alike for a registered device
+        with a message waiting and for an id nobody has; the device's queue is named by a
+        token the business cannot compute, and even that name it may not read."""
+        password = await env.add_with_password("acme", "acme-user")
+        phone = await env.relay.add_device(USER, "phone")
+        secret = env.relay.keyring.opaque_secret
+        await amqp.Publisher(env.relay.channel, env.relay.settings, secret).to_device(
+            "phone", b"sealed")
+        real = env.relay.device_queue(phone)
+        await env.relay.wait_depth(real, 1)
+        assert "phone" not in real
+        t = env.relay.settings.topology
+        business = await env.connect("acme-user", password)
+        async with business:
+            answers: dict[str, list[str]] = {}
+            for device in ("phone", "nobody"):
+                async def by_id(ch: AbstractChannel, name: str = device) -> None:
+                    await ch.declare_queue(t.device_queue.format(device=name), passive=True)
+
+                async def bare(ch: AbstractChannel, name: str = device) -> None:
+                    await ch.declare_queue(name, passive=True)
+
+                async def route(ch: AbstractChannel, name: str = device) -> None:
+                    devices = await ch.get_exchange(t.devices_exchange, ensure=False)
+                    await devices.publish(aio_pika.Message(b"x"), routing_key=name)
+
+                answers[device] = [
+                    (await refusal(business, probe)).replace(device, "<id>").split(" - ")[0]
+                    for probe in (by_id, bare, route)]
+            assert answers["phone"] == answers["nobody"] == [
+                "NOT_FOUND", "NOT_FOUND", "ACCESS_REFUSED"]
+
+            async def read_real(ch: AbstractChannel) -> None:
+                await (await ch.get_queue(real, ensure=False)).get(fail=False)
+
+            assert (await refusal(business, read_real)).startswith("ACCESS_REFUSED")
+        as_business = provision.Api(config.Management(
+            url=env.node.mgmt_url, username="acme-user", password=password,
+            ca_file=env.node.ca_cert))
+        for path in (("queues", env.vhost), ("bindings", env.vhost), ("exchanges", env.vhost)):
+            with pytest.raises(provision.ProvisionError, match="401"):
+                as_business.call("GET", *path)
+        await env.relay.wait_depth(real, 1)  # and the phone's message is still there
+
+
 class TestOnboarding:
     async def test_add_provisions_exactly_the_grant(self, env: Env) -> None:
         """`business add` creates the user with its permissions, topic permission, limits,

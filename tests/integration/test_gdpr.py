@@ -150,7 +150,7 @@ class TestErasure:
         await relay.start()
         conversation = await open_conversation(relay, phone, "acme")
         await relay.halt()
-        async with gdpr.broker(relay.settings) as sink:
+        async with gdpr.broker(relay.settings, relay.keyring) as sink:
             with pytest.raises(RuntimeError):
                 await gdpr.erase(FailingStore(relay.store, crash_at), relay.keyring, sink,
                                  ALICE, via="cli")
@@ -278,7 +278,7 @@ class TestRetention:
         await relay.halt()
         r = relay.settings.retention
         later = now_ms() + int(r.inactive_conversation_days * DAY_MS) + 1
-        async with gdpr.broker(relay.settings) as sink:
+        async with gdpr.broker(relay.settings, relay.keyring) as sink:
             counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                              later)
             # replay: the removed device's; sent: all three rows (the echo of the start and
@@ -312,7 +312,7 @@ class TestRetention:
         await relay.halt()
         await relay.channel.exchange_delete("relayd.biz.globex")
         later = now_ms() + int(relay.settings.retention.inactive_conversation_days * DAY_MS) + 1
-        async with gdpr.broker(relay.settings) as sink:
+        async with gdpr.broker(relay.settings, relay.keyring) as sink:
             counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                              later)
         assert (counts["expired"], counts["failed"]) == (1, 1)

@@ -119,7 +119,8 @@ class TestRedelivery:
     @staticmethod
     def handler(relay: Relay) -> Inbound:
         return Inbound(relay.settings, relay.store, relay.keyring,
-                       amqp.Publisher(relay.channel, relay.settings))
+                       amqp.Publisher(relay.channel, relay.settings,
+                                      relay.keyring.opaque_secret))
 
     async def test_redelivered_message_does_not_reopen_a_conversation_closed_since(
             self, relay: Relay) -> None:

@@ -142,6 +142,8 @@ class TestDeviceKeys:
         """device add refuses a weak key before it touches the broker or the store: exit 2,
         the option and the reason on stderr, no device registered."""
         path = _config(tmp_path)
+        assert cli.main(["keys", "generate", "--config", str(path)]) == ExitCode.OK
+        capsys.readouterr()
         keys = DeviceKeys.generate("phone").registration("u")
         keys[option.removeprefix("--").replace("-", "_")] = b64e(raw)
         code = cli.main(["device", "add", "--config", str(path), "--user", "u",
