@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq
 import orjson
@@ -34,6 +34,18 @@ from relayd.run import ROLES, Role
 from relayd.store import Business, Device, Store, open_store
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T], runner: Callable[..., Any] = asyncio.run) -> T:
+    """Run `main` on a new event loop whose exception handler logs types and frames only
+    (relayd.log.on_loop_exception): every relayd process starts its loop here."""
+    async def guarded() -> T:
+        log.guard_loop()
+        return await main
+
+    result: T = runner(guarded())
+    return result
 
 
 def _print(args: argparse.Namespace, data: Any, human: str) -> None:
@@ -80,18 +92,19 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
         roles += ["gdpr"] if settings.gdpr.identity_user else []
         roles += ["retention"] if settings.retention.enabled else []
     structlog.contextvars.bind_contextvars(worker="supervisor")
-    return asyncio.run(Supervisor(settings, Path(args.config), roles).run())
+    return _run(Supervisor(settings, Path(args.config), roles).run())
 
 
 def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.run import work
 
     structlog.contextvars.bind_contextvars(worker=args.name or args.role)
-    return uvloop.run(work(settings, Path(args.config), args.role, args.control_fd, args.name))
+    return _run(work(settings, Path(args.config), args.role, args.control_fd, args.name),
+                uvloop.run)
 
 
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
-    report = asyncio.run(status.gather(settings))
+    report = _run(status.gather(settings))
     _print(args, report, status.render(report))
     running = report["supervisor"] is not None and report["supervisor"]["ready"]
     return ExitCode.OK if running else ExitCode.FAILURE
@@ -107,7 +120,7 @@ def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) ->
         finally:
             await store.close()
 
-    print(f"declared {asyncio.run(declare())} exchanges, queues and bindings")
+    print(f"declared {_run(declare())} exchanges, queues and bindings")
     return ExitCode.OK
 
 
@@ -122,7 +135,7 @@ def cmd_topology_move(args: argparse.Namespace, settings: config.Settings) -> in
         finally:
             await store.close()
 
-    moved = asyncio.run(move())
+    moved = _run(move())
     _print(args, {"queues": moved.queues, "messages": moved.messages},
            f"moved {moved.messages} messages out of {moved.queues} device queues of the old "
            "names, and deleted those")
@@ -137,7 +150,7 @@ def cmd_store_migrate(args: argparse.Namespace, settings: config.Settings) -> in
         finally:
             await store.close()
 
-    before, now = asyncio.run(migrate())
+    before, now = _run(migrate())
     _print(args, {"before": before, "now": now},
            f"schema at version {now}" + (f" (was {before})" if before != now else ": up to date"))
     return ExitCode.OK
@@ -167,7 +180,7 @@ def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
             await target.close()
 
     try:
-        copied = asyncio.run(copy())
+        copied = _run(copy())
     except CopyRefusedError as exc:
         print(f"not copied: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
@@ -271,7 +284,7 @@ def cmd_business(args: argparse.Namespace, settings: config.Settings) -> int:
         finally:
             await store.close()
 
-    return asyncio.run(act())
+    return _run(act())
 
 
 def _device(args: argparse.Namespace) -> Device:
@@ -329,7 +342,7 @@ def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
         finally:
             await store.close()
 
-    return asyncio.run(act())
+    return _run(act())
 
 
 def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -365,7 +378,7 @@ def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
         finally:
             await store.close()
 
-    return asyncio.run(act())
+    return _run(act())
 
 
 def _iso(ms: int) -> str:

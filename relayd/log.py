@@ -7,17 +7,27 @@ exception types), integers under COUNT_KEYS and keyed references under REFERENCE
 Any other value is replaced by a keyed hash reference (relayd.opaque.reference), so that
 two lines about the same thing can still be matched without saying what it is. An event
 name that is not a plain identifier is hashed too. Exceptions are rendered as their type
-and frames, never their message (it may quote input). Records of libraries (aio-pika,
-asyncio) keep only their format template.
+and frames, never their message (it may quote input).
+
+The same holds at the root, for every library (asyncio, aiormq, aio-pika, uvloop): a
+stdlib logging record keeps its message only when that message is provably a template,
+a string literal of the source file that logged it; anything else, such as asyncio's
+"Task exception was never retrieved" with the reprs it formats in, becomes a keyed
+reference. The arguments are always dropped. The event loop's exception handler
+(on_loop_exception) and Python warnings (setup) log types and frames only.
 """
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import functools
 import logging
 import re
 import secrets
 import sys
 import traceback
+import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +60,7 @@ _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _Scalar = (str, int, float, bool, type(None))
 
 _reference_secret = secrets.token_bytes(32)
+_SHOW_WARNING = warnings.showwarning  # what reset() puts back
 
 
 def set_reference_secret(secret: bytes) -> None:
@@ -108,17 +119,64 @@ def exception_summary(_: Any, __: str, event: MutableMapping[str, Any]
     return event
 
 
+@functools.lru_cache(maxsize=256)
+def _literals(path: str) -> frozenset[str]:
+    """Every string literal in the Python source at `path` (none if it cannot be read)."""
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    return frozenset(node.value for node in ast.walk(tree)
+                     if isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def _template(record: logging.LogRecord) -> str | None:
+    """The record's message if it is a string literal of the code that logged it, so made
+    of no input; else None."""
+    msg = record.msg
+    if isinstance(msg, str) and msg in _literals(record.pathname):
+        return msg
+    return None
+
+
+_LOGGER_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}")
+
+
 class _LibraryRecords(logging.Handler):
-    """Library (stdlib logging) records, as relayd lines: name and template, no arguments."""
+    """Library (stdlib logging) records, as relayd lines: the logger's name, and the
+    template when it provably is one (else its keyed reference); never the arguments."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        template = _template(record)
         fields: dict[str, Any] = {
-            "logger": record.name,
-            "template": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+            "logger": record.name if _LOGGER_NAME.fullmatch(record.name) else "other",
+            # `message` is no SAFE_KEY: redact() turns it into a keyed reference
+            **({"template": template} if template is not None else {"message": record.msg}),
         }
         if record.exc_info:
             fields["exc_info"] = record.exc_info
         get("relayd.library").log(record.levelno, "library", **fields)
+
+
+def on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: the exception's type and frames only, never
+    the context's message or the reprs of its task, future or handle (they quote input)."""
+    exc = context.get("exception")
+    get("relayd.loop").error("loop_exception",
+                             exc_info=exc if isinstance(exc, BaseException) else None)
+
+
+def guard_loop() -> None:
+    """Install on_loop_exception on the running loop (each process calls it first)."""
+    asyncio.get_running_loop().set_exception_handler(on_loop_exception)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """warnings.showwarning: the category and where, never the text."""
+    path = Path(filename)
+    get("relayd.warnings").warning("python_warning", type=category.__name__,
+                                   trace=[f"{path.parent.name}/{path.name}:{lineno}"])
 
 
 def _dumps(event: Any, **_: Any) -> str:
@@ -150,6 +208,7 @@ def setup(settings: Logging, stream: TextIO | None = None) -> None:
         root.removeHandler(handler)
     root.addHandler(_LibraryRecords())
     root.setLevel(max(logging.WARNING, _LEVELS[settings.level]))
+    warnings.showwarning = _show_warning
 
 
 def set_level(level: str) -> None:
@@ -164,6 +223,7 @@ def reset() -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
         root.removeHandler(handler)
+    warnings.showwarning = _SHOW_WARNING
 
 
 def get(name: str = "relayd") -> Any:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,6 +123,72 @@ class TestExceptions:
         assert USER not in lines.getvalue()
         assert (line["event"], line["logger"], line["template"]) == (
             "library", "aiormq.connection", "Connection to %s lost")
+
+
+class TestLibraryRecordsAtTheRoot:
+    def test_a_message_that_is_no_literal_becomes_a_reference(self, lines: io.StringIO) -> None:
+        """A library message built from input (not a string literal of the code that logged
+        it) is never rendered: it becomes a keyed reference, and the line says which logger."""
+        logging.getLogger("aiormq.connection").warning(f"Connection to {USER} lost")
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert "template" not in line
+        assert line["message"].startswith("ref:")
+        assert line["logger"] == "aiormq.connection"
+
+    def test_a_message_that_is_not_a_string_gives_only_a_reference(
+            self, lines: io.StringIO) -> None:
+        """An object logged as the message (an exception, say) is a reference too."""
+        logging.getLogger("aio_pika").error(ValueError(USER))
+        assert USER not in lines.getvalue()
+        assert parsed(lines)[0]["message"].startswith("ref:")
+
+    def test_task_exception_never_retrieved_keeps_no_input(self, lines: io.StringIO) -> None:
+        """asyncio's own "Task exception was never retrieved" line, whose text carries the
+        exception's repr, is logged as a reference with the exception's type and frames."""
+        async def fail() -> None:
+            raise ValueError(f"no device {USER}")
+
+        async def main() -> None:
+            task = asyncio.get_running_loop().create_task(fail())
+            await asyncio.wait([task])
+            del task
+            gc.collect()
+
+        asyncio.run(main())
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert (line["logger"], line["error"]) == ("asyncio", "ValueError")
+        assert line["message"].startswith("ref:")
+
+    def test_the_loop_handler_logs_type_and_frames_only(self, lines: io.StringIO) -> None:
+        """With relayd's loop exception handler, a failed task is one loop_exception line:
+        its type and frames, no message, no repr of the task."""
+        async def fail() -> None:
+            raise KeyError(USER)
+
+        async def main() -> None:
+            log.guard_loop()
+            task = asyncio.get_running_loop().create_task(fail())
+            await asyncio.wait([task])
+            del task
+            gc.collect()
+
+        asyncio.run(main())
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert (line["event"], line["error"]) == ("loop_exception", "KeyError")
+        assert any("test_log.py" in frame for frame in line["trace"])
+
+    def test_warnings_keep_their_category_and_place_only(self, lines: io.StringIO) -> None:
+        """A Python warning is logged as its category and file:line, never its text."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"odd value {USER}", RuntimeWarning, stacklevel=1)
+        [line] = parsed(lines)
+        assert USER not in lines.getvalue()
+        assert (line["event"], line["type"]) == ("python_warning", "RuntimeWarning")
+        assert line["trace"][0].startswith("unit/test_log.py:")
 
 
 class TestLevel:
