@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import envelope, opaque, payload, ratelimit
 from relayd.config import Settings
-from relayd.crypto import Kem, PublicKey, ed25519_public
+from relayd.crypto import Kem, PublicKey, WeakKeyError, ed25519_public
 from relayd.errors import EnvelopeError, PermanentError
 from relayd.keys import KeyRing
 from relayd.store import Conversation, Device, Store
@@ -59,10 +59,11 @@ def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
 @functools.lru_cache(maxsize=16384)
 def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
     """The device's verifying key; None for one that must never verify (a weak key that
-    reached the store before relayd checked keys at `device add`)."""
+    reached the store before relayd checked keys at `device add`). A key of the wrong
+    length is corrupt registry data: its ValueError is the handler's bug to report."""
     try:
         return ed25519_public(raw)
-    except ValueError:
+    except WeakKeyError:
         return None
 
 
