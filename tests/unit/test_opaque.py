@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd import opaque, payload
+from relayd import opaque, payload, topology
+from relayd.config import Topology
 from tests.unit.helpers import FAST
 
 SECRET = bytes(range(32))
@@ -82,3 +85,29 @@ class TestReference:
         """A user's log reference is not their conversation id."""
         assert opaque.reference(SECRET, "user", "alice") not in opaque.conversation_id(
             SECRET, "alice", "acme", 0)
+
+
+class TestDeviceToken:
+    @FAST
+    @given(device=st.from_regex(payload.DEVICE_ID, fullmatch=True))
+    def test_names_a_queue_without_the_device_id(self, device: str) -> None:
+        """A device's queue and binding key are its token: 32 base32 characters, stable,
+        keyed by the secret, never the id, and unlike any other kind of opaque value."""
+        token = opaque.device_token(SECRET, device)
+        assert re.fullmatch(r"[a-z2-7]{32}", token)
+        assert token == opaque.device_token(SECRET, device)
+        assert token != opaque.device_token(OTHER_SECRET, device)
+        assert device not in token or len(device) < 4
+        assert token != opaque.conversation_id(SECRET, device, "", 0)
+        t = Topology()
+        queue, binding = topology.device(t, device, SECRET)
+        assert isinstance(queue, topology.Queue)
+        assert isinstance(binding, topology.Binding)
+        assert queue.name == topology.device_queue(t, device, SECRET) == f"relayd.device.{token}"
+        assert binding.routing_key == token
+        assert binding.queue == queue.name
+
+    def test_distinct_devices_distinct_tokens(self) -> None:
+        """Ids that differ get tokens that differ (and an id is never its own token)."""
+        ids = ["phone", "Phone", "phone-", "phone_1", "a" * 128]
+        assert len({opaque.device_token(SECRET, d) for d in ids}) == len(ids)
