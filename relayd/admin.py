@@ -8,27 +8,17 @@ provisioned and revoked too (relayd.provision); the HTTP calls run in a thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
 
 from relayd import amqp, provision, topology
 from relayd.config import Settings
 from relayd.errors import ConfigError
 from relayd.store import Business, Device, Store
 
-
-@asynccontextmanager
-async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
-    connection = await amqp.connect(settings, "relayd-admin")
-    try:
-        yield await connection.channel()
-    finally:
-        await connection.close()
+_NAME = "relayd-admin"  # the connection's name, as the broker shows it
 
 
 def management(settings: Settings) -> provision.Api | None:
@@ -45,7 +35,7 @@ async def declare_all(settings: Settings, store: Store, secret: bytes) -> int:
         specs += topology.business(t, business.id)
     for device in await store.devices():
         specs += topology.device(t, device.id, secret)
-    async with channel(settings) as ch:
+    async with amqp.one_off(settings, _NAME) as ch:
         await topology.declare(ch, specs)
     return len(specs)
 
@@ -66,7 +56,7 @@ async def add_business(settings: Settings, store: Store, business: Business,
     grant = (provision.grant(settings, business.id, business.amqp_user, auth or m.auth)
              if m else None)
     changed = await asyncio.to_thread(provision.ensure, api, grant) if api and grant else []
-    async with channel(settings) as ch:
+    async with amqp.one_off(settings, _NAME) as ch:
         await topology.declare(ch, topology.core(settings.topology)
                                + topology.business(settings.topology, business.id))
     added = await store.add_business(business)
@@ -91,7 +81,7 @@ async def remove_business(settings: Settings, store: Store, business_id: str) ->
     if api is not None and business is not None:
         revoked = await asyncio.to_thread(provision.revoke, api, business.amqp_user)
     removed = await store.remove_business(business_id)
-    async with channel(settings) as ch:
+    async with amqp.one_off(settings, _NAME) as ch:
         await topology.delete_queue(ch, topology.business_inbox(settings.topology, business_id))
         await topology.delete_exchange(ch, topology.business_exchange(settings.topology,
                                                                       business_id))
@@ -111,7 +101,7 @@ async def rotate_credentials(settings: Settings, store: Store, business_id: str)
 
 async def add_device(settings: Settings, store: Store, device: Device, secret: bytes) -> bool:
     """Declare and bind the device's queue, then register it; False if it existed."""
-    async with channel(settings) as ch:
+    async with amqp.one_off(settings, _NAME) as ch:
         await topology.declare(ch, topology.core(settings.topology)
                                + topology.device(settings.topology, device.id, secret))
     return await store.add_device(device)
@@ -120,7 +110,7 @@ async def add_device(settings: Settings, store: Store, device: Device, secret: b
 async def remove_device(settings: Settings, store: Store, device_id: str, secret: bytes) -> bool:
     """Stop sealing to the device at once, then delete its queue and what it holds."""
     removed = await store.remove_device(device_id)
-    async with channel(settings) as ch:
+    async with amqp.one_off(settings, _NAME) as ch:
         await topology.delete_queue(ch, topology.device_queue(settings.topology, device_id,
                                                               secret))
     return removed

@@ -1,29 +1,69 @@
-"""Connecting to the broker and publishing with confirms.
+"""Connecting to the broker, staying connected, and publishing with confirms.
 
 Every publish is mandatory on a confirming channel: it counts as done only when the
 broker acks it, and an unroutable or nacked publish raises TransientError.
+
+A long-running job (a worker, retention) runs in keep_connected(), which reconnects from
+scratch whenever the connection is lost; a one-off job (a CLI command) uses one_off().
+CONNECT_ERRORS are the failures that mean "the broker or the link", never the input.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 import time
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 
-from relayd import envelope, metrics, topology
+from relayd import envelope, log, metrics, topology
 from relayd.config import Settings
-from relayd.errors import TransientError
+from relayd.errors import PermanentError, TransientError
 
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
 Properties = Basic.Properties
+CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+RECONNECT_INITIAL_S = 0.5
+_log = log.get("relayd.amqp")
+
+
+class Delivery(Protocol):
+    """An AMQP delivery as relayd reads and settles it (aio-pika's IncomingMessage is one;
+    unit tests use fakes)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def redelivered(self) -> bool | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+
+    def ack(self) -> Awaitable[None]: ...
+    def nack(self, *, requeue: bool) -> Awaitable[None]: ...
+    def reject(self, *, requeue: bool) -> Awaitable[None]: ...
 
 
 class _Named(ssl.SSLContext):
@@ -71,6 +111,79 @@ async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnect
     return connection
 
 
+async def open_channel(connection: AbstractConnection, prefetch: int = 0) -> AbstractChannel:
+    """A confirming channel on which an unroutable publish fails; `prefetch` > 0 bounds
+    what a consumer on it may hold unsettled."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+@contextlib.asynccontextmanager
+async def one_off(settings: Settings, name: str) -> AsyncIterator[AbstractChannel]:
+    """A connection and a confirming channel for one job (a CLI command), closed after."""
+    connection = await connect(settings, name)
+    try:
+        yield await open_channel(connection)
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def publisher(settings: Settings, name: str, secret: bytes) -> AsyncIterator[Publisher]:
+    """A Publisher on a one_off() channel (`secret`: as Publisher's)."""
+    async with one_off(settings, name) as channel:
+        yield Publisher(channel, settings, secret)
+
+
+Session = Callable[[AbstractConnection, asyncio.Event], Awaitable[None]]
+
+
+async def keep_connected(settings: Settings, name: str, stage: str, stop: asyncio.Event,
+                         session: Session, on_down: Callable[[], None] | None = None) -> None:
+    """Run `session(connection, lost)` until `stop` is set, on a fresh connection each
+    time the last one was lost. `lost` is set when the connection closes; the session
+    returns then (or raises one of CONNECT_ERRORS). A failed connect is tried again after
+    an exponential backoff up to `amqp.reconnect_max_backoff`; `on_down` is called each
+    time a session ends."""
+    backoff, connected = RECONNECT_INITIAL_S, False
+    while not stop.is_set():
+        try:
+            connection = await connect(settings, name)
+        except CONNECT_ERRORS as exc:
+            _log.warning("connect_failed", stage=stage, reason=type(exc).__name__,
+                         retry_in_s=backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, settings.amqp.reconnect_max_backoff)
+            continue
+        if connected:
+            metrics.RECONNECTS.labels(stage).inc()
+        backoff, connected = RECONNECT_INITIAL_S, True
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
+        try:
+            await session(connection, lost)
+        except CONNECT_ERRORS as exc:
+            _log.warning("connection_lost", stage=stage, reason=type(exc).__name__)
+        finally:
+            if on_down is not None:
+                on_down()
+            with contextlib.suppress(*CONNECT_ERRORS, RuntimeError):
+                await connection.close()
+
+
+async def wait_any(*events: asyncio.Event) -> None:
+    """Until one of `events` is set."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class Publisher:
     """Publishes what the relay produces; each call returns once the broker confirmed it."""
 
@@ -94,6 +207,8 @@ class Publisher:
             raise TransientError("nacked", "the broker refused a publish") from None
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             raise TransientError("publish_failed", type(exc).__name__) from None
+        except (TypeError, ValueError) as exc:  # pamqp cannot encode a property or header
+            raise PermanentError("unpublishable", type(exc).__name__) from None
         metrics.confirmed(self._target(exchange), time.monotonic() - started)
 
     def _target(self, exchange: str) -> str:
@@ -127,8 +242,7 @@ class Publisher:
         return self._publish(self._t.shard_exchange, queue, body, Properties(
             content_type=content_type, headers=headers, delivery_mode=PERSISTENT))
 
-    def dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage, queue: str,
-                    reason: str) -> Awaitable[None]:
+    def dead_letter(self, incoming: Delivery, queue: str, reason: str) -> Awaitable[None]:
         """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason."""
         headers = dict(incoming.headers or {})
         headers.update({"x-relayd-reason": reason, "x-relayd-queue": queue})

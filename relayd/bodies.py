@@ -12,7 +12,6 @@ never against the message it names (docs/protocol.md, "Answers and what relayd c
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 import unicodedata
 import uuid
@@ -115,7 +114,7 @@ def attachment_problem(item: object, inline_limit: int) -> str | None:
         return "inline data is standard base64 within its size limit"
     try:
         size = len(base64.b64decode(data, validate=True))
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a str that is not ASCII
         return "inline data is not base64"
     return None if size <= inline_limit else "inline data is too large"
 

@@ -18,6 +18,7 @@ import uvloop
 
 from relayd import (
     admin,
+    amqp,
     config,
     gdpr,
     keys,
@@ -30,8 +31,8 @@ from relayd import (
 )
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
-from relayd.run import ROLES, Role
 from relayd.store import Business, Device, Store, open_store
+from relayd.worker import ROLES, Role
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 T = TypeVar("T")
@@ -96,7 +97,7 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
-    from relayd.run import work
+    from relayd.worker import work
 
     structlog.contextvars.bind_contextvars(worker=args.name or args.role)
     return _run(work(settings, Path(args.config), args.role, args.control_fd, args.name),
@@ -360,7 +361,7 @@ def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
                     ["at", "action", "subject", "detail"]))
             else:
                 keyring = _keyring(settings)
-                async with gdpr.broker(settings, keyring) as sink:
+                async with amqp.publisher(settings, "relayd-gdpr", keyring.opaque_secret) as sink:
                     try:
                         if args.action == "erase":
                             counts = await gdpr.erase(store, keyring, sink, args.user,
@@ -513,10 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.CONFIG
     except StoreUnavailableError as exc:
         print(f"cannot reach the store: {exc}", file=sys.stderr)
-        return ExitCode.STORE_UNAVAILABLE
+        return ExitCode.UNAVAILABLE
     except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
         print(f"cannot reach the broker: {exc}", file=sys.stderr)
-        return ExitCode.BROKER_UNAVAILABLE
+        return ExitCode.UNAVAILABLE
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         print(f"the broker refused a declaration (a queue or exchange of that name exists "
               f"with other arguments; see docs/operations.md, upgrading): {exc}", file=sys.stderr)

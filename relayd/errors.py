@@ -12,8 +12,7 @@ class ExitCode(IntEnum):
     FAILURE = 1  # anything not named below
     USAGE = 2  # bad command line (argparse's own code)
     NOT_FOUND = 3  # the business, device or user named does not exist
-    BROKER_UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker could not be reached
-    STORE_UNAVAILABLE = 69  # the same code: the database could not be reached
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker or the database could not be reached
     SOFTWARE = 70  # EX_SOFTWARE: a bug
     CONFIG = 78  # EX_CONFIG: the config or the key files are wrong
 

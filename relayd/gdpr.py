@@ -15,19 +15,20 @@ de-duplicate it.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from relayd import amqp, log, opaque, payload
+from relayd import log, opaque, payload
+from relayd.amqp import Delivery
 from relayd.config import Settings
+from relayd.consume import Work
 from relayd.crypto import fingerprint
+from relayd.deliver import Sink, now_ms
 from relayd.errors import PermanentError, TransientError
-from relayd.inbound import Sink, now_ms
-from relayd.keys import KeyRing
+from relayd.keys import KeyRing, KeySource
 from relayd.store import Conversation, Store
 
 CLOSE_NAMESPACE = uuid.UUID("9c1d7a52-3f0e-4d8b-b6a1-2e5f8c0d4a77")
@@ -35,21 +36,10 @@ ROUNDS = 3
 _log = log.get("relayd.gdpr")
 
 
-class Broker(Sink, Protocol):
+class ErasureSink(Sink, Protocol):
     """A Sink that can also delete a device's queue (amqp.Publisher is one)."""
 
     def delete_device_queue(self, device: str) -> Awaitable[None]: ...
-
-
-@contextlib.asynccontextmanager
-async def broker(settings: Settings, keys: KeyRing) -> AsyncIterator[amqp.Publisher]:
-    """A publisher on a confirming channel of its own, for one-off jobs from the CLI."""
-    connection = await amqp.connect(settings, "relayd-gdpr")
-    try:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        yield amqp.Publisher(channel, settings, keys.opaque_secret)
-    finally:
-        await connection.close()
 
 
 def close_id(reason: str, conversation: Conversation) -> str:
@@ -65,7 +55,7 @@ async def tell_close(sink: Sink, conversation: Conversation, reason: str) -> Non
         "close", conversation.id, event_id, now_ms(), {}), event_id, "close")
 
 
-async def erase(store: Store, keys: KeyRing, sink: Broker, user: str,
+async def erase(store: Store, keys: KeyRing, sink: ErasureSink, user: str,
                 via: str) -> dict[str, int]:
     """Erase everything held about `user` (see the module docstring); return the counts."""
     totals: Counter[str] = Counter()
@@ -121,13 +111,19 @@ class Erasure:
     """Erase requests over AMQP from the identity service (`gdpr.identity_user`), known
     only by the broker-validated user_id; anything else is dead-lettered."""
 
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing, sink: Broker) -> None:
+    def __init__(self, settings: Settings, store: Store, keys: KeySource,
+                 sink: ErasureSink) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
         self.sink = sink
 
-    def prepare(self, body: bytes, amqp_user: str | None) -> EraseRequest:
+    def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
+        request = self.parse(delivery.body, delivery.user_id)
+        again = bool(delivery.redelivered)
+        return "u:" + request.user, lambda: self.handle(request, again)
+
+    def parse(self, body: bytes, amqp_user: str | None) -> EraseRequest:
         if not amqp_user or amqp_user != self.settings.gdpr.identity_user:
             raise PermanentError("unauthenticated", "erase requests come from gdpr.identity_user")
         try:
@@ -145,5 +141,5 @@ class Erasure:
             raise PermanentError("malformed", "id is a UUID") from None
 
     async def handle(self, request: EraseRequest, redelivered: bool) -> str:
-        await erase(self.store, self.keys, self.sink, request.user, via="amqp")
+        await erase(self.store, self.keys(), self.sink, request.user, via="amqp")
         return "erase"

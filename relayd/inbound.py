@@ -1,37 +1,29 @@
 """The inbound path: a device's sealed message becomes a business event and echoes.
 
-prepare() is synchronous and runs in delivery order: it opens the envelope and names the
-lane (the device) so that one device's messages are handled in the order sent. handle()
-verifies, applies the conversation rules and publishes; it raises PermanentError for
-input that can never be accepted.
+prepare() (relayd.consume.Handler) is synchronous and runs in delivery order: it opens
+the envelope (open_up) and names the lane (the device) so that one device's messages are
+handled in the order sent. handle() verifies, applies the conversation rules and
+publishes; it raises PermanentError for input that can never be accepted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, opaque, payload, ratelimit
-from relayd.config import Settings
-from relayd.crypto import Kem, PublicKey, WeakKeyError, ed25519_public
+from relayd import envelope, opaque, payload, ratelimit, shard
+from relayd.amqp import Delivery
+from relayd.config import Limits, Settings
+from relayd.consume import Work
+from relayd.crypto import WeakKeyError, ed25519_public
+from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import EnvelopeError, PermanentError
-from relayd.keys import KeyRing
+from relayd.keys import KeyRing, KeySource
 from relayd.store import Conversation, Device, Store
-
-
-class Sink(Protocol):
-    """Where the handlers' output goes; each call completes when the broker confirmed it."""
-
-    def to_business(self, business: str, body: bytes, message_id: str,
-                    kind: str) -> Awaitable[None]: ...
-
-    def to_device(self, device: str, sealed: bytes) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +39,6 @@ class Opened:
 ACTIVITY_GRANULARITY_MS = 60_000
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@functools.lru_cache(maxsize=16384)
-def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
-    return kem.public_key(raw)
-
-
 @functools.lru_cache(maxsize=16384)
 def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
     """The device's verifying key; None for one that must never verify (a weak key that
@@ -67,27 +50,25 @@ def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
         return None
 
 
-def seal_down(keys: KeyRing, device: Device, body: bytes) -> bytes:
-    return envelope.seal(body, direction="down", kid=device.id, kem=device.kem,
-                         recipient=_enc_key(device.kem, device.enc_key), signer=keys.signing)
-
-
-async def fan_out(store: Store, keys: KeyRing, sink: Sink, devices: list[Device], source: str,
-                  message_id: str, sender: str, kind: str, body: dict[str, Any]) -> None:
-    """Seal one message separately to each device, with its own down seq, and publish."""
-    if not devices:
-        return
-    ts = now_ms()
-    seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
-    await asyncio.gather(*(
-        sink.to_device(d.id, seal_down(keys, d, payload.down_payload(
-            d.id, seqs[d.id], ts, message_id, sender, kind, body)))
-        for d in devices if d.id in seqs
-    ))
+def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits) -> Opened:
+    """Open an up envelope far enough to name its device; EnvelopeError when it is too
+    large, for no key of ours, does not decrypt or names no device."""
+    if len(body) > limits.max_envelope_bytes:
+        raise EnvelopeError("too_large", "envelope exceeds limits.max_envelope_bytes")
+    key = keyring.hpke.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise EnvelopeError("bad_kid", "relayd-kid names no key of this relay")
+    signature, plain = envelope.open_sealed(body, direction="up", kid=key.kid, kem=key.kem,
+                                            private=key.private)
+    claims, device = payload.peek_device(plain)
+    return Opened(device, signature, plain, claims)
 
 
 class Inbound:
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing, sink: Sink) -> None:
+    """Handles the inbound queue; `keys` is read at each message, so a reload takes effect
+    at the next one."""
+
+    def __init__(self, settings: Settings, store: Store, keys: KeySource, sink: Sink) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
@@ -95,18 +76,13 @@ class Inbound:
         self.device_rate = ratelimit.RateLimiter(settings.limits.device_rate,
                                                  settings.limits.device_burst)
 
-    def prepare(self, body: bytes, kid: object) -> Opened:
-        """Open the envelope; EnvelopeError when it is too large, for no key of ours, or
-        does not decrypt."""
-        if len(body) > self.settings.limits.max_envelope_bytes:
-            raise EnvelopeError("too_large", "envelope exceeds limits.max_envelope_bytes")
-        key = self.keys.hpke.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            raise EnvelopeError("bad_kid", "relayd-kid names no key of this relay")
-        signature, plain = envelope.open_sealed(body, direction="up", kid=key.kid, kem=key.kem,
-                                                private=key.private)
-        claims, device = payload.peek_device(plain)
-        return Opened(device, signature, plain, claims)
+    def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
+        opened = self.open(delivery.body, (delivery.headers or {}).get(envelope.KID_HEADER))
+        again = shard.redelivered(delivery, self.settings.topology)
+        return "d:" + opened.device, lambda: self.handle(opened, again)
+
+    def open(self, body: bytes, kid: object) -> Opened:
+        return open_up(body, kid, self.keys(), self.settings.limits)
 
     async def handle(self, opened: Opened, redelivered: bool) -> str:
         """Verify and act on one opened message; return what happened, for the log."""
@@ -141,7 +117,7 @@ class Inbound:
             echo = ("close", {})
         await asyncio.gather(
             self.sink.to_business(business.id, event, up.id, up.type),
-            fan_out(self.store, self.keys, self.sink, others if echo else [],
+            fan_out(self.store, self.keys(), self.sink, others if echo else [],
                     f"up:{device.id}:{up.seq}", up.id, business.id, *(echo or ("", {}))),
         )
         return up.type
@@ -157,7 +133,7 @@ class Inbound:
             if (current is not None and current.state == "open"
                     and now_ms() - current.updated_ms < ACTIVITY_GRANULARITY_MS):
                 return current  # open, and its activity time is fresh enough: no write
-            secret = self.keys.opaque_secret
+            secret = self.keys().opaque_secret
             return await store.open_conversation(
                 device.user, up.to, now_ms(), policy == "rotate_on_delete",
                 lambda epoch: opaque.conversation_id(secret, device.user, up.to, epoch))

@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,6 +64,9 @@ class KeyRing:
             "enc_public_key": b64e(self.current.public_raw),
             "sign_public_key": b64e(self.signing.public_key().public_bytes_raw()),
         }
+
+
+KeySource = Callable[[], KeyRing]  # the keys current now: read at each use, so reloads apply
 
 
 def _write_new(path: Path, content: dict[str, Any]) -> bool:

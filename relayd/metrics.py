@@ -34,6 +34,8 @@ END_TO_END = Histogram(
     buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
 IN_FLIGHT = Gauge("relayd_in_flight_messages", "Messages received and not yet settled.",
                   ["stage"], multiprocess_mode="livesum")
+SKIPPED = Counter("relayd_devices_skipped", "Copies of a message not sent to one device of "
+                  "a user (its stored key cannot be sealed to), by reason.", ["reason"])
 RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again after the "
                      "first, by stage.", ["stage"])
 
@@ -68,11 +70,16 @@ def handled(stage: str, outcome: str, reason: str, kind: str, latency_s: float,
     if kind.startswith("error:"):
         outcome, reason = "rejected", kind.removeprefix("error:")
     _child(MESSAGES, stage, outcome).inc()
-    if outcome in ("rejected", "dead_lettered"):
+    if outcome in ("rejected", "dead_lettered", "dead_lettered_by_broker"):
         _child(REJECTIONS, stage, reason_label(reason)).inc()
     if outcome in ACKED or outcome == "rejected":
         waited = time.time() - sent_at.timestamp() if sent_at is not None else 0.0
         _child(END_TO_END, stage).observe(max(latency_s, waited))
+
+
+def skipped(reason: str) -> None:
+    """One device's copy of a message was not sent (the others were)."""
+    _child(SKIPPED, reason_label(reason)).inc()
 
 
 def confirmed(target: str, seconds: float) -> None:

@@ -12,11 +12,13 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from relayd import payload, ratelimit
-from relayd.config import Settings
+from relayd import payload, ratelimit, shard
+from relayd.amqp import Delivery
+from relayd.config import Limits, Settings
+from relayd.consume import Work
+from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import PermanentError, ReplyError, TransientError
-from relayd.inbound import Sink, fan_out, now_ms
-from relayd.keys import KeyRing
+from relayd.keys import KeySource
 from relayd.store import Business, Conversation, Store
 
 ERROR_NAMESPACE = uuid.UUID("5b0f3c4e-8d0a-4a43-9a53-6f1f2f4d7c11")
@@ -31,8 +33,24 @@ class Incoming:
     raw: bytes
 
 
+def parse(body: bytes, amqp_user: str | None, routing_key: str, limits: Limits) -> Incoming:
+    """Parse a reply; a ReplyError is kept in it, to be answered once the business is
+    known, so the lane (the conversation) is always known."""
+    try:
+        return Incoming(amqp_user, routing_key, payload.parse_reply(body, limits), None, body)
+    except ReplyError as exc:
+        return Incoming(amqp_user, routing_key, None, exc, body)
+
+
+def lane(incoming: Incoming) -> str:
+    """The reply's lane: its conversation ("" for a reply that names none)."""
+    return "c:" + (incoming.reply.conversation if incoming.reply else "")
+
+
 class Outbound:
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing, sink: Sink) -> None:
+    """Handles the outbound queue; `keys` is read at each message."""
+
+    def __init__(self, settings: Settings, store: Store, keys: KeySource, sink: Sink) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
@@ -40,17 +58,11 @@ class Outbound:
         self.business_rate = ratelimit.RateLimiter(settings.limits.business_rate,
                                                    settings.limits.business_burst)
 
-    def prepare(self, body: bytes, amqp_user: str | None, routing_key: str) -> Incoming:
-        """Parse the reply; never raises, so the lane (the conversation) is always known."""
-        try:
-            return Incoming(amqp_user, routing_key, payload.parse_reply(body, self.settings.limits),
-                            None, body)
-        except ReplyError as exc:
-            return Incoming(amqp_user, routing_key, None, exc, body)
-
-    @staticmethod
-    def lane(incoming: Incoming) -> str:
-        return incoming.reply.conversation if incoming.reply else ""
+    def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
+        t = self.settings.topology
+        incoming = parse(delivery.body, *shard.origin(delivery, t), self.settings.limits)
+        again = shard.redelivered(delivery, t)
+        return lane(incoming), lambda: self.handle(incoming, again)
 
     async def handle(self, incoming: Incoming, redelivered: bool) -> str:
         """Deliver the reply or answer it with an error; return what happened, for the log."""
@@ -93,8 +105,9 @@ class Outbound:
         if reply.type == "close":
             await self.store.close_conversation(conversation.id, "business", now_ms())
         devices = await self.store.devices_of(conversation.user)
-        await fan_out(self.store, self.keys, self.sink, devices, f"reply:{business.id}:{reply.id}",
-                      reply.id, business.id, reply.type, reply.body)
+        await fan_out(self.store, self.keys(), self.sink, devices,
+                      f"reply:{business.id}:{reply.id}", reply.id, business.id, reply.type,
+                      reply.body)
 
     async def _check(self, business: Business, reply: payload.Reply,
                      redelivered: bool) -> Conversation:

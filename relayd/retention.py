@@ -19,18 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import aiormq
+from aio_pika.abc import AbstractConnection
 
 from relayd import amqp, gdpr, log
 from relayd.config import Settings
+from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import TransientError
-from relayd.inbound import Sink, fan_out, now_ms
 from relayd.keys import KeyRing
 from relayd.store import Store
 from relayd.topology import DAY_MS
 
 _log = log.get("relayd.retention")
-_CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 
 
 async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
@@ -62,10 +61,11 @@ async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
 
 
 async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
-                         stop: asyncio.Event) -> None:
-    """A pass every `retention.interval_seconds` until `stop`; a failed pass is logged and
-    the next one retries (every step is idempotent). A failure never stops the relay."""
-    while not stop.is_set():
+                         *until: asyncio.Event) -> None:
+    """A pass every `retention.interval_seconds` until one of `until` is set; a failed pass
+    is logged and the next one retries (every step is idempotent). A failure never stops
+    the relay."""
+    while not any(event.is_set() for event in until):
         try:
             counts = await enforce(settings, store, keys, sink, now_ms())
             _log.info("retention", **counts)
@@ -74,33 +74,14 @@ async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: 
         except Exception as exc:  # the type only: a message may quote stored data
             _log.error("retention_failed", reason="internal_error", error=type(exc).__name__)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.retention.interval_seconds)
-
-
-async def _pass_on(stop: asyncio.Event, halt: asyncio.Event) -> None:
-    await stop.wait()
-    halt.set()
+            await asyncio.wait_for(amqp.wait_any(*until), settings.retention.interval_seconds)
 
 
 async def serve(settings: Settings, store: Store, keys: KeyRing, stop: asyncio.Event) -> None:
     """retention_loop on a connection of its own, reconnecting whenever it is lost."""
-    while not stop.is_set():
-        halt = asyncio.Event()
-        follow = asyncio.create_task(_pass_on(stop, halt))
-        try:
-            connection = await amqp.connect(settings, "relayd-retention")
-            connection.close_callbacks.add(lambda *_, halt=halt: halt.set())
-            try:
-                channel = await connection.channel(publisher_confirms=True,
-                                                   on_return_raises=True)
-                sink = amqp.Publisher(channel, settings, keys.opaque_secret)
-                await retention_loop(settings, store, keys, sink, halt)
-            finally:
-                with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
-                    await connection.close()
-        except _CONNECT_ERRORS as exc:
-            _log.warning("connection_lost", stage="retention", reason=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.amqp.reconnect_max_backoff)
-        finally:
-            follow.cancel()
+    async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
+        channel = await amqp.open_channel(connection)
+        sink = amqp.Publisher(channel, settings, keys.opaque_secret)
+        await retention_loop(settings, store, keys, sink, stop, lost)
+
+    await amqp.keep_connected(settings, "relayd-retention", "retention", stop, session)

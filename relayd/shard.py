@@ -14,22 +14,17 @@ itself alive in the store every `topology.shard_member_ttl / 3` seconds and cons
 share (see share()) of the shards among the members alive. A process that stops leaves
 at once; one that dies is forgotten after `shard_member_ttl`, and its shards move to the
 others. docs/scaling.md weighs this against the alternatives.
+
+This module holds the pure part (which shard, which queue, what a forwarded message
+says); relayd.route runs the routers and consumes the shards.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
-from relayd import amqp, envelope
-from relayd.config import Settings, Topology
-from relayd.inbound import Inbound, Opened
-from relayd.keys import KeyRing
-from relayd.outbound import Incoming, Outbound
-from relayd.store import Store
+from relayd.amqp import Delivery
+from relayd.config import Topology
 
 USER_HEADER = "x-relayd-amqp-user"  # the broker-validated user_id of a forwarded reply
 ROUTING_KEY_HEADER = "x-relayd-routing-key"  # the routing key it was published with
@@ -62,12 +57,12 @@ def share(members: list[str], member: str, shards: int) -> set[int]:
     return set(range(ranked.index(member), shards, len(ranked)))
 
 
-def _forwarded(message: AbstractIncomingMessage, t: Topology) -> bool:
+def _forwarded(message: Delivery, t: Topology) -> bool:
     """True if the router put this message in its shard: only then are its headers ours."""
     return t.shards > 1 and message.exchange == t.shard_exchange
 
 
-def origin(message: AbstractIncomingMessage, t: Topology) -> tuple[str | None, str]:
+def origin(message: Delivery, t: Topology) -> tuple[str | None, str]:
     """The (user_id, routing key) a business published a reply with."""
     if _forwarded(message, t):
         headers = message.headers or {}
@@ -76,59 +71,7 @@ def origin(message: AbstractIncomingMessage, t: Topology) -> tuple[str | None, s
     return message.user_id, message.routing_key or ""
 
 
-def redelivered(message: AbstractIncomingMessage, t: Topology) -> bool:
+def redelivered(message: Delivery, t: Topology) -> bool:
     """True if this delivery may repeat one handled before (here or before the router)."""
     return bool(message.redelivered) or (
         _forwarded(message, t) and bool((message.headers or {}).get(REDELIVERED_HEADER)))
-
-
-@dataclass(frozen=True, slots=True)
-class Routed(Opened):
-    sealed: bytes
-    kid: str
-
-
-class InboundRouter(Inbound):
-    """Opens an envelope only to learn its device, then forwards it, still sealed."""
-
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing,
-                 sink: amqp.Publisher) -> None:
-        super().__init__(settings, store, keys, sink)
-        self.publisher = sink
-
-    def prepare(self, body: bytes, kid: object) -> Opened:
-        opened = super().prepare(body, kid)
-        assert isinstance(kid, str)  # prepare refused any other
-        return Routed(opened.device, opened.signature, opened.payload, opened.claims, body, kid)
-
-    async def handle(self, opened: Opened, redelivered: bool) -> str:
-        assert isinstance(opened, Routed)
-        t = self.settings.topology
-        headers: dict[str, Any] = {envelope.KID_HEADER: opened.kid}
-        if redelivered:
-            headers[REDELIVERED_HEADER] = True
-        await self.publisher.to_shard(
-            shard_queue(t, "inbound", shard_of("d:" + opened.device, t.shards)),
-            opened.sealed, headers, envelope.CONTENT_TYPE)
-        return "routed"
-
-
-class OutboundRouter(Outbound):
-    """Forwards a business reply to the shard of its conversation, with its origin."""
-
-    def __init__(self, settings: Settings, store: Store, keys: KeyRing,
-                 sink: amqp.Publisher) -> None:
-        super().__init__(settings, store, keys, sink)
-        self.publisher = sink
-
-    async def handle(self, incoming: Incoming, redelivered: bool) -> str:
-        t = self.settings.topology
-        headers: dict[str, Any] = {ROUTING_KEY_HEADER: incoming.routing_key}
-        if incoming.amqp_user:
-            headers[USER_HEADER] = incoming.amqp_user
-        if redelivered:
-            headers[REDELIVERED_HEADER] = True
-        await self.publisher.to_shard(
-            shard_queue(t, "outbound", shard_of("c:" + self.lane(incoming), t.shards)),
-            incoming.raw, headers, amqp.JSON)
-        return "routed"

@@ -2,7 +2,7 @@
 
 It starts `workers.inbound` inbound and `workers.outbound` outbound workers, and one
 gdpr and one retention worker when they are asked for, each a `relayd worker` process
-(relayd/run.py) tied to it by a socket pair. A worker that exits
+(relayd/worker.py) tied to it by a socket pair. A worker that exits
 is started again after an exponential backoff. The service is ready (READY=1, /readyz)
 only while every worker reports that it consumes.
 
@@ -11,8 +11,8 @@ only while every worker reports that it consumes.
 - SIGHUP: the config and keys are checked, then every worker re-reads its keys and log
   level between two messages; a bad file changes nothing.
 - Jobs run periodically inside the supervisor: the systemd watchdog, queue depths and
-  message rates for /metrics and `relayd status`. Add a Job to `Supervisor.jobs` for
-  another periodic task (it must not block the event loop).
+  message rates for /metrics and `relayd status` (relayd.observe). Add a Job to
+  `Supervisor.jobs` for another periodic task (it must not block the event loop).
 """
 
 from __future__ import annotations
@@ -20,26 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from relayd import config, endpoints, keys, log, metrics, status
+from relayd import config, endpoints, keys, log, metrics
 from relayd.errors import ConfigError, ExitCode
-from relayd.run import Role
+from relayd.observe import Observer
 from relayd.sdnotify import Notifier, without_notify
+from relayd.worker import Role
 
 _log = log.get("relayd.supervisor")
 RESTART_INITIAL_S = 0.5
@@ -75,8 +69,9 @@ class Slot:
         return f"{self.role}-{self.index}"
 
     @property
-    def consumes(self) -> bool:
-        """Whether it has a queue to consume: every role but retention."""
+    def has_queue(self) -> bool:
+        """Whether it consumes a queue (every role but retention): only those count
+        towards readiness."""
         return self.role != "retention"
 
     @property
@@ -93,27 +88,6 @@ def backoff(failures: int) -> float:
     return float(min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (failures - 1)))
 
 
-class Rates:
-    """Messages per second by stage and outcome, over the last `window` samples."""
-
-    def __init__(self, window: int = 7) -> None:
-        self._samples: deque[tuple[float, dict[tuple[str, str], float]]] = deque(maxlen=window)
-
-    def add(self, at: float, totals: dict[tuple[str, str], float]) -> None:
-        """Note the message totals (relayd_messages_total by stage, outcome) at time `at`."""
-        self._samples.append((at, totals))
-
-    def per_second(self) -> dict[str, dict[str, float]]:
-        rates: dict[str, dict[str, float]] = {}
-        if len(self._samples) < 2:
-            return rates
-        (t0, first), (t1, last) = self._samples[0], self._samples[-1]
-        for (stage, outcome), value in last.items():
-            rate = (value - first.get((stage, outcome), 0.0)) / (t1 - t0)
-            rates.setdefault(stage, {})[outcome] = round(rate, 3)
-        return rates
-
-
 class Supervisor:
     """The worker processes of the given roles, their state, the endpoints and the jobs."""
 
@@ -127,15 +101,13 @@ class Supervisor:
                   "gdpr": 1, "retention": 1}
         self.slots = [Slot(role, i) for role in roles for i in range(counts[role])]
         self.collector = metrics.SupervisorCollector()
-        self.consumers = [slot for slot in self.slots if slot.consumes]
+        self.consumers = [slot for slot in self.slots if slot.has_queue]
         self.collector.configured = {s.role: counts[s.role] for s in self.consumers}
         self.stopping = asyncio.Event()
         self.forced = False
         self.announced = False
         self.started = time.time()
-        self.metrics_dir: Path | None = None
-        self.rates: Rates | None = None
-        self.depths: status.QueueDepths | None = None
+        self.observer: Observer | None = None
         self.jobs: list[Job] = []
         if self.notifier.watchdog_s:
             self.jobs.append(Job("watchdog", self.notifier.watchdog_s, self._watchdog))
@@ -150,13 +122,12 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         server = None
         if self.settings.metrics.enabled:
-            self.metrics_dir = Path(tempfile.mkdtemp(prefix="relayd-metrics-"))
-            self.rates = Rates()
-            self.depths = status.QueueDepths(self.settings)
-            self.jobs += [Job("rates", 10.0, self._sample_rates),
-                          Job("queue_depths", 15.0, self._sample_depths)]
-            server = await endpoints.serve(self.settings.metrics.host, self.settings.metrics.port,
-                                           self._routes())
+            self.observer = observer = Observer(self.settings, self.collector)
+            self.jobs += [Job("rates", 10.0, observer.sample_rates),
+                          Job("queue_depths", 15.0, observer.sample_depths)]
+            server = await endpoints.serve(
+                self.settings.metrics.host, self.settings.metrics.port,
+                observer.routes(lambda: self.ready, self.describe, self.snapshot))
             port = server.sockets[0].getsockname()[1]
             _log.info("metrics_listening", port=port)
         jobs = [asyncio.create_task(self._every(job)) for job in self.jobs]
@@ -170,18 +141,16 @@ class Supervisor:
             if server is not None:
                 server.close()
                 await server.wait_closed()
-            if self.depths is not None:
-                await self.depths.close()
-            if self.metrics_dir is not None:
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.observer is not None:
+                await self.observer.close()
         clean = not self.forced and all(s.exit_code in (None, 0) for s in self.slots)
         _log.info("stopped", code=0 if clean else 1)
         return ExitCode.OK if clean else ExitCode.FAILURE
 
     def _environment(self) -> dict[str, str]:
         env = without_notify(os.environ)
-        if self.metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        if self.observer is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.observer.metrics_dir)
         return env
 
     async def _keep(self, slot: Slot) -> None:
@@ -233,8 +202,8 @@ class Supervisor:
         slot.control.close()
         slot.control, slot.pid, slot.state = None, None, "down"
         self._changed()
-        if self.metrics_dir is not None:
-            metrics.forget(self.metrics_dir, process.pid)
+        if self.observer is not None:
+            self.observer.forget(process.pid)
         return code
 
     async def _every(self, job: Job) -> None:
@@ -283,50 +252,15 @@ class Supervisor:
             "keys": {"current": ring.current.kid, "kem": ring.current.kem.value,
                      "usable": sorted(ring.hpke),
                      "source": "credentials" if source != self.settings.keys.dir else "dir"},
-            "rates": self.rates.per_second() if self.rates else {},
+            "rates": self.observer.rates.per_second() if self.observer else {},
             "queues": {q: {"messages": m, "consumers": c}
                        for q, (m, c) in self.collector.queues.items()},
-        }
-
-    def _routes(self) -> endpoints.Routes:
-        assert self.metrics_dir is not None
-        registry = CollectorRegistry()
-        metrics.aggregated(self.metrics_dir, registry)
-        registry.register(self.collector)
-
-        def readyz() -> endpoints.Response:
-            if self.ready:
-                return endpoints.Response(HTTPStatus.OK, b"ready\n")
-            return endpoints.Response(HTTPStatus.SERVICE_UNAVAILABLE,
-                                      f"not ready: {self.describe()}\n".encode())
-
-        return {
-            "/metrics": lambda: endpoints.Response(HTTPStatus.OK, generate_latest(registry),
-                                                   CONTENT_TYPE_LATEST),
-            "/healthz": lambda: endpoints.Response(HTTPStatus.OK, b"alive\n"),
-            "/readyz": readyz,
-            "/status": lambda: endpoints.Response(HTTPStatus.OK, orjson.dumps(self.snapshot()),
-                                                  "application/json"),
         }
 
     # --- jobs ----------------------------------------------------------------------------
 
     async def _watchdog(self) -> None:
         self.notifier.watchdog()
-
-    async def _sample_rates(self) -> None:
-        assert self.rates is not None
-        assert self.metrics_dir is not None
-        self.rates.add(time.monotonic(), metrics.message_totals(
-            metrics.aggregated(self.metrics_dir)))
-
-    async def _sample_depths(self) -> None:
-        assert self.depths is not None
-        try:
-            self.collector.queues = await self.depths.sample()
-        except Exception:
-            self.collector.queues = {}  # absent rather than stale
-            raise
 
     # --- signals -------------------------------------------------------------------------
 

@@ -91,6 +91,13 @@ def core(t: Topology, identity_service: bool = False) -> list[Spec]:
     ]
 
 
+def router_lock(entry_queue: str) -> str:
+    """The exclusive queue whose owner routes `entry_queue` into its shards (relayd.route):
+    the broker lets one connection declare it, and deletes it when that connection dies.
+    Declared by the router itself, never here: it must not outlive its owner."""
+    return f"{entry_queue}.router-lock"
+
+
 def business_exchange(t: Topology, business: str) -> str:
     return t.business_exchange.format(business=business)
 

@@ -1,289 +1,175 @@
-"""A worker: consume one queue, hand each message to its handler, settle it.
+"""`relayd worker`: one worker process of one role, as `relayd run` starts it.
 
-The ack policy lives here and only here:
-- ack only after everything the message became is confirmed by the broker;
-- a PermanentError dead-letters a copy with its reason (confirmed), then acks;
-- a TransientError, or any unexpected error, waits (exponential backoff, no busy loop)
-  and requeues; after `workers.max_attempts` the message is dead-lettered
-  (retries_exhausted, or internal_error for a bug) instead of looping forever;
-- messages of one lane (a device inbound, a conversation outbound, a user for erasure)
-  are handled one at a time, in delivery order; different lanes run concurrently, up to
-  the prefetch.
-The worker reconnects from scratch when the connection is lost, and drains on stop.
+Roles: inbound, outbound and gdpr consume their queue (serve(): connect, declare, consume
+through relayd.consume, or the shards through relayd.route); retention runs the retention
+job (relayd/retention.py), in this one process only. It consumes nothing, so the
+service's readiness does not wait for it.
+
+It talks to its supervisor over a socket pair (fd `--control-fd`), one line at a time:
+it reports `consuming <kid>` or `connecting <kid>` (`running <kid>` for retention)
+whenever that changes, and obeys
+`stop` (drain, then exit 0) and `reload` (re-read the keys and the log level). When the
+supervisor goes away (end of file), it stops as if told to. SIGTERM and SIGINT stop it
+too, and a second signal forces the exit; SIGHUP reloads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import secrets
+import signal
 import socket
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
 
-from relayd import amqp, envelope, log, metrics, shard, topology
+from relayd import amqp, config, keys, log, retention, shard, topology
 from relayd.config import Settings
-from relayd.errors import PermanentError, StoreUnavailableError, TransientError
+from relayd.consume import Consumer, Handler
+from relayd.errors import ConfigError, ExitCode
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
-from relayd.keys import KeyRing
+from relayd.keys import KeySource
+from relayd.observe import watch_lag
 from relayd.outbound import Outbound
-from relayd.store import Store
+from relayd.route import Shards, route
+from relayd.store import Store, open_store
 
-Role = Literal["inbound", "outbound", "gdpr"]
 _log = log.get("relayd.worker")
-ROUTER_RETRY_S = 2.0  # how often a standby asks to become the router
-_CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+QueueRole = Literal["inbound", "outbound", "gdpr"]
+Role = QueueRole | Literal["retention"]
+ROLES: tuple[Role, ...] = ("inbound", "outbound", "gdpr", "retention")
 
 
-class Lanes:
-    """Runs the jobs of one key one after another, and different keys concurrently."""
+class ReportingEvent(asyncio.Event):
+    """An Event that calls `report(is_set)` whenever it changes."""
 
-    def __init__(self) -> None:
-        self._tails: dict[str, asyncio.Task[None]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+    def __init__(self, report: Callable[[bool], None]) -> None:
+        super().__init__()
+        self._report = report
 
-    def submit(self, key: str | None, job: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        previous = self._tails.get(key) if key is not None else None
-        task = asyncio.create_task(self._after(previous, job))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        if key is not None:
-            self._tails[key] = task
-            task.add_done_callback(lambda t: self._tails.pop(key, None)
-                                   if self._tails.get(key) is t else None)
-        return task
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            self._report(True)
 
-    @staticmethod
-    async def _after(previous: asyncio.Task[None] | None,
-                     job: Callable[[], Awaitable[None]]) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        await job()
+    def clear(self) -> None:
+        if self.is_set():
+            super().clear()
+            self._report(False)
 
 
-class Consumer:
-    """Settles every message of one queue through its handler."""
-
-    def __init__(self, role: Role, settings: Settings, handler: Inbound | Outbound | Erasure,
-                 sink: amqp.Publisher, keys: Callable[[], KeyRing] | None = None,
-                 queue: str | None = None) -> None:
-        self.role = role
-        self.keys = keys  # read per message: a reload takes effect at the next message
-        self.settings = settings
-        self.handler = handler
-        self.sink = sink
-        self.queue = queue or shard.entry_queue(settings.topology, role)
-        self.lanes = Lanes()
-        self.handing_back = False  # stopping a shard: start nothing more, see _consume
-        self._attempts: OrderedDict[bytes, int] = OrderedDict()
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """Called in delivery order; everything before the lane runs synchronously."""
-        started = time.monotonic()
-        metrics.received(self.role)
-        work: Callable[[], Awaitable[str]]
-        lane: str | None
-        handler, topology = self.handler, self.settings.topology
-        if self.keys is not None:
-            handler.keys = self.keys()
-        again = shard.redelivered(message, topology)
-        try:
-            if isinstance(handler, Inbound):
-                opened = handler.prepare(message.body, (message.headers or {}).get(
-                    envelope.KID_HEADER))
-                lane = "d:" + opened.device
-                work = lambda: handler.handle(opened, again)  # noqa: E731
-            elif isinstance(handler, Erasure):
-                request = handler.prepare(message.body, message.user_id)
-                lane = "u:" + request.user
-                work = lambda: handler.handle(request, again)  # noqa: E731
-            else:
-                incoming = handler.prepare(message.body, *shard.origin(message, topology))
-                lane = "c:" + handler.lane(incoming)
-                work = lambda: handler.handle(incoming, again)  # noqa: E731
-        except PermanentError as exc:
-            lane, work = None, _raiser(exc)
-        task = self.lanes.submit(lane, lambda: self.settle(message, work, started))
-        task.add_done_callback(lambda _: metrics.settled(self.role))
-
-    async def settle(self, message: AbstractIncomingMessage,
-                     work: Callable[[], Awaitable[str]], started: float) -> None:
-        if self.handing_back:
-            return  # left unacked: it goes back to the queue when our channel closes
-        outcome, reason, kind = "delivered", "", ""
-        try:
-            try:
-                kind = await work()
-            except PermanentError as exc:
-                outcome, reason = "dead_lettered", exc.reason
-                await self.sink.dead_letter(message, self.queue, exc.reason)
-            except StoreUnavailableError:
-                raise  # not the message's fault: below, it goes back without counting
-            except Exception as exc:  # transient, or a bug: retry, then dead-letter
-                if isinstance(exc, TransientError):
-                    reason = exc.reason
-                else:  # the type only: a bug's message may quote the payload
-                    reason = "internal_error"
-                    _log.error("handler_failed", stage=self.role, error=type(exc).__name__)
-                attempts = self._attempt(message)
-                if attempts < self.settings.workers.max_attempts:
-                    outcome = "retry"
-                    await asyncio.sleep(self._backoff(attempts))
-                    await message.nack(requeue=True)
-                    return
-                outcome = "dead_lettered"
-                if reason != "internal_error":
-                    reason = "retries_exhausted"
-                await self.sink.dead_letter(message, self.queue, reason)
-            await message.ack()
-            self._attempts.pop(self._key(message), None)
-        except (TransientError, StoreUnavailableError, *_CONNECT_ERRORS) as exc:
-            # Not settled: the broker redelivers it once our channel is gone or requeues it.
-            outcome, reason = "unsettled", type(exc).__name__
-            with contextlib.suppress(*_CONNECT_ERRORS):
-                await asyncio.sleep(self._backoff(self._attempt(message)))
-                await message.nack(requeue=True)
-        finally:
-            latency = time.monotonic() - started
-            _log.info("handled", stage=self.role, type=kind, outcome=outcome, reason=reason,
-                      latency_ms=round(latency * 1000, 2))
-            metrics.handled(self.role, outcome, reason, kind, latency, message.timestamp)
-
-    @staticmethod
-    def _key(message: AbstractIncomingMessage) -> bytes:
-        return hashlib.blake2b(message.body, digest_size=16).digest()
-
-    def _attempt(self, message: AbstractIncomingMessage) -> int:
-        """How many times this message has failed here, this one included."""
-        broker_count = (message.headers or {}).get("x-delivery-count")
-        key = self._key(message)
-        count = self._attempts.get(key, 0) + 1
-        if isinstance(broker_count, int):
-            count = max(count, broker_count + 1)
-        self._attempts[key] = count
-        self._attempts.move_to_end(key)
-        while len(self._attempts) > 10_000:
-            self._attempts.popitem(last=False)
-        return count
-
-    def _backoff(self, attempts: int) -> float:
-        w = self.settings.workers
-        return float(min(w.retry_max_backoff, w.retry_initial_backoff * 2 ** (attempts - 1)))
-
-    async def drain(self, deadline_s: float) -> int:
-        """Wait for in-flight messages up to `deadline_s`; return how many were abandoned."""
-        if not self.lanes.tasks:
-            return 0
-        _, pending = await asyncio.wait(set(self.lanes.tasks), timeout=deadline_s)
-        for task in pending:
-            task.cancel()
-        return len(pending)
-
-
-def _raiser(exc: Exception) -> Callable[[], Awaitable[str]]:
-    async def fail() -> str:
-        raise exc
-    return fail
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-async def watch_lag(stage: str, every_s: float = 0.1, report_s: float = 1.0,
-                    floor_ms: float = 10.0) -> None:
-    """Log the loop's worst lag (how late a timer fired) each `report_s` it reached
-    `floor_ms`: work that blocks the loop, such as crypto or storage, shows here before it
-    starves heartbeats."""
+async def work(settings: config.Settings, config_path: Path, role: Role,
+               control_fd: int | None = None, name: str | None = None) -> int:
+    keyring = keys.from_settings(settings.keys)
+    log.set_reference_secret(keyring.opaque_secret)
     loop = asyncio.get_running_loop()
-    worst, reported = 0.0, loop.time()
-    while True:
-        before = loop.time()
-        await asyncio.sleep(every_s)
-        now = loop.time()
-        worst = max(worst, now - before - every_s)
-        if now - reported >= report_s:
-            if worst * 1000 >= floor_ms:
-                _log.info("loop_lag", stage=stage, latency_ms=round(worst * 1000, 1))
-            worst, reported = 0.0, now
+    stop = asyncio.Event()
+    writer: asyncio.StreamWriter | None = None
+
+    def report(consuming: bool) -> None:
+        if writer is not None and not writer.is_closing():
+            state = "running" if role == "retention" else (
+                "consuming" if consuming else "connecting")
+            writer.write(f"{state} {keyring.current.kid}\n".encode())
+
+    consuming = ReportingEvent(report)
+
+    def reload() -> None:
+        nonlocal keyring
+        try:
+            fresh = config.load(config_path)
+            keyring = keys.from_settings(fresh.keys)
+        except ConfigError as exc:
+            _log.error("reload_failed", error=type(exc).__name__)
+            return
+        log.set_level(fresh.logging.level)
+        _log.info("reloaded", kid=keyring.current.kid, kids=sorted(keyring.hpke))
+        report(consuming.is_set())
+
+    signalled = asyncio.Event()  # apart from `stop`: a supervisor's stop is not a signal
+
+    def on_signal(signum: int) -> None:
+        if signalled.is_set():
+            _log.warning("forced_exit", signal=signal.Signals(signum).name)
+            os._exit(ExitCode.FAILURE)
+        _log.info("stopping", signal=signal.Signals(signum).name)
+        signalled.set()
+        stop.set()
+
+    async def obey(reader: asyncio.StreamReader) -> None:
+        async for line in reader:
+            if line.strip() == b"stop":
+                stop.set()
+            elif line.strip() == b"reload":
+                reload()
+        stop.set()  # the supervisor is gone
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    listener = None
+    if control_fd is not None:
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
+        listener = asyncio.create_task(obey(reader))
+    store = await open_store(settings.store.url, pool_size=settings.store.pool_size)
+    try:
+        if role == "retention":
+            report(False)
+            await retention.serve(settings, store, keyring, stop)
+        else:
+            # Under a supervisor, the name outlives a restart: a restarted worker takes its
+            # shards back at once instead of waiting for its old self to be forgotten.
+            member = (f"{socket.gethostname()}:{os.getppid()}:{name}"
+                      if name and control_fd is not None else None)
+            await serve(settings, role, store, lambda: keyring, stop, consuming, member)
+    finally:
+        await store.close()
+        if listener is not None:
+            listener.cancel()
+    _log.info("stopped")
+    return ExitCode.OK
 
 
-async def open_channel(connection: AbstractConnection, settings: Settings) -> AbstractChannel:
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await channel.set_qos(prefetch_count=settings.workers.prefetch)
-    return channel
-
-
-async def serve(settings: Settings, role: Role, store: Store,
-                keys: KeyRing | Callable[[], KeyRing], stop: asyncio.Event,
+async def serve(settings: Settings, role: QueueRole, store: Store,
+                keys: KeySource, stop: asyncio.Event,
                 consuming: asyncio.Event | None = None, member: str | None = None) -> None:
     """Consume `role`'s queue until `stop` is set, reconnecting whenever the link is lost.
 
-    `keys` may be a function returning the current keys, read at each message (reload).
+    `keys` returns the current keys, read at each message (so a reload applies).
     `member` names this process among those sharing the shards (relayd.shard.share); it
     must differ from every other process's, and should outlive a restart.
     """
     member = member or f"{socket.gethostname()}:{os.getpid()}:{role}:{secrets.token_hex(4)}"
-    current = keys if callable(keys) else lambda: keys
-    backoff = 0.5
-    connected = False
-    while not stop.is_set():
-        try:
-            connection = await amqp.connect(settings, f"relayd-{role}")
-        except _CONNECT_ERRORS as exc:
-            _log.warning("connect_failed", stage=role, reason=type(exc).__name__,
-                         retry_in_s=backoff)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, settings.amqp.reconnect_max_backoff)
-            continue
-        if connected:
-            metrics.RECONNECTS.labels(role).inc()
-        backoff, connected = 0.5, True
-        lost = asyncio.Event()
-        connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
-        try:
-            await _consume(connection, settings, role, store, current, stop, lost, consuming,
-                           member)
-        except _CONNECT_ERRORS as exc:
-            _log.warning("connection_lost", stage=role, reason=type(exc).__name__)
-        finally:
-            if consuming is not None:
-                consuming.clear()
-            with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
-                await connection.close()
+
+    async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
+        await _consume(connection, settings, role, store, keys, stop, lost, consuming, member)
+
+    await amqp.keep_connected(settings, f"relayd-{role}", role, stop, session,
+                              consuming.clear if consuming is not None else None)
 
 
-async def _consume(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
-                   keys: Callable[[], KeyRing], stop: asyncio.Event, lost: asyncio.Event,
-                   consuming: asyncio.Event | None, member: str) -> None:
-    channel = await open_channel(connection, settings)
+async def _consume(connection: AbstractConnection, settings: Settings, role: QueueRole,
+                   store: Store, keys: KeySource, stop: asyncio.Event,
+                   lost: asyncio.Event, consuming: asyncio.Event | None, member: str) -> None:
+    channel = await amqp.open_channel(connection, settings.workers.prefetch)
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None))
     sink = amqp.Publisher(channel, settings, keys().opaque_secret)
-    handler: Inbound | Outbound | Erasure = (
-        Erasure(settings, store, keys(), sink) if role == "gdpr"
-        else (Inbound if role == "inbound" else Outbound)(settings, store, keys(), sink))
+    handler: Handler = (Erasure(settings, store, keys, sink) if role == "gdpr"
+                        else (Inbound if role == "inbound" else Outbound)(
+                            settings, store, keys, sink))
 
     def consumer_of(queue: str) -> Consumer:
-        return Consumer(role, settings, handler, sink, keys, queue)
+        return Consumer(role, settings.workers, handler, sink, queue)
 
     if shard.sharded(settings.topology, role):
         shards = Shards(connection, settings, role, store, member, consumer_of)
-        router = asyncio.create_task(_route(connection, settings, role, store, keys, stop, lost))
+        router = asyncio.create_task(route(connection, settings, role, keys, stop, lost))
         await shards.share()
         _log.info("consuming", stage=role, shards=len(shards.held))
         if consuming is not None:
@@ -292,7 +178,7 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
         try:
             while not (stop.is_set() or lost.is_set()):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_wait_any(stop, lost), shards.every_s)
+                    await asyncio.wait_for(amqp.wait_any(stop, lost), shards.every_s)
                 if not (stop.is_set() or lost.is_set()):
                     await shards.share()
         finally:
@@ -308,108 +194,13 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Rol
         consuming.set()
     lag = asyncio.create_task(watch_lag(role))
     try:
-        await _wait_any(stop, lost)
+        await amqp.wait_any(stop, lost)
     finally:
         lag.cancel()
     if lost.is_set():  # its deliveries died with the channel: the broker resends them
         await consumer.drain(0)
         return
-    with contextlib.suppress(*_CONNECT_ERRORS):
+    with contextlib.suppress(*amqp.CONNECT_ERRORS):
         await queue.cancel(tag)
     abandoned = await consumer.drain(settings.workers.shutdown_timeout)
     _log.info("drained", stage=role, abandoned=abandoned)
-
-
-class Shards:
-    """The shard queues this process consumes: its share (relayd.shard.share) among the
-    processes of its role alive in the store, taken again every `every_s`. Each shard has a
-    channel of its own, so that one can be handed back while the others go on."""
-
-    def __init__(self, connection: AbstractConnection, settings: Settings, role: Role,
-                 store: Store, member: str, consumer_of: Callable[[str], Consumer]) -> None:
-        self.connection, self.settings, self.role = connection, settings, role
-        self.store, self.member, self.consumer_of = store, member, consumer_of
-        self.held: dict[int, tuple[Consumer, AbstractChannel]] = {}
-        self.releasing: dict[int, asyncio.Task[None]] = {}
-        self.ttl_s = settings.topology.shard_member_ttl
-        self.every_s = self.ttl_s / 3
-
-    async def share(self) -> None:
-        """Take the shards newly ours, and hand back those no longer ours."""
-        t = self.settings.topology
-        try:
-            members = await self.store.members(self.role, self.member, int(self.ttl_s * 1000))
-        except (StoreUnavailableError, TransientError):
-            return  # keep what we hold until the store answers again
-        mine, before = shard.share(members, self.member, t.shards), set(self.held)
-        for k in before - mine:
-            self.releasing[k] = asyncio.create_task(self._release(k, *self.held.pop(k)))
-        for k in sorted(mine - set(self.held) - set(self.releasing)):
-            consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
-            channel = await open_channel(self.connection, self.settings)
-            queue = await channel.get_queue(consumer.queue, ensure=False)
-            await queue.consume(consumer.on_message)
-            self.held[k] = consumer, channel
-        if set(self.held) != before:
-            _log.info("shards_shared", stage=self.role, members=len(members),
-                      held=len(self.held))
-
-    async def _release(self, k: int, consumer: Consumer, channel: AbstractChannel) -> None:
-        """Hand one shard back in order. A cancelled single active consumer would pass the
-        shard on at once, while what it had received was still in work: instead finish
-        only what started, and let the channel's close return the rest, in order, to the
-        queue and so to the next consumer."""
-        consumer.handing_back = True
-        await consumer.drain(self.settings.workers.shutdown_timeout)
-        with contextlib.suppress(*_CONNECT_ERRORS, RuntimeError):
-            await channel.close()
-        self.releasing.pop(k, None)
-
-    async def hand_back(self, lost: bool) -> None:
-        """Give every shard up: on a lost connection at once (the broker resends what was
-        in flight); on a stop, in order, and leave so that the others take over now."""
-        held, self.held = self.held, {}
-        if lost:
-            await asyncio.gather(*(consumer.drain(0) for consumer, _ in held.values()))
-            return
-        await asyncio.gather(*(self._release(k, *h) for k, h in held.items()),
-                             *self.releasing.values())
-        with contextlib.suppress(StoreUnavailableError, TransientError):
-            await self.store.leave(self.role, self.member)  # else forgotten after the ttl
-        _log.info("drained", stage=self.role)
-
-
-async def _route(connection: AbstractConnection, settings: Settings, role: Role, store: Store,
-                 keys: Callable[[], KeyRing], stop: asyncio.Event, lost: asyncio.Event) -> None:
-    """Be the router of `role`'s entry queue (see relayd.shard) while no other process is.
-
-    The lock is an exclusive queue: the broker lets one connection own it and deletes it
-    when that connection dies; while another process holds it, ask again every few s.
-    """
-    name = shard.entry_queue(settings.topology, role)
-    while not (stop.is_set() or lost.is_set()):
-        channel = await open_channel(connection, settings)
-        sink = amqp.Publisher(channel, settings, keys().opaque_secret)
-        router = (shard.InboundRouter if role == "inbound" else shard.OutboundRouter)(
-            settings, store, keys(), sink)
-        consumer = Consumer(role, settings, router, sink, keys, name)
-        try:
-            await channel.declare_queue(f"{name}.router-lock", exclusive=True)
-        except aiormq.exceptions.ChannelLockedResource:  # another process routes
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_wait_any(stop, lost), ROUTER_RETRY_S)
-            continue
-        closed = asyncio.Event()
-        channel.close_callbacks.add(lambda *_, closed=closed: closed.set())
-        queue = await channel.get_queue(name, ensure=False)
-        tag = await queue.consume(consumer.on_message)
-        _log.info("routing", stage=role)
-        await _wait_any(stop, lost, closed)
-        if lost.is_set() or closed.is_set():  # the broker resends what was in flight
-            await consumer.drain(0)
-            continue
-        with contextlib.suppress(*_CONNECT_ERRORS):
-            await queue.cancel(tag)
-        await consumer.drain(settings.workers.shutdown_timeout)
-
-

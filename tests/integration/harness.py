@@ -70,7 +70,8 @@ class Relay:
             consuming = asyncio.Event()
             ready.append(consuming)
             self.tasks.append(asyncio.create_task(
-                worker.serve(self.settings, role, self.store, self.keyring, self.stop, consuming)))
+                worker.serve(self.settings, role, self.store, lambda: self.keyring, self.stop,
+                             consuming)))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), WAIT)
 
     async def halt(self) -> None:

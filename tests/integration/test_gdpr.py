@@ -15,10 +15,10 @@ import aio_pika
 import orjson
 import pytest
 
-from relayd import gdpr, opaque, retention
+from relayd import amqp, gdpr, opaque, retention
 from relayd.client import DeviceKeys
 from relayd.crypto import fingerprint
-from relayd.inbound import now_ms
+from relayd.deliver import now_ms
 from relayd.store import Store
 from tests.integration.harness import (
     WAIT,
@@ -150,7 +150,8 @@ class TestErasure:
         await relay.start()
         conversation = await open_conversation(relay, phone, "acme")
         await relay.halt()
-        async with gdpr.broker(relay.settings, relay.keyring) as sink:
+        async with amqp.publisher(relay.settings, "relayd-gdpr",
+                                  relay.keyring.opaque_secret) as sink:
             with pytest.raises(RuntimeError):
                 await gdpr.erase(FailingStore(relay.store, crash_at), relay.keyring, sink,
                                  ALICE, via="cli")
@@ -216,7 +217,8 @@ class TestErasure:
                     [close] = await relay.events("acme", 1)
                 assert (close["type"], close["conversation"]) == ("close", conversation)
                 async with asyncio.timeout(WAIT):  # the rows go after the close is confirmed
-                    while not await relay.store.audit_log():  # noqa: ASYNC110
+                    while not any(r.action == "erase"  # noqa: ASYNC110
+                                  for r in await relay.store.audit_log()):
                         await asyncio.sleep(0.01)
                 assert await relay.store.export_user(ALICE) == await relay.store.export_user("x")
                 [record] = [r for r in await relay.store.audit_log() if r.action == "erase"]
@@ -278,7 +280,8 @@ class TestRetention:
         await relay.halt()
         r = relay.settings.retention
         later = now_ms() + int(r.inactive_conversation_days * DAY_MS) + 1
-        async with gdpr.broker(relay.settings, relay.keyring) as sink:
+        async with amqp.publisher(relay.settings, "relayd-gdpr",
+                                  relay.keyring.opaque_secret) as sink:
             counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                              later)
             # replay: the removed device's; sent: all three rows (the echo of the start and
@@ -312,7 +315,8 @@ class TestRetention:
         await relay.halt()
         await relay.channel.exchange_delete("relayd.biz.globex")
         later = now_ms() + int(relay.settings.retention.inactive_conversation_days * DAY_MS) + 1
-        async with gdpr.broker(relay.settings, relay.keyring) as sink:
+        async with amqp.publisher(relay.settings, "relayd-gdpr",
+                                  relay.keyring.opaque_secret) as sink:
             counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                              later)
         assert (counts["expired"], counts["failed"]) == (1, 1)

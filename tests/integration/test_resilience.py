@@ -118,7 +118,7 @@ class TestRedelivery:
 
     @staticmethod
     def handler(relay: Relay) -> Inbound:
-        return Inbound(relay.settings, relay.store, relay.keyring,
+        return Inbound(relay.settings, relay.store, lambda: relay.keyring,
                        amqp.Publisher(relay.channel, relay.settings,
                                       relay.keyring.opaque_secret))
 
@@ -130,10 +130,10 @@ class TestRedelivery:
         tablet = await relay.add_device("alice", "tablet")
         inbound = self.handler(relay)
         kid = relay.public.kid
-        message = inbound.prepare(phone.seal(relay.public, phone.payload(
+        message = inbound.open(phone.seal(relay.public, phone.payload(
             "acme", "message", {"text": "hi"})), kid)
         await inbound.handle(message, redelivered=False)  # delivered, but its ack is lost
-        await inbound.handle(inbound.prepare(tablet.seal(relay.public, tablet.payload(
+        await inbound.handle(inbound.open(tablet.seal(relay.public, tablet.payload(
             "acme", "close")), kid), redelivered=False)
         await inbound.handle(message, redelivered=True)  # the broker's redelivery
         conversation = await relay.store.conversation_of("alice", "acme")
@@ -154,7 +154,7 @@ class TestActivityTime:
         inbound = TestRedelivery.handler(relay)
 
         async def send(kind: str) -> Conversation:
-            await inbound.handle(inbound.prepare(phone.seal(relay.public, phone.payload(
+            await inbound.handle(inbound.open(phone.seal(relay.public, phone.payload(
                 "acme", kind, {"text": "hi"})), relay.public.kid), redelivered=False)
             conversation = await relay.store.conversation_of("alice", "acme")
             assert conversation is not None

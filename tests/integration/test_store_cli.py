@@ -75,7 +75,7 @@ class TestMigrate:
             "keys": {"dir": str(tmp_path / "keys")},
         }))
         done = relayd("store", "migrate", "--config", str(path))
-        assert done.returncode == ExitCode.STORE_UNAVAILABLE
+        assert done.returncode == ExitCode.UNAVAILABLE
         assert "cannot reach the store" in done.stderr
 
 

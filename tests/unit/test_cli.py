@@ -108,7 +108,7 @@ class TestKeysCommands:
         data["keys"]["dir"] = str(blocker / "keys")
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
         code = cli.main(["keys", "generate", "--config", str(path), "--kid", "a"])
-        assert code != ExitCode.BROKER_UNAVAILABLE
+        assert code != ExitCode.UNAVAILABLE
         assert "broker" not in capsys.readouterr().err
 
 
@@ -181,7 +181,7 @@ class TestBusinessCredentials:
         management = {"url": "http://127.0.0.1:9", "username": "admin", "password": "s3cr3t"}
         path = _config(tmp_path, amqp={"url": "amqp://127.0.0.1:9/", "management": management})
         assert cli.main(["business", "add", "acme", "--amqp-user", "acme",
-                         "--config", str(path)]) == ExitCode.BROKER_UNAVAILABLE
+                         "--config", str(path)]) == ExitCode.UNAVAILABLE
         capsys.readouterr()
         assert cli.main(["business", "list", "--json", "--config", str(path)]) == ExitCode.OK
         assert orjson.loads(capsys.readouterr().out) == []

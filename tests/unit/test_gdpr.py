@@ -1,4 +1,4 @@
-"""Erase requests over AMQP (relayd.gdpr.Erasure.prepare) and the ids of relay-made closes."""
+"""Erase requests over AMQP (relayd.gdpr.Erasure.parse) and the ids of relay-made closes."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ class TestErasureRequests:
     def test_accepted_from_the_identity_service(self) -> None:
         """A well-formed request from gdpr.identity_user names the user to erase."""
         request_id = str(uuid.uuid4())
-        parsed = ERASURE.prepare(request(id=request_id), "identity")
+        parsed = ERASURE.parse(request(id=request_id), "identity")
         assert parsed == gdpr.EraseRequest("alice", request_id)
 
     @pytest.mark.parametrize("amqp_user", [None, "", "guest", "identity2", "IDENTITY"])
     def test_anyone_else_is_unauthenticated(self, amqp_user: str | None) -> None:
         """Without the identity service's broker-validated user_id, nothing is trusted."""
         with pytest.raises(PermanentError) as caught:
-            ERASURE.prepare(request(), amqp_user)
+            ERASURE.parse(request(), amqp_user)
         assert caught.value.reason == "unauthenticated"
 
     def test_nobody_is_trusted_when_unconfigured(self) -> None:
@@ -47,7 +47,7 @@ class TestErasureRequests:
         erasure = gdpr.Erasure(SETTINGS.model_copy(update={"gdpr": config.Gdpr()}),
                                None, None, None)  # type: ignore[arg-type]
         with pytest.raises(PermanentError) as caught:
-            erasure.prepare(request(), "identity")
+            erasure.parse(request(), "identity")
         assert caught.value.reason == "unauthenticated"
 
     @pytest.mark.parametrize("body", [
@@ -58,7 +58,7 @@ class TestErasureRequests:
     def test_malformed(self, body: bytes) -> None:
         """Anything but exactly {v:1, type:erase, user, id} is dead-lettered as malformed."""
         with pytest.raises(PermanentError) as caught:
-            ERASURE.prepare(body, "identity")
+            ERASURE.parse(body, "identity")
         assert caught.value.reason == "malformed"
 
 

@@ -126,5 +126,5 @@ class TestAtEveryDoor:
         raw = (b'{"v":1,"type":"erase","user":"alice","user":"bob","id":"'
                + str(uuid.uuid4()).encode() + b'"}')
         with pytest.raises(PermanentError) as caught:
-            erasure.prepare(raw, "identity")
+            erasure.parse(raw, "identity")
         assert caught.value.reason == "malformed"

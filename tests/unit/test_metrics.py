@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from relayd import metrics, supervisor
+from relayd import metrics, observe, supervisor
 
 
 def value(name: str, **labels: str) -> float:
@@ -98,7 +98,7 @@ class TestRates:
     def test_per_second_over_the_window(self) -> None:
         """Rates are the change of each total over the time between the oldest and newest
         samples; too few samples give none."""
-        rates = supervisor.Rates(window=3)
+        rates = observe.Rates(window=3)
         rates.add(0.0, {("inbound", "delivered"): 100})
         assert rates.per_second() == {}
         rates.add(10.0, {("inbound", "delivered"): 150, ("outbound", "rejected"): 5})

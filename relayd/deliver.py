@@ -1,0 +1,77 @@
+"""Delivering what the relay produces: a message sealed to each device, an event to a business.
+
+Every path that sends uses this module (inbound echoes, business replies, erasure and
+retention closes): none imports another path for it. Sink is where output goes; each of
+its calls completes when the broker confirmed the publish (relayd.amqp.Publisher is one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from relayd import envelope, log, metrics, payload
+from relayd.crypto import Kem, PublicKey
+from relayd.errors import PermanentError
+from relayd.keys import KeyRing
+from relayd.store import Device, Store
+
+_log = log.get("relayd.deliver")
+
+
+class Sink(Protocol):
+    """Where the handlers' output goes; each call completes when the broker confirmed it."""
+
+    def to_business(self, business: str, body: bytes, message_id: str,
+                    kind: str) -> Awaitable[None]: ...
+
+    def to_device(self, device: str, sealed: bytes) -> Awaitable[None]: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@functools.lru_cache(maxsize=16384)
+def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
+    return kem.public_key(raw)
+
+
+def seal_down(keyring: KeyRing, device: Device, body: bytes) -> bytes:
+    """`body` sealed to `device`; PermanentError("bad_device_key") when its stored key
+    cannot be sealed to (a wrong length, a low-order point)."""
+    try:
+        return envelope.seal(body, direction="down", kid=device.id, kem=device.kem,
+                             recipient=_enc_key(device.kem, device.enc_key),
+                             signer=keyring.signing)
+    except ValueError:  # what cryptography raises for every unusable public key
+        raise PermanentError("bad_device_key", "the device's key cannot be sealed to") from None
+
+
+async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Device],
+                  source: str, message_id: str, sender: str, kind: str,
+                  body: dict[str, Any]) -> None:
+    """Seal one message separately to each device, with its own down seq, and publish.
+
+    Each device's copy is sealed and published on its own: a device whose key cannot be
+    sealed to is skipped and reported (log and metric, no id), and the others get theirs.
+    A failed publish fails the whole, to be retried (the same seqs again)."""
+    if not devices:
+        return
+    ts = now_ms()
+    seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
+
+    async def one(device: Device, seq: int) -> None:
+        try:
+            sealed = seal_down(keyring, device, payload.down_payload(
+                device.id, seq, ts, message_id, sender, kind, body))
+        except PermanentError as exc:
+            _log.warning("device_skipped", reason=exc.reason)
+            metrics.skipped(exc.reason)
+            return
+        await sink.to_device(device.id, sealed)
+
+    await asyncio.gather(*(one(d, seqs[d.id]) for d in devices if d.id in seqs))
