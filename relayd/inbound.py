@@ -15,7 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, opaque, payload, ratelimit, shard
+from relayd import envelope, opaque, payload, ratelimit, rules, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work
@@ -32,11 +32,6 @@ class Opened:
     signature: bytes
     payload: bytes
     claims: dict[str, Any]
-
-
-# A conversation's last activity (updated_ms, which retention reads in days) is written at
-# most once a minute: the write it saves was a fifth of an inbound message's cost.
-ACTIVITY_GRANULARITY_MS = 60_000
 
 
 @functools.lru_cache(maxsize=16384)
@@ -124,26 +119,17 @@ class Inbound:
 
     async def _apply_rules(self, device: Device, up: payload.Up, current: Conversation | None,
                            retry: bool) -> Conversation:
-        """Only the user opens a conversation; other types need it open. `current` is the
-        conversation as it was read with the business."""
-        store, policy = self.store, self.settings.conversations.opaque_id_policy
-        if up.type in ("start", "message"):
-            if current is not None and current.state == "closed" and retry:
-                return current  # closed since our first attempt: a retry reopens nothing
-            if (current is not None and current.state == "open"
-                    and now_ms() - current.updated_ms < ACTIVITY_GRANULARITY_MS):
-                return current  # open, and its activity time is fresh enough: no write
+        """Apply relayd.rules to `current`, the conversation as read with the business."""
+        decision = rules.up(current, up.type, retry, now_ms())
+        if decision.refusal is not None:
+            raise PermanentError(decision.refusal, decision.detail)
+        if decision.write == "open":
             secret = self.keys().opaque_secret
-            return await store.open_conversation(
-                device.user, up.to, now_ms(), policy == "rotate_on_delete",
+            return await self.store.open_conversation(
+                device.user, up.to, now_ms(),
+                self.settings.conversations.opaque_id_policy == "rotate_on_delete",
                 lambda epoch: opaque.conversation_id(secret, device.user, up.to, epoch))
-        conversation = current
-        if conversation is None:
-            raise PermanentError("unknown_conversation", "the user has no such conversation")
-        if conversation.state == "open":
-            if up.type == "close":
-                await store.close_conversation(conversation.id, "user", now_ms())
-            return conversation
-        if retry and up.type == "close" and conversation.closed_by == "user":
-            return conversation  # our own earlier attempt closed it: deliver again
-        raise PermanentError("conversation_closed", "the conversation is closed")
+        assert current is not None  # rules.up opens or refuses when there is none
+        if decision.write == "close":
+            await self.store.close_conversation(current.id, "user", now_ms())
+        return current

@@ -12,14 +12,14 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from relayd import payload, ratelimit, shard
+from relayd import payload, ratelimit, rules, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work
 from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import PermanentError, ReplyError, TransientError
 from relayd.keys import KeySource
-from relayd.store import Business, Conversation, Store
+from relayd.store import Business, Store
 
 ERROR_NAMESPACE = uuid.UUID("5b0f3c4e-8d0a-4a43-9a53-6f1f2f4d7c11")
 
@@ -101,26 +101,18 @@ class Outbound:
         return incoming.reply
 
     async def _deliver(self, business: Business, reply: payload.Reply, redelivered: bool) -> None:
-        conversation = await self._check(business, reply, redelivered)
-        if reply.type == "close":
+        """Apply relayd.rules to the reply's conversation, then seal it to every device."""
+        conversation = await self.store.conversation(reply.conversation)
+        decision = rules.reply(conversation, business.id, reply.type, redelivered)
+        if decision.refusal is not None:
+            raise ReplyError(decision.refusal, decision.detail)
+        assert conversation is not None  # rules.reply refuses when there is none
+        if decision.write == "close":
             await self.store.close_conversation(conversation.id, "business", now_ms())
         devices = await self.store.devices_of(conversation.user)
         await fan_out(self.store, self.keys(), self.sink, devices,
                       f"reply:{business.id}:{reply.id}", reply.id, business.id, reply.type,
                       reply.body)
-
-    async def _check(self, business: Business, reply: payload.Reply,
-                     redelivered: bool) -> Conversation:
-        conversation = await self.store.conversation(reply.conversation)
-        if conversation is None:
-            raise ReplyError("unknown_conversation", "no such conversation")
-        if conversation.business != business.id:
-            raise ReplyError("not_your_conversation", "this conversation is not yours")
-        if conversation.state == "closed" and not (
-            redelivered and reply.type == "close" and conversation.closed_by == "business"
-        ):
-            raise ReplyError("conversation_closed", "the conversation is closed")
-        return conversation
 
     async def _answer(self, business: Business, incoming: Incoming, error: ReplyError) -> None:
         ref, conversation = payload.reply_ref(incoming.raw)

@@ -116,12 +116,9 @@ class Store(Protocol):
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,
                                 make_id: Callable[[int], str]) -> Conversation:
-        """Create the (user, business) conversation, or reopen it, or note activity on it.
-
-        A conversation the user closed gets epoch + 1 (so a new id) when it reopens and
-        `rotate_on_reopen` is set. A conversation created afresh starts at epoch 0, or with
-        `rotate_on_reopen` at a random epoch in [0, 2**62): after its row expired or was
-        erased, the user's next conversation cannot get an id the business saw before.
+        """Create the (user, business) conversation, or reopen it, or note activity on it,
+        writing what relayd.rules.opening() decides for the row as it is in the same
+        transaction (epoch, id, creation time; see there).
         """
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:

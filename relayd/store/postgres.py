@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from relayd import rules
 from relayd.crypto import Kem
 from relayd.errors import StoreUnavailableError
 from relayd.replay import ReplayWindow
@@ -285,26 +286,24 @@ class PostgresStore:
             f" AND state = 'open' RETURNING {_CONVERSATION}", user, business, now_ms)
         if active is not None:
             return Conversation(*active)
-        fresh = secrets.randbits(62) if rotate_on_reopen else 0  # see Store.open_conversation
+        fresh = rules.opening(None, rotate_on_reopen, now_ms, secrets.randbits(62))
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 f"INSERT INTO conversations ({_CONVERSATION}) VALUES ($1, $2, $3, 'open', $4,"
-                f" NULL, $5, $5) ON CONFLICT DO NOTHING RETURNING {_CONVERSATION}",
-                make_id(fresh), user, business, fresh, now_ms)
+                f" NULL, $5, $6) ON CONFLICT DO NOTHING RETURNING {_CONVERSATION}",
+                make_id(fresh.epoch), user, business, fresh.epoch, fresh.created_ms, now_ms)
             if row is not None:
                 return Conversation(*row)
             current = Conversation(*(await conn.fetchrow(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = $1"
                 " AND business_id = $2 FOR UPDATE", user, business) or ()))
-            rotate = (current.state == "closed" and rotate_on_reopen
-                      and current.closed_by == "user")
-            epoch = current.epoch + 1 if rotate else current.epoch
+            opened = rules.opening(current, rotate_on_reopen, now_ms, 0)
             row = await conn.fetchrow(
                 f"UPDATE conversations SET id = $3, state = 'open', epoch = $4, closed_by = NULL,"
                 f" created_ms = $5, updated_ms = $6 WHERE user_id = $1 AND business_id = $2"
                 f" RETURNING {_CONVERSATION}",
-                user, business, make_id(epoch) if rotate else current.id, epoch,
-                now_ms if rotate else current.created_ms, now_ms)
+                user, business, make_id(opened.epoch) if opened.new_id else current.id,
+                opened.epoch, opened.created_ms, now_ms)
         return Conversation(*(row or ()))
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:

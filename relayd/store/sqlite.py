@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from relayd import rules
 from relayd.crypto import Kem
 from relayd.errors import TransientError
 from relayd.replay import ReplayWindow
@@ -356,26 +357,16 @@ class SqliteStore:
             current = _conversation(db.execute(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
                 (user, business)).fetchone())
-            if current is None:
-                epoch = secrets.randbits(62) if rotate_on_reopen else 0
-                db.execute(
-                    f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', ?,"
-                    " NULL, ?, ?)", (make_id(epoch), user, business, epoch, now_ms, now_ms))
-            elif current.state == "closed":
-                rotate = rotate_on_reopen and current.closed_by == "user"
-                epoch = current.epoch + 1 if rotate else current.epoch
-                db.execute(
-                    "UPDATE conversations SET id = ?, state = 'open', epoch = ?, closed_by = NULL,"
-                    " created_ms = ?, updated_ms = ? WHERE user_id = ? AND business_id = ?",
-                    (make_id(epoch), epoch, now_ms if rotate else current.created_ms, now_ms,
-                     user, business))
-            else:
-                db.execute("UPDATE conversations SET updated_ms = ? WHERE id = ?",
-                           (now_ms, current.id))
-            row = db.execute(
-                f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
-                (user, business)).fetchone()
-            return Conversation(*row)
+            row = rules.opening(current, rotate_on_reopen, now_ms, secrets.randbits(62))
+            conversation_id = make_id(row.epoch) if row.new_id or current is None else current.id
+            db.execute(
+                f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', ?, NULL,"
+                " ?, ?) ON CONFLICT (user_id, business_id) DO UPDATE SET id = excluded.id,"
+                " state = 'open', epoch = excluded.epoch, closed_by = NULL,"
+                " created_ms = excluded.created_ms, updated_ms = excluded.updated_ms",
+                (conversation_id, user, business, row.epoch, row.created_ms, now_ms))
+            return Conversation(conversation_id, user, business, "open", row.epoch, None,
+                                row.created_ms, now_ms)
 
         conversation: Conversation = await self._commit(op)
         return conversation

@@ -7,7 +7,8 @@ import signal
 
 from relayd import amqp
 from relayd.errors import ExitCode
-from relayd.inbound import ACTIVITY_GRANULARITY_MS, Inbound
+from relayd.inbound import Inbound
+from relayd.rules import ACTIVITY_GRANULARITY_MS
 from relayd.store import Conversation
 from tests.integration.harness import Relay, kill_group, rabbitmqctl, stop_process
 
