@@ -66,6 +66,13 @@ class TransientError(RelaydError):
         super().__init__(f"{reason}: {detail or reason}")
 
 
+class StoreError(RelaydError):
+    """The store failed, not because of the message and not for a passing outage: a
+    schema newer than this relayd, a row it cannot read, a statement the database
+    refused. Every backend raises this, TransientError("store_busy") or
+    StoreUnavailableError, and nothing else."""
+
+
 class StoreUnavailableError(RelaydError):
     """The store cannot be reached (a database restart, a lost connection): retry later,
     without counting it against the message."""

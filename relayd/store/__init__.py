@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from relayd.crypto import Kem
+from relayd.errors import ConfigError
 
 ConversationState = Literal["open", "closed"]
 Party = Literal["user", "business"]
@@ -65,7 +66,12 @@ class AuditRecord:
 
 
 class Store(Protocol):
-    """What the workers and the CLI need from storage; every method is one transaction."""
+    """What the workers and the CLI need from storage; every method is one transaction.
+
+    Every method raises only the store's errors: StoreUnavailableError (the database
+    cannot be reached), TransientError("store_busy") (try again), StoreError (anything
+    else); never a driver's own exception. The contract suite holds every backend to it.
+    """
 
     async def close(self) -> None: ...
 
@@ -181,7 +187,8 @@ class Store(Protocol):
 async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> Store:
     """The backend that `url` names; the schema is migrated on open unless told not to.
 
-    Raises StoreUnavailableError when a database server cannot be reached.
+    Raises StoreUnavailableError when the database cannot be reached or opened,
+    StoreError when its schema is newer than this relayd knows.
     """
     if url.startswith("sqlite:///"):
         from relayd.store.sqlite import SqliteStore
@@ -191,7 +198,7 @@ async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> 
         try:
             from relayd.store.postgres import PostgresStore
         except ImportError:
-            raise ValueError("a postgresql:// store needs asyncpg: pip install"
-                             " 'relayd[postgres]'") from None
+            raise ConfigError({"store.url": "a postgresql:// store needs asyncpg: pip install"
+                                            " 'relayd[postgres]'"}) from None
         return await PostgresStore.connect(url, migrate=migrate, pool_size=pool_size)
-    raise ValueError(f"no store backend for {url.split(':', 1)[0]}")
+    raise ConfigError({"store.url": f"no store backend for {url.split(':', 1)[0]}"})

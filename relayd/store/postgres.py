@@ -12,19 +12,16 @@ the table files until (auto)vacuum reclaims them.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import orjson
 
 from relayd import rules
-from relayd.crypto import Kem
-from relayd.errors import StoreUnavailableError
+from relayd.errors import RelaydError, StoreError, StoreUnavailableError, TransientError
 from relayd.replay import ReplayWindow
-from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData
+from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData, rows
 
 MIGRATIONS: list[str] = [
     """
@@ -97,36 +94,29 @@ MIGRATIONS: list[str] = [
 ]
 
 _MIGRATION_LOCK = 0x72656C6179640001  # pg_advisory_xact_lock key: "relayd" + 1
-_CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
-_JOINED = ", ".join(f"c.{column}" for column in _CONVERSATION.split(", "))
-_DEVICE = "id, user_id, kem, enc_key, sign_key, created_ms"
+_CONVERSATION, _DEVICE, _BUSINESS = rows.CONVERSATION, rows.DEVICE, rows.BUSINESS
+_AUDIT = f"INSERT INTO audit ({rows.AUDIT}) VALUES ($1, $2, $3, $4)"
 # Errors that mean the database is unreachable or restarting, not that a query is wrong.
 _UNAVAILABLE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
                 asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
+# Errors that pass when the statement is tried again.
+_BUSY = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError,
+         asyncpg.QueryCanceledError)
 
 
-def _conversation(row: Any) -> Conversation | None:
-    return None if row is None else Conversation(*row)
-
-
-def _device(row: Any) -> Device:
-    return Device(row[0], row[1], Kem(row[2]), row[3], row[4], row[5])
-
-
-def _business(row: Any) -> Business:
-    return Business(row[0], row[1], row[2])
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-_AUDIT = "INSERT INTO audit (at_ms, action, subject, detail) VALUES ($1, $2, $3, $4)"
-
-
-def _detail(detail: Mapping[str, int | str | bool]) -> str:
-    return orjson.dumps(dict(detail)).decode()
+def _error(exc: Exception) -> RelaydError:
+    """A failure inside the store as one of the store's errors."""
+    if isinstance(exc, RelaydError):
+        return exc
+    name = type(exc).__name__
+    if isinstance(exc, ValueError):  # asyncpg's own DataError too: an argument it cannot send
+        return StoreError(f"PostgreSQL: {name}")
+    if isinstance(exc, _UNAVAILABLE):
+        return StoreUnavailableError(f"PostgreSQL: {name}")
+    if isinstance(exc, _BUSY):
+        return TransientError("store_busy", name)
+    return StoreError(f"PostgreSQL: {name}")
 
 
 class PostgresStore:
@@ -141,6 +131,8 @@ class PostgresStore:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size)
         except (*_UNAVAILABLE, asyncpg.InvalidCatalogNameError) as exc:
             raise StoreUnavailableError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise _error(exc) from None
         store = cls(pool)
         if migrate:
             await store.migrate()
@@ -151,25 +143,25 @@ class PostgresStore:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 yield conn
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise _error(exc) from None
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         try:
             return list(await self.pool.fetch(sql, *args))
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise _error(exc) from None
 
     async def _row(self, sql: str, *args: Any) -> Any:
-        rows = await self._fetch(sql, *args)
-        return rows[0] if rows else None
+        found = await self._fetch(sql, *args)
+        return found[0] if found else None
 
     async def _execute(self, sql: str, *args: Any) -> int:
         """Run one statement; return how many rows it changed."""
         try:
             status: str = await self.pool.execute(sql, *args)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise _error(exc) from None
         return int(status.rsplit(" ", 1)[-1])
 
     async def migrate(self) -> tuple[int, int]:
@@ -182,8 +174,8 @@ class PostgresStore:
             before: int = await conn.fetchval(
                 "SELECT coalesce(max(version), 0) FROM schema_version")
             if before > len(MIGRATIONS):
-                raise RuntimeError(f"the database schema is at version {before}, newer than"
-                                   f" this relayd knows ({len(MIGRATIONS)}): upgrade relayd")
+                raise StoreError(f"the database schema is at version {before}, newer than"
+                                 f" this relayd knows ({len(MIGRATIONS)}): upgrade relayd")
             for number, script in enumerate(MIGRATIONS[before:], start=before + 1):
                 await conn.execute(script)
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
@@ -199,23 +191,22 @@ class PostgresStore:
                 " ON CONFLICT DO NOTHING", business.id, business.amqp_user, business.first_party)
             if status != "INSERT 0 1":
                 return False
-            await conn.execute(_AUDIT, _now_ms(), "business_add", business.id,
-                               _detail({"first_party": business.first_party}))
+            await conn.execute(_AUDIT, rows.now_ms(), "business_add", business.id,
+                               rows.detail({"first_party": business.first_party}))
         return True
 
     async def business(self, business_id: str) -> Business | None:
-        row = await self._row("SELECT id, amqp_user, first_party FROM businesses WHERE id = $1",
-                              business_id)
-        return None if row is None else _business(row)
+        row = await self._row(f"SELECT {_BUSINESS} FROM businesses WHERE id = $1", business_id)
+        return None if row is None else rows.business(row)
 
     async def business_by_amqp_user(self, amqp_user: str) -> Business | None:
-        row = await self._row(
-            "SELECT id, amqp_user, first_party FROM businesses WHERE amqp_user = $1", amqp_user)
-        return None if row is None else _business(row)
+        row = await self._row(f"SELECT {_BUSINESS} FROM businesses WHERE amqp_user = $1",
+                              amqp_user)
+        return None if row is None else rows.business(row)
 
     async def businesses(self) -> list[Business]:
-        rows = await self._fetch("SELECT id, amqp_user, first_party FROM businesses ORDER BY id")
-        return [_business(r) for r in rows]
+        return [rows.business(r) for r in await self._fetch(
+            f"SELECT {_BUSINESS} FROM businesses ORDER BY id")]
 
     async def remove_business(self, business_id: str) -> bool:
         async with self._transaction() as conn:
@@ -223,8 +214,8 @@ class PostgresStore:
                 "DELETE FROM businesses WHERE id = $1 RETURNING first_party", business_id)
             if first_party is None:
                 return False
-            await conn.execute(_AUDIT, _now_ms(), "business_remove", business_id,
-                               _detail({"first_party": first_party}))
+            await conn.execute(_AUDIT, rows.now_ms(), "business_remove", business_id,
+                               rows.detail({"first_party": first_party}))
         return True
 
     async def add_device(self, device: Device) -> bool:
@@ -232,26 +223,24 @@ class PostgresStore:
             f"INSERT INTO devices ({_DEVICE}) VALUES ($1, $2, $3, $4, $5, $6)"
             " ON CONFLICT DO NOTHING",
             device.id, device.user, device.kem.value, device.enc_key, device.sign_key,
-            _now_ms() if device.created_ms is None else device.created_ms) == 1
+            rows.now_ms() if device.created_ms is None else device.created_ms) == 1
 
     async def device(self, device_id: str) -> Device | None:
         row = await self._row(f"SELECT {_DEVICE} FROM devices WHERE id = $1", device_id)
-        return None if row is None else _device(row)
+        return None if row is None else rows.device(row)
 
     async def devices_of(self, user: str) -> list[Device]:
-        rows = await self._fetch(f"SELECT {_DEVICE} FROM devices WHERE user_id = $1 ORDER BY id",
-                                 user)
-        return [_device(r) for r in rows]
+        return [rows.device(r) for r in await self._fetch(
+            f"SELECT {_DEVICE} FROM devices WHERE user_id = $1 ORDER BY id", user)]
 
     async def household(self, device_id: str) -> list[Device]:
-        rows = await self._fetch(
+        return [rows.device(r) for r in await self._fetch(
             f"SELECT {_DEVICE} FROM devices WHERE user_id ="
-            " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id", device_id)
-        return [_device(r) for r in rows]
+            " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id", device_id)]
 
     async def devices(self) -> list[Device]:
-        rows = await self._fetch(f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")
-        return [_device(r) for r in rows]
+        return [rows.device(r) for r in await self._fetch(
+            f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")]
 
     async def remove_device(self, device_id: str) -> bool:
         async with self._transaction() as conn:
@@ -260,23 +249,20 @@ class PostgresStore:
         return bool(status == "DELETE 1")
 
     async def conversation(self, conversation_id: str) -> Conversation | None:
-        return _conversation(await self._row(
+        return rows.conversation(await self._row(
             f"SELECT {_CONVERSATION} FROM conversations WHERE id = $1", conversation_id))
 
     async def conversation_of(self, user: str, business: str) -> Conversation | None:
-        return _conversation(await self._row(
+        return rows.conversation(await self._row(
             f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = $1 AND business_id = $2",
             user, business))
 
     async def business_and_conversation(
             self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
-        row = await self._row(
-            f"SELECT b.id, b.amqp_user, b.first_party, {_JOINED} FROM businesses b"
+        return rows.business_and_conversation(await self._row(
+            f"SELECT {rows.BUSINESS_JOINED}, {rows.CONVERSATION_JOINED} FROM businesses b"
             " LEFT JOIN conversations c ON c.business_id = b.id AND c.user_id = $2"
-            " WHERE b.id = $1", business_id, user)
-        if row is None:
-            return None, None
-        return _business(row), None if row[3] is None else Conversation(*row[3:])
+            " WHERE b.id = $1", business_id, user))
 
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,
@@ -328,13 +314,13 @@ class PostgresStore:
                     "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
                     " ($1, $2, $3, $4, (SELECT user_id FROM devices WHERE id = $1))"
                     " ON CONFLICT DO NOTHING", device_id, replay.high, replay.to_bytes(),
-                    _now_ms())
+                    rows.now_ms())
             else:
                 changed = await self._execute(
                     "UPDATE replay SET high = $2, bits = $3, updated_ms = $4,"
                     " user_id = (SELECT user_id FROM devices WHERE id = $1)"
                     " WHERE device_id = $1 AND high = $5 AND bits = $6",
-                    device_id, replay.high, replay.to_bytes(), _now_ms(), row[0], row[1])
+                    device_id, replay.high, replay.to_bytes(), rows.now_ms(), row[0], row[1])
             if changed == 1:
                 return True
         raise StoreUnavailableError("claim_seq: too much contention on one device")
@@ -362,7 +348,7 @@ class PostgresStore:
 
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         # The server's clock, not each host's: hosts' clocks may disagree by more than ttl.
-        rows = await self._fetch(
+        alive = await self._fetch(
             "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms),"
             " seen AS (INSERT INTO members (role, member, seen_ms) SELECT $1, $2, ms FROM now"
             "  ON CONFLICT (role, member) DO UPDATE SET seen_ms = excluded.seen_ms),"
@@ -370,7 +356,7 @@ class PostgresStore:
             "  AND seen_ms < (SELECT ms FROM now) - $3)"
             " SELECT member FROM members WHERE role = $1 AND member <> $2"
             "  AND seen_ms >= (SELECT ms FROM now) - $3", role, member, ttl_ms)
-        return sorted([member, *(row[0] for row in rows)])
+        return sorted([member, *(row[0] for row in alive)])
 
     async def leave(self, role: str, member: str) -> None:
         await self._execute("DELETE FROM members WHERE role = $1 AND member = $2", role, member)
@@ -380,7 +366,7 @@ class PostgresStore:
         try:
             async with self.pool.acquire() as conn, conn.transaction(
                     isolation="repeatable_read", readonly=True):  # one consistent snapshot
-                devices = [_device(r) for r in await conn.fetch(
+                devices = [rows.device(r) for r in await conn.fetch(
                     f"SELECT {_DEVICE} FROM devices WHERE user_id = $1 ORDER BY id", user)]
                 conversations = [Conversation(*r) for r in await conn.fetch(
                     f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = $1 ORDER BY id",
@@ -389,8 +375,8 @@ class PostgresStore:
                     f"SELECT device_id, high FROM replay WHERE device_id IN {mine}", user)}
                 next_seq = {r[0]: r[1] for r in await conn.fetch(
                     "SELECT id, next_seq FROM devices WHERE user_id = $1", user)}
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(f"PostgreSQL: {type(exc).__name__}") from None
+        except Exception as exc:
+            raise _error(exc) from None
         return UserData(devices, conversations, highest, next_seq)
 
     async def erase_user(self, user: str) -> dict[str, int]:
@@ -413,10 +399,9 @@ class PostgresStore:
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
-        rows = await self._fetch(
+        return [Conversation(*r) for r in await self._fetch(
             f"SELECT {_CONVERSATION} FROM conversations WHERE state = 'open'"
-            " AND updated_ms < $1 ORDER BY updated_ms, id", before_ms)
-        return [Conversation(*r) for r in rows]
+            " AND updated_ms < $1 ORDER BY updated_ms, id", before_ms)]
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
@@ -439,9 +424,8 @@ class PostgresStore:
 
     async def add_audit(self, action: str, subject: str,
                         detail: Mapping[str, int | str | bool], at_ms: int) -> None:
-        await self._execute(_AUDIT, at_ms, action, subject, _detail(detail))
+        await self._execute(_AUDIT, at_ms, action, subject, rows.detail(detail))
 
     async def audit_log(self) -> list[AuditRecord]:
-        rows = await self._fetch("SELECT at_ms, action, subject, detail FROM audit"
-                                 " ORDER BY at_ms, id")
-        return [AuditRecord(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
+        return [rows.audit(r) for r in await self._fetch(
+            f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]

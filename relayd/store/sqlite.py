@@ -17,20 +17,16 @@ import fcntl
 import os
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from relayd import rules
-from relayd.crypto import Kem
-from relayd.errors import TransientError
+from relayd.errors import RelaydError, StoreError, StoreUnavailableError, TransientError
 from relayd.replay import ReplayWindow
-from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData
+from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData, rows
 
 MIGRATIONS: list[str] = [
     """
@@ -102,27 +98,23 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_CONVERSATION = "id, user_id, business_id, state, epoch, closed_by, created_ms, updated_ms"
-_JOINED = ", ".join(f"c.{column}" for column in _CONVERSATION.split(", "))
-_DEVICE = "id, user_id, kem, enc_key, sign_key, created_ms"
-
-
-def _conversation(row: Any) -> Conversation | None:
-    return None if row is None else Conversation(*row)
-
-
-def _device(row: Any) -> Device | None:
-    return None if row is None else Device(row[0], row[1], Kem(row[2]), row[3], row[4], row[5])
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+_CONVERSATION, _DEVICE, _BUSINESS = rows.CONVERSATION, rows.DEVICE, rows.BUSINESS
 
 
 def _audit(db: sqlite3.Connection, action: str, subject: str,
            detail: Mapping[str, int | str | bool], at_ms: int) -> None:
-    db.execute("INSERT INTO audit (at_ms, action, subject, detail) VALUES (?, ?, ?, ?)",
-               (at_ms, action, subject, orjson.dumps(dict(detail)).decode()))
+    db.execute(f"INSERT INTO audit ({rows.AUDIT}) VALUES (?, ?, ?, ?)",
+               (at_ms, action, subject, rows.detail(detail)))
+
+
+def _error(exc: Exception) -> RelaydError:
+    """A failure inside the store as one of the store's errors: a busy or locked file (or
+    a full disk) may pass; anything else is the store's own failure."""
+    if isinstance(exc, RelaydError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError):
+        return TransientError("store_busy", type(exc).__name__)
+    return StoreError(f"SQLite: {type(exc).__name__}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -160,12 +152,21 @@ Outcome = tuple[bool, Any]
 
 class SqliteStore:
     def __init__(self, path: str | Path, migrate: bool = True) -> None:
+        """Open the file (StoreUnavailableError if it cannot be opened), and migrate it
+        (StoreError if its schema is newer than this relayd knows)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db, self._db_lock = _connect(self.path), _lock_file(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db, self._db_lock = _connect(self.path), _lock_file(self.path)
+            self._writer, self._writer_lock = _connect(self.path), _lock_file(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailableError(f"cannot open {self.path}: {type(exc).__name__}") from None
         if migrate:
-            self._migrate()
-        self._writer, self._writer_lock = _connect(self.path), _lock_file(self.path)
+            try:
+                self._migrate()
+            except RelaydError:
+                self._close()
+                raise
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -204,8 +205,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            error = TransientError("store_busy", type(exc).__name__)
-            return [(False, error)] * len(ops)
+            return [(False, _error(exc))] * len(ops)
 
     @staticmethod
     def _run(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
@@ -218,7 +218,7 @@ class SqliteStore:
                 outcomes.append((True, op(db)))
             except Exception as exc:
                 db.execute("ROLLBACK TO op")
-                outcomes.append((False, exc))
+                outcomes.append((False, _error(exc)))
             db.execute("RELEASE op")
         db.execute("COMMIT")
         return outcomes
@@ -226,6 +226,9 @@ class SqliteStore:
     def _migrate(self) -> tuple[int, int]:
         with self._write() as db:
             version: int = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(f"the database schema is at version {version}, newer than"
+                                 f" this relayd knows ({len(MIGRATIONS)}): upgrade relayd")
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
@@ -238,26 +241,43 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with _locked(self._db_lock):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """One transaction on the loop's thread, holding the write lock."""
+        try:
+            with _locked(self._db_lock):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+        except (sqlite3.Error, ValueError) as exc:
+            raise _error(exc) from None
 
     def _scrub(self) -> None:
         """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise _error(exc) from None
+
+    def _all(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a str it cannot encode
+            raise _error(exc) from None
 
     def _one(self, sql: str, *args: Any) -> Any:
-        return self._db.execute(sql, args).fetchone()
+        found = self._all(sql, *args)
+        return found[0] if found else None
 
     async def close(self) -> None:
         if self._flusher is not None:
             await self._flusher
         self._committer.shutdown()
+        self._close()
+
+    def _close(self) -> None:
         self._writer.close()
         self._db.close()
         os.close(self._writer_lock)
@@ -272,22 +292,20 @@ class SqliteStore:
             )
             if cursor.rowcount == 1:
                 _audit(db, "business_add", business.id,
-                       {"first_party": business.first_party}, _now_ms())
+                       {"first_party": business.first_party}, rows.now_ms())
             return cursor.rowcount == 1
 
     async def business(self, business_id: str) -> Business | None:
-        row = self._one("SELECT id, amqp_user, first_party FROM businesses WHERE id = ?",
-                        business_id)
-        return None if row is None else Business(row[0], row[1], bool(row[2]))
+        row = self._one(f"SELECT {_BUSINESS} FROM businesses WHERE id = ?", business_id)
+        return None if row is None else rows.business(row)
 
     async def business_by_amqp_user(self, amqp_user: str) -> Business | None:
-        row = self._one("SELECT id, amqp_user, first_party FROM businesses WHERE amqp_user = ?",
-                        amqp_user)
-        return None if row is None else Business(row[0], row[1], bool(row[2]))
+        row = self._one(f"SELECT {_BUSINESS} FROM businesses WHERE amqp_user = ?", amqp_user)
+        return None if row is None else rows.business(row)
 
     async def businesses(self) -> list[Business]:
-        rows = self._db.execute("SELECT id, amqp_user, first_party FROM businesses ORDER BY id")
-        return [Business(r[0], r[1], bool(r[2])) for r in rows]
+        return [rows.business(r) for r in self._all(
+            f"SELECT {_BUSINESS} FROM businesses ORDER BY id")]
 
     async def remove_business(self, business_id: str) -> bool:
         with self._write() as db:
@@ -295,7 +313,7 @@ class SqliteStore:
                              (business_id,)).fetchone()
             if row is not None:
                 _audit(db, "business_remove", business_id, {"first_party": bool(row[0])},
-                       _now_ms())
+                       rows.now_ms())
             return row is not None
 
     async def add_device(self, device: Device) -> bool:
@@ -304,27 +322,26 @@ class SqliteStore:
                 f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
                 (device.id, device.user, device.kem.value, device.enc_key, device.sign_key,
-                 _now_ms() if device.created_ms is None else device.created_ms),
+                 rows.now_ms() if device.created_ms is None else device.created_ms),
             )
             return cursor.rowcount == 1
 
     async def device(self, device_id: str) -> Device | None:
-        return _device(self._one(f"SELECT {_DEVICE} FROM devices WHERE id = ?", device_id))
+        row = self._one(f"SELECT {_DEVICE} FROM devices WHERE id = ?", device_id)
+        return None if row is None else rows.device(row)
 
     async def devices_of(self, user: str) -> list[Device]:
-        rows = self._db.execute(f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id",
-                                (user,))
-        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
+        return [rows.device(r) for r in self._all(
+            f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", user)]
 
     async def household(self, device_id: str) -> list[Device]:
-        rows = self._db.execute(
+        return [rows.device(r) for r in self._all(
             f"SELECT {_DEVICE} FROM devices WHERE user_id ="
-            " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id", (device_id,))
-        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
+            " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id", device_id)]
 
     async def devices(self) -> list[Device]:
-        rows = self._db.execute(f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")
-        return [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in rows]
+        return [rows.device(r) for r in self._all(
+            f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")]
 
     async def remove_device(self, device_id: str) -> bool:
         with self._write() as db:
@@ -332,29 +349,26 @@ class SqliteStore:
             return db.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 1
 
     async def conversation(self, conversation_id: str) -> Conversation | None:
-        return _conversation(self._one(
+        return rows.conversation(self._one(
             f"SELECT {_CONVERSATION} FROM conversations WHERE id = ?", conversation_id))
 
     async def conversation_of(self, user: str, business: str) -> Conversation | None:
-        return _conversation(self._one(
+        return rows.conversation(self._one(
             f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
             user, business))
 
     async def business_and_conversation(
             self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
-        row = self._one(f"SELECT b.id, b.amqp_user, b.first_party, {_JOINED} FROM businesses b"
-                        " LEFT JOIN conversations c ON c.business_id = b.id AND c.user_id = ?"
-                        " WHERE b.id = ?", user, business_id)
-        if row is None:
-            return None, None
-        return Business(row[0], row[1], bool(row[2])), (
-            None if row[3] is None else Conversation(*row[3:]))
+        return rows.business_and_conversation(self._one(
+            f"SELECT {rows.BUSINESS_JOINED}, {rows.CONVERSATION_JOINED} FROM businesses b"
+            " LEFT JOIN conversations c ON c.business_id = b.id AND c.user_id = ?"
+            " WHERE b.id = ?", user, business_id))
 
     async def open_conversation(self, user: str, business: str, now_ms: int,
                                 rotate_on_reopen: bool,
                                 make_id: Callable[[int], str]) -> Conversation:
         def op(db: sqlite3.Connection) -> Conversation:
-            current = _conversation(db.execute(
+            current = rows.conversation(db.execute(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
                 (user, business)).fetchone())
             row = rules.opening(current, rotate_on_reopen, now_ms, secrets.randbits(62))
@@ -392,7 +406,7 @@ class SqliteStore:
                 " (?, ?, ?, ?, (SELECT user_id FROM devices WHERE id = ?))"
                 " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high, bits = excluded.bits,"
                 " updated_ms = excluded.updated_ms, user_id = excluded.user_id",
-                (device_id, replay.high, replay.to_bytes(), _now_ms(), device_id))
+                (device_id, replay.high, replay.to_bytes(), rows.now_ms(), device_id))
             return True
 
         return bool(await self._commit(op))
@@ -421,7 +435,7 @@ class SqliteStore:
 
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         def op(db: sqlite3.Connection) -> list[str]:
-            now = _now_ms()
+            now = rows.now_ms()
             db.execute("INSERT INTO members (role, member, seen_ms) VALUES (?, ?, ?)"
                        " ON CONFLICT (role, member) DO UPDATE SET seen_ms = excluded.seen_ms",
                        (role, member, now))
@@ -439,7 +453,7 @@ class SqliteStore:
 
     async def export_user(self, user: str) -> UserData:
         with self._write() as db:  # one consistent snapshot
-            devices = [Device(r[0], r[1], Kem(r[2]), r[3], r[4], r[5]) for r in db.execute(
+            devices = [rows.device(r) for r in db.execute(
                 f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", (user,))]
             conversations = [Conversation(*r) for r in db.execute(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? ORDER BY id",
@@ -471,10 +485,9 @@ class SqliteStore:
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
-        rows = self._db.execute(
+        return [Conversation(*r) for r in self._all(
             f"SELECT {_CONVERSATION} FROM conversations WHERE state = 'open' AND updated_ms < ?"
-            " ORDER BY updated_ms, id", (before_ms,))
-        return [Conversation(*r) for r in rows]
+            " ORDER BY updated_ms, id", before_ms)]
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
@@ -501,6 +514,5 @@ class SqliteStore:
             _audit(db, action, subject, detail, at_ms)
 
     async def audit_log(self) -> list[AuditRecord]:
-        rows = self._db.execute("SELECT at_ms, action, subject, detail FROM audit"
-                                " ORDER BY at_ms, id")
-        return [AuditRecord(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
+        return [rows.audit(r) for r in self._all(
+            f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from relayd.crypto import Kem
+from relayd.errors import StoreError
 from relayd.store import AuditRecord, Business, Device, Store, open_store
 from relayd.store.sqlite import MIGRATIONS, SqliteStore
 from tests.support import postgres
@@ -40,6 +42,30 @@ async def store(store_url: str) -> AsyncIterator[Store]:
 
 def device(device_id: str, user: str = "u1", created_ms: int | None = None) -> Device:
     return Device(device_id, user, Kem.X25519, b"e" * 32, b"s" * 32, created_ms)
+
+
+async def set_version(store_url: str, version: int) -> None:
+    """Mark the schema as at `version`, as a relayd of that schema would have."""
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            db.execute(f"PRAGMA user_version = {version}")
+        return
+    conn = await asyncpg.connect(store_url)
+    try:
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+    finally:
+        await conn.close()
+
+
+async def get_version(store_url: str) -> int:
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+    conn = await asyncpg.connect(store_url)
+    try:
+        return int(await conn.fetchval("SELECT max(version) FROM schema_version"))
+    finally:
+        await conn.close()
 
 
 def make_id(user: str, business: str) -> Callable[[int], str]:
@@ -293,6 +319,34 @@ class TestMigrations:
         second = await open_store(store_url)
         assert await second.migrate() == (now, now)
         await second.close()
+
+    async def test_a_newer_schema_is_refused(self, store_url: str) -> None:
+        """A database migrated by a newer relayd is refused, with StoreError, and left
+        as it was."""
+        first = await open_store(store_url)
+        _, now = await first.migrate()
+        await first.close()
+        await set_version(store_url, now + 1)
+        with pytest.raises(StoreError, match="newer than this relayd knows"):
+            await open_store(store_url)
+        with pytest.raises(StoreError, match="newer than this relayd knows"):
+            await (await open_store(store_url, migrate=False)).migrate()
+        assert await get_version(store_url) == now + 1
+
+
+class TestFailures:
+    """A failure inside a store surfaces as the store's own error, never the driver's."""
+
+    async def test_an_argument_the_driver_cannot_send(self, store: Store) -> None:
+        """A lone surrogate (no encoding of it exists) in a read, a registration and a
+        claim raises StoreError, and the store goes on working."""
+        for call in (lambda: store.device("\udcff"),
+                     lambda: store.add_business(Business("\udcff", "x")),
+                     lambda: store.claim_seq("\udcff", 1, 64)):
+            with pytest.raises(StoreError):
+                await call()
+        assert await store.add_device(device("d1"))
+        assert await store.device("d1") == device("d1")
 
 
 class TestExport:
