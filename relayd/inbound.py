@@ -21,7 +21,7 @@ from relayd.config import Limits, Settings
 from relayd.consume import Work
 from relayd.crypto import WeakKeyError, ed25519_public
 from relayd.deliver import Sink, fan_out, now_ms
-from relayd.errors import EnvelopeError, PermanentError
+from relayd.errors import EnvelopeError, PermanentError, StoreError
 from relayd.keys import KeyRing, KeySource
 from relayd.store import Conversation, Device, Store
 
@@ -38,7 +38,7 @@ class Opened:
 def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
     """The device's verifying key; None for one that must never verify (a weak key that
     reached the store before relayd checked keys at `device add`). A key of the wrong
-    length is corrupt registry data: its ValueError is the handler's bug to report."""
+    length is corrupt registry data: ValueError, which handle() reports as StoreError."""
     try:
         return ed25519_public(raw)
     except WeakKeyError:
@@ -85,7 +85,10 @@ class Inbound:
         device = next((d for d in household if d.id == opened.device), None)
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
-        signer = _sign_key(device.sign_key)
+        try:
+            signer = _sign_key(device.sign_key)
+        except ValueError:  # corrupt registry data, as a bug would leave: internal_error
+            raise StoreError("a device's signing key in the store is no Ed25519 key") from None
         if signer is None:
             raise EnvelopeError("bad_signature", "the device's key is one no signature may "
                                 "verify under")

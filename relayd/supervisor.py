@@ -88,6 +88,12 @@ def backoff(failures: int) -> float:
     return float(min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (failures - 1)))
 
 
+def failures_after(failures: int, ran_s: float) -> int:
+    """The exits in a row of a worker that exited again after running `ran_s` seconds:
+    one that ran STABLE_S or longer starts counting again from one."""
+    return 1 if ran_s >= STABLE_S else failures + 1
+
+
 class Supervisor:
     """The worker processes of the given roles, their state, the endpoints and the jobs."""
 
@@ -161,7 +167,7 @@ class Supervisor:
             slot.exit_code = await self._run_worker(slot)
             if self.stopping.is_set():
                 return
-            failures = 1 if time.monotonic() - began >= STABLE_S else failures + 1
+            failures = failures_after(failures, time.monotonic() - began)
             delay = backoff(failures)
             _log.warning("worker_exited", worker=slot.name, code=slot.exit_code,
                          retry_in_s=delay)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import statistics
@@ -243,6 +244,50 @@ async def collect(channel: aio_pika.abc.AbstractChannel, queues: list[str], expe
     return [at - sent_at[key(message)] for at, message in arrivals]
 
 
+@dataclass
+class Run:
+    """A scenario's relay (or baseline) under test, as measure() times it."""
+
+    channel: aio_pika.abc.AbstractChannel
+    workers: Workers
+    source: str  # the queue whose preloaded backlog is timed
+    drained: Callable[[], Awaitable[bool]]  # True once the backlog came out the far side
+    sinks: list[str]  # where the messages come out: purged, then consumed for latency
+    message: Callable[[int, str], aio_pika.Message]  # the i-th latency message, with its id
+    publish: Callable[[aio_pika.Message], Awaitable[object]]
+    key: Callable[[aio_pika.abc.AbstractIncomingMessage], str]  # the id of an arrival
+    copies: int = 1  # arrivals per message (fan-out)
+
+
+async def measure(name: str, result: Result, run: Run, latency_s: float) -> int:
+    """Saturated throughput over the preloaded backlog, then end-to-end latency at half
+    that rate (or --rate), into `result`; return how many latency messages were sent."""
+    result.rate, result.cpu_s_per_1k = await saturate(
+        run.channel, run.source, run.drained, run.workers, result.messages, 300)
+    progress(f"{name}: {result.rate:.0f} msg/s; latency at half rate")
+    for sink in run.sinks:
+        await (await run.channel.get_queue(sink, ensure=False)).purge()
+    result.latency_rate = FIXED_RATE or result.rate / 2
+    count = max(50, int(result.latency_rate * latency_s))
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    messages = [run.message(i, ids[i]) for i in range(count)]
+    sent_at: dict[str, float] = {}
+
+    async def send(i: int) -> None:
+        sent_at[ids[i]] = time.monotonic()
+        await run.publish(messages[i])
+
+    consumer = asyncio.create_task(collect(
+        run.channel, run.sinks, count * run.copies, run.key, sent_at, 120))
+    await paced(send, result.latency_rate, count)
+    percentiles(await consumer, result)
+    return count
+
+
+def by_message_id(message: aio_pika.abc.AbstractIncomingMessage) -> str:
+    return str(message.message_id)
+
+
 # --- the scenarios ----------------------------------------------------------------------
 
 @dataclass
@@ -331,24 +376,11 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
                 async def drained() -> bool:
                     return await depth(channel, inbox) >= total
 
-                result.rate, result.cpu_s_per_1k = await saturate(
-                    channel, t.inbound_queue, drained, workers, total, 300)
-                progress(f"{name}: {result.rate:.0f} msg/s; latency at half rate")
-                await (await channel.get_queue(inbox, ensure=False)).purge()
-                result.latency_rate = FIXED_RATE or result.rate / 2
-                count = max(50, int(result.latency_rate * latency_s))
-                ids = [str(uuid.uuid4()) for _ in range(count)]
-                messages = [sealed(total + i, ids[i]) for i in range(count)]
-                sent_at: dict[str, float] = {}
-
-                async def send(i: int) -> None:
-                    sent_at[ids[i]] = time.monotonic()
-                    await ingress.publish(messages[i], t.inbound_routing_key)
-
-                consumer = asyncio.create_task(collect(
-                    channel, [inbox], count, lambda m: str(m.message_id), sent_at, 120))
-                await paced(send, result.latency_rate, count)
-                percentiles(await consumer, result)
+                count = await measure(name, result, Run(
+                    channel, workers, t.inbound_queue, drained, [inbox],
+                    lambda i, message_id: sealed(total + i, message_id),
+                    lambda m: ingress.publish(m, t.inbound_routing_key), by_message_id),
+                    latency_s)
                 if soak_s:
                     result.soak_rss_mb = await soak(channel, inbox, workers, soak_s, ingress,
                                                     t.inbound_routing_key, result.latency_rate,
@@ -407,8 +439,8 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
                 specs += topology.device(t, device.device, secret.opaque_secret)
             conversation = await store.open_conversation(
                 f"user-{u}", "acme", int(time.time() * 1000), False,
-                lambda e, u=u: opaque.conversation_id(secret.opaque_secret, f"user-{u}",
-                                                      "acme", e))
+                functools.partial(opaque.conversation_id, secret.opaque_secret, f"user-{u}",
+                                  "acme"))
             conversations.append(conversation.id)
         await declare(setup, specs)
         text = text_for(BODY_BYTES - len(reply(conversations[0], "message", {"text": ""})))
@@ -433,28 +465,13 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
                     counts = await asyncio.gather(*(depth(channel, q) for q in device_queues))
                     return sum(counts) >= total * per_user
 
-                result.rate, result.cpu_s_per_1k = await saturate(
-                    channel, t.outbound_queue, drained, workers, total, 300)
-                progress(f"{name}: {result.rate:.0f} replies/s; latency at half rate")
-                for queue in device_queues:
-                    await (await channel.get_queue(queue, ensure=False)).purge()
-                result.latency_rate = FIXED_RATE or result.rate / 2
-                count = max(50, int(result.latency_rate * latency_s))
-                ids = [str(uuid.uuid4()) for _ in range(count)]
-                messages = [message(i, ids[i]) for i in range(count)]
-                sent_at: dict[str, float] = {}
-
                 def reply_id(m: aio_pika.abc.AbstractIncomingMessage) -> str:
-                    return str(devices[m.headers["relayd-kid"]].open(setup.relay, m.body)["id"])
+                    kid = str(m.headers["relayd-kid"])
+                    return str(devices[kid].open(setup.relay, m.body)["id"])
 
-                async def send(i: int) -> None:
-                    sent_at[ids[i]] = time.monotonic()
-                    await replies.publish(messages[i], "acme")
-
-                consumer = asyncio.create_task(collect(
-                    channel, device_queues, count * per_user, reply_id, sent_at, 120))
-                await paced(send, result.latency_rate, count)
-                percentiles(await consumer, result)
+                await measure(name, result, Run(
+                    channel, workers, t.outbound_queue, drained, device_queues, message,
+                    lambda m: replies.publish(m, "acme"), reply_id, per_user), latency_s)
                 result.rss_mb = workers.peak_rss_mb()
             finally:
                 workers.stop()
@@ -487,7 +504,7 @@ async def naive(total: int, latency_s: float) -> Result:
         connection = await aio_pika.connect(url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            quorum = {"x-queue-type": "quorum"}
+            quorum: dict[str, Any] = {"x-queue-type": "quorum"}
             inbound_queue = await channel.declare_queue("bench.in", durable=True, arguments=quorum)
             await channel.declare_queue("bench.sink", durable=True, arguments=quorum)
             out = await channel.declare_exchange("bench.out", aio_pika.ExchangeType.FANOUT,
@@ -503,23 +520,12 @@ async def naive(total: int, latency_s: float) -> Result:
                 async def drained() -> bool:
                     return await depth(channel, "bench.sink") >= total
 
-                result.rate, result.cpu_s_per_1k = await saturate(
-                    channel, "bench.in", drained, workers, total, 300)
-                progress(f"a: {result.rate:.0f} msg/s; latency at half rate")
-                await (await channel.get_queue("bench.sink", ensure=False)).purge()
-                result.latency_rate = FIXED_RATE or result.rate / 2
-                count = max(50, int(result.latency_rate * latency_s))
-                sent_at: dict[str, float] = {}
-
-                async def send(i: int) -> None:
-                    sent_at[str(i)] = time.monotonic()
-                    await channel.default_exchange.publish(
-                        aio_pika.Message(body, message_id=str(i), delivery_mode=2), "bench.in")
-
-                consumer = asyncio.create_task(collect(
-                    channel, ["bench.sink"], count, lambda m: str(m.message_id), sent_at, 120))
-                await paced(send, result.latency_rate, count)
-                percentiles(await consumer, result)
+                await measure("a", result, Run(
+                    channel, workers, "bench.in", drained, ["bench.sink"],
+                    lambda i, message_id: aio_pika.Message(body, message_id=message_id,
+                                                           delivery_mode=2),
+                    lambda m: channel.default_exchange.publish(m, "bench.in"), by_message_id),
+                    latency_s)
                 result.rss_mb = workers.peak_rss_mb()
             finally:
                 workers.stop()

@@ -36,7 +36,6 @@ import aio_pika
 import aiormq
 import orjson
 import psutil
-import yaml
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from relayd import admin, config, envelope, keys, topology
@@ -44,6 +43,7 @@ from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.store import Business, Device, Store, open_store
 from tests.faults.ledger import Ledger, Row, Up
 from tests.support.broker import TestBroker
+from tests.support.config import write_config
 
 NAMESPACE = uuid.UUID("0c7c1a52-4f8e-4c38-9a55-2f6b1d9e8e01")
 BUSINESS = "acme"
@@ -135,7 +135,7 @@ class Client:
             url, reconnect_interval=0.5, client_properties={"connection_name": name})
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)
-        return cls(connection, channel)  # type: ignore[arg-type]
+        return cls(connection, channel)
 
     async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> int:
         """Publish until the broker confirms; return the attempts it took (1: no resend)."""
@@ -184,23 +184,14 @@ class Phone:
 # --- the rig -----------------------------------------------------------------------------
 
 
-def write_config(root: Path, url: str, **sections: dict[str, Any]) -> Path:
-    data: dict[str, Any] = {
-        "amqp": {"url": url, "heartbeat": 5, "reconnect_max_backoff": 2},
-        "store": {"url": f"sqlite:///{root}/relayd.db"},
-        "keys": {"dir": str(root / "keys")},
-        "workers": {"inbound": 2, "outbound": 1, "retry_initial_backoff": 0.2,
-                    "retry_max_backoff": 2, "shutdown_timeout": 10},
-        "logging": {"level": "info", "format": "json"},
-        "metrics": {"enabled": False},
-        "limits": {"device_rate": 1e6, "device_burst": 1_000_000,
-                   "business_rate": 1e6, "business_burst": 1_000_000},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    path = root / "relayd.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+# What the relay under faults runs with, before a test's own sections.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "amqp": {"heartbeat": 5, "reconnect_max_backoff": 2},
+    "workers": {"inbound": 2, "outbound": 1, "retry_initial_backoff": 0.2,
+                "retry_max_backoff": 2, "shutdown_timeout": 10},
+    "logging": {"level": "info"},
+    "metrics": {"enabled": False},
+}
 
 
 @dataclass
@@ -249,7 +240,7 @@ class Rig:
         node.ctl("add_vhost", vhost)
         node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         url = f"amqp://guest:guest@127.0.0.1:{node.amqp_port}/{vhost}"
-        path = write_config(root, url, **sections)
+        path = write_config(root, url, DEFAULTS, sections)
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "fault-1")
         keyring = keys.load(settings.keys.dir, timedelta(days=1))

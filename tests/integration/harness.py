@@ -29,6 +29,7 @@ from relayd import admin, config, keys, topology, worker
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.crypto import Kem
 from relayd.store import Business, Device, Store, open_store
+from tests.support import config as support_config
 from tests.support import postgres
 
 BROKER = os.environ.get("RELAYD_TEST_BROKER", "127.0.0.1:5672")
@@ -229,24 +230,18 @@ class Relay:
         return self.settings.topology.business_inbox.format(business=business)
 
 
+# What a relay under test runs with, before a test's own sections.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
+                "shutdown_timeout": 5},
+    "logging": {"level": "warning"},
+    "metrics": {"port": 0},  # any free port: tests run side by side
+}
+
+
 def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
-    data: dict[str, Any] = {
-        "amqp": {"url": amqp_url("guest", "guest", vhost)},
-        "store": {"url": f"sqlite:///{root}/relayd.db"},
-        "keys": {"dir": str(root / "keys")},
-        "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
-                    "shutdown_timeout": 5},
-        "logging": {"level": "warning", "format": "json"},
-        # Tests send far faster than people do; test_fair_share sets tight limits itself.
-        "limits": {"device_rate": 1e6, "device_burst": 1_000_000,
-                   "business_rate": 1e6, "business_burst": 1_000_000},
-        "metrics": {"port": 0},  # any free port: tests run side by side
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    path = root / "relayd.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return support_config.write_config(root, amqp_url("guest", "guest", vhost), DEFAULTS,
+                                       sections)
 
 
 @contextlib.asynccontextmanager

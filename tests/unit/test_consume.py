@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -21,44 +19,9 @@ from relayd.errors import (
     StoreUnavailableError,
     TransientError,
 )
+from tests.unit.fakes import FakeDelivery
 
 WORKERS = Workers(retry_initial_backoff=0.001, retry_max_backoff=0.002, max_attempts=3)
-_bodies = itertools.count()
-
-
-@dataclass
-class FakeDelivery:
-    """A delivery that records how it was settled; `fail` maps a settle call to the
-    exception it raises (once)."""
-
-    body: bytes = field(default_factory=lambda: f"body-{next(_bodies)}".encode())
-    headers: dict[str, Any] | None = None
-    user_id: str | None = None
-    routing_key: str | None = ""
-    exchange: str | None = ""
-    redelivered: bool | None = False
-    timestamp: datetime | None = None
-    content_type: str | None = None
-    message_id: str | None = None
-    type: str | None = None
-    fail: dict[str, Exception] = field(default_factory=dict)
-    calls: list[str] = field(default_factory=list)  # every settle call, failed or not
-    settled: list[str] = field(default_factory=list)  # the ones that went through
-
-    async def _call(self, name: str) -> None:
-        self.calls.append(name)
-        if name in self.fail:
-            raise self.fail.pop(name)
-        self.settled.append(name)
-
-    def ack(self) -> Awaitable[None]:
-        return self._call("ack")
-
-    def nack(self, *, requeue: bool) -> Awaitable[None]:
-        return self._call("requeue" if requeue else "drop")
-
-    def reject(self, *, requeue: bool) -> Awaitable[None]:
-        return self._call("reject_requeue" if requeue else "reject")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from aio_pika.exceptions import AMQPConnectionError
 
 from tests.support.broker import TestBroker, pid_alive
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def _roundtrip(url: str, ssl_context: ssl.SSLContext | None = None) -> bytes:

@@ -17,7 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from relayd import metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "relayd.service"
 OPERATIONS = ROOT / "docs" / "operations.md"
 METRIC = re.compile(r"\brelayd_[a-z_]+")
