@@ -55,7 +55,7 @@ async def tell_close(sink: Sink, conversation: Conversation, reason: str) -> Non
         "close", conversation.id, event_id, now_ms(), {}), event_id, "close")
 
 
-async def erase(store: Store, keys: KeyRing, sink: ErasureSink, user: str,
+async def erase(store: Store, keyring: KeyRing, sink: ErasureSink, user: str,
                 via: str) -> dict[str, int]:
     """Erase everything held about `user` (see the module docstring); return the counts."""
     totals: Counter[str] = Counter()
@@ -75,7 +75,7 @@ async def erase(store: Store, keys: KeyRing, sink: ErasureSink, user: str,
             break
     else:
         raise TransientError("erase_raced", "the user's conversations kept reopening")
-    reference = opaque.reference(keys.opaque_secret, "user", user)
+    reference = opaque.reference(keyring.opaque_secret, "user", user)
     detail = {k: totals[k] for k in ("devices", "conversations", "closed", "replay", "sent")}
     await store.add_audit("erase", reference, {**detail, "via": via}, now_ms())
     _log.info("erased", user_ref=reference, via=via, **detail)

@@ -32,7 +32,7 @@ from relayd.topology import DAY_MS
 _log = log.get("relayd.retention")
 
 
-async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
+async def enforce(settings: Settings, store: Store, keyring: KeyRing, sink: Sink,
                   now: int) -> dict[str, int]:
     """One retention pass as of `now` (unix ms); return the counts of what it removed."""
     r = settings.retention
@@ -46,7 +46,7 @@ async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
         try:
             if await store.business(conversation.business) is not None:
                 await gdpr.tell_close(sink, conversation, "expire")
-            await fan_out(store, keys, sink, await store.devices_of(conversation.user),
+            await fan_out(store, keyring, sink, await store.devices_of(conversation.user),
                           f"expire:{event_id}", event_id, conversation.business, "close", {})
         except TransientError as exc:
             _log.warning("expire_failed", reason=exc.reason)
@@ -60,14 +60,14 @@ async def enforce(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
     return {"expired": expired, "failed": failed, **pruned}
 
 
-async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: Sink,
+async def retention_loop(settings: Settings, store: Store, keyring: KeyRing, sink: Sink,
                          *until: asyncio.Event) -> None:
     """A pass every `retention.interval_seconds` until one of `until` is set; a failed pass
     is logged and the next one retries (every step is idempotent). A failure never stops
     the relay."""
     while not any(event.is_set() for event in until):
         try:
-            counts = await enforce(settings, store, keys, sink, now_ms())
+            counts = await enforce(settings, store, keyring, sink, now_ms())
             _log.info("retention", **counts)
         except TransientError as exc:
             _log.warning("retention_failed", reason=exc.reason)
@@ -77,11 +77,12 @@ async def retention_loop(settings: Settings, store: Store, keys: KeyRing, sink: 
             await asyncio.wait_for(amqp.wait_any(*until), settings.retention.interval_seconds)
 
 
-async def serve(settings: Settings, store: Store, keys: KeyRing, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, store: Store, keyring: KeyRing,
+                stop: asyncio.Event) -> None:
     """retention_loop on a connection of its own, reconnecting whenever it is lost."""
     async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
         channel = await amqp.open_channel(connection)
-        sink = amqp.Publisher(channel, settings, keys.opaque_secret)
-        await retention_loop(settings, store, keys, sink, stop, lost)
+        sink = amqp.Publisher(channel, settings, keyring.opaque_secret)
+        await retention_loop(settings, store, keyring, sink, stop, lost)
 
     await amqp.keep_connected(settings, "relayd-retention", "retention", stop, session)
