@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayd import rules
+from relayd import payload, rules
 from relayd.store import Conversation
 
 NOW = 10_000_000
@@ -21,21 +21,22 @@ STATES: dict[str, Conversation | None] = {
     "closed_by_business": Conversation("c" * 32, "u1", "acme", "closed", 5, "business",
                                        CREATED, 2_000),
 }
-UP_TYPES = ("start", "message", "typing_start", "typing_end", "read", "close")
+UP_TYPES = ("start", "message", "typing_start", "typing_end", "read", "close", "response",
+            "reaction")
 UNKNOWN, CLOSED = "unknown_conversation", "conversation_closed"
 
 # (state, retry): what each up type does, in UP_TYPES order.
 UP_TABLE: dict[tuple[str, bool], tuple[str, ...]] = {
-    ("none", False): ("open", "open", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN),
-    ("none", True): ("open", "open", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN),
-    ("open_fresh", False): ("keep", "keep", "keep", "keep", "keep", "close"),
-    ("open_fresh", True): ("keep", "keep", "keep", "keep", "keep", "close"),
-    ("open_stale", False): ("open", "open", "keep", "keep", "keep", "close"),
-    ("open_stale", True): ("open", "open", "keep", "keep", "keep", "close"),
-    ("closed_by_user", False): ("open", "open", CLOSED, CLOSED, CLOSED, CLOSED),
-    ("closed_by_user", True): ("keep", "keep", CLOSED, CLOSED, CLOSED, "keep"),
-    ("closed_by_business", False): ("open", "open", CLOSED, CLOSED, CLOSED, CLOSED),
-    ("closed_by_business", True): ("keep", "keep", CLOSED, CLOSED, CLOSED, CLOSED),
+    ("none", False): ("open", "open", *(UNKNOWN,) * 6),
+    ("none", True): ("open", "open", *(UNKNOWN,) * 6),
+    ("open_fresh", False): ("keep", "keep", "keep", "keep", "keep", "close", "keep", "keep"),
+    ("open_fresh", True): ("keep", "keep", "keep", "keep", "keep", "close", "keep", "keep"),
+    ("open_stale", False): ("open", "open", "keep", "keep", "keep", "close", "keep", "keep"),
+    ("open_stale", True): ("open", "open", "keep", "keep", "keep", "close", "keep", "keep"),
+    ("closed_by_user", False): ("open", "open", *(CLOSED,) * 6),
+    ("closed_by_user", True): ("keep", "keep", CLOSED, CLOSED, CLOSED, "keep", CLOSED, CLOSED),
+    ("closed_by_business", False): ("open", "open", *(CLOSED,) * 6),
+    ("closed_by_business", True): ("keep", "keep", *(CLOSED,) * 6),
 }
 
 # (state, rotate_on_reopen): what an open writes, as (epoch, created_ms, new id).
@@ -52,24 +53,24 @@ OPENING_TABLE: dict[tuple[str, bool], tuple[int, int, bool]] = {
     ("closed_by_business", True): (5, CREATED, False),
 }
 
-REPLY_TYPES = ("message", "typing_start", "typing_end", "read", "close")
+REPLY_TYPES = ("message", "typing_start", "typing_end", "read", "close", "reaction")
 NOT_YOURS = "not_your_conversation"
 REPLY_STATES = {**STATES, "someone_elses": Conversation("c" * 32, "u1", "globex", "open", 5,
                                                         None, CREATED, NOW)}
 # (state, retry): what each reply type from acme does, in REPLY_TYPES order.
 REPLY_TABLE: dict[tuple[str, bool], tuple[str, ...]] = {
-    ("none", False): (UNKNOWN,) * 5,
-    ("none", True): (UNKNOWN,) * 5,
-    ("someone_elses", False): (NOT_YOURS,) * 5,
-    ("someone_elses", True): (NOT_YOURS,) * 5,
-    ("open_fresh", False): ("keep", "keep", "keep", "keep", "close"),
-    ("open_fresh", True): ("keep", "keep", "keep", "keep", "close"),
-    ("open_stale", False): ("keep", "keep", "keep", "keep", "close"),
-    ("open_stale", True): ("keep", "keep", "keep", "keep", "close"),
-    ("closed_by_user", False): (CLOSED,) * 5,
-    ("closed_by_user", True): (CLOSED,) * 5,
-    ("closed_by_business", False): (CLOSED,) * 5,
-    ("closed_by_business", True): (CLOSED, CLOSED, CLOSED, CLOSED, "keep"),
+    ("none", False): (UNKNOWN,) * 6,
+    ("none", True): (UNKNOWN,) * 6,
+    ("someone_elses", False): (NOT_YOURS,) * 6,
+    ("someone_elses", True): (NOT_YOURS,) * 6,
+    ("open_fresh", False): ("keep", "keep", "keep", "keep", "close", "keep"),
+    ("open_fresh", True): ("keep", "keep", "keep", "keep", "close", "keep"),
+    ("open_stale", False): ("keep", "keep", "keep", "keep", "close", "keep"),
+    ("open_stale", True): ("keep", "keep", "keep", "keep", "close", "keep"),
+    ("closed_by_user", False): (CLOSED,) * 6,
+    ("closed_by_user", True): (CLOSED,) * 6,
+    ("closed_by_business", False): (CLOSED,) * 6,
+    ("closed_by_business", True): (CLOSED, CLOSED, CLOSED, CLOSED, "keep", CLOSED),
 }
 
 
@@ -80,6 +81,8 @@ def outcome(decision: rules.Decision) -> str:
 class TestUp:
     def test_the_table_covers_every_case(self) -> None:
         """Every state, with and without retry, has a row naming every up type."""
+        assert set(UP_TYPES) == payload.UP_TYPES
+        assert all(len(row) == len(UP_TYPES) for row in UP_TABLE.values())
         assert set(UP_TABLE) == {(s, r) for s in STATES for r in (False, True)}
         assert set(OPENING_TABLE) == {(s, p) for s in STATES for p in (False, True)}
 
@@ -105,6 +108,8 @@ class TestUp:
 class TestReply:
     def test_the_table_covers_every_case(self) -> None:
         """Every state, with and without retry, has a row naming every reply type."""
+        assert set(REPLY_TYPES) == payload.REPLY_TYPES
+        assert all(len(row) == len(REPLY_TYPES) for row in REPLY_TABLE.values())
         assert set(REPLY_TABLE) == {(s, r) for s in REPLY_STATES for r in (False, True)}
 
     @pytest.mark.parametrize("retry", [False, True], ids=["first", "retry"])
