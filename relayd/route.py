@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from relayd import amqp, envelope, log, outbound, shard, topology
 from relayd.amqp import Delivery
 from relayd.config import Settings
-from relayd.consume import Consumer, Handler, Work
+from relayd.consume import Consumer, Work
 from relayd.errors import StoreUnavailableError, TransientError
 from relayd.inbound import open_up
 from relayd.keys import KeySource
@@ -30,52 +30,53 @@ _log = log.get("relayd.route")
 ROUTER_RETRY_S = 2.0  # how often a standby asks to become the router
 
 
-class InboundRouter:
-    """Opens an envelope only to learn its device, then forwards it, still sealed, to the
-    shard of that device."""
+Read = Callable[[Delivery], tuple[str, dict[str, Any]]]  # a delivery's lane and headers
 
-    def __init__(self, settings: Settings, keys: KeySource, publisher: amqp.Publisher) -> None:
-        self.settings, self.keys, self.publisher = settings, keys, publisher
+
+class Router:
+    """Forwards each delivery of a direction's entry queue, untouched, to the shard of its
+    lane, with the headers its shard's consumer needs to know where it came from."""
+
+    def __init__(self, settings: Settings, role: str, publisher: amqp.Publisher, read: Read,
+                 content_type: str) -> None:
+        self.topology, self.role, self.publisher = settings.topology, role, publisher
+        self.read, self.content_type = read, content_type
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
-        kid = (delivery.headers or {}).get(envelope.KID_HEADER)
-        opened = open_up(delivery.body, kid, self.keys(), self.settings.limits)
-        headers: dict[str, Any] = {envelope.KID_HEADER: kid}  # a str: open_up refused others
-        if shard.redelivered(delivery, self.settings.topology):
+        lane, headers = self.read(delivery)
+        if shard.redelivered(delivery, self.topology):
             headers[shard.REDELIVERED_HEADER] = True
-        lane = "d:" + opened.device
-        return lane, lambda: self._forward(lane, delivery.body, headers)
+        queue = shard.shard_queue(self.topology, self.role,
+                                  shard.shard_of(lane, self.topology.shards))
+        return lane, lambda: self._forward(queue, delivery.body, headers)
 
-    async def _forward(self, lane: str, body: bytes, headers: dict[str, Any]) -> str:
-        t = self.settings.topology
-        await self.publisher.to_shard(shard.shard_queue(t, "inbound", shard.shard_of(
-            lane, t.shards)), body, headers, envelope.CONTENT_TYPE)
+    async def _forward(self, queue: str, body: bytes, headers: dict[str, Any]) -> str:
+        await self.publisher.to_shard(queue, body, headers, self.content_type)
         return "routed"
 
 
-class OutboundRouter:
-    """Forwards a business reply to the shard of its conversation, with its origin."""
+def inbound_router(settings: Settings, keys: KeySource, publisher: amqp.Publisher) -> Router:
+    """Opens an envelope only to learn its device; forwards it still sealed, with its kid."""
+    def read(delivery: Delivery) -> tuple[str, dict[str, Any]]:
+        kid = (delivery.headers or {}).get(envelope.KID_HEADER)
+        opened = open_up(delivery.body, kid, keys(), settings.limits)
+        return "d:" + opened.device, {envelope.KID_HEADER: kid}  # a str: open_up refused others
 
-    def __init__(self, settings: Settings, publisher: amqp.Publisher) -> None:
-        self.settings, self.publisher = settings, publisher
+    return Router(settings, "inbound", publisher, read, envelope.CONTENT_TYPE)
 
-    def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
-        t = self.settings.topology
-        incoming = outbound.parse(delivery.body, *shard.origin(delivery, t),
-                                  self.settings.limits)
+
+def outbound_router(settings: Settings, publisher: amqp.Publisher) -> Router:
+    """Forwards a reply to the shard of its conversation, with the user_id and routing key
+    the business published it with."""
+    def read(delivery: Delivery) -> tuple[str, dict[str, Any]]:
+        incoming = outbound.parse(delivery.body, *shard.origin(delivery, settings.topology),
+                                  settings.limits)
         headers: dict[str, Any] = {shard.ROUTING_KEY_HEADER: incoming.routing_key}
         if incoming.amqp_user:
             headers[shard.USER_HEADER] = incoming.amqp_user
-        if shard.redelivered(delivery, t):
-            headers[shard.REDELIVERED_HEADER] = True
-        lane = outbound.lane(incoming)
-        return lane, lambda: self._forward(lane, delivery.body, headers)
+        return outbound.lane(incoming), headers
 
-    async def _forward(self, lane: str, body: bytes, headers: dict[str, Any]) -> str:
-        t = self.settings.topology
-        await self.publisher.to_shard(shard.shard_queue(t, "outbound", shard.shard_of(
-            lane, t.shards)), body, headers, amqp.JSON)
-        return "routed"
+    return Router(settings, "outbound", publisher, read, amqp.JSON)
 
 
 class Shards:
@@ -148,8 +149,8 @@ async def route(connection: AbstractConnection, settings: Settings, role: str,
     while not (stop.is_set() or lost.is_set()):
         channel = await amqp.open_channel(connection, settings.workers.prefetch)
         sink = amqp.Publisher(channel, settings, keys().opaque_secret)
-        router: Handler = (InboundRouter(settings, keys, sink) if role == "inbound"
-                           else OutboundRouter(settings, sink))
+        router = (inbound_router(settings, keys, sink) if role == "inbound"
+                  else outbound_router(settings, sink))
         consumer = Consumer(role, settings.workers, router, sink, name)
         try:
             await channel.declare_queue(topology.router_lock(name), exclusive=True)

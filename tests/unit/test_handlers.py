@@ -22,7 +22,7 @@ from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
 from relayd.keys import KeyRing, RelayKey
 from relayd.outbound import Outbound
-from relayd.route import InboundRouter, OutboundRouter
+from relayd.route import inbound_router, outbound_router
 from relayd.store import Business, Device, Store, open_store
 from tests.unit.fakes import FakeDelivery, RecordingSink
 from tests.unit.helpers import RELAYS
@@ -181,7 +181,7 @@ class TestRouters:
         sink = RecordingSink()
         s = settings(tmp_path, shards=4)
         delivery = up(phone, "start", redelivered=True)
-        lane, work = InboundRouter(s, lambda: KEYRING, sink).prepare(delivery)  # type: ignore[arg-type]
+        lane, work = inbound_router(s, lambda: KEYRING, sink).prepare(delivery)  # type: ignore[arg-type]
         assert lane == "d:phone"
         assert await work() == "routed"
         k = shard.shard_of("d:phone", 4)
@@ -195,7 +195,7 @@ class TestRouters:
         sink = RecordingSink()
         conversation = "abcdefghijklmnopqrstuvwxyz234567"
         body = reply(conversation, "message", {"text": "x"})
-        lane, work = OutboundRouter(settings(tmp_path, shards=4), sink).prepare(  # type: ignore[arg-type]
+        lane, work = outbound_router(settings(tmp_path, shards=4), sink).prepare(  # type: ignore[arg-type]
             FakeDelivery(body=body, user_id="guest", routing_key="acme"))
         assert lane == "c:" + conversation
         assert await work() == "routed"
