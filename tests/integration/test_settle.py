@@ -32,10 +32,18 @@ MESSAGES = 6
 class Faults:
     """Raises at `stage` the first time each message (by body) passes there."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, messages: int) -> None:
         self.stage = stage
         self.seen: set[tuple[str, bytes]] = set()
         self.raised = 0
+        self.finished: set[bytes] = set()  # bodies acked, or rejected to the dead letters
+        self.all_finished = asyncio.Event()
+        self.messages = messages
+
+    def finish(self, body: bytes) -> None:
+        self.finished.add(hashlib.sha256(body).digest())
+        if len(self.finished) == self.messages:
+            self.all_finished.set()
 
     def at(self, stage: str, body: bytes) -> None:
         key = (stage, hashlib.sha256(body).digest())
@@ -75,7 +83,8 @@ class FaultySink(amqp.Publisher):
 
 
 class FaultyAck:
-    """A real delivery whose ack raises as `faults` says (before it reaches the broker)."""
+    """A real delivery whose ack raises as `faults` says (before it reaches the broker);
+    it tells `faults` when it is finished (acked, or rejected to the dead letters)."""
 
     def __init__(self, message: aio_pika.abc.AbstractIncomingMessage, faults: Faults) -> None:
         self._message, self._faults = message, faults
@@ -86,6 +95,12 @@ class FaultyAck:
     async def ack(self) -> None:
         self._faults.at("ack", self._message.body)
         await self._message.ack()
+        self._faults.finish(self._message.body)
+
+    async def reject(self, *, requeue: bool) -> None:
+        await self._message.reject(requeue=requeue)
+        if not requeue:
+            self._faults.finish(self._message.body)
 
 
 def counts(relay: Relay, queue: str) -> tuple[int, int]:
@@ -96,8 +111,9 @@ def counts(relay: Relay, queue: str) -> tuple[int, int]:
     return int(row["messages_ready"]), int(row["messages_unacknowledged"])
 
 
-async def drained(relay: Relay, queue: str) -> None:
-    """Until `queue` holds nothing ready and nothing unacknowledged."""
+async def nothing_unacked(relay: Relay, queue: str) -> None:
+    """Until the broker counts nothing ready and nothing unacknowledged in `queue` (its
+    counts may lag a moment behind)."""
     async with asyncio.timeout(WAIT * 2):
         while counts(relay, queue) != (0, 0):  # noqa: ASYNC110 - the broker has no event
             await asyncio.sleep(0.2)
@@ -147,16 +163,19 @@ class TestEveryStageRaises:
         unacknowledged while the consumer is still connected."""
         await relay.add_business("acme")
         phone = await relay.add_device("alice", "phone")
-        faults = Faults(stage)
+        faults = Faults(stage, MESSAGES + 1)
         sent = {await relay.send(phone, "acme", "start")}
         for n in range(MESSAGES - 1):
             sent.add(await relay.send(phone, "acme", "message", {"text": str(n)}))
         await relay.publish_up(b"\x00" * 64)  # opens with no key: dead-lettered
-        async with consumer(relay, faults):
-            await drained(relay, relay.settings.topology.inbound_queue)
+        inbound = relay.settings.topology.inbound_queue
+        async with consumer(relay, faults) as consuming:
+            await asyncio.wait_for(faults.all_finished.wait(), WAIT * 2)
             received = await ids_in_inbox(relay, sent)
             [dead] = await relay.dead(1)
-            assert faults.raised >= (1 if stage == "dead_letter" else MESSAGES)
+            await nothing_unacked(relay, inbound)
+            assert not consuming.lanes.tasks
+            await relay.assert_empty(inbound)
+        assert faults.raised >= (1 if stage == "dead_letter" else MESSAGES)
         assert received == sent
         assert dead.body == b"\x00" * 64
-        await relay.assert_empty(relay.settings.topology.inbound_queue)
