@@ -24,12 +24,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 
-from relayd import envelope, log, metrics, topology
+from relayd import envelope, keys, log, metrics, topology, wire
 from relayd.config import Settings
 from relayd.errors import PermanentError, TransientError
 
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
+FORWARDED_USER_HEADER = "x-relayd-amqp-user"  # a reply's broker-validated user_id
 Properties = Basic.Properties
 CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 RECONNECT_INITIAL_S = 0.5
@@ -98,7 +99,9 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
-    """One plain (non-robust) connection: a worker reconnects by itself, from scratch."""
+    """One plain (non-robust) connection: a worker reconnects by itself, from scratch.
+    Its deliveries are decoded by relayd.wire, whatever a publisher put in them."""
+    wire.install()
     context = ssl_context(settings)
     kwargs: dict[str, Any] = {"client_properties": {"connection_name": name},
                               "heartbeat": settings.amqp.heartbeat,
@@ -243,11 +246,25 @@ class Publisher:
             content_type=content_type, headers=headers, delivery_mode=PERSISTENT))
 
     def dead_letter(self, incoming: Delivery, queue: str, reason: str) -> Awaitable[None]:
-        """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason."""
-        headers = dict(incoming.headers or {})
-        headers.update({"x-relayd-reason": reason, "x-relayd-queue": queue})
-        if incoming.user_id:  # the broker only lets us publish our own user_id
-            headers["x-relayd-amqp-user"] = incoming.user_id
+        """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason.
+
+        The copy carries only what relayd set or checked: never a publisher's own headers,
+        which may hold values pamqp cannot encode again. content_type, message_id and
+        type were decoded as UTF-8 short strings by relayd.wire, so they encode again."""
+        original = incoming.headers or {}
+        headers: dict[str, Any] = {"x-relayd-reason": reason, "x-relayd-queue": queue}
+        kid = original.get(envelope.KID_HEADER)
+        if isinstance(kid, str) and keys.KID_PATTERN.fullmatch(kid):
+            headers[envelope.KID_HEADER] = kid
+        user = incoming.user_id  # the broker only lets a publisher set its own
+        if incoming.exchange == self._t.shard_exchange:  # the router's copy: its headers
+            forwarded = original.get(FORWARDED_USER_HEADER)
+            user = forwarded if isinstance(forwarded, str) else None
+        if user:
+            headers[FORWARDED_USER_HEADER] = user
+        bad = original.get(wire.BAD_PROPERTIES)
+        if isinstance(bad, str):
+            headers[wire.BAD_PROPERTIES] = bad
         return self._publish(self._t.dead_exchange, reason, incoming.body, Properties(
             content_type=incoming.content_type, headers=headers,
             message_id=incoming.message_id, message_type=incoming.type,

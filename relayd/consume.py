@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from relayd import amqp, log, metrics
+from relayd import amqp, log, metrics, wire
 from relayd.amqp import Delivery
 from relayd.config import Workers
 from relayd.errors import PermanentError, StoreUnavailableError, TransientError
@@ -128,6 +128,7 @@ class Consumer:
         metrics.received(self.stage)
         lane: str | None
         try:
+            wire.check(delivery.headers)  # bad_properties: see relayd.wire
             lane, work = self.handler.prepare(delivery)
         except Exception as exc:  # settled below like any failure of the work
             lane, work = None, _raiser(exc)

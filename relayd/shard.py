@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 
-from relayd.amqp import Delivery
+from relayd.amqp import FORWARDED_USER_HEADER, Delivery
 from relayd.config import Topology
 
-USER_HEADER = "x-relayd-amqp-user"  # the broker-validated user_id of a forwarded reply
+USER_HEADER = FORWARDED_USER_HEADER  # the broker-validated user_id of a forwarded reply
 ROUTING_KEY_HEADER = "x-relayd-routing-key"  # the routing key it was published with
 REDELIVERED_HEADER = "x-relayd-redelivered"  # the router got it redelivered: maybe a retry
 
