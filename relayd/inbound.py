@@ -68,8 +68,10 @@ class Inbound:
         self.store = store
         self.keys = keys
         self.sink = sink
-        self.device_rate = ratelimit.RateLimiter(settings.limits.device_rate,
-                                                 settings.limits.device_burst)
+        limits = settings.limits
+        self.device_rate = ratelimit.RateLimiter(limits.device_rate, limits.device_burst,
+                                                 clock=time.time,
+                                                 horizon_s=limits.max_age_seconds)
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         opened = self.open(delivery.body, (delivery.headers or {}).get(envelope.KID_HEADER))
@@ -93,10 +95,12 @@ class Inbound:
             raise EnvelopeError("bad_signature", "the device's key is one no signature may "
                                 "verify under")
         envelope.verify(opened.signature, opened.payload, direction="up", signer=signer)
-        if not redelivered and not self.device_rate.allow(device.id):  # retries are ours
-            raise PermanentError("rate_limited", "the device is over limits.device_rate")
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
+        # Judged when the device sent it (ts, fresh by now), not when it is drained: a
+        # backlog after an outage stays within the rate. Retries are ours: not counted.
+        if not redelivered and not self.device_rate.allow(device.id, up.ts / 1000):
+            raise PermanentError("rate_limited", "the device is over limits.device_rate")
         business, current = await self.store.business_and_conversation(up.to, device.user)
         if business is None:
             raise PermanentError("unknown_business", "no such business")

@@ -2,6 +2,11 @@
 
 Pure: no I/O, and the clock is injected. The buckets live in one worker process, so when
 N processes consume the same queue a sender can reach up to N times the configured rate.
+
+A message can be judged at the time it is handled (a business reply) or at the time its
+sender says it sent it (a device's signed `ts`). The second keeps a backlog whole: after
+an outage, messages sent within the rate are still within it however fast the backlog
+drains. docs/protocol.md (Rate limits) says what a device that lies about `ts` can gain.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class TokenBucket:
         self.stamp = max(self.stamp, now)
 
     def take(self, now: float) -> bool:
-        """Take one token if there is one; False means over the limit."""
+        """Take one token if there is one; False means over the limit. A time earlier
+        than one seen before refills nothing."""
         self._refill(now)
         if self.tokens < 1:
             return False
@@ -35,42 +41,50 @@ class TokenBucket:
         return True
 
     def full(self, now: float) -> bool:
-        """Refilled to the brim by `now`: a fresh bucket would behave the same."""
-        return self.tokens + max(0.0, now - self.stamp) * self.rate >= self.burst
+        """Refilled to the brim by `now`, and nothing later seen: from `now` on, a fresh
+        bucket would behave the same."""
+        return self.stamp <= now and self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 class RateLimiter:
     """One bucket per key (a business or a device id), in least-recently-used order.
 
-    A key's bucket is forgotten once it has refilled, which changes nothing; beyond
-    `max_keys` live buckets the least recently used one is forgotten anyway, to bound memory.
+    `allow(key, at)` judges a message at time `at` on the clock's scale, when given (the
+    time its sender sent it), else at the clock's now. Such times may lag the clock by up
+    to `horizon_s` (limits.max_age_seconds: older messages are refused before they get
+    here). A key's bucket is forgotten once it is full at the oldest time a message may
+    still carry, which changes nothing; beyond `max_keys` live buckets the least recently
+    used one is forgotten anyway, to bound memory.
     """
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+                 max_keys: int = 100_000, horizon_s: float = 0.0) -> None:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
+        self.horizon_s = horizon_s
         self._clock = clock
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, key: str) -> bool:
-        """Count one message from `key`; False if it is over its limit."""
+    def allow(self, key: str, at: float | None = None) -> bool:
+        """Count one message from `key`, sent at `at` (default: now); False if it is over
+        its limit."""
         now = self._clock()
+        when = now if at is None else at
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._forget(now)
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            self._forget(now - self.horizon_s)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, when)
         else:
             self._buckets.move_to_end(key)
-        return bucket.take(now)
+        return bucket.take(when)
 
-    def _forget(self, now: float) -> None:
+    def _forget(self, oldest: float) -> None:
         while self._buckets:
-            oldest = next(iter(self._buckets.values()))
-            if len(self._buckets) < self.max_keys and not oldest.full(now):
+            first = next(iter(self._buckets.values()))
+            if len(self._buckets) < self.max_keys and not first.full(oldest):
                 return
             self._buckets.popitem(last=False)

@@ -101,3 +101,111 @@ class TestRateLimiter:
             assert limiter.allow(key)
         assert len(limiter) == 3
         assert not limiter.allow("e")
+
+
+RATE, BURST = 3.0, 60  # limits.device_rate and device_burst's defaults
+MAX_AGE, SKEW = 7 * 86400.0, 300.0  # limits.max_age_seconds and clock_skew_seconds
+
+
+class TestJudgedWhenSent:
+    def test_a_backlog_sent_within_the_rate_drains_whole(self) -> None:
+        """relayd stopped for 100 s while a device sent at half its rate: drained in one
+        go, every message is allowed, because each is judged at its `ts`."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        sent = [clock.now + i * 2 / RATE for i in range(150)]  # 100 s at half the rate
+        clock.now = sent[-1] + 5.0
+        assert all(limiter.allow("phone", ts) for ts in sent)
+
+    def test_the_same_backlog_judged_when_drained_loses_messages(self) -> None:
+        """What issue 13 saw: judged at drain time, the backlog beyond the burst is
+        refused, though the device kept to its rate."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock)
+        allowed = sum(limiter.allow("phone") for _ in range(150))
+        assert allowed == BURST
+
+    @FAST
+    @given(gaps=st.lists(st.floats(1 / RATE, 10.0), max_size=300),
+           drains=st.lists(st.floats(0.0, 30.0), max_size=300))
+    def test_any_drain_schedule_of_an_honest_device(self, gaps: list[float],
+                                                    drains: list[float]) -> None:
+        """A device whose messages are at least 1/rate apart by `ts` loses none, however
+        late and however bunched up relayd handles them (in order, within max_age)."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        ts = clock.now
+        for i, gap in enumerate(gaps):
+            ts += gap
+            clock.now = max(clock.now + (drains[i] if i < len(drains) else 0.0), ts - SKEW)
+            assert limiter.allow("phone", ts)
+
+    def test_a_flooder_is_still_refused(self) -> None:
+        """Messages sent faster than the rate are refused beyond the burst, by `ts` too."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        allowed = sum(limiter.allow("flood", clock.now + i / 100) for i in range(1000))
+        assert allowed <= BURST + RATE * 10 + 1
+
+    def test_a_quiet_device_keeps_its_bucket_for_the_horizon(self) -> None:
+        """A bucket that refilled in real time is kept until no acceptable `ts` could find
+        it short: otherwise a device could start afresh with an old `ts`."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        start = clock.now
+        assert all(limiter.allow("liar", start) for _ in range(BURST))
+        assert not limiter.allow("liar", start)
+        clock.now += 3600.0  # full again in real time, not at the oldest acceptable ts
+        limiter.allow("other")
+        assert len(limiter) == 2
+        clock.now += MAX_AGE  # now full even at the oldest acceptable ts: forgotten
+        limiter.allow("another")
+        assert len(limiter) == 2  # "other" (still short a token) and "another"
+
+
+class TestLyingDevice:
+    """A device that picks any `ts` the freshness rules accept, [now - max_age, now +
+    skew]. A small max_age here, so that the window is crossed many times."""
+
+    AGE, AHEAD = 60.0, 5.0
+
+    def test_cannot_buy_the_window_twice_by_waiting(self) -> None:
+        """The reset attack: walk `ts` up from the oldest acceptable time (the window's
+        gain, once), wait until the bucket is full in real time and let other traffic make
+        the limiter forget, then walk up from the oldest time again: refused."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE)
+
+        def walk() -> int:
+            start = clock.now - self.AGE
+            return sum(limiter.allow("liar", start + i / RATE)
+                       for i in range(int(self.AGE * RATE)))
+
+        assert walk() == int(self.AGE * RATE)
+        clock.now += BURST / RATE  # full again, in real time
+        limiter.allow("other")
+        assert walk() <= BURST + RATE * BURST / RATE  # what waiting earned, no more
+
+    @FAST
+    @given(steps=st.lists(st.tuples(st.floats(0.0, 100.0), st.integers(0, 40),
+                                    st.floats(0.0, 1.0)), max_size=80),
+           others=st.booleans())
+    def test_gains_at_most_the_freshness_window(
+            self, steps: list[tuple[float, int, float]], others: bool) -> None:
+        """However it orders its lies, it gets at most burst + rate x (elapsed + max_age +
+        skew) messages through, while other devices' traffic makes the limiter forget
+        buckets."""
+        clock = Clock()
+        start = clock.now
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE)
+        allowed = 0
+        for advance, count, where in steps:
+            clock.now += advance
+            low, high = clock.now - self.AGE, clock.now + self.AHEAD
+            for i in range(count):
+                lie = low + (high - low) * ((where + i * 0.37) % 1.0)
+                allowed += limiter.allow("liar", lie)
+            if others:
+                limiter.allow(f"other-{advance}", clock.now)
+        elapsed = clock.now - start
+        assert allowed <= BURST + RATE * (elapsed + self.AGE + self.AHEAD) + 1e-6
