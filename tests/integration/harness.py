@@ -25,7 +25,7 @@ import aio_pika
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
-from relayd import admin, config, keys, topology, worker
+from relayd import admin, config, keys, provision, topology, worker
 from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
 from relayd.crypto import Kem
 from relayd.store import Business, Device, Store, open_store
@@ -290,6 +290,22 @@ def add_amqp_user(vhost: str, user: str) -> str:
     rabbitmqctl("add_user", user, password)
     rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     return password
+
+
+def confine_business(relay: Relay, business: str) -> tuple[str, str]:
+    """A broker user for `business` with exactly the rights `relayd business add` grants
+    (relayd.provision.grant), applied with rabbitmqctl; return (user, password)."""
+    user = f"{business}-{secrets.token_hex(4)}"
+    password = add_amqp_user(relay.vhost, user)
+    management = config.Management(url="http://127.0.0.1:1", username="-", password="-")
+    settings = relay.settings.model_copy(update={
+        "amqp": relay.settings.amqp.model_copy(update={"management": management})})
+    g = provision.grant(settings, business, user, "password")
+    rabbitmqctl("set_permissions", "-p", g.vhost, user, g.permissions["configure"],
+                g.permissions["write"], g.permissions["read"])
+    rabbitmqctl("set_topic_permissions", "-p", g.vhost, user, g.topic["exchange"],
+                g.topic["write"], g.topic["read"])
+    return user, password
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,

@@ -43,6 +43,10 @@ class Raw:
     decodable: bool
     levels: int = 0
 
+    def __repr__(self) -> str:  # hypothesis prints failing examples: keep them readable
+        shown = self.data if len(self.data) <= 48 else self.data[:48] + b"..."
+        return f"Raw({shown!r} ({len(self.data)} bytes), decodable={self.decodable})"
+
 
 def is_utf8(data: bytes) -> bool:
     try:
@@ -144,11 +148,14 @@ def properties() -> st.SearchStrategy[dict[str, Raw]]:
     strategies: dict[str, st.SearchStrategy[Raw]] = {
         name: short_string() for name in SHORT_STRINGS}
     strategies["headers"] = headers()
-    strategies["delivery_mode"] = octet.map(lambda v: Raw(bytes([v]), v in (0, 1, 2)))
+    # mostly what the broker takes (it refuses other delivery modes and expirations)
+    strategies["delivery_mode"] = st.one_of(st.sampled_from([1, 2]), octet).map(
+        lambda v: Raw(bytes([v]), v in (0, 1, 2)))
     strategies["priority"] = octet.map(lambda v: Raw(bytes([v]), True))
     strategies["timestamp"] = timestamps().map(
         lambda v: Raw(struct.pack(">Q", v), timestamp_fits(v)))
     strategies["expiration"] = st.one_of(
+        st.integers(0, 10**12).map(lambda v: Raw(short(str(v).encode()), True)),
         st.integers(0, 10**12).map(lambda v: Raw(short(str(v).encode()), True)),
         short_string().map(lambda r: Raw(r.data, r.decodable and _is_number(r.data[1:]))))
     assert set(strategies) | {"user_id"} == set(PROPERTY_KIND)

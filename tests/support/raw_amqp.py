@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pamqp import commands, constants, encode, frame
+from pamqp.exceptions import UnmarshalingException
 from pamqp.header import ProtocolHeader
 
 # Basic.Properties in wire order: (name, flag bit)
@@ -85,8 +86,9 @@ class RefusedError(Exception):
 
 @dataclass
 class Outcome:
-    """What the broker said to one publish: "ack", "nack", or the reply code and text of
-    the channel or connection close it caused."""
+    """What the broker said to one publish: "ack" (routed and confirmed), "returned"
+    (confirmed, but no queue took it), "nack", "channel"/"connection" with the reply code
+    and text of the close it caused, or "timeout" (no answer: it may have been taken)."""
 
     result: str
     code: int = 0
@@ -111,6 +113,7 @@ class RawPublisher:
         self.channel_open = False
         self.frame_max = FRAME_MAX
         self.tag = 0
+        self.returned = False
         self._buffer = b""
 
     async def __aenter__(self) -> RawPublisher:
@@ -176,12 +179,20 @@ class RawPublisher:
                    for i in range(0, len(body), step)]
         assert self.writer is not None
         self.writer.write(b"".join(frames))
-        self.tag += 1
+        self.tag, self.returned = self.tag + 1, False
         try:
             reply = await self._expect(commands.Basic.Ack, commands.Basic.Nack)
         except RefusedError as refused:
             return Outcome(refused.what, refused.code, refused.text)
-        return Outcome("ack" if isinstance(reply, commands.Basic.Ack) else "nack")
+        except TimeoutError:  # the broker may or may not have taken it
+            await self.close()
+            return Outcome("timeout")
+        except (ConnectionError, OSError) as exc:
+            await self.close()
+            return Outcome("connection", 0, type(exc).__name__)
+        if isinstance(reply, commands.Basic.Nack):
+            return Outcome("nack")
+        return Outcome("returned" if self.returned else "ack")
 
     # --- frames ------------------------------------------------------------------------
 
@@ -190,20 +201,26 @@ class RawPublisher:
         self.writer.write(frame.marshal(method, channel))
 
     async def _read_frame(self) -> tuple[int, Any]:
+        """The next method frame from the broker (its own, so pamqp decodes it). Content
+        frames, such as those of a returned message, are skipped undecoded: they may be
+        hostile."""
         assert self.reader is not None
         while True:
-            with contextlib.suppress(Exception):
-                consumed, channel, value = frame.unmarshal(self._buffer)
-                self._buffer = self._buffer[consumed:]
-                return channel, value
+            if len(self._buffer) >= 7:
+                kind, channel, size = struct.unpack_from(">BHI", self._buffer)
+                if len(self._buffer) >= 8 + size:
+                    whole, self._buffer = self._buffer[:8 + size], self._buffer[8 + size:]
+                    if kind == constants.FRAME_METHOD:
+                        return channel, _method(whole)
+                    continue
             chunk = await asyncio.wait_for(self.reader.read(65536), self.timeout)
             if not chunk:
                 raise RefusedError("connection", 0, "the broker closed the socket")
             self._buffer += chunk
 
     async def _expect(self, *kinds: type) -> Any:
-        """The next frame of one of `kinds`; RefusedError if the broker closes instead. Basic
-        Return frames (and their content) are skipped: the Nack/Ack that follows counts."""
+        """The next method frame of one of `kinds`; RefusedError if the broker closes
+        instead. A Basic.Return is noted (`returned`): the Ack that follows counts."""
         while True:
             channel, value = await self._read_frame()
             if isinstance(value, commands.Connection.Close):
@@ -215,8 +232,25 @@ class RawPublisher:
                 self._send(channel, commands.Channel.CloseOk())
                 self.channel_open = False
                 raise RefusedError("channel", value.reply_code, value.reply_text)
+            if isinstance(value, commands.Basic.Return):
+                self.returned = True
             if isinstance(value, kinds):
                 return value
+
+
+def _method(whole: bytes) -> Any:
+    """A method frame from the broker. Its close reasons quote what we sent (a routing key
+    that is not UTF-8, say), which pamqp cannot decode: those are read here."""
+    try:
+        return frame.unmarshal(whole)[2]
+    except UnmarshalingException:
+        index, code = struct.unpack_from(">IH", whole, 7)
+        closes = {commands.Channel.Close.index: commands.Channel.Close,
+                  commands.Connection.Close.index: commands.Connection.Close}
+        if index not in closes:
+            raise
+        text = whole[14:14 + whole[13]].decode("utf-8", "replace")
+        return closes[index](reply_code=code, reply_text=text)
 
 
 async def publish_once(host: str, port: int, user: str, password: str, vhost: str,
