@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import socket
 import ssl
@@ -27,7 +28,7 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from relayd import amqp, config, keys, provision
+from relayd import amqp, config, keys, provision, topology
 from relayd.client import RelayPublic, reply
 from relayd.store import open_store
 from tests.integration.harness import WAIT, Relay
@@ -35,6 +36,8 @@ from tests.support.broker import TestBroker
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "rabbitmq"
+GRANT = re.compile(r"^rabbitmqctl set_permissions -p relayd (\S+) '([^']*)' '([^']*)' '([^']*)'$",
+                   re.MULTILINE)
 EXAMPLE = REPO / "examples" / "business_echo.py"
 USER = "alice@example.org"
 
@@ -121,6 +124,13 @@ class Env:
         return self.relay.settings.topology.business_exchange.format(business=business)
 
 
+def documented() -> dict[str, dict[str, str]]:
+    """The permissions deploy/rabbitmq/README.md gives each party (relayd, the edge, the
+    identity service, an operator), by its user name there."""
+    return {user: {"configure": configure, "write": write, "read": read}
+            for user, configure, write, read in GRANT.findall((DEPLOY / "README.md").read_text())}
+
+
 def relay_config(node: TestBroker, root: Path, vhost: str) -> dict[str, Any]:
     cert, key = node.tls_dir / "client-relayd.pem", node.tls_dir / "client-relayd.key"
     return {
@@ -143,9 +153,11 @@ async def env(node: TestBroker, tmp_path: Path) -> AsyncIterator[Env]:
     admin = Admin(node)
     vhost = f"relayd-{secrets.token_hex(4)}"
     admin.api.call("PUT", "vhosts", vhost)
-    everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    for user in ("relayd", "guest"):
-        admin.api.call("PUT", "permissions", vhost, user, body=everything)
+    # relayd with the permissions the deploy README gives it; the test itself (guest,
+    # playing the device edge and looking into queues) with every permission
+    admin.api.call("PUT", "permissions", vhost, "relayd", body=documented()["relayd"])
+    admin.api.call("PUT", "permissions", vhost, "guest",
+                   body={"configure": ".*", "write": ".*", "read": ".*"})
     path = tmp_path / "relayd.yaml"
     path.write_text(yaml.safe_dump(relay_config(node, tmp_path, vhost)))
     settings = config.load(path, environ={})
@@ -369,6 +381,101 @@ class TestDeviceSide:
             with pytest.raises(provision.ProvisionError, match="401"):
                 as_business.call("GET", *path)
         await env.relay.wait_depth(real, 1)  # and the phone's message is still there
+
+
+def publisher(exchange: str, routing_key: str = "", user_id: str | None = None) -> Any:
+    """An action for `refusal`: publish one message, with confirms."""
+    async def publish(ch: AbstractChannel) -> None:
+        target = await ch.get_exchange(exchange, ensure=False)
+        await target.publish(aio_pika.Message(b"{}", user_id=user_id), routing_key=routing_key)
+    publish.__name__ = f"publish to {exchange or 'amq.default'} {routing_key}".strip()
+    return publish
+
+
+def consumer(queue: str) -> Any:
+    """An action for `refusal`: consume a queue."""
+    async def consume(ch: AbstractChannel) -> None:
+        await (await ch.get_queue(queue, ensure=False)).consume(ignore)
+    consume.__name__ = f"consume {queue}"
+    return consume
+
+
+class TestWhoMayPublishWhere:
+    """Each party with exactly the permissions deploy/rabbitmq/README.md (or `business
+    add`) gives it: what the README says it may do works; the rest of the relay is
+    refused."""
+
+    @pytest.fixture
+    async def relay_side(self, env: Env) -> list[Any]:
+        """The core topology with erase requests, a business and a device: what nobody
+        but relayd (or its owner) may touch."""
+        await env.add_with_password("acme", "acme-user")
+        await env.relay.add_device(USER, "phone")
+        t = env.relay.settings.topology
+        await topology.declare(env.relay.channel, topology.core(t, identity_service=True))
+        return [publisher(t.ingress_exchange, "inbound"), publisher(t.replies_exchange, "acme"),
+                publisher(t.devices_exchange, "phone"), publisher(t.dead_exchange),
+                publisher(t.gdpr_exchange), publisher(t.shard_exchange, "relayd.inbound.0"),
+                publisher(env.exchange("acme")), publisher("", t.inbound_queue),
+                publisher("", t.outbound_queue), publisher("", env.inbox("acme")),
+                consumer(t.inbound_queue), consumer(t.outbound_queue), consumer(t.dead_queue),
+                consumer(t.gdpr_queue), consumer(env.inbox("acme")),
+                consumer(t.device_queue.format(device="phone"))]
+
+    async def party(self, env: Env, name: str) -> tuple[str, AbstractConnection]:
+        """A user with the README's permissions for `name`, connected over TLS."""
+        user, password = f"{name}-{secrets.token_hex(3)}", secrets.token_hex(12)
+        env.admin.api.put_user(user, [], password)
+        env.admin.api.call("PUT", "permissions", env.vhost, user, body=documented()[name])
+        return user, await env.connect(user, password)
+
+    @staticmethod
+    async def refused_all_but(connection: AbstractConnection, actions: list[Any],
+                              allowed: set[str]) -> None:
+        for action in actions:
+            if action.__name__ in allowed:
+                channel = await connection.channel(publisher_confirms=True)
+                await action(channel)
+                await channel.close()
+            else:
+                assert (await refusal(connection, action)).startswith("ACCESS_REFUSED"), \
+                    action.__name__
+
+    async def test_the_readme_names_every_party(self) -> None:
+        """The README's commands cover relayd, the edge, the identity service and an
+        operator."""
+        assert set(documented()) == {"relayd", "edge", "identity", "operator"}
+
+    async def test_edge(self, env: Env, relay_side: list[Any]) -> None:
+        """The edge publishes to relayd.ingress and consumes device queues, nothing else."""
+        _, connection = await self.party(env, "edge")
+        async with connection:
+            await self.refused_all_but(connection, relay_side, {
+                "publish to relayd.ingress inbound", "consume relayd.device.phone"})
+
+    async def test_identity_service(self, env: Env, relay_side: list[Any]) -> None:
+        """The identity service publishes erase requests as itself, nothing else."""
+        user, connection = await self.party(env, "identity")
+        async with connection:
+            await self.refused_all_but(connection, relay_side, {"publish to relayd.gdpr"})
+            channel = await connection.channel(publisher_confirms=True)
+            await publisher(env.relay.settings.topology.gdpr_exchange, user_id=user)(channel)
+            as_other = publisher(env.relay.settings.topology.gdpr_exchange, user_id="relayd")
+            assert (await refusal(connection, as_other)).startswith("PRECONDITION_FAILED")
+
+    async def test_operator(self, env: Env, relay_side: list[Any]) -> None:
+        """An operator reads relayd.dead, nothing else."""
+        _, connection = await self.party(env, "operator")
+        async with connection:
+            await self.refused_all_but(connection, relay_side, {"consume relayd.dead"})
+
+    async def test_business(self, env: Env, relay_side: list[Any]) -> None:
+        """A business provisioned by `business add` publishes replies with its own routing
+        key and consumes its own inbox, nothing else of the relay."""
+        password = await env.add_with_password("globex", "globex-user")
+        connection = await env.connect("globex-user", password)
+        async with connection:
+            await self.refused_all_but(connection, relay_side, set())
 
 
 class TestOnboarding:
