@@ -58,7 +58,7 @@ MAX_DEPTH = 8  # nested tables and arrays; RabbitMQ's own x-death header uses 3
 _UNDECODABLE = (ValueError, IndexError, struct.error, OverflowError, OSError)
 
 _HEAD = struct.Struct(">HHQ")  # class id, weight, body size
-_U8, _U16, _U32, _U64 = (struct.Struct(f) for f in (">B", ">H", ">I", ">Q"))
+_U16, _U32, _U64 = (struct.Struct(f) for f in (">H", ">I", ">Q"))
 _FIXED = {kind.encode(): struct.Struct(">" + form) for kind, form in (
     ("t", "B"), ("b", "b"), ("B", "B"), ("s", "h"), ("u", "H"), ("I", "i"), ("i", "I"),
     ("l", "q"), ("L", "q"), ("f", "f"), ("d", "d"))}

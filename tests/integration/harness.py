@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -290,6 +291,18 @@ def add_amqp_user(vhost: str, user: str) -> str:
     rabbitmqctl("add_user", user, password)
     rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     return password
+
+
+GRANT = re.compile(r"^rabbitmqctl set_permissions -p relayd (\S+) '([^']*)' '([^']*)' '([^']*)'$",
+                   re.MULTILINE)
+
+
+def documented_permissions() -> dict[str, dict[str, str]]:
+    """The permissions deploy/rabbitmq/README.md gives each party (relayd, the edge, the
+    identity service, an operator), by its user name there."""
+    readme = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "README.md"
+    return {user: {"configure": configure, "write": write, "read": read}
+            for user, configure, write, read in GRANT.findall(readme.read_text())}
 
 
 def confine_business(relay: Relay, business: str) -> tuple[str, str]:

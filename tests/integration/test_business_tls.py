@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import socket
 import ssl
@@ -31,13 +30,11 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from relayd import amqp, config, keys, provision, topology
 from relayd.client import RelayPublic, reply
 from relayd.store import open_store
-from tests.integration.harness import WAIT, Relay
+from tests.integration.harness import WAIT, Relay, documented_permissions
 from tests.support.broker import TestBroker
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "rabbitmq"
-GRANT = re.compile(r"^rabbitmqctl set_permissions -p relayd (\S+) '([^']*)' '([^']*)' '([^']*)'$",
-                   re.MULTILINE)
 EXAMPLE = REPO / "examples" / "business_echo.py"
 USER = "alice@example.org"
 
@@ -124,13 +121,6 @@ class Env:
         return self.relay.settings.topology.business_exchange.format(business=business)
 
 
-def documented() -> dict[str, dict[str, str]]:
-    """The permissions deploy/rabbitmq/README.md gives each party (relayd, the edge, the
-    identity service, an operator), by its user name there."""
-    return {user: {"configure": configure, "write": write, "read": read}
-            for user, configure, write, read in GRANT.findall((DEPLOY / "README.md").read_text())}
-
-
 def relay_config(node: TestBroker, root: Path, vhost: str) -> dict[str, Any]:
     cert, key = node.tls_dir / "client-relayd.pem", node.tls_dir / "client-relayd.key"
     return {
@@ -155,7 +145,7 @@ async def env(node: TestBroker, tmp_path: Path) -> AsyncIterator[Env]:
     admin.api.call("PUT", "vhosts", vhost)
     # relayd with the permissions the deploy README gives it; the test itself (guest,
     # playing the device edge and looking into queues) with every permission
-    admin.api.call("PUT", "permissions", vhost, "relayd", body=documented()["relayd"])
+    admin.api.call("PUT", "permissions", vhost, "relayd", body=documented_permissions()["relayd"])
     admin.api.call("PUT", "permissions", vhost, "guest",
                    body={"configure": ".*", "write": ".*", "read": ".*"})
     path = tmp_path / "relayd.yaml"
@@ -426,7 +416,8 @@ class TestWhoMayPublishWhere:
         """A user with the README's permissions for `name`, connected over TLS."""
         user, password = f"{name}-{secrets.token_hex(3)}", secrets.token_hex(12)
         env.admin.api.put_user(user, [], password)
-        env.admin.api.call("PUT", "permissions", env.vhost, user, body=documented()[name])
+        env.admin.api.call("PUT", "permissions", env.vhost, user,
+                           body=documented_permissions()[name])
         return user, await env.connect(user, password)
 
     @staticmethod
@@ -444,7 +435,7 @@ class TestWhoMayPublishWhere:
     async def test_the_readme_names_every_party(self) -> None:
         """The README's commands cover relayd, the edge, the identity service and an
         operator."""
-        assert set(documented()) == {"relayd", "edge", "identity", "operator"}
+        assert set(documented_permissions()) == {"relayd", "edge", "identity", "operator"}
 
     async def test_edge(self, env: Env, relay_side: list[Any]) -> None:
         """The edge publishes to relayd.ingress and consumes device queues, nothing else."""

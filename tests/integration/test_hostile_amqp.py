@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -43,6 +44,7 @@ from tests.integration.harness import (
     Relay,
     add_amqp_user,
     confine_business,
+    documented_permissions,
     rabbitmqctl,
     relay_in_vhost,
 )
@@ -94,16 +96,25 @@ poisons = st.builds(
     with_user=st.booleans())
 
 
+@dataclass(frozen=True)
+class Delivered:
+    headers: dict[str, Any]
+    body: bytes
+
+
 @dataclass
 class Inbox:
-    """Everything one queue delivered, as it arrives, with the time it arrived."""
+    """Everything one queue delivered, as it arrives, with the time it arrived; without
+    their bodies unless `bodies` (a dead-lettered poison may be 1 MiB)."""
 
-    messages: list[tuple[float, AbstractIncomingMessage]] = field(default_factory=list)
+    bodies: bool = True
+    messages: list[tuple[float, Delivered]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         await message.ack()
-        self.messages.append((time.monotonic(), message))
+        self.messages.append((time.monotonic(), Delivered(
+            dict(message.headers or {}), message.body if self.bodies else b"")))
         self.changed.set()
 
     async def wait(self, done: Callable[[], bool], within_s: float) -> None:
@@ -160,8 +171,8 @@ def unacked(vhost: str) -> dict[str, int]:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     """A relay in its own vhost: acme (the hostile business) and globex, each with a broker
-    user confined as `business add` confines one; an edge user that may only publish to
-    relayd.ingress; bob's phone in a conversation with globex."""
+    user confined as `business add` confines one; an edge user with the permissions
+    deploy/rabbitmq/README.md gives the edge; bob's phone in a conversation with globex."""
     async with relay_in_vhost(tmp_path) as relay:
         users: list[str] = []
         try:
@@ -170,8 +181,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             edge_user = f"edge-{secrets.token_hex(4)}"
             edge_password = add_amqp_user(relay.vhost, edge_user)
             users += [acme_user, globex_user, edge_user]
-            rabbitmqctl("set_permissions", "-p", relay.vhost, edge_user, "^$",
-                        r"^relayd\.ingress$", r"^relayd\.device\..*$")
+            rights = documented_permissions()["edge"]  # deploy/rabbitmq/README.md's
+            rabbitmqctl("set_permissions", "-p", relay.vhost, edge_user, rights["configure"],
+                        rights["write"], rights["read"])
             await relay.add_business("acme", amqp_user=acme_user)
             await relay.add_business("globex", amqp_user=globex_user)
             phone = await relay.add_device(USER, "phone")
@@ -179,7 +191,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             await relay.send(phone, "globex", "start", {"text": "hello"})
             [start] = await relay.events("globex", 1)
 
-            inboxes = {name: Inbox() for name in ("globex", "acme", "phone", "dead")}
+            inboxes = {name: Inbox(bodies=name != "dead")
+                       for name in ("globex", "acme", "phone", "dead")}
             t = relay.settings.topology
             for name, queue in (("globex", relay.inbox("globex")), ("acme", relay.inbox("acme")),
                                 ("phone", relay.device_queue(phone)), ("dead", t.dead_queue)):
@@ -206,7 +219,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
                 assert settled, left
                 assert connections_of(relay.vhost, "guest") == w.connections
                 # the figures for docs/reliability.md (shown with pytest -s)
-                print(f"\nhostile AMQP: publishes {dict(sorted(w.counts.items()))}; valid "
+                print(f"\nhostile AMQP: {dict(sorted(w.counts.items()))}; valid "
                       f"messages {len(w.lags)}, slowest {max(w.lags, default=0):.2f} s after "
                       f"the poison before it")
         finally:
@@ -270,7 +283,8 @@ class TestPoisonCostsOnlyItself:
         most_in_flight = 0.0
         for i, poison in enumerate(batch):
             result = await publish(w, poison)
-            w.counts[f"{poison.door} {result}"] = w.counts.get(f"{poison.door} {result}", 0) + 1
+            taken = f"{poison.door} door: {result}"
+            w.counts[taken] = w.counts.get(taken, 0) + 1
             if result == "ack":
                 ends.append(expected(poison))
                 signed += (poison.door == "business" and poison.with_user
@@ -286,7 +300,7 @@ class TestPoisonCostsOnlyItself:
             reply_ids.append(reply)
             most_in_flight = max(most_in_flight, in_flight() - in_flight_before)
 
-        def arrived(name: str) -> list[tuple[float, AbstractIncomingMessage]]:
+        def arrived(name: str) -> list[tuple[float, Delivered]]:
             return w.inboxes[name].messages[seen[name]:]
 
         # every valid message, both ways, each within a few seconds of the poison before it
@@ -310,19 +324,21 @@ class TestPoisonCostsOnlyItself:
         await w.inboxes["acme"].wait(lambda: len(arrived("acme")) >= errors_expected,
                                      FEW_SECONDS * 2)
         dead = [m for _, m in arrived("dead")]
-        reasons = [str((m.headers or {}).get("x-relayd-reason")) for m in dead]
+        reasons = [str(m.headers.get("x-relayd-reason")) for m in dead]
         if not unknown:
             assert len(dead) == dead_expected
             assert reasons.count("bad_properties") == ends.count("dead:bad_properties")
         for message in dead:  # only what relayd set or checked, never a poison's own
-            assert set(message.headers or {}) <= {
+            assert set(message.headers) <= {
                 "x-relayd-reason", "x-relayd-queue", "x-relayd-amqp-user", "relayd-kid",
                 wire.BAD_PROPERTIES}
-        bad = [m.headers or {} for m in dead if (m.headers or {}).get(
-            "x-relayd-reason") == "bad_properties"]
+        bad = [m.headers for m in dead if m.headers.get("x-relayd-reason") == "bad_properties"]
         assert all(wire.BAD_PROPERTIES in headers for headers in bad)
         if not unknown:  # the broker-validated user_id of a bad reply reaches relayd
             assert [h.get("x-relayd-amqp-user") for h in bad].count(w.acme_user) == signed
+        for outcome in [f"ended dead: {r}" for r in reasons] + ["ended as error event"] * len(
+                arrived("acme")):
+            w.counts[outcome] = w.counts.get(outcome, 0) + 1
         errors = [parse_event(m.body) for _, m in arrived("acme")]
         assert all(e["type"] == "error" for e in errors)
         if not unknown:

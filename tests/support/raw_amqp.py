@@ -103,7 +103,7 @@ class RawPublisher:
     """
 
     def __init__(self, host: str, port: int, user: str, password: str, vhost: str,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 30.0) -> None:
         self.host, self.port, self.user, self.password, self.vhost = (
             host, port, user, password, vhost)
         self.timeout = timeout
