@@ -400,17 +400,18 @@ class TestWhoMayPublishWhere:
         """The core topology with erase requests, a business and a device: what nobody
         but relayd (or its owner) may touch."""
         await env.add_with_password("acme", "acme-user")
-        await env.relay.add_device(USER, "phone")
-        t = env.relay.settings.topology
+        phone = await env.relay.add_device(USER, "phone")
+        t, secret = env.relay.settings.topology, env.relay.keyring.opaque_secret
         await topology.declare(env.relay.channel, topology.core(t, identity_service=True))
         return [publisher(t.ingress_exchange, "inbound"), publisher(t.replies_exchange, "acme"),
-                publisher(t.devices_exchange, "phone"), publisher(t.dead_exchange),
+                publisher(t.devices_exchange, topology.device_routing_key("phone", secret)),
+                publisher(t.dead_exchange),
                 publisher(t.gdpr_exchange), publisher(t.shard_exchange, "relayd.inbound.0"),
                 publisher(env.exchange("acme")), publisher("", t.inbound_queue),
                 publisher("", t.outbound_queue), publisher("", env.inbox("acme")),
                 consumer(t.inbound_queue), consumer(t.outbound_queue), consumer(t.dead_queue),
                 consumer(t.gdpr_queue), consumer(env.inbox("acme")),
-                consumer(t.device_queue.format(device="phone"))]
+                consumer(env.relay.device_queue(phone))]
 
     async def party(self, env: Env, name: str) -> tuple[str, AbstractConnection]:
         """A user with the README's permissions for `name`, connected over TLS."""
@@ -441,8 +442,10 @@ class TestWhoMayPublishWhere:
         """The edge publishes to relayd.ingress and consumes device queues, nothing else."""
         _, connection = await self.party(env, "edge")
         async with connection:
+            phone = next(a.__name__ for a in relay_side
+                         if a.__name__.startswith("consume relayd.device."))
             await self.refused_all_but(connection, relay_side, {
-                "publish to relayd.ingress inbound", "consume relayd.device.phone"})
+                "publish to relayd.ingress inbound", phone})
 
     async def test_identity_service(self, env: Env, relay_side: list[Any]) -> None:
         """The identity service publishes erase requests as itself, nothing else."""
