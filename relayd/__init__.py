@@ -1,3 +1,10 @@
 """relayd: a privacy-preserving business-chat relay on RabbitMQ."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    # pyproject.toml is the one place the version is written; the installed metadata
+    # carries it here, so that a wheel, a venv and the Debian package cannot disagree.
+    __version__ = version("relayd")
+except PackageNotFoundError:  # run from a bare source tree, never installed
+    __version__ = "0+unknown"
