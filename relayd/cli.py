@@ -16,6 +16,7 @@ import orjson
 import structlog
 import uvloop
 
+import relayd
 from relayd import (
     admin,
     amqp,
@@ -388,6 +389,7 @@ def _iso(ms: int) -> str:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="relayd", description=__doc__)
+    top.add_argument("--version", action="version", version=f"relayd {relayd.__version__}")
     commands = top.add_subparsers(dest="command", required=True)
 
     def command(parent: Any, name: str, handler: Callable[..., int], help_text: str,

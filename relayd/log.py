@@ -46,7 +46,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 SAFE_KEYS = frozenset({
     "event", "level", "timestamp", "logger", "template",  # the line itself
     "worker", "job", "stage", "type", "outcome", "reason", "latency_ms",  # what happened
-    "signal", "code", "retry_in_s", "port", "via",  # process
+    "signal", "code", "retry_in_s", "port", "via", "version",  # process
     "kid", "kids",  # relay key ids, public by design
     "error", "cause", "trace",  # exception types and frames (exception_summary)
 })

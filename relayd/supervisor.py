@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relayd import config, endpoints, keys, log, metrics
+from relayd import __version__, config, endpoints, keys, log, metrics
 from relayd.errors import ConfigError, ExitCode
 from relayd.observe import Observer
 from relayd.sdnotify import Notifier, without_notify
@@ -239,7 +239,8 @@ class Supervisor:
                                     for role in self.collector.configured}
         if self.ready and not self.announced:
             self.announced = True
-            _log.info("ready", workers=len(self.slots), kid=self.keyring.current.kid)
+            _log.info("ready", workers=len(self.slots), kid=self.keyring.current.kid,
+                      version=__version__)
             self.notifier.ready(self.describe())
         else:
             self.notifier.status(self.describe())
