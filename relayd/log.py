@@ -1,4 +1,6 @@
 """structlog set up for journald: JSON lines on stdout, or a console renderer on a terminal.
+On the journal, each line starts with its syslog priority ("<4>" for warning), which
+journald files as the line's priority and strips.
 
 No plaintext, key, user id or device id may reach a log line, and `redact` guarantees it
 rather than trusting each call site: it runs last before rendering and lets through only
@@ -22,7 +24,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import functools
+import io
 import logging
+import os
 import re
 import secrets
 import sys
@@ -183,12 +187,37 @@ def _dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
+# syslog priorities: journald files a stdout line that starts with "<N>" at priority N
+# (the unit's SyslogLevelPrefix=, on by default), so `journalctl -p warning` works.
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def to_journal(stream: TextIO) -> bool:
+    """Whether `stream` is the journal: systemd names it in $JOURNAL_STREAM as
+    device:inode, and passes that on to children that inherit it (our workers)."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{info.st_dev}:{info.st_ino}"
+
+
+def _with_priority(render: Any) -> Any:
+    """The renderer, with each line prefixed by its level as a syslog priority."""
+    def prefixed(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        priority = _PRIORITY.get(str(event.get("level")), 6)
+        return f"<{priority}>{render(logger, name, event)}"
+    return prefixed
+
+
 def setup(settings: Logging, stream: TextIO | None = None) -> None:
     """Configure structlog, and route library records through it (WARNING and up)."""
     stream = stream or sys.stdout
     console = settings.format == "console" or (settings.format == "auto" and stream.isatty())
     renderer: Any = (structlog.dev.ConsoleRenderer() if console
                      else structlog.processors.JSONRenderer(serializer=_dumps))
+    if to_journal(stream):
+        renderer = _with_priority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -93,6 +93,7 @@ class TestSystemdUnit:
         assert unit["User"] == ["relayd"]
         assert unit["StateDirectory"] == ["relayd"]
         assert unit["KillMode"] == ["mixed"]  # relayd stops its own workers
+        assert unit["SyslogLevelPrefix"] == ["yes"]  # levels reach journald (relayd.log)
         for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes",
                            "PrivateTmp": "yes", "NoNewPrivileges": "yes",
                            "CapabilityBoundingSet": "", "MemoryDenyWriteExecute": "yes",

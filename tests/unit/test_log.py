@@ -6,8 +6,10 @@ import asyncio
 import gc
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -200,3 +202,48 @@ class TestLevel:
         logger.info("hidden")
         logger.warning("shown")
         assert [line["event"] for line in parsed(lines)] == ["before", "shown"]
+
+
+class TestJournalPriority:
+    @pytest.fixture
+    def journal(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+        """A file that $JOURNAL_STREAM names as the journal, as systemd names its socket."""
+        path = tmp_path / "journal"
+        with path.open("w") as stream:
+            info = os.fstat(stream.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+            log.setup(Logging(level="debug", format="json"), stream=stream)
+            try:
+                yield path
+            finally:
+                log.reset()
+
+    def test_lines_carry_their_level_as_a_syslog_priority(self, journal: Path) -> None:
+        """On the journal, each JSON line starts with <N>: debug 7, info 6, warning 4,
+        error 3, critical 2, and a library's warning 4."""
+        logger = log.get("relayd.test")
+        logger.debug("d")
+        logger.info("i")
+        logger.warning("w")
+        logger.error("e")
+        logger.critical("c")
+        logging.getLogger("aiormq.connection").warning("lost")
+        lines = journal.read_text().splitlines()
+        assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>", "<4>"]
+        assert [orjson.loads(line[3:])["event"] for line in lines] == [
+            "d", "i", "w", "e", "c", "library"]
+
+    def test_no_prefix_elsewhere(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A stream that is not the one $JOURNAL_STREAM names (a file, a pipe, a buffer)
+        gets plain JSON lines."""
+        other = tmp_path / "other"
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+        try:
+            with other.open("w") as stream:
+                log.setup(Logging(level="info", format="json"), stream=stream)
+                log.get().warning("w")
+        finally:
+            log.reset()
+        assert orjson.loads(other.read_text())["event"] == "w"
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not log.to_journal(io.StringIO())
