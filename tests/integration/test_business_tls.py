@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import secrets
 import socket
 import ssl
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +29,7 @@ import orjson
 import pytest
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd import amqp, config, keys, provision, topology
 from relayd.client import RelayPublic, reply
@@ -259,6 +263,33 @@ class TestListeners:
         assert cipher is not None
         assert cipher[0].startswith(("TLS_", "ECDHE-"))
         assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - the node's http://
+        body: bytes = answer.read()
+    return body.decode()
+
+
+class TestBrokerMetrics:
+    async def test_dashboard_and_alerts_use_what_the_broker_serves(self, env: Env) -> None:
+        """rabbitmq_prometheus is on in the production config: every broker metric that the
+        dashboard and the alert rules query is one the node serves, and the endpoint names
+        no queue (queue names hold business and device ids)."""
+        await env.add_with_password("acme", "acme-user")
+        text = await asyncio.to_thread(fetch, env.node.prometheus_url)
+        served = {sample.name for family in text_string_to_metric_families(text)
+                  for sample in family.samples}
+        dashboard = json.loads((REPO / "deploy/grafana/relayd.json").read_text())
+        exprs = [target["expr"] for panel in dashboard["panels"]
+                 for target in panel.get("targets", [])]
+        rules = yaml.safe_load((REPO / "deploy/prometheus/relayd-alerts.yml").read_text())
+        exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+        used = {name for expr in exprs for name in re.findall(r"\brabbitmq_[a-z_]+", expr)}
+        assert len(used) >= 10
+        assert used <= served
+        assert env.inbox("acme") not in text
+        assert "queue=" not in text
 
 
 class TestIsolation:

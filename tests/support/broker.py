@@ -177,6 +177,7 @@ class TestBroker:
     amqps_port: int = 0
     mgmt_port: int = 0
     dist_port: int = 0
+    prometheus_port: int = 0  # rabbitmq_prometheus, where the config enables it
     extra_conf: str = ""
     advanced_config: str = ""  # Erlang terms for settings rabbitmq.conf has no key for
     conf_file: Path | None = None
@@ -191,7 +192,7 @@ class TestBroker:
             self.node_name = f"relayd-test-{digest}"
         if "@" not in self.node_name:
             self.node_name += "@localhost"
-        names = ("amqp_port", "amqps_port", "mgmt_port", "dist_port")
+        names = ("amqp_port", "amqps_port", "mgmt_port", "dist_port", "prometheus_port")
         picked = iter(free_ports(sum(getattr(self, n) == 0 for n in names)))
         for n in names:
             if getattr(self, n) == 0:
@@ -250,6 +251,10 @@ class TestBroker:
     @property
     def amqps_url(self) -> str:
         return f"amqps://guest:guest@127.0.0.1:{self.amqps_port}/"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}/metrics"
 
     @property
     def mgmt_url(self) -> str:
@@ -321,6 +326,8 @@ class TestBroker:
         lines = []
         for line in text.splitlines():
             key, _, value = (part.strip() for part in line.partition("="))
+            if key.startswith("disk_free_limit."):  # the machine's disk is shared with others
+                key, value = "disk_free_limit.absolute", "50MB"
             lines.append(f"{key} = {self._local(key, value)}"
                          if value and not key.startswith("#") else line)
         return "\n".join([*lines, "log.console = false", "log.file.level = info",
@@ -339,8 +346,8 @@ class TestBroker:
             return str(tls[last])
         if key.startswith("management.") and last in ("port", "ip"):
             return str(self.mgmt_port) if last == "port" else "127.0.0.1"
-        if key == "disk_free_limit.absolute":
-            return "50MB"  # the machine's disk is shared with other tests
+        if key.startswith("prometheus.tcp.") and last in ("port", "ip"):
+            return str(self.prometheus_port) if last == "port" else "127.0.0.1"
         return value
 
     def _config(self) -> str:

@@ -118,14 +118,14 @@ def rules() -> dict[str, dict[str, Any]]:
 class TestDashboard:
     def test_uses_only_exported_metrics(self, dashboard: dict[str, Any]) -> None:
         """Every relayd metric a panel queries is one that relayd exports."""
-        used = {name for panel in dashboard["panels"] for target in panel["targets"]
+        used = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
                 for name in METRIC.findall(target["expr"])}
         assert len(used) >= 8
         assert used <= exported_samples()
 
     def test_has_the_panels_operators_need(self, dashboard: dict[str, Any]) -> None:
         """Throughput, rejections, latency percentiles, dead-letter depth and restarts."""
-        exprs = {panel["title"]: " ".join(t["expr"] for t in panel["targets"])
+        exprs = {panel["title"]: " ".join(t["expr"] for t in panel.get("targets", []))
                  for panel in dashboard["panels"]}
         assert "relayd_messages_total" in exprs["Throughput per stage and outcome"]
         assert "relayd_rejections_total" in exprs["Rejections by reason"]
@@ -133,6 +133,21 @@ class TestDashboard:
             assert exprs[title].count("histogram_quantile") == 3
         assert 'queue="dead"' in exprs["Dead-letter depth"]
         assert "relayd_worker_restarts_total" in exprs["Worker restarts"]
+
+    def test_has_the_brokers_panels(self, dashboard: dict[str, Any]) -> None:
+        """Beside relayd's, the broker's alarms, memory and disk against their limits, and
+        its message rates (tests/integration/test_business_tls.py checks the names against
+        a node running the shipped config)."""
+        exprs = " ".join(t["expr"] for panel in dashboard["panels"]
+                         for t in panel.get("targets", []))
+        for name in ("rabbitmq_alarms_memory_used_watermark",
+                     "rabbitmq_alarms_free_disk_space_watermark",
+                     "rabbitmq_resident_memory_limit_bytes",
+                     "rabbitmq_disk_space_available_limit_bytes",
+                     "rabbitmq_global_messages_confirmed_total"):
+            assert name in exprs
+        broker = [p for p in dashboard["panels"] if "$broker" in json.dumps(p)]
+        assert len(broker) >= 5
 
 
 class TestAlertRules:
