@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from pamqp.commands import Basic
 
 from relayd import envelope, keys, log, metrics, topology, wire
 from relayd.config import Settings
-from relayd.errors import PermanentError, TransientError
+from relayd.errors import ConfigError, PermanentError, TransientError
 
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
@@ -109,8 +110,12 @@ async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnect
     if context is not None:
         kwargs["ssl_context"] = context
         kwargs["ssl"] = True
-    connection: aio_pika.abc.AbstractConnection = await aio_pika.connect(
-        settings.amqp.url, **kwargs)
+    try:
+        connection: aio_pika.abc.AbstractConnection = await aio_pika.connect(
+            settings.amqp.url, **kwargs)
+    except (aiormq.exceptions.ProbableAuthenticationError,
+            aiormq.exceptions.InvalidFrameError) as exc:
+        raise refused(settings.amqp.url, exc) from None
     return connection
 
 
@@ -185,6 +190,28 @@ async def wait_any(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def refused(url: str, exc: Exception) -> Exception:
+    """What a connect failure means when the broker refused relayd rather than failed: a
+    ConfigError on amqp.url that says what to fix, or `exc` itself. A login refused is
+    ACCESS_REFUSED; a vhost that does not exist, or that the user may not use, gets a
+    Connection.Close instead of Connection.OpenOk, which aiormq 7 reports only as an
+    InvalidFrameError naming both."""
+    parts = urllib.parse.urlsplit(url)
+    user = urllib.parse.unquote(parts.username or "") or "the certificate's CN"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return ConfigError({"amqp.url": f"the broker refused the login of {user}: check the "
+                            "user name and password in amqp.url (or RELAYD_AMQP__URL), or "
+                            "the client certificate for ?auth=external"})
+    if "Connection.OpenOk" in str(exc) and "Connection.Close" in str(exc):
+        vhost = urllib.parse.unquote(parts.path[1:]) or "/"
+        return ConfigError({"amqp.url": f"the broker refused vhost {vhost!r} to {user}: it "
+                            "does not exist, or that user has no permissions on it. Create "
+                            f"it and grant them (rabbitmqctl add_vhost {vhost}; rabbitmqctl "
+                            f"set_permissions -p {vhost} USER '^relayd\\.' '^relayd\\.' "
+                            "'^relayd\\.'), or fix the vhost in amqp.url"})
+    return exc
 
 
 class Publisher:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import select
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -500,6 +502,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _error(*lines: str) -> None:
+    """An error for the operator, on stderr; on the journal, filed at priority err."""
+    prefix = "<3>" if log.to_journal(sys.stderr) else ""
+    for line in lines:
+        print(prefix + line, file=sys.stderr)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe that nobody reads any more (`relayd ... | head -1`)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -509,23 +525,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon = args.handler in (cmd_run, cmd_worker)
         log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
         code: int = args.handler(args, settings)
+        sys.stdout.flush()  # here, where a closed pipe is still ours to report
     except ConfigError as exc:
-        print(f"config error in {args.config}:", file=sys.stderr)
-        for key, why in exc.problems.items():
-            print(f"  {key}: {why}", file=sys.stderr)
+        _error(f"config error in {args.config}:",
+               *(f"  {key}: {why}" for key, why in exc.problems.items()))
         return ExitCode.CONFIG
     except StoreUnavailableError as exc:
-        print(f"cannot reach the store: {exc}", file=sys.stderr)
+        _error(f"cannot reach the store: {exc}")
         return ExitCode.UNAVAILABLE
+    except BrokenPipeError as exc:  # a ConnectionError, but maybe not the broker's
+        if not _stdout_closed():
+            _error(f"cannot reach the broker: {exc}")
+            return ExitCode.UNAVAILABLE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # drop the rest
+        _error("relayd: output cut short: whatever read relayd's stdout exited first")
+        return ExitCode.BROKEN_PIPE
     except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
-        print(f"cannot reach the broker: {exc}", file=sys.stderr)
+        _error(f"cannot reach the broker: {exc}")
         return ExitCode.UNAVAILABLE
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        print(f"the broker refused a declaration (a queue or exchange of that name exists "
-              f"with other arguments; see docs/operations.md, upgrading): {exc}", file=sys.stderr)
+        _error("the broker refused a declaration (a queue or exchange of that name exists "
+               f"with other arguments; see docs/operations.md, upgrading): {exc}")
         return ExitCode.FAILURE
     except OSError as exc:
-        print(f"relayd: {exc}", file=sys.stderr)
+        _error(f"relayd: {exc}")
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.FAILURE
@@ -533,6 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("run", "worker"):  # the daemon: type and frames, never the text
             log.get("relayd.cli").exception("crashed")
         else:  # an operator's command: the operator needs the message
-            print(f"relayd: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _error(f"relayd: {type(exc).__name__}: {exc}")
         return ExitCode.SOFTWARE
     return code

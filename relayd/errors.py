@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker or the database could not be reached
     SOFTWARE = 70  # EX_SOFTWARE: a bug
     CONFIG = 78  # EX_CONFIG: the config or the key files are wrong
+    BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it: stdout's reader went away
 
 
 class RelaydError(Exception):

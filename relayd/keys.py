@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -142,6 +143,29 @@ def _hpke_key(path: Path) -> RelayKey:
         raise KeyFileError(str(path), f"malformed HPKE key: {exc}") from None
 
 
+def _readable(keys_dir: Path) -> None:
+    """Refuse a directory that is missing, or that this user may not read (which a
+    glob would take for an empty one)."""
+    try:
+        next(keys_dir.iterdir(), None)
+    except FileNotFoundError:
+        raise KeyFileError(str(keys_dir), "no such directory: run `relayd keys generate`"
+                           ) from None
+    except PermissionError:
+        raise KeyFileError(str(keys_dir), f"not readable by user {_user()}: run this as root, "
+                           "or as the user that owns the keys (the service gets them as "
+                           "systemd credentials, LoadCredential=)") from None
+    except NotADirectoryError:
+        raise KeyFileError(str(keys_dir), "is not a directory") from None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def location(keys_dir: Path, environ: Mapping[str, str] | None = None) -> tuple[Path, str]:
     """Where the key files are, and the prefix of their names: systemd's credentials
     directory when it holds the keys, else `keys_dir`."""
@@ -161,8 +185,7 @@ def load(keys_dir: Path, grace_period: timedelta, now: datetime | None = None,
          prefix: str = "") -> KeyRing:
     """Load and check every key; refuse files that others can read."""
     now = now or datetime.now(UTC)
-    if not keys_dir.is_dir():
-        raise KeyFileError(str(keys_dir), "no such directory: run `relayd keys generate`")
+    _readable(keys_dir)
     keys = sorted((_hpke_key(p) for p in keys_dir.glob(f"{prefix}hpke-*.json")),
                   key=lambda k: k.created)
     if not keys:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +188,45 @@ class TestBusinessCredentials:
         capsys.readouterr()
         assert cli.main(["business", "list", "--json", "--config", str(path)]) == ExitCode.OK
         assert orjson.loads(capsys.readouterr().out) == []
+
+
+class TestErrorsNameTheCause:
+    def test_closed_stdout_is_not_the_broker(self, tmp_path: Path) -> None:
+        """When stdout's reader has gone (`relayd keys show | head -0`), the command exits
+        141, as a shell reports SIGPIPE, and says so, without blaming the broker."""
+        path = _config(tmp_path)
+        assert cli.main(["keys", "generate", "--config", str(path)]) == ExitCode.OK
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "relayd", "keys", "show", "--config", str(path)],
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+        finally:
+            os.close(write_end)
+        assert result.returncode == ExitCode.BROKEN_PIPE == 141
+        assert "stdout" in result.stderr
+        assert "broker" not in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_unreadable_keys_dir_is_not_missing_keys(self, tmp_path: Path) -> None:
+        """A keys directory this user may not read (root's, read by the service user)
+        exits 78 naming the user, and does not say to generate keys."""
+        path = _config(tmp_path)
+        assert cli.main(["keys", "generate", "--config", str(path)]) == ExitCode.OK
+        keys_dir = tmp_path / "keys"
+        command = [sys.executable, "-m", "relayd", "keys", "show", "--config", str(path)]
+        if os.geteuid() == 0:  # another user's directory, and root without its overrides
+            shutil.chown(keys_dir, "nobody")
+            command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+                       *command]
+        else:  # our own directory, without the right to read it
+            keys_dir.chmod(0o300)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                    check=False)
+        finally:
+            keys_dir.chmod(0o700)
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert "not readable by user" in result.stderr
+        assert "keys generate" not in result.stderr
