@@ -32,6 +32,7 @@ from relayd import (
     status,
     topology,
 )
+from relayd.completion import bash_completion
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
 from relayd.store import Business, Device, Store, open_store
@@ -124,7 +125,8 @@ def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) ->
         finally:
             await store.close()
 
-    print(f"declared {_run(declare())} exchanges, queues and bindings")
+    declared = _run(declare())
+    _print(args, {"declared": declared}, f"declared {declared} exchanges, queues and bindings")
     return ExitCode.OK
 
 
@@ -189,6 +191,11 @@ def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
         print(f"not copied: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
     _print(args, copied, "\n".join(f"{table}: {rows} rows" for table, rows in copied.items()))
+    return ExitCode.OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(bash_completion(parser()), end="")
     return ExitCode.OK
 
 
@@ -390,14 +397,20 @@ def _iso(ms: int) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="relayd", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="relayd", description=__doc__,
+        epilog=f"`relayd COMMAND --help` shows a command's options. Commands read "
+               f"{DEFAULT_CONFIG} unless given --config.")
     top.add_argument("--version", action="version", version=f"relayd {relayd.__version__}")
-    commands = top.add_subparsers(dest="command", required=True)
+    # A parser added without help= is left out of the listing: `worker` (run starts it).
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent: Any, name: str, handler: Callable[..., int], help_text: str,
+    def command(parent: Any, name: str, handler: Callable[..., int], help_text: str | None,
                 json_output: bool = False) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
-        sub.add_argument("--config", default=DEFAULT_CONFIG, help="the YAML config file")
+        listed = {} if help_text is None else {"help": help_text, "description": help_text}
+        sub: argparse.ArgumentParser = parent.add_parser(name, **listed)
+        sub.add_argument("--config", default=DEFAULT_CONFIG,
+                         help="the YAML config file (default: %(default)s)")
         if json_output:
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(handler=handler)
@@ -408,8 +421,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--role", choices=[*ROLES, "all"], default="all",
                      help="all: inbound, outbound, gdpr when gdpr.identity_user is set, and "
                      "retention when retention.enabled")
-    one = command(commands, "worker", cmd_worker, "one worker process (`run` starts these)")
-    one.add_argument("--role", choices=ROLES, required=True)
+    one = command(commands, "worker", cmd_worker, None)
+    one.description = "One worker process, started by `relayd run`: not for operators."
+    one.add_argument("--role", choices=ROLES, required=True, help="what it works on")
     one.add_argument("--name", help="how its log lines name it, e.g. inbound-0")
     one.add_argument("--control-fd", type=int, help="socket to the supervisor (by `run`)")
     command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
@@ -423,12 +437,14 @@ def parser() -> argparse.ArgumentParser:
     generate = command(key_commands, "generate", cmd_keys_generate, "create missing keys")
     generate.add_argument("--kid", type=kid,
                           help="key id for a new HPKE key (default: rYYYY-MM-DD)")
-    generate.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
+    generate.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value,
+                          help="key encapsulation of a new HPKE key (default: %(default)s)")
     command(key_commands, "show", cmd_keys_show, "print the current public keys as JSON")
 
     topo = commands.add_parser("topology", help="exchanges and queues").add_subparsers(
         dest="action", required=True)
-    command(topo, "declare", cmd_topology_declare, "declare everything, idempotently")
+    command(topo, "declare", cmd_topology_declare, "declare everything, idempotently",
+            json_output=True)
     command(topo, "move-device-queues", cmd_topology_move,
             "upgrade: move device queues named by device id (relayd 0.1.0) to their keyed "
             "names", json_output=True)
@@ -454,7 +470,7 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     add = command(biz, "add", cmd_business, "register (and provision) a business",
                   json_output=True)
-    add.add_argument("id", type=business_id)
+    add.add_argument("id", type=business_id, help="the business id, as in replies and events")
     add.add_argument("--amqp-user", required=True, help="the RabbitMQ user it connects as")
     add.add_argument("--first-party", action="store_true",
                      help="the operator's own desk: it also receives the user's account id")
@@ -467,38 +483,45 @@ def parser() -> argparse.ArgumentParser:
     remove = command(biz, "remove", cmd_business,
                      "revoke its user, close its connections, delete its inbox, unregister it",
                      json_output=True)
-    remove.add_argument("id", type=business_id)
+    remove.add_argument("id", type=business_id, help="the business id")
     rotate = command(biz, "rotate-credentials", cmd_business,
                      "issue a new password and close the open connections", json_output=True)
-    rotate.add_argument("id", type=business_id)
+    rotate.add_argument("id", type=business_id, help="the business id")
     rotate.add_argument("--password-file", type=Path,
                         help="write the new password here (mode 0600) instead of printing it")
 
     dev = commands.add_parser("device", help="registered devices").add_subparsers(
         dest="action", required=True)
     add = command(dev, "add", cmd_device, "register a device", json_output=True)
-    add.add_argument("--user", required=True)
-    add.add_argument("--device", required=True, type=device_id)
+    add.add_argument("--user", required=True, help="the user's account id")
+    add.add_argument("--device", required=True, type=device_id, help="the device id")
     # base64url may start with '-': pass keys as --enc-key=VALUE
     add.add_argument("--enc-key", required=True, help="HPKE public key, base64url (--enc-key=B64)")
     add.add_argument("--sign-key", required=True,
                      help="Ed25519 public key, base64url (--sign-key=B64)")
-    add.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value)
+    add.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value,
+                     help="the key encapsulation of --enc-key (default: %(default)s)")
     listing = command(dev, "list", cmd_device, "list devices", json_output=True)
-    listing.add_argument("--user")
+    listing.add_argument("--user", help="only this user's devices")
     remove = command(dev, "remove", cmd_device, "unregister a device", json_output=True)
-    remove.add_argument("device", type=device_id)
+    remove.add_argument("device", type=device_id, help="the device id")
 
     rights = commands.add_parser("gdpr", help="data subjects' rights and retention").add_subparsers(
         dest="action", required=True)
     erase = command(rights, "erase", cmd_gdpr, "erase everything held about a user (Art. 17)",
                     json_output=True)
-    erase.add_argument("--user", required=True)
+    erase.add_argument("--user", required=True, help="the user's account id")
     export = command(rights, "export", cmd_gdpr,
                      "print everything held about a user as JSON (Art. 15)")
-    export.add_argument("--user", required=True)
+    export.add_argument("--user", required=True, help="the user's account id")
     command(rights, "prune", cmd_gdpr, "run one retention pass now", json_output=True)
     command(rights, "audit", cmd_gdpr, "list the audit records", json_output=True)
+
+    completion = commands.add_parser(
+        "completion", help="print the bash completion script",
+        description="Print the bash completion script: "
+                    "relayd completion > /etc/bash_completion.d/relayd")
+    completion.set_defaults(handler=cmd_completion)
     return top
 
 
@@ -519,12 +542,15 @@ def _stdout_closed() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        settings = config.load(Path(args.config))
-        # The daemon logs to stdout, for the journal; a command keeps its stdout for its
-        # output (--json), so its log lines go to stderr.
-        daemon = args.handler in (cmd_run, cmd_worker)
-        log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
-        code: int = args.handler(args, settings)
+        if args.handler is cmd_completion:  # needs no config
+            code: int = cmd_completion(args)
+        else:
+            settings = config.load(Path(args.config))
+            # The daemon logs to stdout, for the journal; a command keeps its stdout for
+            # its output (--json), so its log lines go to stderr.
+            daemon = args.handler in (cmd_run, cmd_worker)
+            log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
+            code = args.handler(args, settings)
         sys.stdout.flush()  # here, where a closed pipe is still ours to report
     except ConfigError as exc:
         _error(f"config error in {args.config}:",

@@ -141,8 +141,8 @@ class TestInstalled:
         assert owner_and_mode(Path("/var/lib/relayd")) == ("relayd", "relayd", "0o700")
 
     def test_shipped_files(self, installed: Path) -> None:
-        """The unit, the example config, the dashboard, the alerts and the broker config
-        are the repository's, where the docs say."""
+        """The unit, the example config, the dashboard, the alerts, the broker config and
+        the bash completion are where the docs say."""
         pairs = {
             unit_path(): "deploy/relayd.service",
             Path("/etc/relayd/relayd.example.yaml"): "config/relayd.example.yaml",
@@ -153,6 +153,8 @@ class TestInstalled:
         }
         for installed_path, source in pairs.items():
             assert filecmp.cmp(installed_path, ROOT / source, shallow=False), installed_path
+        completion = Path("/usr/share/bash-completion/completions/relayd").read_text()
+        assert completion == sh(str(RELAYD), "completion").stdout
         conffiles = sh("dpkg-query", "-W", "-f", "${Conffiles}", "relayd").stdout
         assert "/etc/relayd/relayd.example.yaml" in conffiles
 

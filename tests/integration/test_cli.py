@@ -1,5 +1,6 @@
-"""The broker refusing relayd, as a command sees it: each refusal exits 78 (the config
-must change) with what to fix, and only an unreachable broker is "cannot reach"."""
+"""Commands against the real broker: each refusal by the broker exits 78 (the config
+must change) with what to fix, only an unreachable broker is "cannot reach", and
+topology declare speaks JSON like the other commands."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 
 from relayd import keys
 from relayd.errors import ExitCode
-from tests.integration.harness import BROKER, WAIT, rabbitmqctl, write_config
+from tests.integration.harness import BROKER, WAIT, Relay, rabbitmqctl, write_config
 
 
 def relayd(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,6 +80,13 @@ class TestBrokerRefusals:
                         "topology", "declare")
         assert result.returncode == ExitCode.BROKER_UNAVAILABLE, result.stderr
         assert "cannot reach the broker" in result.stderr
+
+
+def test_topology_declare_json(relay: Relay) -> None:
+    """topology declare --json prints one JSON object with the count."""
+    result = relayd(relay.config_path, "topology", "declare", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["declared"] > 5
 
 
 async def test_daemon_says_why_its_workers_exit(tmp_path: Path) -> None:
