@@ -7,6 +7,7 @@ they show even when relayd is down.
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from typing import Any
 
@@ -27,26 +28,45 @@ def queue_names(settings: Settings) -> dict[str, str]:
 
 
 class QueueDepths:
-    """Messages and consumers of the inbound, outbound and dead queues, on one connection."""
+    """Messages and consumers of the inbound, outbound and dead queues, on one connection,
+    opened again when the broker has closed it (the supervisor samples every 15 s for as
+    long as it runs, through broker restarts and `close_all_connections`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connection: AbstractConnection | None = None
 
     async def sample(self) -> dict[str, tuple[int, int]]:
-        if self.connection is None or self.connection.is_closed:
-            self.connection = await amqp.connect(self.settings, "relayd-status")
+        if self.connection is None:
+            connection = await amqp.connect(self.settings, "relayd-status")
+            # aio-pika's is_closed stays False when the broker closes the connection:
+            # only this callback says it is gone.
+            connection.close_callbacks.add(lambda *_, c=connection: self._forget(c))
+            self.connection = connection
         depths = {}
-        async with self.connection.channel() as channel:  # a missing queue closes it
-            for role, name in queue_names(self.settings).items():
-                declared = await channel.declare_queue(name, passive=True)
-                result = declared.declaration_result
-                depths[role] = (int(result.message_count or 0), int(result.consumer_count or 0))
+        try:
+            async with self.connection.channel() as channel:  # a missing queue closes it
+                for role, name in queue_names(self.settings).items():
+                    declared = await channel.declare_queue(name, passive=True)
+                    result = declared.declaration_result
+                    depths[role] = (int(result.message_count or 0),
+                                    int(result.consumer_count or 0))
+        except aio_pika.exceptions.ChannelClosed:
+            raise  # the broker closed the channel, over a missing queue: the link is fine
+        except Exception:
+            await self.close()  # whatever broke, the next sample starts on a new link
+            raise
         return depths
 
+    def _forget(self, connection: AbstractConnection) -> None:
+        if self.connection is connection:
+            self.connection = None
+
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closing a dead link may fail as it likes
+                await connection.close()
 
 
 def supervisor_url(settings: Settings) -> str:
