@@ -26,6 +26,7 @@ from relayd import (
     gdpr,
     keys,
     log,
+    metrics,
     payload,
     provision,
     retention,
@@ -104,6 +105,7 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.worker import work
 
     structlog.contextvars.bind_contextvars(worker=args.name or args.role)
+    metrics.at_zero(args.role)
     return _run(work(settings, Path(args.config), args.role, args.control_fd, args.name),
                 uvloop.run)
 

@@ -9,6 +9,7 @@ publish targets and queue roles: never an id.
 from __future__ import annotations
 
 import functools
+import platform
 import re
 import time
 from collections.abc import Iterable
@@ -16,10 +17,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+
+from relayd import __version__
 
 MESSAGES = Counter("relayd_messages", "Messages handled, by stage and outcome.",
                    ["stage", "outcome"])
@@ -41,6 +52,8 @@ RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again 
 
 _REASON = re.compile(r"[a-z][a-z_]{0,39}")
 ACKED = ("delivered", "dead_lettered")
+OUTCOMES = ("delivered", "dead_lettered", "rejected", "retry", "unsettled")
+HANDLING = ("inbound", "outbound", "gdpr")  # the roles whose workers handle messages
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
@@ -53,6 +66,15 @@ def _child(metric: M, *values: str) -> M:
 def reason_label(reason: str) -> str:
     """A reason code as a label value; anything else is `other` (labels stay bounded)."""
     return reason if _REASON.fullmatch(reason) else "other"
+
+
+def at_zero(role: str) -> None:
+    """Create the counters a worker of `role` keeps, at 0: a series that appears only
+    at its first increment shows no rate and fires no alert until then."""
+    _child(RECONNECTS, role)
+    if role in HANDLING:
+        for outcome in OUTCOMES:
+            _child(MESSAGES, role, outcome)
 
 
 def received(stage: str) -> None:
@@ -91,6 +113,17 @@ def aggregated(metrics_dir: Path, registry: CollectorRegistry | None = None) -> 
     collector: Collector = MultiProcessCollector(  # type: ignore[no-untyped-call]
         registry, str(metrics_dir))
     return collector
+
+
+def registry(metrics_dir: Path, supervisor: Collector) -> CollectorRegistry:
+    """What /metrics serves: the workers' values summed, the supervisor's own figures,
+    and the standard process_*, python_info and python_gc_* metrics of the supervisor
+    process (prometheus-client's default collectors)."""
+    served = CollectorRegistry()
+    aggregated(metrics_dir, served)
+    for collector in (supervisor, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        served.register(collector)
+    return served
 
 
 def forget(metrics_dir: Path, pid: int) -> None:
@@ -142,4 +175,7 @@ class SupervisorCollector(Collector):
             consumers.add_metric([queue], count)
         ready = GaugeMetricFamily("relayd_ready", "1 when every worker is consuming.")
         ready.add_metric([], 1 if self.ready else 0)
-        return [configured, consuming, restarts, depth, consumers, ready]
+        build = GaugeMetricFamily("relayd_build_info", "Always 1: the relayd and Python "
+                                  "versions of the supervisor.", labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        return [configured, consuming, restarts, depth, consumers, ready, build]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relayd import endpoints, log, metrics, status
 from relayd.config import Settings
@@ -73,9 +73,7 @@ class Observer:
 
     def routes(self, ready: Callable[[], bool], describe: Callable[[], str],
                snapshot: Callable[[], dict[str, Any]]) -> endpoints.Routes:
-        registry = CollectorRegistry()
-        metrics.aggregated(self.metrics_dir, registry)
-        registry.register(self.collector)
+        registry = metrics.registry(self.metrics_dir, self.collector)
 
         def readyz() -> endpoints.Response:
             if ready():

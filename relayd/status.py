@@ -15,7 +15,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection
 
-from relayd import amqp, keys
+from relayd import __version__, amqp, keys
 from relayd.config import Settings
 from relayd.errors import ConfigError
 
@@ -90,7 +90,7 @@ def from_supervisor(settings: Settings, timeout: float = 3.0) -> dict[str, Any] 
 
 async def gather(settings: Settings) -> dict[str, Any]:
     """Everything `relayd status` shows, as data."""
-    report: dict[str, Any] = {"supervisor": from_supervisor(settings)}
+    report: dict[str, Any] = {"version": __version__, "supervisor": from_supervisor(settings)}
     depths = QueueDepths(settings)
     try:
         report["queues"] = {q: {"messages": m, "consumers": c}
@@ -116,11 +116,14 @@ def render(report: dict[str, Any]) -> str:
     lines = []
     sup = report["supervisor"]
     if sup is None:
-        lines.append("relayd: not running (no answer from the supervisor's /status)")
+        lines.append(f"relayd {report['version']}: not running (no answer from the "
+                     "supervisor's /status)")
     else:
         state = "ready" if sup["ready"] else ("stopping" if sup["stopping"] else "NOT READY")
-        lines.append(f"relayd: {state}, supervisor pid {sup['pid']}, "
+        lines.append(f"relayd {sup['version']}: {state}, supervisor pid {sup['pid']}, "
                      f"up {_duration(sup['uptime_s'])}")
+        if sup["version"] != report["version"]:
+            lines.append(f"  (installed: {report['version']}; restart relayd to run it)")
         lines.append("")
         lines.append(f"  {'WORKER':<12}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  KID")
         lines += [f"  {w['name']:<12}{w['pid'] or '-':>8}  {w['state']:<10}"

@@ -250,6 +250,7 @@ class Supervisor:
         ring = self.keyring
         source, _ = keys.location(self.settings.keys.dir)
         return {
+            "version": __version__,
             "pid": os.getpid(),
             "ready": self.ready,
             "stopping": self.stopping.is_set(),

@@ -11,6 +11,7 @@ import base64
 import ctypes
 import io
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -28,7 +29,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd import keys, log
+from relayd import __version__, keys, log
 from relayd.client import DeviceKeys, RelayPublic
 from relayd.config import Logging
 from relayd.crypto import b64d, b64e
@@ -471,12 +472,25 @@ class TestMetrics:
         assert sample(samples, "relayd_end_to_end_seconds_count", stage="outbound") == 2
         assert sample(samples, "relayd_in_flight_messages", stage="inbound") == 0
         assert sample(samples, "relayd_ready") == 1
-        labels = {label for _, labelset in samples for label, _ in labelset}
-        assert labels <= {"stage", "outcome", "reason", "target", "role", "queue", "le"}
+        labels = {label for name, labelset in samples for label, _ in labelset
+                  if name.startswith("relayd_")}
+        assert labels <= {"stage", "outcome", "reason", "target", "role", "queue", "le",
+                          "version", "python"}
+        assert sample(samples, "relayd_build_info", version=__version__,
+                      python=platform.python_version()) == 1
+        assert sample(samples, "process_resident_memory_bytes") > 0
+        assert any(name == "python_info" for name, _ in samples)
+        # counters that exist from the start, at 0: nothing retried, nothing reconnected
+        assert ("relayd_messages_total", frozenset(
+            {("stage", "inbound"), ("outcome", "retry")})) in samples
+        assert count("inbound", "retry") == 0
+        assert sample(samples, "relayd_reconnects_total", stage="outbound") == 0
+        assert ("relayd_reconnects_total", frozenset({("stage", "outbound")})) in samples
         assert_reveals_nothing(text, hidden)
 
         assert summary.returncode == ExitCode.OK, summary.stderr
-        assert "relayd: ready" in summary.stdout
+        assert f"relayd {__version__}: ready" in summary.stdout
+        assert "installed:" not in summary.stdout
         assert "inbound-0" in summary.stdout
         assert "outbound-0" in summary.stdout
         assert "inbound 0 (1 consumers)" in summary.stdout
@@ -486,7 +500,7 @@ class TestMetrics:
             ("inbound-0", "consuming"), ("outbound-0", "consuming"), ("retention-0", "running")]
         assert report["queues"]["inbound"] == {"messages": 0, "consumers": 1}
         assert stopped.returncode == ExitCode.FAILURE
-        assert "not running" in stopped.stdout
+        assert f"relayd {__version__}: not running" in stopped.stdout
         assert "keys: current test-1" in stopped.stdout
 
 
