@@ -52,6 +52,7 @@ SAFE_KEYS = frozenset({
     "worker", "job", "stage", "type", "outcome", "reason", "latency_ms",  # what happened
     "signal", "code", "retry_in_s", "port", "via", "version",  # process
     "kid", "kids",  # relay key ids, public by design
+    "config_key",  # dotted config keys and key file paths (ConfigError.problems), no values
     "error", "cause", "trace",  # exception types and frames (exception_summary)
 })
 # Keys whose values pass only as integers (counts), and only as keyed references.

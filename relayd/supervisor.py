@@ -300,7 +300,8 @@ class Supervisor:
             fresh = config.load(self.config_path)
             ring = keys.from_settings(fresh.keys)
         except ConfigError as exc:
-            _log.error("reload_failed", error=type(exc).__name__)
+            _log.error("reload_failed", error=type(exc).__name__,
+                       config_key=sorted(exc.problems))
             return
         if fresh.model_dump(exclude={"logging"}) != self.settings.model_dump(
                 exclude={"logging"}):

@@ -85,7 +85,8 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
             fresh = config.load(config_path)
             keyring = keys.from_settings(fresh.keys)
         except ConfigError as exc:
-            _log.error("reload_failed", error=type(exc).__name__)
+            _log.error("reload_failed", error=type(exc).__name__,
+                       config_key=sorted(exc.problems))
             return
         log.set_level(fresh.logging.level)
         _log.info("reloaded", kid=keyring.current.kid, kids=sorted(keyring.hpke))

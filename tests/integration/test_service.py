@@ -551,7 +551,8 @@ class TestReload:
             assert all(line["kids"] == ["test-1", "test-2"] for line in reloaded)
 
     async def test_bad_keys_change_nothing(self, tmp_path: Path) -> None:
-        """A reload that finds a broken key file is refused: the old keys stay in use."""
+        """A reload that finds a broken key file is refused, naming the file: the old keys
+        stay in use."""
         port = free_port()
         async with relay_in_vhost(tmp_path, metrics={"port": port}) as relay:
             await relay.add_business("acme")
@@ -567,6 +568,11 @@ class TestReload:
                     return True if "reload_failed" in (
                         tmp_path / "relayd.log").read_text() else None
                 await until(refused)
+                failures = [orjson.loads(line) for line in
+                            (tmp_path / "relayd.log").read_text().splitlines()
+                            if '"reload_failed"' in line]
+                assert all(any("hpke-broken.json" in key for key in failure["config_key"])
+                           for failure in failures)
                 message_id = await relay.send(phone, "acme", "start")
                 [event] = await relay.events("acme", 1)
                 assert event["id"] == message_id
