@@ -27,7 +27,7 @@ from pamqp.commands import Basic
 
 from relayd import envelope, keys, log, metrics, topology, wire
 from relayd.config import Settings
-from relayd.errors import ConfigError, PermanentError, TransientError
+from relayd.errors import LoginRefusedError, PermanentError, TransientError, VhostRefusedError
 
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
@@ -194,19 +194,19 @@ async def wait_any(*events: asyncio.Event) -> None:
 
 def refused(url: str, exc: Exception) -> Exception:
     """What a connect failure means when the broker refused relayd rather than failed: a
-    ConfigError on amqp.url that says what to fix, or `exc` itself. A login refused is
+    BrokerRefusedError on amqp.url that says what to fix, or `exc` itself. A login refused is
     ACCESS_REFUSED; a vhost that does not exist, or that the user may not use, gets a
     Connection.Close instead of Connection.OpenOk, which aiormq 7 reports only as an
     InvalidFrameError naming both."""
     parts = urllib.parse.urlsplit(url)
     user = urllib.parse.unquote(parts.username or "") or "the certificate's CN"
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-        return ConfigError({"amqp.url": f"the broker refused the login of {user}: check the "
+        return LoginRefusedError({"amqp.url": f"the broker refused the login of {user}: check the "
                             "user name and password in amqp.url (or RELAYD_AMQP__URL), or "
                             "the client certificate for ?auth=external"})
     if "Connection.OpenOk" in str(exc) and "Connection.Close" in str(exc):
         vhost = urllib.parse.unquote(parts.path[1:]) or "/"
-        return ConfigError({"amqp.url": f"the broker refused vhost {vhost!r} to {user}: it "
+        return VhostRefusedError({"amqp.url": f"the broker refused vhost {vhost!r} to {user}: it "
                             "does not exist, or that user has no permissions on it. Create "
                             f"it and grant them (rabbitmqctl add_vhost {vhost}; rabbitmqctl "
                             f"set_permissions -p {vhost} USER '^relayd\\.' '^relayd\\.' "

@@ -37,6 +37,21 @@ class KeyFileError(ConfigError):
         super().__init__({f"keys ({path})": why})
 
 
+class BrokerRefusedError(ConfigError, ConnectionError):
+    """The broker refused relayd for a reason only the config or the broker's setup can
+    cure. To a command it is a ConfigError: exit 78, with what to fix. To the daemon it is
+    also a failed connection: workers log it (connect_failed, its type as the reason) and
+    try again, so the relay comes up as soon as the broker is fixed."""
+
+
+class VhostRefusedError(BrokerRefusedError):
+    """The vhost of amqp.url does not exist, or its user has no permissions on it."""
+
+
+class LoginRefusedError(BrokerRefusedError):
+    """The broker refused the login of amqp.url's user (password or certificate)."""
+
+
 class PermanentError(RelaydError):
     """The input can never be accepted: dead-letter it, or answer it, with `reason`."""
 

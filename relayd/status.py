@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractConnection
 
 from relayd import __version__, amqp, keys
 from relayd.config import Settings
-from relayd.errors import ConfigError
+from relayd.errors import BrokerRefusedError, ConfigError
 
 QUEUES = ("inbound", "outbound", "dead")
 
@@ -95,6 +95,8 @@ async def gather(settings: Settings) -> dict[str, Any]:
     try:
         report["queues"] = {q: {"messages": m, "consumers": c}
                             for q, (m, c) in (await depths.sample()).items()}
+    except BrokerRefusedError:
+        raise  # not a broker that is down: the config must change (exit 78, with the fix)
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         report["queues"] = {"error": type(exc).__name__}
     finally:

@@ -5,6 +5,7 @@ topology declare speaks JSON like the other commands."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import signal
@@ -89,31 +90,32 @@ def test_topology_declare_json(relay: Relay) -> None:
     assert json.loads(result.stdout)["declared"] > 5
 
 
-async def test_daemon_says_why_its_workers_exit(tmp_path: Path) -> None:
-    """`relayd run` on a missing vhost: each worker exits 78 with the vhost and the fix,
-    and the supervisor logs worker_exited with code 78 (it keeps retrying, so that the
-    relay starts once the vhost exists)."""
+async def test_daemon_names_the_refusal_and_keeps_trying(tmp_path: Path) -> None:
+    """`relayd run` on a missing vhost: each worker logs connect_failed with reason
+    VhostRefusedError and tries again (so the relay comes up once the vhost exists), never
+    an InvalidFrameError; it stops cleanly."""
     vhost = f"relayd-test-missing-{secrets.token_hex(4)}"
     config = with_url(tmp_path, f"amqp://guest:guest@{BROKER}/{vhost}")
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relayd", "run", "--role", "inbound", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert process.stdout is not None
-    seen: list[str] = []
+    seen: list[dict[str, object]] = []
 
-    async def until_both() -> None:
+    async def refused_twice() -> None:
         assert process.stdout is not None
         async for raw in process.stdout:
-            seen.append(raw.decode())
-            text = "".join(seen)
-            if f"rabbitmqctl add_vhost {vhost}" in text and '"worker_exited"' in text:
+            with contextlib.suppress(ValueError):
+                seen.append(json.loads(raw))
+            if sum(line.get("event") == "connect_failed" for line in seen) >= 2:
                 return
 
     try:
-        await asyncio.wait_for(until_both(), WAIT * 2)
+        await asyncio.wait_for(refused_twice(), WAIT * 2)
     finally:
         process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), WAIT * 2)
-    exited = [json.loads(line) for line in seen if '"worker_exited"' in line]
-    assert exited[0]["code"] == ExitCode.CONFIG
-    assert "InvalidFrameError" not in "".join(seen)
+        code = await asyncio.wait_for(process.wait(), WAIT * 2)
+    assert {line["reason"] for line in seen if line.get("event") == "connect_failed"} == {
+        "VhostRefusedError"}
+    assert not [line for line in seen if line.get("event") == "worker_exited"]
+    assert code == ExitCode.OK
