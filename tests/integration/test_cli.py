@@ -79,7 +79,7 @@ class TestBrokerRefusals:
         """Nothing listening: 69, "cannot reach the broker"."""
         result = relayd(with_url(tmp_path, "amqp://guest:guest@127.0.0.1:9/"),
                         "topology", "declare")
-        assert result.returncode == ExitCode.BROKER_UNAVAILABLE, result.stderr
+        assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
         assert "cannot reach the broker" in result.stderr
 
 
