@@ -1,0 +1,102 @@
+"""The edge login signature: the contract's test vector, and one answer for every failure."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from relayd.crypto import b64d, b64e
+from relayd.edge import login
+
+PROTOCOL = Path(__file__).parents[2] / "docs" / "protocol.md"
+
+
+def vector() -> dict[str, str]:
+    """The rows of the login test vector table in docs/protocol.md, by item."""
+    text = PROTOCOL.read_text()
+    table = text[text.index("### A test vector for the login signature"):]
+    table = table[:table.index("\n### ", 10)]
+    return {m[1]: m[2] for m in re.finditer(r"^\| (.+?) \| `([^`]+)` \|$", table, re.M)}
+
+
+class TestVector:
+    def test_the_documented_signature_is_what_signing_gives(self) -> None:
+        """Signing the documented nonce, edge and device with the documented key gives the
+        documented bytes and signature, and the edge accepts it."""
+        v = vector()
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(
+            bytes.fromhex(v["device Ed25519 private key (hex)"]))
+        nonce = bytes.fromhex(v["nonce (hex)"])
+        assert b64e(key.public_key().public_bytes_raw()) == v[
+            "device Ed25519 public key (base64url)"]
+        assert b64e(nonce) == v["nonce as in the challenge (base64url)"]
+        signed = login.message(v["edge name"], v["device id"], nonce)
+        assert signed.hex() == v["signed bytes (hex), 86 bytes"]
+        assert len(signed) == 86
+        sig = login.sign(key, v["edge name"], v["device id"], nonce)
+        assert sig.hex() == v["signature (hex)"]
+        assert b64e(sig) == v["`sig` as in the login frame (base64url)"]
+        verifier = login.Verifier(v["edge name"])
+        assert verifier.verify(key.public_key().public_bytes_raw(), v["device id"],
+                               b64e(sig), nonce)
+
+
+class TestVerifier:
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes_raw()
+    nonce = bytes(32)
+
+    def good(self, edge: str = "edge-1", device: str = "phone") -> str:
+        return b64e(login.sign(self.key, edge, device, self.nonce))
+
+    def test_a_good_login_passes(self) -> None:
+        """The device's own signature over this edge, device and nonce is accepted."""
+        assert login.Verifier("edge-1").verify(self.public, "phone", self.good(), self.nonce)
+
+    @pytest.mark.parametrize("case", ["unknown", "other_nonce", "other_edge", "other_device",
+                                      "not_b64", "short", "bad_key"])
+    def test_every_failure_is_false(self, case: str) -> None:
+        """No device, another challenge, edge or device, a malformed signature or a broken
+        registered key: each is simply False."""
+        verifier = login.Verifier("edge-1")
+        key: bytes | None = self.public
+        sig, device, nonce = self.good(), "phone", self.nonce
+        if case == "unknown":
+            key = None
+        elif case == "other_nonce":
+            nonce = bytes([1]) * 32
+        elif case == "other_edge":
+            sig = self.good(edge="edge-2")
+        elif case == "other_device":
+            sig = self.good(device="tablet")
+        elif case == "not_b64":
+            sig = "!!" + sig
+        elif case == "short":
+            sig = b64e(b64d(sig)[:63])
+        else:
+            key = b"\x00" * 31
+        assert verifier.verify(key, device, sig, nonce) is False
+
+    def test_an_unknown_device_is_checked_against_a_dummy_key(self) -> None:
+        """The work is the same with or without a device: the dummy key is verified."""
+        verifier = login.Verifier("edge-1")
+        calls = []
+        real = verifier._dummy
+
+        class Spy:
+            def verify(self, sig: bytes, data: bytes) -> None:
+                calls.append(data)
+                real.verify(sig, data)
+
+        verifier._dummy = Spy()  # type: ignore[assignment]
+        assert verifier.verify(None, "phone", self.good(), self.nonce) is False
+        assert len(calls) == 1
+
+    @pytest.mark.parametrize("name", ["", "-edge", "a b", "a\nb", "x" * 129])
+    def test_bad_edge_names_are_refused(self, name: str) -> None:
+        """An edge name that could not be told apart in the signed bytes is refused."""
+        with pytest.raises(ValueError, match="edge name"):
+            login.Verifier(name)
