@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -105,6 +106,7 @@ class Keys(Section):
 class Workers(Section):
     inbound: Positive = 1
     outbound: Positive = 1
+    edge: Annotated[int, Field(ge=0)] = 0
     prefetch: Positive = 256
     shutdown_timeout: Seconds = 10.0
     retry_initial_backoff: Seconds = 0.5
@@ -136,6 +138,7 @@ class Topology(Section):
     shards: Annotated[int, Field(ge=1, le=1024)] = 1
     shard_exchange: str = "relayd.shards"
     shard_member_ttl: Annotated[float, Field(ge=0.3, le=600)] = 6.0
+    edge_exchange: str = "relayd.edge"
 
     @field_validator("device_queue")
     @classmethod
@@ -168,6 +171,36 @@ class Limits(Section):
     business_burst: Positive = 200
     device_rate: Rate = 3.0
     device_burst: Positive = 60
+
+
+class Edge(Section):
+    """`relayd edge`: the WebSocket door of device apps (docs/protocol.md section 12)."""
+
+    name: str | None = None  # required to run the edge: devices sign it at login
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8443
+    cert_file: Path | None = None  # with key_file: relayd speaks TLS (wss://) itself
+    key_file: Path | None = None
+    max_connections: Positive = 10_000
+    max_frame_bytes: Positive = 1536 * 1024
+    max_unacked: Annotated[int, Field(ge=1, le=65535)] = 64
+    max_inflight: Positive = 64
+    ping_interval: Seconds = 20.0
+    ping_timeout: Seconds = 20.0
+    login_timeout: Seconds = 10.0
+    send_timeout: Seconds = 10.0
+    takeover_timeout: Seconds = 5.0
+    connection_rate: Rate = 10.0
+    connection_burst: Positive = 60
+    channels: Annotated[int, Field(ge=1, le=64)] = 8
+
+    @field_validator("name")
+    @classmethod
+    def _edge_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", value):
+            raise ValueError("1-128 letters, digits, '_', '.', ':' or '-', first a letter or"
+                             " digit")
+        return value
 
 
 class Conversations(Section):
@@ -210,6 +243,7 @@ class Settings(Section):
     limits: Limits = Limits()
     conversations: Conversations = Conversations()
     retention: Retention = Retention()
+    edge: Edge = Edge()
     gdpr: Gdpr = Gdpr()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
@@ -246,6 +280,14 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
             key = ".".join(str(part) for part in err["loc"]) or "(top level)"
             problems[key] = err["msg"].removeprefix("Value error, ")
         raise ConfigError(problems) from None
+    edge = settings.edge
+    if (edge.cert_file is None) != (edge.key_file is None):
+        raise ConfigError({"edge.key_file": "edge.cert_file and edge.key_file go together"})
+    if edge.max_frame_bytes < 4 * -(-settings.limits.max_envelope_bytes // 3) + 256:
+        raise ConfigError({"edge.max_frame_bytes": "must hold limits.max_envelope_bytes in"
+                           " base64url, plus 256"})
+    if settings.workers.edge and edge.name is None:
+        raise ConfigError({"edge.name": "must be set when workers.edge > 0"})
     if settings.retention.replay_state_days * 86400 < settings.limits.max_age_seconds:
         # Until a message is too old to accept, a re-added device id must not be replayable.
         raise ConfigError({"retention.replay_state_days":

@@ -49,6 +49,12 @@ SKIPPED = Counter("relayd_devices_skipped", "Copies of a message not sent to one
                   "a user (its stored key cannot be sealed to), by reason.", ["reason"])
 RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again after the "
                      "first, by stage.", ["stage"])
+EDGE_CONNECTIONS = Gauge("relayd_edge_connections", "Device connections open at the edge.",
+                         multiprocess_mode="livesum")
+EDGE_CLOSES = Counter("relayd_edge_closes", "Device connections ended at the edge, by close "
+                      "code (1006: dropped without a close frame).", ["code"])
+EDGE_SENDS = Counter("relayd_edge_sends", "Up messages from devices at the edge, by answer: "
+                     "ack, or the nack code.", ["answer"])
 
 _REASON = re.compile(r"[a-z][a-z_]{0,39}")
 ACKED = ("delivered", "dead_lettered")
@@ -179,3 +185,15 @@ class SupervisorCollector(Collector):
                                   "versions of the supervisor.", labels=["version", "python"])
         build.add_metric([__version__, platform.python_version()], 1)
         return [configured, consuming, restarts, depth, consumers, ready, build]
+
+
+def edge_connections(change: int) -> None:
+    EDGE_CONNECTIONS.inc(change)
+
+
+def edge_closed(code: int) -> None:
+    _child(EDGE_CLOSES, str(code)).inc()
+
+
+def edge_send(answer: str) -> None:
+    _child(EDGE_SENDS, reason_label(answer)).inc()

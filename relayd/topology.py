@@ -98,6 +98,12 @@ def router_lock(entry_queue: str) -> str:
     return f"{entry_queue}.router-lock"
 
 
+def edge(t: Topology) -> list[Spec]:
+    """What edge processes talk over: each binds a queue of its own (exclusive, named by
+    the broker) to this exchange, to be asked to hand a device's queue back."""
+    return [Exchange(t.edge_exchange, ExchangeType.FANOUT)]
+
+
 def business_exchange(t: Topology, business: str) -> str:
     return t.business_exchange.format(business=business)
 

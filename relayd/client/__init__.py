@@ -2,6 +2,7 @@
 
 from relayd.client.business import parse_event, reply
 from relayd.client.device import DeviceKeys, RelayPublic
+from relayd.client.edge import EdgeClosedError, EdgeDevice, EdgeRefusedError
 from relayd.client.rich import (
     Item,
     ListPicker,
@@ -16,6 +17,6 @@ from relayd.client.rich import (
     parse_body,
 )
 
-__all__ = ["DeviceKeys", "Item", "ListPicker", "Option", "QuickReply", "Reaction", "RelayPublic",
-           "Response", "RichLink", "Section", "Slot", "TimePicker", "parse_body", "parse_event",
-           "reply"]
+__all__ = ["DeviceKeys", "EdgeClosedError", "EdgeDevice", "EdgeRefusedError", "Item",
+           "ListPicker", "Option", "QuickReply", "Reaction", "RelayPublic", "Response",
+           "RichLink", "Section", "Slot", "TimePicker", "parse_body", "parse_event", "reply"]

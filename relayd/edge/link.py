@@ -1,0 +1,316 @@
+"""The edge's side of the broker: one AMQP connection for every device on this process.
+
+Channels are shared, within the broker's `channel_max`: one publishes up messages with
+confirms (and carries this process's `relayd.edge` control queue), one declares, and
+`edge.channels` carry the device consumers, a device always on the same one (by a hash
+of its queue name). Each channel's prefetch is per consumer, so each device has at most
+`edge.max_unacked` messages out at a time.
+
+A device queue has at most one consumer, an exclusive one. A device's stream is taken
+over from an older connection in order: the older one cancels its consumer, gives back
+every unacknowledged delivery one by one (requeued to its place), waits for the broker
+to have read that, and only then does the new one consume. Across processes, a takeover
+is asked for on the `relayd.edge` fanout exchange and answered to the asker's own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Final, Literal
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from relayd import envelope, topology
+from relayd.config import Settings
+from relayd.errors import RelaydError
+
+DEVICE_HEADER: Final = "x-relayd-device"
+Code = Literal["broker_full", "unavailable"]
+Ending = Literal["removed", "lost"]
+POLL_S: Final = 0.05  # how often a takeover looks again whether the queue is free
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError,
+                RuntimeError)  # aio-pika raises RuntimeError on a closed channel
+
+
+class RefusedError(RelaydError):
+    """A publish the broker did not confirm: `code` is the nack code for the device."""
+
+    def __init__(self, code: Code) -> None:
+        self.code: Code = code
+        super().__init__(code)
+
+
+class UnavailableError(RelaydError):
+    """The device's stream cannot be had now (broker down, takeover not answered)."""
+
+
+class Stream:
+    """One connection's consumer of its device's queue; what it received and not yet
+    had acknowledged, in delivery order."""
+
+    def __init__(self, slot: Slot, queue: str, on_end: Callable[[Ending], None]) -> None:
+        self.slot = slot
+        self.queue = queue
+        self.tag = f"edge.{uuid.uuid4().hex}"
+        self.waiting: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        self.out: dict[int, int] = {}  # connection tag -> AMQP delivery tag, not yet acked
+        self.next_tag = 1
+        self.released = False
+        self.on_end = on_end  # the queue was deleted (removed) or the channel died (lost)
+
+    async def deliver(self, message: DeliveredMessage) -> None:
+        """Called by the channel for each delivery, in order (a task each, started in
+        order, that runs to its end without waiting)."""
+        if self.released:  # arrived after we let go: straight back
+            self.slot.link.spawn(self.slot.requeue([_delivery_tag(message)]))
+            return
+        self.waiting.put_nowait(message)
+
+    async def next(self) -> tuple[int, bytes]:
+        """Wait for the next message; return the tag the device acknowledges it with."""
+        message = await self.waiting.get()
+        tag, self.next_tag = self.next_tag, self.next_tag + 1
+        self.out[tag] = _delivery_tag(message)
+        return tag, message.body
+
+    async def acknowledge(self, tag: int) -> bool:
+        """The device stored delivery `tag`: remove it from the queue. False if no such
+        delivery is out (never sent, or acknowledged already)."""
+        delivery_tag = self.out.pop(tag, None)
+        if delivery_tag is None:
+            return False
+        if not self.released:
+            await self.slot.ack(delivery_tag)
+        return True
+
+    async def release(self) -> None:
+        """Stop consuming and give back, in order, everything not acknowledged. Returns
+        once the broker has it all back, so that a new consumer sees it first."""
+        if self.released:
+            return
+        self.released = True
+        self.slot.streams.pop(self.tag, None)
+        with contextlib.suppress(*_AMQP_ERRORS):
+            await self.slot.channel.basic_cancel(self.tag)
+        tags = sorted([*self.out.values(), *(_delivery_tag(m) for m in _drain(self.waiting))])
+        self.out.clear()
+        await self.slot.requeue(tags)
+        await self.slot.sync()
+
+
+def _delivery_tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None  # a Basic.Deliver always has one
+    return tag
+
+
+def _drain(queue: asyncio.Queue[DeliveredMessage]) -> list[DeliveredMessage]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+class Slot:
+    """One shared consumer channel and the streams on it."""
+
+    def __init__(self, link: Link, index: int) -> None:
+        self.link = link
+        self.index = index
+        self.channel: aiormq.abc.AbstractChannel
+        self.outer: AbstractChannel | None = None
+        self.streams: dict[str, Stream] = {}
+        self.lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.outer = await self.link.connection.channel()
+        self.channel = await self.outer.get_underlay_channel()
+        await self.channel.basic_qos(prefetch_count=self.link.settings.edge.max_unacked)
+        self.channel.on_consumer_cancel_callbacks.add(self._cancelled)
+        self.outer.close_callbacks.add(self._closed)
+
+    def _cancelled(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled a consumer: its queue was deleted (the device removed)."""
+        stream = self.streams.pop(frame.consumer_tag or "", None)
+        if stream is not None:
+            stream.released = True  # nothing to give back: the queue is gone
+            stream.on_end("removed")
+
+    def _closed(self, *_: object) -> None:
+        """The channel died: the broker requeued its deliveries in order, atomically."""
+        streams, self.streams = list(self.streams.values()), {}
+        self.outer = None
+        for stream in streams:
+            stream.released = True
+            stream.on_end("lost")
+
+    async def ack(self, delivery_tag: int) -> None:
+        if self.outer is not None:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await self.channel.basic_ack(delivery_tag, wait=False)
+
+    async def requeue(self, delivery_tags: list[int]) -> None:
+        """Give deliveries back, one by one (the channel carries other devices' too), in
+        the order given; each goes back to its place in the queue."""
+        for delivery_tag in delivery_tags:
+            if self.outer is None:
+                return  # the channel died: the broker requeued them already
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await self.channel.basic_nack(delivery_tag, requeue=True, wait=False)
+
+    async def sync(self) -> None:
+        """A round trip on this channel: the broker has read every ack and nack sent
+        before it (the channel is ordered), so the queue has them back."""
+        if self.outer is not None:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await self.channel.basic_qos(prefetch_count=self.link.settings.edge.max_unacked)
+
+    async def consume(self, stream: Stream) -> None:
+        async with self.lock:
+            if self.outer is None:
+                await self.open()
+        self.streams[stream.tag] = stream
+        try:
+            await self.channel.basic_consume(stream.queue, stream.deliver, exclusive=True,
+                                             consumer_tag=stream.tag)
+        except BaseException:
+            self.streams.pop(stream.tag, None)
+            raise
+
+
+class Link:
+    """The edge process's connection to the broker, and what it does there."""
+
+    def __init__(self, settings: Settings, connection: AbstractConnection) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.t = settings.topology
+        self.slots = [Slot(self, i) for i in range(settings.edge.channels)]
+        self.held: dict[str, Callable[[], Awaitable[None]]] = {}  # queue -> let it go
+        self.answers: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._control_lock = asyncio.Lock()
+        self.inbox = ""
+
+    async def open(self) -> None:
+        publishing = await self.connection.channel(publisher_confirms=True,
+                                                   on_return_raises=True)
+        self.publishing = await publishing.get_underlay_channel()
+        self.control = await self.connection.channel()
+        await topology.declare(self.control, topology.edge(self.t))
+        declared = await self.publishing.queue_declare(exclusive=True, auto_delete=True)
+        self.inbox = declared.queue or ""
+        await self.publishing.queue_bind(self.inbox, self.t.edge_exchange)
+        await self.publishing.basic_consume(self.inbox, self._on_control, no_ack=True)
+        for slot in self.slots:
+            await slot.open()
+
+    def spawn(self, work: Awaitable[object]) -> None:
+        """Run `work` in the background; a failure of a lost channel is the channel's."""
+        async def run() -> object:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                return await work
+            return None
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- up --------------------------------------------------------------------------------
+
+    async def publish(self, device: str, kid: str, sealed: bytes) -> None:
+        """Publish one up message and return once the broker confirmed it; Refused if not."""
+        try:
+            await self.publishing.basic_publish(
+                sealed, exchange=self.t.ingress_exchange, routing_key=self.t.inbound_routing_key,
+                mandatory=True, properties=Basic.Properties(
+                    content_type=envelope.CONTENT_TYPE, delivery_mode=2,
+                    headers={envelope.KID_HEADER: kid, DEVICE_HEADER: device}))
+        except DeliveryError:
+            raise RefusedError("broker_full") from None  # nacked: the queue is at its limit
+        except (PublishError, *_AMQP_ERRORS):
+            raise RefusedError("unavailable") from None  # unroutable, or the link is down
+
+    # --- down ------------------------------------------------------------------------------
+
+    def slot_of(self, queue: str) -> Slot:
+        return self.slots[zlib.crc32(queue.encode()) % len(self.slots)]
+
+    async def attach(self, device: str, on_end: Callable[[Ending], None],
+                     release: Callable[[], Awaitable[None]]) -> Stream:
+        """Consume `device`'s queue for one connection, once no one else does; `release`
+        is what a takeover asks of this connection later. Unavailable if the queue stays
+        taken for `edge.takeover_timeout` s or the broker fails."""
+        queue = topology.device_queue(self.t, device)
+        deadline = time.monotonic() + self.settings.edge.takeover_timeout
+        asked = False
+        try:
+            while await self._consumers(device, queue) > 0:
+                if time.monotonic() >= deadline:
+                    raise UnavailableError("the device's queue stayed taken")
+                if not asked:
+                    await self._ask_release(queue)
+                    asked = True
+                answer = self.answers.setdefault(queue, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answer.wait(), POLL_S)
+                answer.clear()
+            stream = Stream(self.slot_of(queue), queue, on_end)
+            await stream.slot.consume(stream)
+        except _AMQP_ERRORS as exc:
+            raise UnavailableError(type(exc).__name__) from None
+        finally:
+            self.answers.pop(queue, None)
+        self.held[queue] = release
+        return stream
+
+    def detach(self, stream: Stream) -> None:
+        self.held.pop(stream.queue, None)
+
+    async def _consumers(self, device: str, queue: str) -> int:
+        """How many consumers the device's queue has; declared first if it is missing."""
+        async with self._control_lock:
+            try:
+                declared = await self.control.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self.control = await self.connection.channel()  # a failed passive kills it
+                await topology.declare(self.control, topology.device(self.t, device))
+                return 0
+            return int(declared.declaration_result.consumer_count or 0)
+
+    async def _ask_release(self, queue: str) -> None:
+        await self.publishing.basic_publish(
+            queue.encode(), exchange=self.t.edge_exchange, properties=Basic.Properties(
+                message_type="release", reply_to=self.inbox, correlation_id=queue))
+
+    async def _on_control(self, message: DeliveredMessage) -> None:
+        """A takeover asked of us (`release`), or answered to us (`released`)."""
+        properties = message.header.properties
+        queue = properties.correlation_id or ""
+        if properties.message_type == "released":
+            if (answer := self.answers.get(queue)) is not None:
+                answer.set()
+            return
+        release = self.held.get(queue)
+        if properties.message_type != "release" or release is None or not properties.reply_to:
+            return
+        await release()
+        await self.publishing.basic_publish(b"", routing_key=properties.reply_to,
+                                            properties=Basic.Properties(
+                                                message_type="released",
+                                                correlation_id=queue))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 1)
+        with contextlib.suppress(*_AMQP_ERRORS):
+            await self.connection.close()
