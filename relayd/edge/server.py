@@ -229,8 +229,22 @@ class Door:
                 self.handlers.discard(task)
             metrics.edge_closed(int(code) if code is not None else ws.close_code or 1006)
             if code is not None:
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.close(code)
+                await self._close(ws, code)
+
+    async def _close(self, ws: ServerConnection, code: Close) -> None:
+        """Send the close frame and end the TCP connection, without waiting for the
+        device's answer: a device that sent frames ahead may have our reading paused
+        (websockets' flow control), and would hold its connection until close_timeout.
+        What the device does not read within edge.send_timeout is cut off."""
+        with contextlib.suppress(Exception):  # the library's state error: closing already
+            ws.protocol.send_close(code)
+            ws.send_data()
+        ws.transport.close()
+        try:
+            async with asyncio.timeout(self.settings.edge.send_timeout):
+                await ws.wait_closed()
+        except TimeoutError:
+            ws.transport.abort()
 
     async def _handle(self, ws: ServerConnection) -> Close | None:
         edge = self.settings.edge
