@@ -110,6 +110,13 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
                 uvloop.run)
 
 
+def cmd_edge(args: argparse.Namespace, settings: config.Settings) -> int:
+    from relayd.edge.server import run
+
+    structlog.contextvars.bind_contextvars(worker="edge")
+    return uvloop.run(run(settings, Path(args.config)))
+
+
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     report = _run(status.gather(settings))
     _print(args, report, status.render(report))
@@ -428,6 +435,7 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--role", choices=ROLES, required=True, help="what it works on")
     one.add_argument("--name", help="how its log lines name it, e.g. inbound-0")
     one.add_argument("--control-fd", type=int, help="socket to the supervisor (by `run`)")
+    command(commands, "edge", cmd_edge, "serve device apps over WebSocket (edge.name needed)")
     command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
             json_output=True)
 
@@ -550,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = config.load(Path(args.config))
             # The daemon logs to stdout, for the journal; a command keeps its stdout for
             # its output (--json), so its log lines go to stderr.
-            daemon = args.handler in (cmd_run, cmd_worker)
+            daemon = args.handler in (cmd_run, cmd_worker, cmd_edge)
             log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
             code = args.handler(args, settings)
         sys.stdout.flush()  # here, where a closed pipe is still ours to report
@@ -581,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitCode.FAILURE
     except Exception as exc:  # a bug, or a failure nothing above names
-        if args.command in ("run", "worker"):  # the daemon: type and frames, never the text
+        if args.command in ("run", "worker", "edge"):  # the daemon: type and frames, never the text
             log.get("relayd.cli").exception("crashed")
         else:  # an operator's command: the operator needs the message
             _error(f"relayd: {type(exc).__name__}: {exc}")

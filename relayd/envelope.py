@@ -22,6 +22,7 @@ Direction = Literal["up", "down"]
 SIGNATURE_BYTES: Final = 64
 CONTENT_TYPE: Final = "application/vnd.relayd.sealed"
 KID_HEADER: Final = "relayd-kid"
+DEVICE_HEADER: Final = "x-relayd-device"  # set by the edge: the device logged in
 _PREFIX: Final = b"relayd/v1 "
 
 

@@ -65,7 +65,7 @@ class EnvelopeError(PermanentError):
     """A sealed envelope failed to open, verify or validate.
 
     `reason` is one of bad_kid, decrypt_failed, bad_signature, malformed, too_large,
-    unknown_device, replayed, stale.
+    unknown_device, replayed, stale, wrong_device.
     """
 
 

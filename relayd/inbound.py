@@ -33,6 +33,7 @@ class Opened:
     signature: bytes
     payload: bytes
     claims: dict[str, Any]
+    judged: bool  # it came through the edge, which applied the rate limit on arrival
 
 
 @functools.lru_cache(maxsize=16384)
@@ -46,9 +47,12 @@ def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
         return None
 
 
-def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits) -> Opened:
+def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits,
+            edge_device: object = None) -> Opened:
     """Open an up envelope far enough to name its device; EnvelopeError when it is too
-    large, for no key of ours, does not decrypt or names no device."""
+    large, for no key of ours, does not decrypt, names no device, or came through the
+    edge (`edge_device`: its x-relayd-device header, None when absent) from another
+    device than it names."""
     if len(body) > limits.max_envelope_bytes:
         raise EnvelopeError("too_large", "envelope exceeds limits.max_envelope_bytes")
     key = keyring.hpke.get(kid) if isinstance(kid, str) else None
@@ -57,7 +61,9 @@ def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits) -> Opene
     signature, plain = envelope.open_sealed(body, direction="up", kid=key.kid, kem=key.kem,
                                             private=key.private)
     claims, device = payload.peek_device(plain)
-    return Opened(device, signature, plain, claims)
+    if edge_device is not None and edge_device != device:
+        raise EnvelopeError("wrong_device", "sealed by another device than logged in")
+    return Opened(device, signature, plain, claims, edge_device is not None)
 
 
 class Inbound:
@@ -75,12 +81,14 @@ class Inbound:
                                                  horizon_s=limits.max_age_seconds)
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
-        opened = self.open(delivery.body, (delivery.headers or {}).get(envelope.KID_HEADER))
+        headers = delivery.headers or {}
+        opened = self.open(delivery.body, headers.get(envelope.KID_HEADER),
+                           headers.get(envelope.DEVICE_HEADER))
         again = shard.redelivered(delivery, self.settings.topology)
         return "d:" + opened.device, lambda: self.handle(opened, again)
 
-    def open(self, body: bytes, kid: object) -> Opened:
-        return open_up(body, kid, self.keys(), self.settings.limits)
+    def open(self, body: bytes, kid: object, edge_device: object = None) -> Opened:
+        return open_up(body, kid, self.keys(), self.settings.limits, edge_device)
 
     async def handle(self, opened: Opened, redelivered: bool) -> str:
         """Verify and act on one opened message; return what happened, for the log."""
@@ -100,7 +108,11 @@ class Inbound:
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
         # Judged when the device sent it (ts, fresh by now), not when it is drained: a
         # backlog after an outage stays within the rate. Retries are ours: not counted.
-        if not redelivered and not self.device_rate.allow(device.id, up.ts / 1000):
+        # The edge judged its messages on arrival, in real time, before it acked them:
+        # judged again here, on another clock, a message the device was told the relay
+        # has could still be dead-lettered (as one resent after a nack, with its old ts).
+        if not (redelivered or opened.judged) and not self.device_rate.allow(
+                device.id, up.ts / 1000):
             raise PermanentError("rate_limited", "the device is over limits.device_rate")
         business, current = await self.store.business_and_conversation(up.to, device.user)
         if business is None:

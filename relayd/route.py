@@ -59,8 +59,12 @@ def inbound_router(settings: Settings, keys: KeySource, publisher: amqp.Publishe
     """Opens an envelope only to learn its device; forwards it still sealed, with its kid."""
     def read(delivery: Delivery) -> tuple[str, dict[str, Any]]:
         kid = (delivery.headers or {}).get(envelope.KID_HEADER)
-        opened = open_up(delivery.body, kid, keys(), settings.limits)
-        return "d:" + opened.device, {envelope.KID_HEADER: kid}  # a str: open_up refused others
+        device = (delivery.headers or {}).get(envelope.DEVICE_HEADER)
+        opened = open_up(delivery.body, kid, keys(), settings.limits, device)
+        headers = {envelope.KID_HEADER: kid}  # a str: open_up refused others
+        if opened.judged:  # the edge's: checked against the envelope, the same device
+            headers[envelope.DEVICE_HEADER] = device
+        return "d:" + opened.device, headers
 
     return Router(settings, "inbound", publisher, read, envelope.CONTENT_TYPE)
 

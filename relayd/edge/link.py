@@ -33,7 +33,6 @@ from relayd import envelope, topology
 from relayd.config import Settings
 from relayd.errors import RelaydError
 
-DEVICE_HEADER: Final = "x-relayd-device"
 Code = Literal["broker_full", "unavailable"]
 Ending = Literal["removed", "lost"]
 POLL_S: Final = 0.05  # how often a takeover looks again whether the queue is free
@@ -233,7 +232,7 @@ class Link:
                 sealed, exchange=self.t.ingress_exchange, routing_key=self.t.inbound_routing_key,
                 mandatory=True, properties=Basic.Properties(
                     content_type=envelope.CONTENT_TYPE, delivery_mode=2,
-                    headers={envelope.KID_HEADER: kid, DEVICE_HEADER: device}))
+                    headers={envelope.KID_HEADER: kid, envelope.DEVICE_HEADER: device}))
         except DeliveryError:
             raise RefusedError("broker_full") from None  # nacked: the queue is at its limit
         except (PublishError, *_AMQP_ERRORS):

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import aiormq
@@ -35,10 +38,10 @@ from relayd.crypto import b64d, b64e
 from relayd.edge import frames, login
 from relayd.edge.frames import Close, FrameError
 from relayd.edge.link import Ending, Link, RefusedError, Stream, UnavailableError
-from relayd.errors import StoreUnavailableError
+from relayd.errors import ConfigError, ExitCode, StoreUnavailableError
 from relayd.keys import KeyRing
 from relayd.payload import DEVICE_ID
-from relayd.store import Store
+from relayd.store import Store, open_store
 
 _log = log.get("relayd.edge")
 READ_AHEAD_FRAMES = 4  # frames websockets reads ahead of the reader loop
@@ -432,3 +435,43 @@ async def _wait_any(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def run(settings: Settings, config_path: Path) -> int:
+    """`relayd edge`: serve until SIGTERM or SIGINT (a second one exits at once); SIGHUP
+    re-reads the keys (a new kid is accepted from then on)."""
+    from relayd import config, keys  # here: the CLI imports this module lazily
+
+    if settings.edge.name is None:
+        raise ConfigError({"edge.name": "must be set to run the edge"})
+    keyring = keys.from_settings(settings.keys)
+    log.set_reference_secret(keyring.opaque_secret)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            _log.warning("forced_exit", signal=signal.Signals(signum).name)
+            os._exit(ExitCode.FAILURE)
+        _log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    def reload() -> None:
+        nonlocal keyring
+        try:
+            keyring = keys.from_settings(config.load(config_path).keys)
+        except ConfigError as exc:
+            _log.error("reload_failed", error=type(exc).__name__)
+            return
+        _log.info("reloaded", kid=keyring.current.kid, kids=sorted(keyring.hpke))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    store = await open_store(settings.store.url, pool_size=settings.store.pool_size)
+    try:
+        await serve_edge(settings, store, lambda: keyring, stop)
+    finally:
+        await store.close()
+    _log.info("stopped")
+    return ExitCode.OK

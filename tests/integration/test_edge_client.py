@@ -1,0 +1,77 @@
+"""relayd.client.EdgeDevice against a real edge and real relay workers: the whole path."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relayd.client import EdgeDevice
+from tests.integration.edge_harness import NAME, frame, running, send
+from tests.integration.harness import WAIT, Relay
+
+
+class TestEdgeDevice:
+    async def test_a_round_trip_through_the_edge(self, relay: Relay) -> None:
+        """The phone sends start over WebSocket, the business gets it, its reply comes
+        back down the phone's WebSocket, and received() empties the queue."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        await relay.start()
+        async with running(relay) as edge, \
+                EdgeDevice(edge.url, NAME, phone, relay.public) as device:
+            sent = await device.send("acme", "start", {"text": "Where is my order?"})
+            [event] = await relay.events("acme", 1)
+            assert event["type"] == "start"
+            assert event["id"] == sent["id"]
+            await relay.reply("acme", event["conversation"], "message", {"text": "Tomorrow."})
+            message = await asyncio.wait_for(device.receive(), WAIT)
+            assert message["body"] == {"text": "Tomorrow."}
+            assert message["seq"] == 1
+            await device.received(message)
+            await device.close()
+            await relay.assert_empty(relay.device_queue(phone))
+
+    async def test_reconnect_and_resume(self, relay: Relay) -> None:
+        """The connection drops with a message received but not acknowledged: the client
+        logs in again by itself, the message comes again and is not returned twice,
+        received() acknowledges it on the new connection, and sending works again."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        await relay.start()
+        async with running(relay) as edge, \
+                EdgeDevice(edge.url, NAME, phone, relay.public, max_backoff=0.2) as device:
+            await device.send("acme", "start", {"text": "hi"})
+            [event] = await relay.events("acme", 1)
+            await relay.reply("acme", event["conversation"], "message", {"text": "one"})
+            first = await asyncio.wait_for(device.receive(), WAIT)
+            assert device._ws is not None
+            device._ws.transport.abort()  # the network goes away
+            await relay.reply("acme", event["conversation"], "message", {"text": "two"})
+            second = await asyncio.wait_for(device.receive(), WAIT)
+            assert (first["body"]["text"], second["body"]["text"]) == ("one", "two")
+            assert device.connects == 2
+            await device.received(first)
+            await device.received(second)
+            await device.send("acme", "message", {"text": "still here"})
+            [event] = await relay.events("acme", 1)
+            assert event["body"] == {"text": "still here"}
+            await device.close()
+            await relay.assert_empty(relay.device_queue(phone))
+
+    async def test_a_device_cannot_send_as_another(self, relay: Relay) -> None:
+        """An envelope sealed by bob, sent on alice's connection, is acked by the edge
+        (it cannot open it) and dead-lettered by the relay as wrong_device; bob's
+        business sees nothing."""
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        bob = await relay.add_device("bob", "bob-phone")
+        await relay.start()
+        async with running(relay) as edge:
+            ws = await edge.login(phone)
+            forged = bob.seal(relay.public, bob.payload("acme", "start", {"text": "as bob"}))
+            assert (await send(ws, 1, forged, relay.public.kid))["type"] == "ack"
+            [dead] = await relay.dead(1)
+            assert dead.headers["x-relayd-reason"] == "wrong_device"
+            assert dead.body == forged
+            await relay.assert_empty(relay.inbox("acme"))
+            await ws.send('{"type":"ping","ref":1}')
+            assert await frame(ws) == {"type": "pong", "ref": 1}
