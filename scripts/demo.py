@@ -1,9 +1,11 @@
 """A real relay session, end to end, printing each hop.
 
-Generates keys, registers a business and two devices of one user, starts `relayd run`,
-then plays a conversation through the broker: start, messages both ways, typing, a reply
-reaching both devices, the user deleting the conversation, and the next business reply
-rejected with conversation_closed. Uses the SQLite store, with no extra service.
+Generates keys, registers a business and two devices of one user, starts `relayd run`
+and `relayd edge`, then plays a conversation: the devices connect to the edge over
+WebSocket and log in with their own keys; the business speaks AMQP. Start, messages both
+ways, typing, a reply reaching both devices, the user deleting the conversation, and the
+next business reply rejected with conversation_closed. Uses the SQLite store, with no
+extra service.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,10 +25,11 @@ from typing import Any
 
 import aio_pika
 
-from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+from relayd.client import DeviceKeys, EdgeDevice, RelayPublic, parse_event, reply
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672"
 BUSINESS = "acme"
+EDGE = "edge-demo"
 USER = "alice@example.org"  # never leaves the relay: acme only sees an opaque id
 TIMEOUT = 10.0
 
@@ -56,21 +60,21 @@ async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.Abstra
     raise TimeoutError(f"nothing arrived on {queue.name}")
 
 
-async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKeys,
-               names: dict[str, str]) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
+async def play(url: str, edge_url: str, relay: RelayPublic, phone_keys: DeviceKeys,
+               laptop_keys: DeviceKeys) -> None:
+    connection = await aio_pika.connect(url)  # the business's side: AMQP
+    async with connection, \
+            EdgeDevice(edge_url, EDGE, phone_keys, relay) as phone_app, \
+            EdgeDevice(edge_url, EDGE, laptop_keys, relay) as laptop_app:
+        print(f"alice's phone and laptop logged in to the edge at {edge_url}")
         channel = await connection.channel(publisher_confirms=True)
-        ingress = await channel.get_exchange("relayd.ingress")
         replies = await channel.get_exchange("relayd.replies")
         inbox = await channel.get_queue(f"relayd.biz.{BUSINESS}.inbox")
-        queues = {d.device: await channel.get_queue(names[d.device]) for d in (phone, laptop)}
+        apps = {phone_keys.device: phone_app, laptop_keys.device: laptop_app}
+        phone, laptop = phone_keys, laptop_keys
 
         async def up(device: DeviceKeys, kind: str, body: dict[str, Any] | None = None) -> None:
-            sealed = device.seal(relay, device.payload(BUSINESS, kind, body))
-            await ingress.publish(aio_pika.Message(
-                sealed, content_type="application/vnd.relayd.sealed",
-                headers={"relayd-kid": relay.kid}, delivery_mode=2), routing_key="inbound")
+            await apps[device.device].send(BUSINESS, kind, body)  # returns on the edge's ack
 
         async def business_sees() -> dict[str, Any]:
             event = parse_event((await next_message(inbox)).body)
@@ -78,7 +82,9 @@ async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKe
             return event
 
         async def device_gets(device: DeviceKeys) -> dict[str, Any]:
-            message = device.open(relay, (await next_message(queues[device.device])).body)
+            app = apps[device.device]
+            message = await asyncio.wait_for(app.receive(), TIMEOUT)  # opened and verified
+            await app.received(message)
             hop(f"relay -> {device.device}", f"{message['type']} seq={message['seq']} "
                 f"body={json.dumps(message['body'])}")
             return message
@@ -124,8 +130,17 @@ async def play(url: str, relay: RelayPublic, phone: DeviceKeys, laptop: DeviceKe
         error = await business_sees()
         expect(error["type"] == "error" and error["code"] == "conversation_closed")
         for device in (phone, laptop):
-            expect(await queues[device.device].get(fail=False) is None)
+            queue = await channel.declare_queue(f"relayd.device.{device.device}", passive=True)
+            expect(queue.declaration_result.message_count == 0)
     print("demo: every hop arrived as expected")
+
+
+def free_port() -> int:
+    """A port free on loopback now, for the demo's edge."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @contextlib.contextmanager
@@ -149,28 +164,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp, broker_vhost() as url:
         work = Path(tmp)
         config = work / "relayd.yaml"
+        port = free_port()
         config.write_text(f"amqp:\n  url: {url}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
                           f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n"
-                          "metrics:\n  port: 0\n")
+                          f"metrics:\n  port: 0\nedge:\n  name: {EDGE}\n  port: {port}\n")
         relayd(config, "keys", "generate", "--kid", "demo-1")
         relay = RelayPublic.from_json(relayd(config, "keys", "show"))
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")
         relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
         phone, laptop = DeviceKeys.generate("alice-phone"), DeviceKeys.generate("alice-laptop")
-        queues = {}  # the operator tells each device (or the edge) its queue's name
         for device in (phone, laptop):
             reg = device.registration(USER)
-            queues[device.device] = json.loads(relayd(
-                config, "device", "add", "--user", USER, "--device", device.device,
-                f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}", "--json"))["queue"]
+            relayd(config, "device", "add", "--user", USER, "--device", device.device,
+                   f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}")
         print(f"business {BUSINESS} and devices {phone.device}, {laptop.device} registered")
         server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)])
+        edge = subprocess.Popen([sys.executable, "-m", "relayd", "edge", "--config", str(config)])
         try:
-            asyncio.run(play(url, relay, phone, laptop, queues))
+            asyncio.run(play(url, f"ws://127.0.0.1:{port}/v1/device", relay, phone, laptop))
         finally:
-            server.terminate()
-            code = server.wait(timeout=30)
-            print(f"relayd run exited with {code}")
+            for name, process in (("relayd run", server), ("relayd edge", edge)):
+                process.terminate()
+                print(f"{name} exited with {process.wait(timeout=30)}")
     return 0
 
 
