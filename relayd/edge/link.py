@@ -32,6 +32,7 @@ from pamqp.commands import Basic
 from relayd import envelope, topology
 from relayd.config import Settings
 from relayd.errors import RelaydError
+from relayd.keys import KeySource
 
 Code = Literal["broker_full", "unavailable"]
 Ending = Literal["removed", "lost"]
@@ -189,9 +190,11 @@ class Slot:
 class Link:
     """The edge process's connection to the broker, and what it does there."""
 
-    def __init__(self, settings: Settings, connection: AbstractConnection) -> None:
+    def __init__(self, settings: Settings, connection: AbstractConnection,
+                 keys: KeySource) -> None:
         self.settings = settings
         self.connection = connection
+        self.keys = keys  # read at each attach: the device queues are named by a keyed token
         self.t = settings.topology
         self.slots = [Slot(self, i) for i in range(settings.edge.channels)]
         self.held: dict[str, Callable[[], Awaitable[None]]] = {}  # queue -> let it go
@@ -248,11 +251,12 @@ class Link:
         """Consume `device`'s queue for one connection, once no one else does; `release`
         is what a takeover asks of this connection later. Unavailable if the queue stays
         taken for `edge.takeover_timeout` s or the broker fails."""
-        queue = topology.device_queue(self.t, device)
+        secret = self.keys().opaque_secret
+        queue = topology.device_queue(self.t, device, secret)
         deadline = time.monotonic() + self.settings.edge.takeover_timeout
         asked = False
         try:
-            while await self._consumers(device, queue) > 0:
+            while await self._consumers(device, queue, secret) > 0:
                 if time.monotonic() >= deadline:
                     raise UnavailableError("the device's queue stayed taken")
                 if not asked:
@@ -274,14 +278,14 @@ class Link:
     def detach(self, stream: Stream) -> None:
         self.held.pop(stream.queue, None)
 
-    async def _consumers(self, device: str, queue: str) -> int:
+    async def _consumers(self, device: str, queue: str, secret: bytes) -> int:
         """How many consumers the device's queue has; declared first if it is missing."""
         async with self._control_lock:
             try:
                 declared = await self.control.declare_queue(queue, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 self.control = await self.connection.channel()  # a failed passive kills it
-                await topology.declare(self.control, topology.device(self.t, device))
+                await topology.declare(self.control, topology.device(self.t, device, secret))
                 return 0
             return int(declared.declaration_result.consumer_count or 0)
 

@@ -384,7 +384,7 @@ async def serve_edge(settings: Settings, store: Store, keys: KeyRing | Callable[
         while not stop.is_set():
             try:
                 connection = await amqp.connect(settings, "relayd-edge")
-                link = Link(settings, connection)
+                link = Link(settings, connection, door.keys)
                 await link.open()
             except _CONNECT_ERRORS as exc:
                 _log.warning("connect_failed", stage="edge", reason=type(exc).__name__,

@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from relayd import topology
 from relayd.client import DeviceKeys
 from relayd.config import Settings
 from relayd.crypto import b64d, b64e
@@ -119,7 +120,8 @@ async def put_down(relay: Relay, device: DeviceKeys, bodies: list[bytes]) -> Non
     exchange = await relay.channel.get_exchange(relay.settings.topology.devices_exchange)
     for body in bodies:
         await exchange.publish(aio_pika.Message(body, delivery_mode=2),
-                               routing_key=device.device)
+                               routing_key=topology.device_routing_key(
+                                   device.device, relay.keyring.opaque_secret))
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from relayd import config, envelope, shard
 from relayd.client import DeviceKeys, reply
 from relayd.crypto import Kem, raw_public
-from relayd.deliver import fan_out
+from relayd.deliver import fan_out, now_ms
 from relayd.errors import EnvelopeError, PermanentError
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
@@ -109,6 +109,52 @@ class TestInbound:
         assert caught.value.reason == "replayed"
 
 
+class TestThroughTheEdge:
+    """Messages the edge published carry x-relayd-device, the device it logged in."""
+
+    @staticmethod
+    def via_edge(device: DeviceKeys, logged_in: str, ts: int, seq: int) -> FakeDelivery:
+        body = device.seal(RELAY.public, device.payload("acme", "message", {"text": "hi"},
+                                                        seq=seq, ts=ts))
+        return FakeDelivery(body=body, headers={envelope.KID_HEADER: RELAY.kid,
+                                                envelope.DEVICE_HEADER: logged_in})
+
+    async def test_another_devices_envelope_is_wrong_device(self, tmp_path: Path,
+                                                            store: Store) -> None:
+        """An envelope sealed by one device, sent up on another's connection, is refused
+        in prepare, before any work."""
+        phone = await add(store, "alice", "phone")
+        inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, RecordingSink())
+        with pytest.raises(EnvelopeError) as caught:
+            inbound.prepare(self.via_edge(phone, "laptop", now_ms(), 1))
+        assert caught.value.reason == "wrong_device"
+
+    async def test_the_edges_messages_are_not_judged_twice(self, tmp_path: Path,
+                                                          store: Store) -> None:
+        """More than the burst, all signed at one ts: through the edge (which judged each
+        on arrival) every one is handled; published without the header, the ts bucket
+        refuses the one beyond the burst."""
+        phone = await add(store, "alice", "phone")
+        await Inbound(settings(tmp_path), store, lambda: KEYRING, RecordingSink()).prepare(
+            up(phone, "start"))[1]()
+        s = settings(tmp_path)
+        burst, ts = s.limits.device_burst, now_ms()
+        inbound = Inbound(s, store, lambda: KEYRING, RecordingSink())
+        for seq in range(100, 101 + burst):  # burst + 1, as a device resending after nacks
+            _, work = inbound.prepare(self.via_edge(phone, "phone", ts, seq))
+            assert await work() == "message"
+        direct = Inbound(s, store, lambda: KEYRING, RecordingSink())
+        for seq in range(200, 200 + burst):
+            delivery = self.via_edge(phone, "phone", ts, seq)
+            delivery.headers = {envelope.KID_HEADER: RELAY.kid}
+            assert await direct.prepare(delivery)[1]() == "message"
+        delivery = self.via_edge(phone, "phone", ts, 200 + burst)
+        delivery.headers = {envelope.KID_HEADER: RELAY.kid}
+        with pytest.raises(PermanentError) as caught:
+            await direct.prepare(delivery)[1]()
+        assert caught.value.reason == "rate_limited"
+
+
 class TestOutbound:
     async def opened(self, tmp_path: Path, store: Store) -> tuple[Outbound, RecordingSink, str]:
         phone = await add(store, "alice", "phone")
@@ -188,6 +234,23 @@ class TestRouters:
         assert sink.sent == [("shard", f"relayd.inbound.{k}", delivery.body,
                               {envelope.KID_HEADER: RELAY.kid, shard.REDELIVERED_HEADER: True},
                               envelope.CONTENT_TYPE)]
+
+    async def test_inbound_router_keeps_the_edges_device_header(
+            self, tmp_path: Path, store: Store) -> None:
+        """A message the edge published keeps x-relayd-device on its way to the shard
+        (checked against the envelope first), so the shard's worker treats it alike; one
+        sealed by another device is refused at the router."""
+        phone = await add(store, "alice", "phone")
+        sink = RecordingSink()
+        router = inbound_router(settings(tmp_path, shards=4), lambda: KEYRING, sink)  # type: ignore[arg-type]
+        delivery = TestThroughTheEdge.via_edge(phone, "phone", now_ms(), 1)
+        _, work = router.prepare(delivery)
+        assert await work() == "routed"
+        [(_, _, _, headers, _)] = sink.sent
+        assert headers == {envelope.KID_HEADER: RELAY.kid, envelope.DEVICE_HEADER: "phone"}
+        with pytest.raises(EnvelopeError) as caught:
+            router.prepare(TestThroughTheEdge.via_edge(phone, "laptop", now_ms(), 2))
+        assert caught.value.reason == "wrong_device"
 
     async def test_outbound_router_forwards_with_its_origin(self, tmp_path: Path) -> None:
         """The reply is forwarded to its conversation's shard with the user_id and
