@@ -96,7 +96,10 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.role == "all":
         roles = ["inbound", "outbound"]
         roles += ["gdpr"] if settings.gdpr.identity_user else []
+        roles += ["edge"] if settings.workers.edge else []
         roles += ["retention"] if settings.retention.enabled else []
+    if "edge" in roles:
+        config.require_edge(settings)
     structlog.contextvars.bind_contextvars(worker="supervisor")
     return _run(Supervisor(settings, Path(args.config), roles).run())
 
@@ -111,10 +114,12 @@ def cmd_worker(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_edge(args: argparse.Namespace, settings: config.Settings) -> int:
-    from relayd.edge.server import run
+    """One edge process in the foreground: the edge role of `relayd run`, unsupervised."""
+    from relayd.worker import work
 
     structlog.contextvars.bind_contextvars(worker="edge")
-    return uvloop.run(run(settings, Path(args.config)))
+    metrics.at_zero("edge")
+    return _run(work(settings, Path(args.config), "edge"), uvloop.run)
 
 
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -428,8 +433,8 @@ def parser() -> argparse.ArgumentParser:
     command(commands, "check-config", cmd_check_config, "validate the config and exit")
     run = command(commands, "run", cmd_run, "run the relay workers")
     run.add_argument("--role", choices=[*ROLES, "all"], default="all",
-                     help="all: inbound, outbound, gdpr when gdpr.identity_user is set, and "
-                     "retention when retention.enabled")
+                     help="all: inbound, outbound, gdpr when gdpr.identity_user is set, "
+                     "edge when workers.edge > 0, and retention when retention.enabled")
     one = command(commands, "worker", cmd_worker, None)
     one.description = "One worker process, started by `relayd run`: not for operators."
     one.add_argument("--role", choices=ROLES, required=True, help="what it works on")
@@ -589,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitCode.FAILURE
     except Exception as exc:  # a bug, or a failure nothing above names
-        if args.command in ("run", "worker", "edge"):  # the daemon: type and frames, never the text
+        if args.command in ("run", "worker", "edge"):  # a daemon: type and frames, no text
             log.get("relayd.cli").exception("crashed")
         else:  # an operator's command: the operator needs the message
             _error(f"relayd: {type(exc).__name__}: {exc}")

@@ -265,6 +265,13 @@ def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return data
 
 
+def require_edge(settings: Settings) -> None:
+    """What running the edge needs beyond a valid config: its name, which devices sign."""
+    if settings.edge.name is None:
+        raise ConfigError({"edge.name": "must be set to run the edge (relayd edge, "
+                           "workers.edge > 0 or relayd run --role edge)"})
+
+
 def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate a config mapping; every problem is reported under its dotted key."""
     if data is None:
@@ -286,8 +293,11 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
     if edge.max_frame_bytes < 4 * -(-settings.limits.max_envelope_bytes // 3) + 256:
         raise ConfigError({"edge.max_frame_bytes": "must hold limits.max_envelope_bytes in"
                            " base64url, plus 256"})
-    if settings.workers.edge and edge.name is None:
-        raise ConfigError({"edge.name": "must be set when workers.edge > 0"})
+    if settings.workers.edge:
+        require_edge(settings)
+    if settings.workers.edge > 1 and edge.port == 0:
+        raise ConfigError({"edge.port": "0 (any free port) gives each edge process another "
+                           "port: with workers.edge > 1, name one port they share"})
     if settings.retention.replay_state_days * 86400 < settings.limits.max_age_seconds:
         # Until a message is too old to accept, a re-added device id must not be replayable.
         raise ConfigError({"retention.replay_state_days":

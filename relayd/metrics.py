@@ -81,6 +81,9 @@ def at_zero(role: str) -> None:
     if role in HANDLING:
         for outcome in OUTCOMES:
             _child(MESSAGES, role, outcome)
+    if role == "edge":
+        _child(EDGE_SENDS, "ack")
+        EDGE_CONNECTIONS.set(0)
 
 
 def received(stage: str) -> None:

@@ -129,7 +129,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"  {'WORKER':<12}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  KID")
         lines += [f"  {w['name']:<12}{w['pid'] or '-':>8}  {w['state']:<10}"
-                  f"{w['restarts']:>9}  {w['kid'] or '-'}" for w in sup["workers"]]
+                  f"{w['restarts']:>9}  {w['kid'] or '-'}"
+                  + (f"  port {w['port']}" if w.get("port") else "") for w in sup["workers"]]
     lines.append("")
     queues = report["queues"]
     if "error" in queues:

@@ -1,10 +1,11 @@
 """`relayd run`: a supervisor of worker processes, for systemd or a terminal.
 
-It starts `workers.inbound` inbound and `workers.outbound` outbound workers, and one
-gdpr and one retention worker when they are asked for, each a `relayd worker` process
-(relayd/worker.py) tied to it by a socket pair. A worker that exits
-is started again after an exponential backoff. The service is ready (READY=1, /readyz)
-only while every worker reports that it consumes.
+It starts `workers.inbound` inbound and `workers.outbound` outbound workers,
+`workers.edge` edge processes, and one gdpr and one retention worker when they are asked
+for, each a `relayd worker` process (relayd/worker.py) tied to it by a socket pair. A
+worker that exits is started again after an exponential backoff. The service is ready
+(READY=1, /readyz) only while every worker reports that it consumes (an edge: that it
+takes logins).
 
 - SIGTERM/SIGINT: every worker is told to stop and drains; the supervisor exits 0 when
   all exited cleanly. A second signal kills them (SIGKILL) and exits 1.
@@ -59,8 +60,9 @@ class Slot:
     index: int
     pid: int | None = None
     control: asyncio.StreamWriter | None = None
-    state: str = "down"  # starting, then as reported: connecting, consuming, running
+    state: str = "down"  # starting, then as reported: connecting, consuming, listening, running
     kid: str = ""
+    port: int | None = None  # an edge's, as it reported it
     restarts: int = 0
     exit_code: int | None = None
 
@@ -76,7 +78,8 @@ class Slot:
 
     @property
     def consuming(self) -> bool:
-        return self.state == "consuming"
+        """Doing its work: consuming its queue, or, for an edge, taking logins."""
+        return self.state in ("consuming", "listening")
 
     def tell(self, command: str) -> None:
         if self.control is not None and not self.control.is_closing():
@@ -104,7 +107,7 @@ class Supervisor:
         self.keyring = keys.from_settings(settings.keys)
         self.notifier = notifier or Notifier()
         counts = {"inbound": settings.workers.inbound, "outbound": settings.workers.outbound,
-                  "gdpr": 1, "retention": 1}
+                  "gdpr": 1, "edge": max(1, settings.workers.edge), "retention": 1}
         self.slots = [Slot(role, i) for role in roles for i in range(counts[role])]
         self.collector = metrics.SupervisorCollector()
         self.consumers = [slot for slot in self.slots if slot.has_queue]
@@ -199,8 +202,10 @@ class Supervisor:
             slot.tell("stop")
         try:
             async for line in reader:
-                state, _, kid = line.decode(errors="replace").strip().partition(" ")
+                state, _, rest = line.decode(errors="replace").strip().partition(" ")
+                kid, _, port = rest.partition(" ")
                 slot.state, slot.kid = state, kid
+                slot.port = int(port) if port.isdigit() else None
                 self._changed()
         except (ConnectionError, ValueError):
             pass
@@ -256,7 +261,8 @@ class Supervisor:
             "stopping": self.stopping.is_set(),
             "uptime_s": round(time.time() - self.started, 1),
             "workers": [{"name": s.name, "role": s.role, "pid": s.pid, "state": s.state,
-                         "restarts": s.restarts, "kid": s.kid} for s in self.slots],
+                         "restarts": s.restarts, "kid": s.kid}
+                        | ({"port": s.port} if s.role == "edge" else {}) for s in self.slots],
             "keys": {"current": ring.current.kid, "kem": ring.current.kem.value,
                      "usable": sorted(ring.hpke),
                      "source": "credentials" if source != self.settings.keys.dir else "dir"},

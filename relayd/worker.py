@@ -1,13 +1,14 @@
 """`relayd worker`: one worker process of one role, as `relayd run` starts it.
 
 Roles: inbound, outbound and gdpr consume their queue (serve(): connect, declare, consume
-through relayd.consume, or the shards through relayd.route); retention runs the retention
-job (relayd/retention.py), in this one process only. It consumes nothing, so the
-service's readiness does not wait for it.
+through relayd.consume, or the shards through relayd.route); edge serves device apps
+over WebSocket (relayd.edge.server; `relayd edge` is this role without a supervisor);
+retention runs the retention job (relayd/retention.py), in this one process only. It
+consumes nothing, so the service's readiness does not wait for it.
 
 It talks to its supervisor over a socket pair (fd `--control-fd`), one line at a time:
-it reports `consuming <kid>` or `connecting <kid>` (`running <kid>` for retention)
-whenever that changes, and obeys
+it reports `consuming <kid>` or `connecting <kid>` (`running <kid>` for retention,
+`listening <kid> <port>` for an edge that takes logins) whenever that changes, and obeys
 `stop` (drain, then exit 0) and `reload` (re-read the keys and the log level). When the
 supervisor goes away (end of file), it stops as if told to. SIGTERM and SIGINT stop it
 too, and a second signal forces the exit; SIGHUP reloads.
@@ -30,6 +31,7 @@ from aio_pika.abc import AbstractConnection
 from relayd import amqp, config, keys, log, retention, shard, topology
 from relayd.config import Settings
 from relayd.consume import Consumer, Handler
+from relayd.edge.server import serve_edge
 from relayd.errors import ConfigError, ExitCode
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
@@ -41,8 +43,8 @@ from relayd.store import Store, open_store
 
 _log = log.get("relayd.worker")
 QueueRole = Literal["inbound", "outbound", "gdpr"]
-Role = QueueRole | Literal["retention"]
-ROLES: tuple[Role, ...] = ("inbound", "outbound", "gdpr", "retention")
+Role = QueueRole | Literal["edge", "retention"]
+ROLES: tuple[Role, ...] = ("inbound", "outbound", "gdpr", "edge", "retention")
 
 
 class ReportingEvent(asyncio.Event):
@@ -65,17 +67,29 @@ class ReportingEvent(asyncio.Event):
 
 async def work(settings: config.Settings, config_path: Path, role: Role,
                control_fd: int | None = None, name: str | None = None) -> int:
+    if role == "edge":
+        config.require_edge(settings)
     keyring = keys.from_settings(settings.keys)
     log.set_reference_secret(keyring.opaque_secret)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     writer: asyncio.StreamWriter | None = None
+    port = 0  # the edge's, once it listens
 
     def report(consuming: bool) -> None:
         if writer is not None and not writer.is_closing():
-            state = "running" if role == "retention" else (
-                "consuming" if consuming else "connecting")
-            writer.write(f"{state} {keyring.current.kid}\n".encode())
+            if role == "retention":
+                line = f"running {keyring.current.kid}"
+            elif role == "edge":  # consuming: the edge takes logins (it reached the broker)
+                line = f"{'listening' if consuming else 'connecting'} {keyring.current.kid} {port}"
+            else:
+                line = f"{'consuming' if consuming else 'connecting'} {keyring.current.kid}"
+            writer.write(f"{line}\n".encode())
+
+    def listening(at: int) -> None:
+        nonlocal port
+        port = at
+        report(consuming.is_set())
 
     consuming = ReportingEvent(report)
 
@@ -122,6 +136,13 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
         if role == "retention":
             report(False)
             await retention.serve(settings, store, keyring, stop)
+        elif role == "edge":
+            lag = asyncio.create_task(watch_lag(role))
+            try:  # several processes share the port: the kernel spreads the connections
+                await serve_edge(settings, store, lambda: keyring, stop, consuming, listening,
+                                 reuse_port=settings.workers.edge > 1)
+            finally:
+                lag.cancel()
         else:
             # Under a supervisor, the name outlives a restart: a restarted worker takes its
             # shards back at once instead of waiting for its old self to be forgotten.

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
-import aiormq
+from aio_pika.abc import AbstractConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -38,15 +35,14 @@ from relayd.crypto import b64d, b64e
 from relayd.edge import frames, login
 from relayd.edge.frames import Close, FrameError
 from relayd.edge.link import Ending, Link, RefusedError, Stream, UnavailableError
-from relayd.errors import ConfigError, ExitCode, StoreUnavailableError
-from relayd.keys import KeyRing
+from relayd.errors import StoreUnavailableError
+from relayd.keys import KeySource
 from relayd.payload import DEVICE_ID
-from relayd.store import Store, open_store
+from relayd.store import Store
 
 _log = log.get("relayd.edge")
 READ_AHEAD_FRAMES = 4  # frames websockets reads ahead of the reader loop
 WRITE_LIMIT = 64 * 1024  # bytes buffered towards a device before a send waits
-_CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 
 
 class _EndedError(Exception):
@@ -189,7 +185,7 @@ class Session:
 class Door:
     """Every connection of this edge process, and what they share."""
 
-    def __init__(self, settings: Settings, store: Store, keys: Callable[[], KeyRing]) -> None:
+    def __init__(self, settings: Settings, store: Store, keys: KeySource) -> None:
         assert settings.edge.name is not None
         self.settings = settings
         self.store = store
@@ -365,52 +361,43 @@ async def listen(door: Door, settings: Settings, reuse_port: bool = False) -> Se
         ssl=ssl_context(settings), reuse_port=reuse_port or None)
 
 
-async def serve_edge(settings: Settings, store: Store, keys: KeyRing | Callable[[], KeyRing],
-                     stop: asyncio.Event, ready: asyncio.Event | None = None,
+async def serve_edge(settings: Settings, store: Store, keys: KeySource, stop: asyncio.Event,
+                     ready: asyncio.Event | None = None,
                      listening: Callable[[int], None] | None = None,
                      reuse_port: bool = False) -> None:
     """Serve device apps until `stop` is set: listen at once, answer 503 while the broker
-    is unreachable, reconnect whenever it is lost. `ready` is set while the edge takes
-    logins; `listening` is told the port (useful with edge.port 0)."""
-    current = keys if callable(keys) else lambda: keys
-    door = Door(settings, store, current)
+    is unreachable, reconnect whenever it is lost (amqp.keep_connected). `ready` is set
+    while the edge takes logins; `listening` is told the port (useful with edge.port 0).
+    `reuse_port`: several processes listen on one port, the kernel shares the
+    connections out (`relayd run` with workers.edge > 1)."""
+    door = Door(settings, store, keys)
     server = await listen(door, settings, reuse_port)
     port = next(iter(server.sockets)).getsockname()[1]
     _log.info("edge_listening", port=port)
     if listening is not None:
         listening(port)
-    backoff, connected = 0.5, False
-    try:
-        while not stop.is_set():
-            try:
-                connection = await amqp.connect(settings, "relayd-edge")
-                link = Link(settings, connection, door.keys)
-                await link.open()
-            except _CONNECT_ERRORS as exc:
-                _log.warning("connect_failed", stage="edge", reason=type(exc).__name__,
-                             retry_in_s=backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, settings.amqp.reconnect_max_backoff)
-                continue
-            if connected:
-                metrics.RECONNECTS.labels("edge").inc()
-            backoff, connected = 0.5, True
-            lost = asyncio.Event()
-            connection.close_callbacks.add(lambda *_, lost=lost: lost.set())
-            door.link = link
-            if ready is not None:
-                ready.set()
-            await _wait_any(stop, lost)
+
+    async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
+        link = Link(settings, connection, keys)
+        await link.open()
+        door.link = link
+        if ready is not None:
+            ready.set()
+        try:
+            await amqp.wait_any(stop, lost)
+        finally:
             door.link = None
             if ready is not None:
                 ready.clear()
-            if lost.is_set():
-                _log.warning("connection_lost", stage="edge")
-                door.end_all(Close.TRY_AGAIN_LATER)
-                continue
-            await _drain(door, server, settings)
-            await link.close()
+        if lost.is_set():
+            _log.warning("connection_lost", stage="edge")
+            door.end_all(Close.TRY_AGAIN_LATER)
+            return
+        await _drain(door, server, settings)
+        await link.close()
+
+    try:
+        await amqp.keep_connected(settings, "relayd-edge", "edge", stop, session)
     finally:
         server.close()
         await server.wait_closed()
@@ -426,52 +413,3 @@ async def _drain(door: Door, server: Server, settings: Settings) -> None:
         for task in pending:
             task.cancel()
     _log.info("drained", stage="edge", abandoned=len(door.handlers))
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-async def run(settings: Settings, config_path: Path) -> int:
-    """`relayd edge`: serve until SIGTERM or SIGINT (a second one exits at once); SIGHUP
-    re-reads the keys (a new kid is accepted from then on)."""
-    from relayd import config, keys  # here: the CLI imports this module lazily
-
-    if settings.edge.name is None:
-        raise ConfigError({"edge.name": "must be set to run the edge"})
-    keyring = keys.from_settings(settings.keys)
-    log.set_reference_secret(keyring.opaque_secret)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            _log.warning("forced_exit", signal=signal.Signals(signum).name)
-            os._exit(ExitCode.FAILURE)
-        _log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    def reload() -> None:
-        nonlocal keyring
-        try:
-            keyring = keys.from_settings(config.load(config_path).keys)
-        except ConfigError as exc:
-            _log.error("reload_failed", error=type(exc).__name__)
-            return
-        _log.info("reloaded", kid=keyring.current.kid, kids=sorted(keyring.hpke))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    store = await open_store(settings.store.url, pool_size=settings.store.pool_size)
-    try:
-        await serve_edge(settings, store, lambda: keyring, stop)
-    finally:
-        await store.close()
-    _log.info("stopped")
-    return ExitCode.OK

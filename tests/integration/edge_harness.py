@@ -48,7 +48,7 @@ class Edge:
     async def start(self) -> None:
         listening = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(serve_edge(
-            self.settings, self.relay.store, self.relay.keyring, self.stop, self.ready,
+            self.settings, self.relay.store, lambda: self.relay.keyring, self.stop, self.ready,
             listening=listening.set_result))
         self.port = await asyncio.wait_for(listening, WAIT)
         await asyncio.wait_for(self.ready.wait(), WAIT)

@@ -97,8 +97,8 @@ class TestLogin:
             settings = relay.settings.model_copy(update={"amqp": broken, "edge": edge})
             rig = Edge(relay, settings)
             listening = asyncio.get_running_loop().create_future()
-            rig.task = asyncio.create_task(serve_edge(settings, relay.store, relay.keyring,
-                                                      rig.stop, rig.ready,
+            rig.task = asyncio.create_task(serve_edge(settings, relay.store,
+                                                      lambda: relay.keyring, rig.stop, rig.ready,
                                                       listening=listening.set_result))
             rig.port = await asyncio.wait_for(listening, WAIT)
             with pytest.raises(InvalidStatus) as refused:

@@ -53,7 +53,7 @@ class TestBashCompletion:
     def test_choices_and_files(self, script: Path, tmp_path: Path) -> None:
         """--role and --kem offer their choices; --config offers files."""
         assert set(complete(script, "relayd run --role ")) == {
-            "inbound", "outbound", "gdpr", "retention", "all"}
+            "inbound", "outbound", "gdpr", "edge", "retention", "all"}
         assert complete(script, "relayd keys generate --kem MLKEM") == ["MLKEM768_X25519"]
         (tmp_path / "relayd.yaml").write_text("")
         assert complete(script, "relayd status --config rel", cwd=tmp_path) == ["relayd.yaml"]

@@ -182,6 +182,18 @@ class TestValidation:
         data["limits"] = {"max_age_seconds": 86400}
         assert config.parse(data, environ={}).retention.replay_state_days == 1
 
+    def test_edge_processes_need_a_name_and_one_shared_port(self) -> None:
+        """workers.edge > 0 needs edge.name; more than one edge process needs a port they
+        can share (0 would give each another one); one may take any free port."""
+        data = _with("workers", edge=2)
+        assert set(_problems(data)) == {"edge.name"}
+        data["edge"] = {"name": "edge.example", "port": 0}
+        assert set(_problems(data)) == {"edge.port"}
+        data["workers"]["edge"] = 1
+        assert config.parse(data, environ={}).edge.port == 0
+        data["workers"]["edge"], data["edge"]["port"] = 2, 8443
+        assert config.parse(data, environ={}).workers.edge == 2
+
     def test_real_management_password_accepted(self) -> None:
         """A non-placeholder management password is kept."""
         data = _with("amqp", management={"url": "http://broker:15672", "username": "relayd",
