@@ -1,8 +1,9 @@
 """A real relay session, end to end, printing each hop.
 
 Generates keys, registers a business and two devices of one user, starts `relayd run`
-and `relayd edge`, then plays a conversation: the devices connect to the edge over
-WebSocket and log in with their own keys; the business speaks AMQP. Start, messages both
+with one edge process (workers.edge: 1) and waits until it is ready, then plays a
+conversation: the devices connect to the edge over WebSocket and log in with their own
+keys; the business speaks AMQP. Start, messages both
 ways, typing, a reply reaching both devices, the user deleting the conversation, and the
 next business reply rejected with conversation_closed. Uses the SQLite store, with no
 extra service.
@@ -19,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,7 @@ async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.Abstra
 
 
 async def play(url: str, edge_url: str, relay: RelayPublic, phone_keys: DeviceKeys,
-               laptop_keys: DeviceKeys) -> None:
+               laptop_keys: DeviceKeys, queues: dict[str, str]) -> None:
     connection = await aio_pika.connect(url)  # the business's side: AMQP
     async with connection, \
             EdgeDevice(edge_url, EDGE, phone_keys, relay) as phone_app, \
@@ -130,7 +133,7 @@ async def play(url: str, edge_url: str, relay: RelayPublic, phone_keys: DeviceKe
         error = await business_sees()
         expect(error["type"] == "error" and error["code"] == "conversation_closed")
         for device in (phone, laptop):
-            queue = await channel.declare_queue(f"relayd.device.{device.device}", passive=True)
+            queue = await channel.declare_queue(queues[device.device], passive=True)
             expect(queue.declaration_result.message_count == 0)
     print("demo: every hop arrived as expected")
 
@@ -164,29 +167,47 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp, broker_vhost() as url:
         work = Path(tmp)
         config = work / "relayd.yaml"
-        port = free_port()
+        port, metrics = free_port(), free_port()
         config.write_text(f"amqp:\n  url: {url}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
                           f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n"
-                          f"metrics:\n  port: 0\nedge:\n  name: {EDGE}\n  port: {port}\n")
+                          f"metrics:\n  port: {metrics}\nworkers:\n  edge: 1\n"
+                          f"edge:\n  name: {EDGE}\n  port: {port}\n")
         relayd(config, "keys", "generate", "--kid", "demo-1")
         relay = RelayPublic.from_json(relayd(config, "keys", "show"))
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")
         relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
         phone, laptop = DeviceKeys.generate("alice-phone"), DeviceKeys.generate("alice-laptop")
+        queues = {}  # each device's queue, named by a keyed token: to check it is empty
         for device in (phone, laptop):
             reg = device.registration(USER)
-            relayd(config, "device", "add", "--user", USER, "--device", device.device,
-                   f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}")
+            queues[device.device] = json.loads(relayd(
+                config, "device", "add", "--user", USER, "--device", device.device,
+                f"--enc-key={reg['enc_key']}", f"--sign-key={reg['sign_key']}", "--json"))["queue"]
         print(f"business {BUSINESS} and devices {phone.device}, {laptop.device} registered")
         server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)])
-        edge = subprocess.Popen([sys.executable, "-m", "relayd", "edge", "--config", str(config)])
         try:
-            asyncio.run(play(url, f"ws://127.0.0.1:{port}/v1/device", relay, phone, laptop))
+            wait_ready(server, metrics)
+            print("relayd run is ready: inbound, outbound and edge workers")
+            asyncio.run(play(url, f"ws://127.0.0.1:{port}/v1/device", relay, phone, laptop,
+                             queues))
         finally:
-            for name, process in (("relayd run", server), ("relayd edge", edge)):
-                process.terminate()
-                print(f"{name} exited with {process.wait(timeout=30)}")
+            server.terminate()
+            print(f"relayd run exited with {server.wait(timeout=30)}")
     return 0
+
+
+def wait_ready(server: subprocess.Popen[bytes], port: int, wait_s: float = 60.0) -> None:
+    """Until relayd's /readyz says every worker works (the edge: takes logins)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"demo failed: relayd run exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                return
+        except OSError:  # not listening yet, or 503: not ready yet
+            time.sleep(0.2)  # a person's script polling a service; not a test
+    raise SystemExit(f"demo failed: relayd run was not ready within {wait_s:.0f} s")
 
 
 if __name__ == "__main__":
