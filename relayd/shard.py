@@ -21,6 +21,7 @@ says); relayd.route runs the routers and consumes the shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from relayd.amqp import FORWARDED_USER_HEADER, Delivery
@@ -51,10 +52,41 @@ def shard_queue(t: Topology, role: str, k: int) -> str:
 
 
 def share(members: list[str], member: str, shards: int) -> set[int]:
-    """The shards `member` consumes: dealt round the members in sorted order, so that
-    every process seeing the same members agrees, and no two hold more than one apart."""
-    ranked = sorted(set(members) | {member})
-    return set(range(ranked.index(member), shards, len(ranked)))
+    """The shards `member` consumes, out of `deal(members + [member], shards)`."""
+    ranked = tuple(sorted(set(members) | {member}))
+    return {k for k, owner in enumerate(deal(ranked, shards)) if owner == member}
+
+
+@functools.lru_cache(maxsize=8)
+def deal(members: tuple[str, ...], shards: int) -> tuple[str, ...]:
+    """The owner of each shard: rendezvous hashing with bounded loads.
+
+    Every (member, shard) pair has a weight, a hash of both. Taking the pairs from the
+    heaviest down, a shard goes to the member of its pair unless that member is full:
+    every member gets shards // n, and the first shards % n to fill up one more. So no
+    member holds more than one shard more than another, and since a shard's weights do
+    not depend on who else is alive, a member that joins or leaves moves few shards
+    besides its own share (about 1.4 times that share on average: tests/unit/test_shard.py),
+    where dealing round the sorted names moved nearly all of them.
+    Every process seeing the same members makes the same deal.
+    """
+    floor, extra = divmod(shards, len(members))
+    load = dict.fromkeys(members, 0)
+    owner: dict[int, str] = {}
+    for _, k, m in sorted(((_weight(m, k), k, m) for k in range(shards) for m in members),
+                          reverse=True):
+        if k in owner or load[m] > floor or (load[m] == floor and not extra):
+            continue
+        if load[m] == floor:
+            extra -= 1
+        owner[k] = m
+        load[m] += 1
+    return tuple(owner[k] for k in range(shards))
+
+
+def _weight(member: str, k: int) -> int:
+    digest = hashlib.blake2b(f"{member}\0{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _forwarded(message: Delivery, t: Topology) -> bool:
