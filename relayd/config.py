@@ -72,6 +72,7 @@ class Amqp(Section):
     reconnect_max_backoff: Seconds = 30.0
     tls: TLS = TLS()
     management: Management | None = None
+    channel_max: Annotated[int, Field(ge=0, le=65535)] = 128  # as deploy/rabbitmq sets it
 
     @field_validator("url")
     @classmethod
@@ -249,6 +250,15 @@ class Settings(Section):
     metrics: Metrics = Metrics()
 
 
+CHANNELS_BESIDE_SHARDS = 3  # the worker's own, the router's, and a spare for probes
+
+
+def channels_needed(t: Topology) -> int:
+    """The most channels a worker opens on its connection: one per shard it holds (all of
+    them, when it is the last process of its role), and CHANNELS_BESIDE_SHARDS."""
+    return (t.shards if t.shards > 1 else 0) + CHANNELS_BESIDE_SHARDS
+
+
 def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply `RELAYD_SECTION__KEY=value` overrides, each value taken as given."""
     for name, raw in environ.items():
@@ -298,6 +308,13 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
     if settings.workers.edge > 1 and edge.port == 0:
         raise ConfigError({"edge.port": "0 (any free port) gives each edge process another "
                            "port: with workers.edge > 1, name one port they share"})
+    needed = channels_needed(settings.topology)
+    if settings.amqp.channel_max and needed > settings.amqp.channel_max:
+        raise ConfigError({"topology.shards": (
+            f"{settings.topology.shards} shards need {needed} channels on one connection (a"
+            " process may hold every shard when the others are gone), more than"
+            f" amqp.channel_max ({settings.amqp.channel_max}): lower topology.shards, or"
+            " raise channel_max on the broker and amqp.channel_max with it")})
     if settings.retention.replay_state_days * 86400 < settings.limits.max_age_seconds:
         # Until a message is too old to accept, a re-added device id must not be replayable.
         raise ConfigError({"retention.replay_state_days":

@@ -31,10 +31,10 @@ import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd import amqp, config, keys, provision, topology
+from relayd import admin, amqp, config, keys, provision, topology
 from relayd.client import RelayPublic, reply
-from relayd.store import open_store
-from tests.integration.harness import WAIT, Relay, documented_permissions
+from relayd.store import Business, open_store
+from tests.integration.harness import WAIT, Relay, documented_permissions, kill_group, stop_process
 from tests.support.broker import TestBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -677,3 +677,74 @@ class TestRelaydTls:
         else:
             with pytest.raises(aiormq.exceptions.AMQPConnectionError, match="CERTIFICATE"):
                 await amqp.connect(settings, "tls-check")
+
+
+SHARDS = 16  # a process holding them all needs 19 channels: more than the old limit of 16
+
+
+def shard_holders(node: TestBroker, vhost: str) -> dict[str, set[str]]:
+    """The connections (by name) that consume each queue of `vhost`."""
+    channels = {c["pid"]: c["connection"] for c in orjson.loads(node.ctl(
+        "list_channels", "pid", "connection", "--formatter", "json"))}
+    connections = {c["pid"]: c["name"] for c in orjson.loads(node.ctl(
+        "list_connections", "pid", "name", "--formatter", "json"))}
+    held: dict[str, set[str]] = {}
+    for consumer in orjson.loads(node.ctl("list_consumers", "-p", vhost, "queue_name",
+                                          "channel_pid", "--formatter", "json")):
+        connection = connections.get(channels.get(consumer["channel_pid"], ""), "gone")
+        held.setdefault(consumer["queue_name"], set()).add(connection)
+    return held
+
+
+async def sharded_by(env: Env, hosts: int) -> None:
+    """Until every shard queue and entry queue has a consumer, the shard queues spread
+    over `hosts` connections per role (each host runs one worker of each role)."""
+    t = env.relay.settings.topology
+    async with asyncio.timeout(90):
+        while True:  # the broker offers no event for a new consumer
+            held = await asyncio.to_thread(shard_holders, env.node, env.vhost)
+            if all(len(held.get(f"{entry}.{k}", ())) == 1 for k in range(SHARDS)
+                   for entry in (t.inbound_queue, t.outbound_queue)) and all(
+                    len(set().union(*(held[f"{entry}.{k}"] for k in range(SHARDS)))) == hosts
+                    for entry in (t.inbound_queue, t.outbound_queue)) and all(
+                    held.get(entry) for entry in (t.inbound_queue, t.outbound_queue)):
+                return
+            await asyncio.sleep(0.2)
+
+
+class TestShardsOnTheShippedBroker:
+    async def test_a_survivor_takes_every_shard_within_channel_max(self, env: Env) -> None:
+        """With the shipped rabbitmq.conf, two hosts share 16 shards per direction; when
+        one host is killed, the other consumes every shard (19 channels on its connection)
+        and the conversation goes on, where channel_max = 16 refused the channels
+        (530 NOT_ALLOWED) and left shards unconsumed."""
+        relay = env.relay
+        data = yaml.safe_load(relay.config_path.read_text())
+        data["topology"] = {"shards": SHARDS, "shard_member_ttl": 1.5}
+        data["metrics"] = {"enabled": False}
+        relay.config_path.write_text(yaml.safe_dump(data))
+        unprovisioned = relay.settings.model_copy(update={
+            "amqp": relay.settings.amqp.model_copy(update={"management": None})})
+        await admin.add_business(unprovisioned, relay.store, Business("acme", "guest"))
+        phone = await relay.add_device(USER, "phone")
+        hosts = [relay.spawn()]
+        try:
+            await sharded_by(env, 1)
+            hosts.append(relay.spawn(config_path=relay.other_host("host-b")))
+            await sharded_by(env, 2)
+            await relay.send(phone, "acme", "start")
+            [start] = await relay.events("acme", 1)
+            kill_group(hosts[0])
+            await sharded_by(env, 1)  # host B holds all 16 shards of each role
+            sent = [await relay.send(phone, "acme", "message", {"text": str(n)})
+                    for n in range(10)]
+            assert [e["id"] for e in await relay.events("acme", 10)] == sent
+            replies = [await relay.reply("acme", start["conversation"], "message",
+                                         {"text": str(n)}) for n in range(10)]
+            assert [m["id"] for m in await relay.received(phone, 10)] == replies
+        finally:
+            codes = [stop_process(h) if h.poll() is None else h.returncode for h in hosts]
+            for host in hosts:
+                kill_group(host)
+        assert codes[1] == 0
+        assert "NOT_ALLOWED" not in (relay.root / "relayd.log").read_text()

@@ -163,7 +163,10 @@ class TestBroker:
     """A throwaway RabbitMQ node with AMQP, AMQPS (client certs) and management on 127.0.0.1.
 
     Ports left at 0 are picked free; ``node_name`` defaults to one derived from ``base_dir``,
-    so a later run in the same directory reuses the node's data. With ``conf_file`` (and
+    so a later run in the same directory reuses the node's data. With ``netns`` the node
+    runs in that network namespace, listening on ``host`` (an address there) and named
+    ``...@host`` (Erlang long names): a member of a cluster that tests/support/cluster.py
+    can cut off. With ``conf_file`` (and
     ``plugins_file``) the node runs that config instead, e.g. the production one in
     deploy/rabbitmq, with only its host-specific values (addresses, ports, certificate
     paths, disk limit) replaced by this node's: see ``render``.
@@ -182,6 +185,9 @@ class TestBroker:
     advanced_config: str = ""  # Erlang terms for settings rabbitmq.conf has no key for
     conf_file: Path | None = None
     plugins_file: Path | None = None
+    host: str = "127.0.0.1"
+    netns: str | None = None
+    erl_args: str = ""  # more flags for the Erlang VM
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _pid: int | None = field(default=None, init=False, repr=False)
 
@@ -191,7 +197,7 @@ class TestBroker:
             digest = hashlib.sha256(str(self.base_dir).encode()).hexdigest()[:10]
             self.node_name = f"relayd-test-{digest}"
         if "@" not in self.node_name:
-            self.node_name += "@localhost"
+            self.node_name += "@localhost" if self.loopback else f"@{self.host}"
         names = ("amqp_port", "amqps_port", "mgmt_port", "dist_port", "prometheus_port")
         picked = iter(free_ports(sum(getattr(self, n) == 0 for n in names)))
         for n in names:
@@ -199,6 +205,14 @@ class TestBroker:
                 setattr(self, n, next(picked))
 
     # paths and URLs
+
+    @property
+    def loopback(self) -> bool:
+        return self.host == "127.0.0.1"
+
+    def command(self, *argv: str) -> list[str]:
+        """``argv`` run where the node runs (in its network namespace, if it has one)."""
+        return [*(("ip", "netns", "exec", self.netns) if self.netns else ()), *argv]
 
     @property
     def tls_dir(self) -> Path:
@@ -246,20 +260,20 @@ class TestBroker:
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        return f"amqp://guest:guest@{self.host}:{self.amqp_port}/"
 
     @property
     def amqps_url(self) -> str:
-        return f"amqps://guest:guest@127.0.0.1:{self.amqps_port}/"
+        return f"amqps://guest:guest@{self.host}:{self.amqps_port}/"
 
     @property
     def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.prometheus_port}/metrics"
+        return f"http://{self.host}:{self.prometheus_port}/metrics"
 
     @property
     def mgmt_url(self) -> str:
         https = any(k.startswith("management.ssl.") for k in _settings(self._config()))
-        return f"{'https' if https else 'http'}://127.0.0.1:{self.mgmt_port}"
+        return f"{'https' if https else 'http'}://{self.host}:{self.mgmt_port}"
 
     # TLS
 
@@ -306,7 +320,7 @@ class TestBroker:
             HOME=str(base),  # the Erlang cookie is $HOME/.erlang.cookie
             RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),
             RABBITMQ_NODENAME=self.node_name,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_IP_ADDRESS=self.host,
             RABBITMQ_NODE_PORT=str(self.amqp_port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
             RABBITMQ_CONFIG_FILE=str(base / "rabbitmq.conf"),
@@ -317,8 +331,12 @@ class TestBroker:
             RABBITMQ_MNESIA_DIR=str(base / "mnesia" / self.node_name),
             RABBITMQ_LOG_BASE=str(base / "log"),
             RABBITMQ_PID_FILE=str(self.pid_file),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=(
+                f"-kernel inet_dist_use_interface {{{self.host.replace('.', ',')}}} "
+                + self.erl_args),
         )
+        if not self.loopback:
+            env["RABBITMQ_USE_LONGNAME"] = "true"
         return env
 
     def render(self, text: str) -> str:
@@ -339,23 +357,23 @@ class TestBroker:
         tls = {"cacertfile": self.ca_cert, "certfile": self.server_cert,
                "keyfile": self.server_key}
         if key.startswith("listeners.ssl."):
-            return f"127.0.0.1:{self.amqps_port}"
+            return f"{self.host}:{self.amqps_port}"
         if key.startswith("listeners.tcp.") and value != "none":
-            return f"127.0.0.1:{self.amqp_port}"
+            return f"{self.host}:{self.amqp_port}"
         if key.startswith(("ssl_options.", "management.ssl.")) and last in tls:
             return str(tls[last])
         if key.startswith("management.") and last in ("port", "ip"):
-            return str(self.mgmt_port) if last == "port" else "127.0.0.1"
+            return str(self.mgmt_port) if last == "port" else self.host
         if key.startswith("prometheus.tcp.") and last in ("port", "ip"):
-            return str(self.prometheus_port) if last == "port" else "127.0.0.1"
+            return str(self.prometheus_port) if last == "port" else self.host
         return value
 
     def _config(self) -> str:
         if self.conf_file is not None:
             return self.render(self.conf_file.read_text())
         return f"""\
-listeners.tcp.default = 127.0.0.1:{self.amqp_port}
-listeners.ssl.default = 127.0.0.1:{self.amqps_port}
+listeners.tcp.default = {self.host}:{self.amqp_port}
+listeners.ssl.default = {self.host}:{self.amqps_port}
 ssl_options.cacertfile = {self.ca_cert}
 ssl_options.certfile = {self.server_cert}
 ssl_options.keyfile = {self.server_key}
@@ -367,7 +385,7 @@ auth_mechanisms.1 = PLAIN
 auth_mechanisms.2 = AMQPLAIN
 auth_mechanisms.3 = EXTERNAL
 ssl_cert_login_from = common_name
-management.tcp.ip = 127.0.0.1
+management.tcp.ip = {self.host}
 management.tcp.port = {self.mgmt_port}
 disk_free_limit.absolute = 50MB
 log.console = false
@@ -402,7 +420,7 @@ log.file.level = info
         self.pid_file.unlink(missing_ok=True)
         with (self.base_dir / "log" / "server-stdout.log").open("ab") as out:
             self._proc = subprocess.Popen(
-                [_bin("rabbitmq-server")],
+                self.command(_bin("rabbitmq-server")),
                 cwd=self.base_dir,
                 env=self.env(),
                 stdin=subprocess.DEVNULL,
@@ -451,7 +469,7 @@ log.file.level = info
         ports = (self.amqp_port,) if self.plain_listener else ()
         for port in (*ports, self.amqps_port, self.mgmt_port):
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((self.host, port), timeout=1).close()
             except OSError:
                 return False
         return True
@@ -507,7 +525,7 @@ log.file.level = info
 
     def _run_ctl(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_bin("rabbitmqctl"), "-n", self.node_name, *args],
+            self.command(_bin("rabbitmqctl"), "-n", self.node_name, *args),
             env=self.env(),
             cwd=self.base_dir,
             capture_output=True,
@@ -538,6 +556,8 @@ log.file.level = info
             "amqps_port": self.amqps_port,
             "mgmt_port": self.mgmt_port,
             "dist_port": self.dist_port,
+            "host": self.host,
+            "netns": self.netns,
             "amqp_url": self.amqp_url,
             "amqps_url": self.amqps_url,
             "mgmt_url": self.mgmt_url,
@@ -560,6 +580,8 @@ log.file.level = info
             amqps_port=state["amqps_port"],
             mgmt_port=state["mgmt_port"],
             dist_port=state["dist_port"],
+            host=state.get("host", "127.0.0.1"),
+            netns=state.get("netns"),
         )
         broker._pid = state["pid"]
         return broker

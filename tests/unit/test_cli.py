@@ -61,6 +61,22 @@ class TestCheckConfig:
         for key in ("workers.inbound", "amqp.url", "limits.replay_window", "unknown_section"):
             assert f"{key}:" in err
 
+    @pytest.mark.parametrize(("shards", "channel_max", "fits"), [
+        (16, 16, False), (13, 16, True), (125, None, True), (126, None, False), (1000, 0, True)])
+    def test_shards_that_cannot_fit_the_broker_are_refused(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str], shards: int,
+            channel_max: int | None, fits: bool) -> None:
+        """A process may end up holding every shard, one channel each, plus three: a
+        topology.shards the broker's channel_max (amqp.channel_max, 128 by default, as
+        deploy/rabbitmq sets it; 0 = no limit) cannot hold is refused with exit 78."""
+        amqp: dict[str, object] = {"url": "amqp://localhost:5672/"}
+        if channel_max is not None:
+            amqp["channel_max"] = channel_max
+        path = _config(tmp_path, amqp=amqp, topology={"shards": shards})
+        code = cli.main(["check-config", "--config", str(path)])
+        assert code == (ExitCode.OK if fits else ExitCode.CONFIG)
+        assert ("topology.shards:" in capsys.readouterr().err) is not fits
+
     def test_missing_file_exits_config(self, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
         """A config path that does not exist exits 78."""

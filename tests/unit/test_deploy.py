@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from relayd import metrics
+from relayd import config, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "relayd.service"
@@ -167,3 +167,12 @@ class TestAlertRules:
         assert "relayd_publish_confirm_seconds" in rules["RelaydConfirmLatencyHigh"]["expr"]
         docs = OPERATIONS.read_text()
         assert all(name in docs for name in rules)
+
+
+class TestBrokerConfig:
+    def test_relayd_default_channel_max_is_the_shipped_brokers(self) -> None:
+        """amqp.channel_max defaults to deploy/rabbitmq's channel_max, so check-config
+        refuses shards that the shipped broker could not give one process in a failover."""
+        conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
+        [value] = re.findall(r"^channel_max\s*=\s*(\d+)", conf, re.MULTILINE)
+        assert int(value) == config.Amqp(url="amqp://x/").channel_max
