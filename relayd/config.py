@@ -67,7 +67,7 @@ class Management(Section):
 
 class Amqp(Section):
     url: str
-    heartbeat: Annotated[int, Field(ge=0)] = 30
+    heartbeat: Annotated[int, Field(ge=0)] = 5
     connect_timeout: Seconds = 10.0
     reconnect_max_backoff: Seconds = 30.0
     tls: TLS = TLS()
