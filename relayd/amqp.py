@@ -289,9 +289,9 @@ class Publisher:
             user = forwarded if isinstance(forwarded, str) else None
         if user:
             headers[FORWARDED_USER_HEADER] = user
-        bad = original.get(wire.BAD_PROPERTIES)
-        if isinstance(bad, str):
-            headers[wire.BAD_PROPERTIES] = bad
+        bad = wire.marker(original)  # relayd.wire's, never a publisher's header
+        if bad is not None:
+            headers[wire.BAD_PROPERTIES] = str(bad)
         return self._publish(self._t.dead_exchange, reason, incoming.body, Properties(
             content_type=incoming.content_type, headers=headers,
             message_id=incoming.message_id, message_type=incoming.type,

@@ -17,7 +17,9 @@ That function decodes each property on its own and never raises for anything a p
 controls. It leaves out each property it cannot decode and names it in the header
 `x-relayd-bad-properties`, so the delivery still arrives. The consumer then dead-letters
 that delivery alone as `bad_properties` (`check`). The others, `user_id` included, are
-decoded as usual. It refuses:
+decoded as usual. The marker's value is an `Undecoded`, a type nothing decoded from the
+wire has: a publisher that writes that header itself is not believed (`check`), and its
+words are not copied into the dead-letter copy. It refuses:
 - a short string, a table key or a long string that is not UTF-8;
 - a table type that is not one of RabbitMQ's ('t b B s u I i l f d D S x A F T V'), or
   pamqp's extra 'L' and NUL;
@@ -77,9 +79,22 @@ def install() -> None:
     _self_test()
 
 
+class Undecoded(str):
+    """The marker's value: the properties left out, comma-separated. Only content_header
+    makes one; a header a publisher wrote decodes to a plain str."""
+
+    __slots__ = ()
+
+
+def marker(headers: Mapping[str, Any] | None) -> Undecoded | None:
+    """The properties relayd.wire left out of this delivery, if it left any out."""
+    value = (headers or {}).get(BAD_PROPERTIES)
+    return value if isinstance(value, Undecoded) else None
+
+
 def check(headers: Mapping[str, Any] | None) -> None:
     """PermanentError `bad_properties` for a delivery whose properties were left out."""
-    if headers and BAD_PROPERTIES in headers:
+    if marker(headers) is not None:
         raise PermanentError("bad_properties", "a property could not be decoded")
 
 
@@ -118,7 +133,7 @@ def content_header(frame_data: bytes) -> ContentHeader:
         at = end
     if bad:
         headers = properties.headers if isinstance(properties.headers, dict) else {}
-        headers[BAD_PROPERTIES] = ",".join(bad)
+        headers[BAD_PROPERTIES] = Undecoded(",".join(bad))
         properties.headers = headers
     return header
 
@@ -293,5 +308,5 @@ def _self_test() -> None:
         raise RuntimeError(f"relayd.wire is not in pamqp's path: {type(exc).__name__}"
                            ) from None
     if not (isinstance(decoded, ContentHeader) and decoded.properties.headers == {
-            BAD_PROPERTIES: "message_id"}):
+            BAD_PROPERTIES: "message_id"} and marker(decoded.properties.headers)):
         raise RuntimeError("relayd.wire is not in pamqp's path")

@@ -268,6 +268,11 @@ class TestPoisonCostsOnlyItself:
             ("content_type", short(b"\xc3")),
             ("timestamp", b"\xff" * 8),
         )])
+    @example(batch=[  # relayd's own header names, written by a publisher
+        Poison(door, {"headers": hostile.Raw(table([(name, b"S" + long(b"forged"))]), True)},
+               b"x" * 40, b"acme", True)
+        for door in ("device", "business") for name in (
+            wire.BAD_PROPERTIES.encode(), b"x-relayd-amqp-user", b"x-relayd-reason")])
     async def test_hostile_messages_at_both_doors(self, world: World,
                                                   batch: list[Poison]) -> None:
         """Each poison ends where it should and costs nobody else anything."""
@@ -334,6 +339,8 @@ class TestPoisonCostsOnlyItself:
                 wire.BAD_PROPERTIES}
         bad = [m.headers for m in dead if m.headers.get("x-relayd-reason") == "bad_properties"]
         assert all(wire.BAD_PROPERTIES in headers for headers in bad)
+        assert all(wire.BAD_PROPERTIES not in m.headers  # nor a publisher's words under it
+                   for m in dead if m.headers.get("x-relayd-reason") != "bad_properties")
         if not unknown:  # the broker-validated user_id of a bad reply reaches relayd
             assert [h.get("x-relayd-amqp-user") for h in bad].count(w.acme_user) == signed
         for outcome in [f"ended dead: {r}" for r in reasons] + ["ended as error event"] * len(

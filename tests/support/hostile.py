@@ -129,9 +129,17 @@ def field_values() -> st.SearchStrategy[Raw]:
     return st.one_of(st.recursive(_leaf(), containers, max_leaves=8), deep())
 
 
+# Header names that mean something to relayd or to the broker: a publisher may write them
+# too, with any value (relayd's marker among them: it must not be taken for relayd's).
+RESERVED_HEADERS = [b"x-relayd-bad-properties", b"x-relayd-reason", b"x-relayd-queue",
+                    b"x-relayd-amqp-user", b"x-relayd-routing-key", b"x-relayd-redelivered",
+                    b"relayd-kid", b"x-delivery-count", b"x-death", b"CC", b"BCC"]
+
+
 def headers() -> st.SearchStrategy[Raw]:
     """A headers table: a few hostile entries, sometimes thousands of harmless ones."""
-    entries = st.lists(st.tuples(text_bytes(60), field_values()), max_size=6)
+    names = st.one_of(text_bytes(60), st.sampled_from(RESERVED_HEADERS))
+    entries = st.lists(st.tuples(names, field_values()), max_size=6)
     padding = st.sampled_from([0, 0, 0, 2000])
     return st.builds(
         lambda e, n: Raw(table([(k, v.data) for k, v in e]

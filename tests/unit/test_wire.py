@@ -43,8 +43,8 @@ def shown(properties: Properties) -> dict[str, str]:
 
 
 def marked(header: ContentHeader) -> set[str]:
-    headers = header.properties.headers or {}
-    return set(filter(None, str(headers.get(wire.BAD_PROPERTIES, "")).split(",")))
+    """What relayd.wire says it left out (a publisher's own marker header says nothing)."""
+    return set(filter(None, str(wire.marker(header.properties.headers) or "").split(",")))
 
 
 # --- values pamqp itself can encode ----------------------------------------------------
@@ -122,7 +122,9 @@ class TestHostile:
                 if name == "headers":
                     mine = dict(header.properties.headers or {})
                     mine.pop(wire.BAD_PROPERTIES, None)
-                    assert repr(mine) == repr(alone.headers)
+                    theirs = dict(alone.headers or {})
+                    theirs.pop(wire.BAD_PROPERTIES, None)  # a publisher's: dropped
+                    assert repr(mine) == repr(theirs)
                 else:
                     assert repr(getattr(header.properties, name)) == repr(getattr(alone, name))
             else:
@@ -175,6 +177,26 @@ class TestHostile:
             header = wire.content_header(header_payload(0, {"headers": table([(b"k",
                                                                                 value)])}))
             assert marked(header) == ({"headers"} if refused else set())
+
+    @FAST
+    @given(properties=hostile.properties(), forged=hostile.text_bytes(200))
+    def test_a_publishers_own_marker_is_dropped(self, properties: dict[str, hostile.Raw],
+                                                forged: bytes) -> None:
+        """A publisher that writes the marker header itself is not believed: the delivery
+        is `bad_properties` exactly when relayd.wire left something out, and the marker
+        then names exactly that, never the publisher's words."""
+        raw = {name: r.data for name, r in properties.items()}
+        raw["headers"] = table([(wire.BAD_PROPERTIES.encode(), b"S" + long(forged))])
+        header = wire.content_header(header_payload(0, raw))
+        expected = {n for n, r in properties.items() if not r.decodable and n != "headers"}
+        if not hostile.is_utf8(forged):  # then the table itself cannot be decoded
+            expected.add("headers")
+        assert marked(header) == expected
+        if expected:
+            with pytest.raises(PermanentError):
+                wire.check(header.properties.headers)
+        else:
+            wire.check(header.properties.headers)
 
     @pytest.mark.parametrize("mode", [3, 7, 255])
     def test_a_delivery_mode_aio_pika_cannot_take(self, mode: int) -> None:
@@ -266,9 +288,11 @@ class TestCheck:
     def test_a_marked_delivery_is_a_permanent_error(self) -> None:
         """The consumer's check turns the marker into `bad_properties`."""
         with pytest.raises(PermanentError) as caught:
-            wire.check({wire.BAD_PROPERTIES: "content_type"})
+            wire.check({wire.BAD_PROPERTIES: wire.Undecoded("content_type")})
         assert caught.value.reason == "bad_properties"
 
-    @pytest.mark.parametrize("headers", [None, {}, {"relayd-kid": "k1"}])
+    @pytest.mark.parametrize("headers", [None, {}, {"relayd-kid": "k1"},
+                                         {wire.BAD_PROPERTIES: "content_type"}])
     def test_an_unmarked_delivery_passes(self, headers: dict[str, Any] | None) -> None:
+        """Nothing left out, whatever headers a publisher wrote (the marker's name too)."""
         wire.check(headers)
