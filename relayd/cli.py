@@ -481,6 +481,12 @@ def parser() -> argparse.ArgumentParser:
     def device_id(value: str) -> str:
         return _valid_id(payload.DEVICE_ID, value, "a device id")
 
+    def user_id(value: str) -> str:
+        if not payload.is_user_id(value):
+            raise argparse.ArgumentTypeError(
+                f"a user id is 1 to {payload.MAX_USER_ID} characters of UTF-8 text, no NUL")
+        return value
+
     biz = commands.add_parser("business", help="registered businesses").add_subparsers(
         dest="action", required=True)
     add = command(biz, "add", cmd_business, "register (and provision) a business",
@@ -508,7 +514,8 @@ def parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("device", help="registered devices").add_subparsers(
         dest="action", required=True)
     add = command(dev, "add", cmd_device, "register a device", json_output=True)
-    add.add_argument("--user", required=True, help="the user's account id")
+    add.add_argument("--user", required=True, type=user_id,
+                     help="the user's account id")
     add.add_argument("--device", required=True, type=device_id, help="the device id")
     # base64url may start with '-': pass keys as --enc-key=VALUE
     add.add_argument("--enc-key", required=True, help="HPKE public key, base64url (--enc-key=B64)")
@@ -517,7 +524,7 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.X25519.value,
                      help="the key encapsulation of --enc-key (default: %(default)s)")
     listing = command(dev, "list", cmd_device, "list devices", json_output=True)
-    listing.add_argument("--user", help="only this user's devices")
+    listing.add_argument("--user", type=user_id, help="only this user's devices")
     remove = command(dev, "remove", cmd_device, "unregister a device", json_output=True)
     remove.add_argument("device", type=device_id, help="the device id")
 
@@ -525,10 +532,12 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     erase = command(rights, "erase", cmd_gdpr, "erase everything held about a user (Art. 17)",
                     json_output=True)
-    erase.add_argument("--user", required=True, help="the user's account id")
+    erase.add_argument("--user", required=True, type=user_id,
+                     help="the user's account id")
     export = command(rights, "export", cmd_gdpr,
                      "print everything held about a user as JSON (Art. 15)")
-    export.add_argument("--user", required=True, help="the user's account id")
+    export.add_argument("--user", required=True, type=user_id,
+                     help="the user's account id")
     command(rights, "prune", cmd_gdpr, "run one retention pass now", json_output=True)
     command(rights, "audit", cmd_gdpr, "list the audit records", json_output=True)
 

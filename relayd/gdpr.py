@@ -132,7 +132,7 @@ class Erasure:
             raise PermanentError("malformed", str(exc)) from None
         if (not isinstance(data, dict) or data.keys() != {"v", "type", "user", "id"}
                 or data["v"] != payload.VERSION or data["type"] != "erase"
-                or not isinstance(data["user"], str) or not 0 < len(data["user"]) <= 1024
+                or not payload.is_user_id(data["user"])
                 or not isinstance(data["id"], str) or len(data["id"]) != 36):
             raise PermanentError("malformed", 'expected {"v":1, "type":"erase", "user", "id"}')
         try:

@@ -24,6 +24,7 @@ VERSION: Final = 1
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # always fullmatch()
 BUSINESS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CONVERSATION_ID = re.compile(r"[a-z2-7]{32}")
+MAX_USER_ID: Final = 1024  # characters
 UP_TYPES: Final = frozenset({"start", "message", "typing_start", "typing_end", "read", "close",
                              "response", "reaction"})
 REPLY_TYPES: Final = frozenset({"message", "typing_start", "typing_end", "read", "close",
@@ -75,6 +76,19 @@ def loads(raw: bytes) -> Any:
     if raw.count(b":") != members and _separators(raw) != members:
         raise ValueError("a key appears twice in an object")
     return data
+
+
+def is_user_id(value: object) -> bool:
+    """A user id: the operator's own, any text of 1 to MAX_USER_ID characters that every
+    store can hold, so no NUL (PostgreSQL text refuses it) and no lone surrogate (what
+    Python leaves of bytes that were not UTF-8; no store can encode it)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_USER_ID or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,9 +209,12 @@ class TestErasure:
                     as_service = await channel.get_exchange("relayd.gdpr")
                     await as_service.publish(aio_pika.Message(request(extra=1),
                                                               user_id=identity), "")
-                    dead = await relay.dead(3)
+                    # a user no store can hold: malformed at once, not a StoreError retried
+                    await as_service.publish(aio_pika.Message(request(user=ALICE + "\x00"),
+                                                              user_id=identity), "")
+                    dead = await relay.dead(4)
                     assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
-                        "malformed", "unauthenticated", "unauthenticated"]
+                        "malformed", "malformed", "unauthenticated", "unauthenticated"]
                     assert await relay.store.devices_of(ALICE) != []
                     await as_service.publish(aio_pika.Message(request(), user_id=identity), "")
                     [close] = await relay.events("acme", 1)

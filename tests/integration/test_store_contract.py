@@ -16,6 +16,7 @@ import pytest
 
 from relayd.crypto import Kem
 from relayd.errors import StoreError
+from relayd.payload import is_user_id
 from relayd.store import AuditRecord, Business, Device, Store, open_store
 from relayd.store.sqlite import MIGRATIONS, SqliteStore
 from tests.support import postgres
@@ -377,6 +378,28 @@ class TestExport:
         data = await store.export_user("nobody")
         assert (data.devices, data.conversations, data.highest_seq, data.next_seq) == (
             [], [], {}, {})
+
+
+# Edges of what a user id may be (relayd.payload.is_user_id): every control character
+# but NUL, the longest, the widest code points, and what looks like SQL or a pattern.
+USER_IDS = ["\x01\x1f\x7f", "é" * 1024, "\U0010ffff\ufffe", "%_\\", "'); DROP TABLE x; --",
+            "\u2028 \u00a0", "a" * 1024]
+
+
+class TestAnyUserId:
+    @pytest.mark.parametrize("user", USER_IDS, ids=range(len(USER_IDS)))
+    async def test_every_user_id_the_rule_accepts_is_held(self, store: Store,
+                                                          user: str) -> None:
+        """A user id that relayd.payload.is_user_id accepts is stored, found, exported and
+        erased by every backend like any other, never a StoreError (issue 13: an erase
+        request whose user held NUL raised one on PostgreSQL, retried until
+        internal_error)."""
+        assert is_user_id(user)
+        await store.add_device(device("d1", user))
+        assert [d.id for d in await store.devices_of(user)] == ["d1"]
+        assert [d.id for d in (await store.export_user(user)).devices] == ["d1"]
+        assert (await store.erase_user(user))["devices"] == 1
+        assert await store.export_user(user) == await store.export_user("nobody")
 
 
 class TestErase:

@@ -145,6 +145,27 @@ class TestKeysCommands:
         assert not (tmp_path / "keys").exists()
 
 
+class TestUserIds:
+    @pytest.mark.parametrize("command", [["device", "add", "--device", "d1", "--enc-key=a",
+                                          "--sign-key=a"], ["device", "list"],
+                                         ["gdpr", "erase"], ["gdpr", "export"]],
+                             ids=["device-add", "device-list", "gdpr-erase", "gdpr-export"])
+    @pytest.mark.parametrize("user", ["", "a\udcffb", "x" * 1025],
+                             ids=["empty", "not-utf8", "too-long"])
+    def test_a_user_no_store_can_hold_exits_usage(
+        self, tmp_path: Path, command: list[str], user: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """--user that is empty, too long or not UTF-8 (argv bytes that were not: Python
+        keeps them as lone surrogates, which no store can encode) exits 2 and says what a
+        user id is, before any store is opened."""
+        path = _config(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*command, "--config", str(path), f"--user={user}"])
+        assert exited.value.code == ExitCode.USAGE
+        assert "a user id is" in capsys.readouterr().err
+
+
 class TestDeviceKeys:
     @pytest.mark.parametrize(("option", "raw", "why"), [
         ("--enc-key", bytes(32), "low-order"),

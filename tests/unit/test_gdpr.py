@@ -7,10 +7,13 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayd import config, gdpr
 from relayd.errors import PermanentError
 from relayd.store import Conversation
+from tests.unit.helpers import FAST
 
 SETTINGS = config.parse({"amqp": {"url": "amqp://localhost"},
                          "store": {"url": "sqlite:///x.db"}, "keys": {"dir": "/k"},
@@ -60,6 +63,22 @@ class TestErasureRequests:
         with pytest.raises(PermanentError) as caught:
             ERASURE.parse(body, "identity")
         assert caught.value.reason == "malformed"
+
+
+    @FAST
+    @given(user=st.text(max_size=40) | st.sampled_from(["a\x00b", "\x00", "x" * 1024,
+                                                         "x" * 1025]))
+    def test_a_user_no_store_can_hold_is_malformed(self, user: str) -> None:
+        """Any text as the user (JSON cannot carry a lone surrogate): either the request
+        names a user id every store can hold, or it is malformed at once; never a
+        StoreError retried until internal_error, as a NUL was on PostgreSQL."""
+        storable = "\x00" not in user and 0 < len(user) <= 1024
+        if storable:
+            assert ERASURE.parse(request(user=user), "identity").user == user
+        else:
+            with pytest.raises(PermanentError) as caught:
+                ERASURE.parse(request(user=user), "identity")
+            assert caught.value.reason == "malformed"
 
 
 class TestCloseIds:
