@@ -404,6 +404,34 @@ class TestDeviceSide:
         await env.relay.wait_depth(real, 1)  # and the phone's message is still there
 
 
+class TestOtherBusinesses:
+    @pytest.mark.xfail(strict=True, reason=(
+        "issue 13, class 6: a passive queue.declare needs no permission, and business inboxes "
+        "are named by id (relayd.biz.<id>.inbox), so a business reads the depth and consumer "
+        "count of another's inbox. Fix: name inboxes by a keyed token as device queues are "
+        "(a contract change: `business add` hands the business its inbox name)"))
+    async def test_a_business_learns_nothing_about_another(self, env: Env) -> None:
+        """With its own credentials, a business that names another business's inbox gets
+        the answer it gets for a business that does not exist: not how many messages wait
+        there, nor whether that business is connected."""
+        await env.add_with_password("globex", "globex-user")
+        password = await env.add_with_password("acme", "acme-user")
+        exchange = await env.relay.channel.get_exchange(env.exchange("globex"), ensure=False)
+        for _ in range(3):
+            await exchange.publish(aio_pika.Message(b"an event"), routing_key="")
+        await env.relay.wait_depth(env.inbox("globex"), 3)
+        business = await env.connect("acme-user", password)
+        async with business:
+            answers = []
+            for other in ("globex", "nobody"):
+                async def by_name(ch: AbstractChannel, name: str = other) -> None:
+                    await ch.declare_queue(env.inbox(name), passive=True)
+
+                answers.append((await refusal(business, by_name)).replace(
+                    other, "<id>").split(" - ")[0])
+            assert answers == ["NOT_FOUND", "NOT_FOUND"]
+
+
 def publisher(exchange: str, routing_key: str = "", user_id: str | None = None) -> Any:
     """An action for `refusal`: publish one message, with confirms."""
     async def publish(ch: AbstractChannel) -> None:
