@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aio_pika.exceptions import DeliveryError, PublishError
+from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
 from pamqp.commands import Basic
 
 from relayd import envelope, keys, log, metrics, topology, wire
@@ -215,27 +215,42 @@ def refused(url: str, exc: Exception) -> Exception:
 
 
 class Publisher:
-    """Publishes what the relay produces; each call returns once the broker confirmed it."""
+    """Publishes what the relay produces; each call returns once the broker confirmed it.
+
+    The broker closes a channel that publishes to an exchange that is gone (a business
+    removed while a message to it was in work): that publish raises TransientError, and
+    the next one opens the channel again. So the channel must be the publisher's alone: a
+    consumer sharing it would be cut off with it."""
 
     def __init__(self, channel: AbstractChannel, settings: Settings, secret: bytes) -> None:
         """`secret`: the relay's opaque secret, which names device queues (topology)."""
         self._channel = channel
         self._t = settings.topology
         self._secret = secret
+        self._reopening = asyncio.Lock()
+
+    async def _live(self) -> AbstractChannel:
+        """The channel, opened again if the broker closed it."""
+        if self._channel.is_closed:
+            async with self._reopening:
+                if self._channel.is_closed:
+                    await self._channel.reopen()
+        return self._channel
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes,
                        properties: Properties) -> None:
-        # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we use
-        underlay = await self._channel.get_underlay_channel()
         started = time.monotonic()
         try:
+            # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we use
+            underlay = await (await self._live()).get_underlay_channel()
             await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
                                          properties=properties, mandatory=True)
         except PublishError:
             raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
             raise TransientError("nacked", "the broker refused a publish") from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError,
+                ChannelInvalidStateError) as exc:
             raise TransientError("publish_failed", type(exc).__name__) from None
         except (TypeError, ValueError) as exc:  # pamqp cannot encode a property or header
             raise PermanentError("unpublishable", type(exc).__name__) from None
@@ -261,9 +276,10 @@ class Publisher:
     async def delete_device_queue(self, device: str) -> None:
         """Delete a device's queue and the undelivered messages in it; gone already is fine."""
         try:
-            await topology.delete_queue(self._channel,
+            await topology.delete_queue(await self._live(),
                                         topology.device_queue(self._t, device, self._secret))
-        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError,
+                ChannelInvalidStateError) as exc:
             raise TransientError("delete_failed", type(exc).__name__) from None
 
     def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],

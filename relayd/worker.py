@@ -181,7 +181,11 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
     channel = await amqp.open_channel(connection, settings.workers.prefetch)
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None))
-    sink = amqp.Publisher(channel, settings, keys().opaque_secret)
+    # The broker may close a publisher's channel (see amqp.Publisher): publish on one no
+    # consumer uses. Sharded, this one is such: each shard has a channel of its own.
+    publishing = (channel if shard.sharded(settings.topology, role)
+                  else await amqp.open_channel(connection))
+    sink = amqp.Publisher(publishing, settings, keys().opaque_secret)
     handler: Handler = (Erasure(settings, store, keys, sink) if role == "gdpr"
                         else (Inbound if role == "inbound" else Outbound)(
                             settings, store, keys, sink))
@@ -209,6 +213,9 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
         await shards.hand_back(lost.is_set())
         return
     consumer = consumer_of(shard.entry_queue(settings.topology, role))
+    # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
+    # nothing more: start again on a new connection rather than wait on it forever.
+    channel.close_callbacks.add(lambda *_: lost.set())
     queue = await channel.get_queue(consumer.queue, ensure=False)
     tag = await queue.consume(consumer.on_message)
     _log.info("consuming", stage=role)

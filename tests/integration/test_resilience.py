@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 
-from relayd import amqp
+import aio_pika
+import pytest
+from prometheus_client import REGISTRY
+
+from relayd import amqp, worker
+from relayd.amqp import Delivery
+from relayd.consume import Work
 from relayd.errors import ExitCode
 from relayd.inbound import Inbound
 from relayd.rules import ACTIVITY_GRANULARITY_MS
 from relayd.store import Conversation
-from tests.integration.harness import Relay, kill_group, rabbitmqctl, stop_process
+from tests.integration.harness import (
+    Relay,
+    add_amqp_user,
+    amqp_url,
+    kill_group,
+    rabbitmqctl,
+    stop_process,
+)
 
 USERS = 4
 PER_DEVICE = 250
@@ -112,6 +126,81 @@ class TestReconnect:
         message_id = await relay.send(phone, "acme", "message", {"text": "after"})
         [event] = await relay.events("acme", 1, wait=30)
         assert event["id"] == message_id
+
+
+def reconnects() -> float:
+    return sum(REGISTRY.get_sample_value("relayd_reconnects_total", {"stage": s}) or 0.0
+               for s in ("inbound", "outbound"))
+
+
+class TestBrokerClosesAChannel:
+    async def test_a_publish_to_an_exchange_gone_costs_only_its_message(
+            self, relay: Relay) -> None:
+        """A business whose exchange is gone while it is still registered (the moment
+        `business remove` deletes it under a message in work): the broker closes the
+        channel of every publish to it, from either direction (a device's message, the
+        error event answering the business's own bad reply). Each such message is retried
+        and dead-lettered `retries_exhausted`; everyone else's traffic flows on, on the
+        same connections."""
+        ghost_user = f"ghost-{secrets.token_hex(4)}"
+        password = add_amqp_user(relay.vhost, ghost_user)
+        try:
+            await relay.add_business("acme")
+            await relay.add_business("ghost", amqp_user=ghost_user)
+            await relay.channel.exchange_delete(relay.settings.topology.business_exchange
+                                                .format(business="ghost"))
+            alice, bob = (await relay.add_device("alice", "alice-phone"),
+                          await relay.add_device("bob", "bob-phone"))
+            await relay.start()
+            before = reconnects()
+            await relay.send(alice, "ghost", "start")
+            ghost = await aio_pika.connect(amqp_url(ghost_user, password, relay.vhost))
+            async with ghost:
+                await relay.reply("ghost", "c" * 32, "message", raw=b"not json",
+                                  user_id=ghost_user, channel=await ghost.channel())
+            dead = await relay.dead(2)
+            assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
+                "retries_exhausted", "retries_exhausted"]
+
+            started = await relay.send(bob, "acme", "start")
+            [event] = await relay.events("acme", 1)
+            assert event["id"] == started
+            answer = await relay.reply("acme", event["conversation"], "message", {"text": "hi"})
+            [down] = await relay.received(bob, 1)
+            assert down["id"] == answer
+            assert reconnects() == before
+        finally:
+            rabbitmqctl("delete_user", ghost_user)
+
+    async def test_a_consuming_channel_the_broker_closes_is_replaced(
+            self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Whatever makes the broker close the channel a worker consumes on (here an ack of
+        a delivery tag it never sent; in production a consumer_timeout after a long
+        alarm), the worker starts again on a new connection instead of waiting forever on
+        a channel that delivers nothing."""
+        class AcksOnce(Inbound):
+            closed_one = False
+
+            def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
+                if not AcksOnce.closed_one:
+                    AcksOnce.closed_one = True
+                    underlay = delivery.channel  # type: ignore[attr-defined]
+                    asyncio.get_running_loop().create_task(underlay.basic_ack(2**40))
+                return super().prepare(delivery)
+
+        monkeypatch.setattr(worker, "Inbound", AcksOnce)
+        await relay.add_business("acme")
+        phone = await relay.add_device("alice", "phone")
+        await relay.start("inbound")
+        before = reconnects()
+        first = await relay.send(phone, "acme", "start")
+        [event] = await relay.events("acme", 1, wait=30)  # delivered again after the close
+        assert event["id"] == first
+        assert AcksOnce.closed_one
+        assert reconnects() == before + 1
+        after = await relay.send(phone, "acme", "message", {"text": "after"})
+        [event] = await relay.events("acme", 1)
+        assert event["id"] == after
 
 
 class TestRedelivery:
