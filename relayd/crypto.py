@@ -33,6 +33,9 @@ PrivateKey: TypeAlias = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
 _B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _MLKEM768_PUBLIC = 1184
 _MLKEM768_T = 1152  # the encoded vector t; the last 32 bytes of the key are the seed rho
+_Q = 3329  # ML-KEM's modulus
+# FIPS 203's zetas: 17^BitRev7(i) mod q, for the NTT and its inverse (Algorithm 10)
+_ZETAS = [pow(17, int(f"{i:07b}"[::-1], 2), _Q) for i in range(128)]
 _MLKEM_SEED = 64
 _X25519 = 32
 _ED25519 = 32
@@ -76,19 +79,48 @@ def mlkem768_x25519_public(raw: bytes) -> hpke.MLKEM768X25519PublicKey:
     """An MLKEM768_X25519 public key: its X25519 half as x25519_public checks it, and an
     ML-KEM-768 encapsulation key that passes FIPS 203's checks (its length, and every
     coefficient below q: cryptography's decoder does that one) and whose vector t is not
-    zero (then the ciphertext alone gives the secret away)."""
+    small (see _small_t)."""
     if len(raw) != _MLKEM768_PUBLIC + _X25519:
         raise ValueError("an MLKEM768_X25519 public key is 1216 bytes")
     x = x25519_public(raw[_MLKEM768_PUBLIC:])
-    if not any(raw[:_MLKEM768_T]):
-        raise WeakKeyError("the ML-KEM-768 encapsulation key is zero: anyone could compute "
-                           "what is sealed to it")
     try:
         m = mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM768_PUBLIC])
     except ValueError:  # its message names the length, whatever failed
         raise WeakKeyError("the ML-KEM-768 encapsulation key fails FIPS 203's modulus "
                            "check (a coefficient is not below q = 3329)") from None
+    if _small_t(raw[:_MLKEM768_T]):
+        raise WeakKeyError("the ML-KEM-768 encapsulation key's vector t is zero or small: "
+                           "anyone could compute what is sealed to it")
     return hpke.MLKEM768X25519PublicKey(m, x)
+
+
+def _small_t(encoded: bytes) -> bool:
+    """Whether every coefficient of t (the key's three polynomials, out of the NTT
+    domain they are encoded in) lies within q/4 of zero. A ciphertext's v is t·r + e2 +
+    round(q/2)·m with r and e2 small, so for such a t it shows m, and with m the shared
+    secret, to anyone: t = 0 is the extreme case. An honest t = A·s + e is uniform, and
+    is this small with probability 2^-768. At most about 1 ms."""
+    coefficients = []
+    for i in range(0, len(encoded), 3):  # ByteDecode12: two 12-bit values in 3 bytes
+        b0, b1, b2 = encoded[i:i + 3]
+        coefficients += [b0 | (b1 & 0x0F) << 8, b1 >> 4 | b2 << 4]
+    return all(min(c, _Q - c) <= _Q // 4
+               for k in range(0, len(coefficients), 256)
+               for c in _inverse_ntt(coefficients[k:k + 256]))
+
+
+def _inverse_ntt(f_hat: list[int]) -> list[int]:
+    """FIPS 203, Algorithm 10: a polynomial from its NTT representation."""
+    f, i, length = list(f_hat), 127, 2
+    while length <= 128:
+        for start in range(0, 256, 2 * length):
+            zeta, i = _ZETAS[i], i - 1
+            for j in range(start, start + length):
+                t = f[j]
+                f[j] = (t + f[j + length]) % _Q
+                f[j + length] = zeta * (f[j + length] - t) % _Q
+        length *= 2
+    return [c * 3303 % _Q for c in f]  # 3303 = 128^-1 mod q
 
 
 def ed25519_public(raw: bytes) -> ed25519.Ed25519PublicKey:

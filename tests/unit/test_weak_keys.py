@@ -3,11 +3,14 @@
 Each check is compared with an oracle that does not share its method: X25519 against
 OpenSSL's own refusal of an all-zero shared secret, Ed25519 against point arithmetic
 written here ([8]P is the identity exactly for the points of small order), ML-KEM against
-FIPS 203's modulus check written out. The published lists (libsodium's blocklists, RFC
+FIPS 203's modulus check written out, and against an attack that reads the shared secret
+off a real ciphertext when t is small. The published lists (libsodium's blocklists, RFC
 7748's low-order points) are tested by name.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -118,6 +121,41 @@ def _with_coefficient(ek: bytes, index: int, value: int) -> bytes:
     t = int.from_bytes(ek[:1152], "little")
     t = t & ~(0xFFF << (12 * index)) | (value << (12 * index))
     return t.to_bytes(1152, "little") + ek[1152:]
+
+
+# --- ML-KEM-768 written out from FIPS 203, to build keys and to attack them -------------
+
+ZETAS = [pow(17, int(format(i, "07b")[::-1], 2), Q) for i in range(128)]  # 17^BitRev7(i)
+
+
+def _ntt(f: list[int]) -> list[int]:
+    """FIPS 203, Algorithm 9."""
+    f, i, length = list(f), 1, 128
+    while length >= 2:
+        for start in range(0, 256, 2 * length):
+            zeta, i = ZETAS[i], i + 1
+            for j in range(start, start + length):
+                t = zeta * f[j + length] % Q
+                f[j + length], f[j] = (f[j] - t) % Q, (f[j] + t) % Q
+        length //= 2
+    return f
+
+
+def _ek_of(t: list[list[int]], rho: bytes) -> bytes:
+    """The encapsulation key whose vector is `t` (three polynomials, coefficients mod q):
+    ByteEncode12 of NTT(t), then rho."""
+    coefficients = [c for poly in t for c in _ntt([c % Q for c in poly])]
+    return sum(c << (12 * i) for i, c in enumerate(coefficients)).to_bytes(1152, "little") + rho
+
+
+def _secret_from_ciphertext(ek: bytes, ciphertext: bytes) -> bytes:
+    """The attack on a small t, with no private key: v = t.r + e2 + round(q/2).m, so m is
+    Compress1 of Decompress4(c2), and the shared secret K is G(m || H(ek))[:32]."""
+    c2 = int.from_bytes(ciphertext[960:], "little")  # du = 10 for c1, dv = 4 for c2
+    v = [((c2 >> (4 * k)) & 0xF) * Q // 16 for k in range(256)]  # ~Decompress4
+    bits = [round(2 * x / Q) % 2 for x in v]
+    m = sum(bit << k for k, bit in enumerate(bits)).to_bytes(32, "little")
+    return hashlib.sha3_512(m + hashlib.sha3_256(ek).digest()).digest()[:32]
 
 
 MLKEM_EK = mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw()
@@ -240,6 +278,32 @@ class TestMlkem768X25519:
         refused, whatever its seed rho."""
         with pytest.raises(WeakKeyError, match="zero"):
             mlkem768_x25519_public(bytes(1152) + MLKEM_EK[1152:] + X25519_OK)
+
+    @SMALL
+    @given(bound=st.integers(0, 3), data=st.data())
+    @example(bound=0, data=None)  # t = 0
+    def test_a_small_t_gives_the_secret_away_and_is_refused(self, bound: int,
+                                                           data: st.DataObject | None) -> None:
+        """Any t with small coefficients (t = 0 among them; here within +-3): the real
+        ML-KEM's shared secret is computed from the ciphertext alone, with no private key.
+        relayd refuses every such key."""
+        t = [[data.draw(st.integers(-bound, bound)) if data else 0 for _ in range(256)]
+             for _ in range(3)]
+        ek = _ek_of(t, bytes(range(32)))
+        secret, ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(ek).encapsulate()
+        assert _secret_from_ciphertext(ek, ciphertext) == secret  # the key is worthless
+        with pytest.raises(WeakKeyError, match="small"):
+            mlkem768_x25519_public(ek + X25519_OK)
+
+    @SMALL
+    @given(seed=st.binary(min_size=64, max_size=64))
+    def test_every_generated_key_is_accepted_and_resists_the_attack(self, seed: bytes) -> None:
+        """Keys made as FIPS 203 makes them pass, and the small-t attack gets nothing from
+        their ciphertexts."""
+        ek = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed).public_key().public_bytes_raw()
+        assert mlkem768_x25519_public(ek + X25519_OK) is not None
+        secret, ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(ek).encapsulate()
+        assert _secret_from_ciphertext(ek, ciphertext) != secret
 
     @SMALL
     @given(index=st.integers(0, 767), value=st.integers(0, 4095))
