@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relayd.ratelimit import RateLimiter, TokenBucket
@@ -161,6 +162,30 @@ class TestJudgedWhenSent:
         clock.now += MAX_AGE  # now full even at the oldest acceptable ts: forgotten
         limiter.allow("another")
         assert len(limiter) == 2  # "other" (still short a token) and "another"
+
+
+class TestClockCorrected:
+    @pytest.mark.xfail(strict=True, reason=(
+        "issue 13, class 1: the bucket runs on the device's ts, and a ts earlier than one "
+        "seen refills nothing, so a clock stepped back within the freshness window (NTP "
+        "correcting a clock that ran ahead) starves an honest device until its ts passes "
+        "the old one: 391 of 450 messages at half the rate refused after a 300 s step. "
+        "Clamping ts to the relay's clock cures this but breaks the backlog of a device "
+        "whose clock runs ahead. A cure for both: judge by when the message entered, as "
+        "the edge stamps it (the issue's second option)"))
+    @FAST
+    @given(ahead=st.floats(0.0, SKEW), count=st.integers(1, 600))
+    @example(ahead=SKEW, count=450)
+    def test_a_device_whose_clock_is_corrected_loses_nothing(self, ahead: float,
+                                                             count: int) -> None:
+        """A device whose clock ran up to the skew ahead, then was set right, and which
+        then sends at half its rate, in real time: every message is allowed."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        assert limiter.allow("phone", clock.now + ahead)  # before the correction
+        for _ in range(count):
+            clock.now += 2 / RATE
+            assert limiter.allow("phone", clock.now)
 
 
 class TestLyingDevice:
