@@ -332,5 +332,15 @@ def load(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError({"(file)": f"{path} is not valid YAML: {exc}"}) from None
+        raise ConfigError({"(file)": f"{path} is not valid YAML{_where(exc)}"}) from None
     return parse(data, environ)
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    """Where the YAML went wrong and what PyYAML expected, never the text of the lines
+    around it: PyYAML quotes them, and the line at fault may hold a password."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return ""
+    problem = getattr(exc, "problem", None) or "a syntax error"
+    return f": {problem}, at line {mark.line + 1}, column {mark.column + 1}"

@@ -228,6 +228,24 @@ class TestValidation:
                 config.load(target, environ={})
             assert set(caught.value.problems) == {"(file)"}
 
+    @pytest.mark.parametrize("text", [
+        'amqp:\n  url: "amqp://relayd:SECRET@broker/relayd\n',  # a quote left open
+        "amqp:\n  management: {password: SECRET: x}\n",  # a flow mapping broken
+        "amqp:\n  url: amqp://relayd:SECRET@broker\n\tstore: x\n",  # a tab
+        "amqp:\n  url: [amqp://relayd:SECRET@broker\nstore: {}\n",  # a list left open
+        "amqp: {url: x}\n  password: SECRET\n",  # bad indentation
+    ], ids=["quote", "flow", "tab", "list", "indent"])
+    def test_invalid_yaml_names_the_place_not_the_text(self, tmp_path: Path,
+                                                       text: str) -> None:
+        """The error says at which line and column the YAML broke, and never quotes the
+        file: the broken line may hold a password, and the error goes to the journal."""
+        path = tmp_path / "relayd.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as caught:
+            config.load(path, environ={})
+        assert "SECRET" not in str(caught.value)
+        assert "line " in caught.value.problems["(file)"]
+
     def test_file_left_unchanged(self, tmp_path: Path) -> None:
         """Loading with overrides never rewrites the operator's file."""
         path = _write(tmp_path, MINIMAL)
