@@ -171,8 +171,8 @@ class TestClockCorrected:
         "correcting a clock that ran ahead) starves an honest device until its ts passes "
         "the old one: 391 of 450 messages at half the rate refused after a 300 s step. "
         "Clamping ts to the relay's clock cures this but breaks the backlog of a device "
-        "whose clock runs ahead. A cure for both: judge by when the message entered, as "
-        "the edge stamps it (the issue's second option)"))
+        "whose clock runs ahead. Through the edge (judged on arrival) it cannot happen; "
+        "it still can for what reaches relayd.ingress without x-relayd-device"))
     @FAST
     @given(ahead=st.floats(0.0, SKEW), count=st.integers(1, 600))
     @example(ahead=SKEW, count=450)
