@@ -92,7 +92,7 @@ class TestFullInbox:
     @pytest.mark.xfail(strict=True, reason=(
         "a publish nacked by a full inbox is retried after a backoff that the consumer "
         "sleeps while it holds the delivery, so messages to one business whose inbox is "
-        "full fill the prefetch, and a quorum queue hands each requeued one back before "
+        "full fill the prefetch, and the queue hands each requeued one back before "
         "anything newer: other businesses wait until every one of them is dead-lettered "
         "retries_exhausted. Fix: wait for a retry outside the prefetch (a delay queue with "
         "a TTL that dead-letters back to the work queue, or a nack at once with the wait "
