@@ -80,6 +80,22 @@ class TestVerifier:
             key = b"\x00" * 31
         assert verifier.verify(key, device, sig, nonce) is False
 
+    @pytest.mark.parametrize("weak", [
+        (1).to_bytes(32, "little"),  # the identity point
+        bytes(32),  # all zero: a point of order 4
+        bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+        (2**255 - 20).to_bytes(32, "little"),  # p - 1: order 2
+    ], ids=["identity", "zero", "order-8", "order-2"])
+    def test_a_weak_registered_key_never_logs_in(self, weak: bytes) -> None:
+        """A device registered with a small-order key before relayd checked keys: the
+        signatures that verify under such a key without any secret (R = the key's own
+        small-order point or the identity, S = 0, over any bytes) do not log anyone in as
+        that device, as they verify no message of its at the inbound worker."""
+        verifier = login.Verifier("edge-1")
+        for r in (weak, (1).to_bytes(32, "little")):
+            forged = b64e(r + bytes(32))
+            assert verifier.verify(weak, "phone", forged, self.nonce) is False
+
     def test_an_unknown_device_is_checked_against_a_dummy_key(self) -> None:
         """The work is the same with or without a device: the dummy key is verified."""
         verifier = login.Verifier("edge-1")
