@@ -13,6 +13,11 @@ Requests:
 - {"op": "seal_down", "relay": <...>, "device": ID, "kem": K, "enc_key": B64, "seq": N,
   "id": UUID, "from": BIZ, "type": T, "body": {...}}: a down message sealed by relayd to
   that device key; answers {"sealed": B64}.
+- {"op": "check_key", "kind": "X25519" | "MLKEM768_X25519" | "Ed25519", "raw": B64}: whether
+  relayd.crypto takes the public key; answers {"ok": bool}.
+- {"op": "problem", "type": T, "body": ..., "sender": "user" | "business"}: why relayd
+  refuses that body (relayd.bodies.problem with the default limits); answers
+  {"problem": text or null}.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, payload
+from relayd import bodies, envelope, payload
 from relayd.config import Limits
-from relayd.crypto import Kem, b64d, b64e, raw_public, signing_public
+from relayd.crypto import Kem, b64d, b64e, ed25519_public, raw_public, signing_public
 from relayd.errors import EnvelopeError
 
 
@@ -72,7 +77,25 @@ def seal_down(request: dict[str, Any]) -> dict[str, Any]:
     return {"sealed": b64e(sealed), "payload": plain.decode()}
 
 
-OPERATIONS = {"relay": relay, "open_up": open_up, "seal_down": seal_down}
+def check_key(request: dict[str, Any]) -> dict[str, Any]:
+    raw = b64d(request["raw"])
+    try:
+        if request["kind"] == "Ed25519":
+            ed25519_public(raw)
+        else:
+            Kem(request["kind"]).public_key(raw)
+    except ValueError:
+        return {"ok": False}
+    return {"ok": True}
+
+
+def problem(request: dict[str, Any]) -> dict[str, Any]:
+    return {"problem": bodies.problem(request["type"], request["body"], Limits(),
+                                      request["sender"])}
+
+
+OPERATIONS = {"relay": relay, "open_up": open_up, "seal_down": seal_down,
+              "check_key": check_key, "problem": problem}
 
 
 def main() -> None:

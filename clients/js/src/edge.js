@@ -125,7 +125,7 @@ export class EdgeClient extends EventTarget {
    * acks it. A TypeError at once for a message the relay would refuse; SendError for a
    * nack that is final, or if the client stops first.
    * @param {string} to the business id
-   * @param {string} type start, message, typing_start, typing_end, read or close
+   * @param {string} type start, message, typing_start, typing_end, read, close, response or reaction
    * @param {Record<string, unknown>} [body]
    * @param {{id?: string}} [options] the message id; keep it when you send the same message again
    * @returns {Promise<{id: string, seq: number}>}

@@ -12,6 +12,7 @@ import { b64uDecode, b64uEncode } from "./b64.js";
 import { concat, openSealed, seal, verify } from "./envelope.js";
 import { DEVICE_ID, KID, parseDown } from "./payload.js";
 import { kemSpec, suite } from "./suite.js";
+import { checkEd25519, checkMlkem768X25519, checkX25519 } from "./weak.js";
 
 /** @typedef {import("./suite.js").Kem} Kem */
 /** @typedef {import("./payload.js").Down} Down */
@@ -22,7 +23,10 @@ const PKCS8 = {
   X25519: Uint8Array.of(0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x04, 0x22, 0x04, 0x20),
 };
 
-/** The relay's public half, as `relayd keys show` prints it. */
+/**
+ * The relay's public half, as `relayd keys show` prints it. Its keys are checked as relayd
+ * checks every public key: a weak one (weak.js) is a WeakKeyError, a TypeError.
+ */
 export class RelayPublic {
   /**
    * @param {string} kid
@@ -36,6 +40,8 @@ export class RelayPublic {
       throw new TypeError(`a ${kem} public key is ${kemSpec(kem).publicLength} bytes`);
     }
     if (signPublicKey.length !== 32) throw new TypeError("an Ed25519 public key is 32 bytes");
+    (kem === "X25519" ? checkX25519 : checkMlkem768X25519)(encPublicKey);
+    checkEd25519(signPublicKey);
     this.kid = kid;
     this.kem = kem;
     this.encPublicKey = encPublicKey;

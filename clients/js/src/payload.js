@@ -1,15 +1,17 @@
 // The payloads of docs/protocol.md sections 3 and 4: building an up payload, checking a
-// down one. The relay validates every up field itself; the checks here keep the SDK from
-// sealing what the relay would only dead-letter.
+// down one. The relay validates every up field itself; the checks here (the body's by
+// rich.js, with relayd's default limits) keep the SDK from sealing what the relay would
+// only dead-letter.
 
 import { EnvelopeError } from "./errors.js";
+import { bodyProblem } from "./rich.js";
 
 export const DEVICE_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/;
 export const BUSINESS_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 export const KID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 export const UUID = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
-export const UP_TYPES = Object.freeze(["start", "message", "typing_start", "typing_end", "read", "close"]);
-export const DOWN_TYPES = Object.freeze(["message", "typing_start", "typing_end", "read", "close", "echo"]);
+export const UP_TYPES = Object.freeze(["start", "message", "typing_start", "typing_end", "read", "close", "response", "reaction"]);
+export const DOWN_TYPES = Object.freeze(["message", "typing_start", "typing_end", "read", "close", "reaction", "echo"]);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
@@ -50,7 +52,8 @@ export function upPayload({ device, seq, ts, id, to, type, body }) {
   if (!UUID.test(id)) throw new TypeError("id is a UUID");
   if (!BUSINESS_ID.test(to)) throw new TypeError("to is not a business id");
   if (!UP_TYPES.includes(type)) throw new TypeError(`type is one of ${UP_TYPES.join(", ")}`);
-  if (!isObject(body)) throw new TypeError("body is an object");
+  const problem = bodyProblem(type, body, "user");
+  if (problem) throw new TypeError(problem);
   return encoder.encode(JSON.stringify({ v: 1, device, seq, ts, id, to, type, body }));
 }
 

@@ -156,7 +156,8 @@ for (const kem of /** @type {const} */ (["X25519", "MLKEM768_X25519"])) {
 
 describe("a relay key from the operator", () => {
   it("is refused when a field is not what `relayd keys show` prints", () => {
-    const good = { kid: "r2026-11", kem: "X25519", enc_public_key: b64uEncode(new Uint8Array(32)), sign_public_key: b64uEncode(new Uint8Array(32)) };
+    // The keys of docs/protocol.md's test vector; all-zero keys are weak (test/weak.test.js).
+    const good = { kid: "r2026-11", kem: "X25519", enc_public_key: "NYBy1jZYgNGu6jKa35EhODhR7SGijjt16WXQ0s0WYlQ", sign_public_key: "A6EHv_POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg" };
     assert.equal(RelayPublic.fromJSON(good).kid, "r2026-11");
     for (const bad of [
       { ...good, kid: "-r" }, { ...good, kem: "P256" }, { ...good, enc_public_key: b64uEncode(new Uint8Array(31)) },
