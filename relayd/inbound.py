@@ -78,7 +78,8 @@ class Inbound:
         limits = settings.limits
         self.device_rate = ratelimit.RateLimiter(limits.device_rate, limits.device_burst,
                                                  clock=time.time,
-                                                 horizon_s=limits.max_age_seconds)
+                                                 horizon_s=limits.max_age_seconds,
+                                                 skew_s=limits.clock_skew_seconds)
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         headers = delivery.headers or {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -113,7 +112,7 @@ class TestJudgedWhenSent:
         """relayd stopped for 100 s while a device sent at half its rate: drained in one
         go, every message is allowed, because each is judged at its `ts`."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
         sent = [clock.now + i * 2 / RATE for i in range(150)]  # 100 s at half the rate
         clock.now = sent[-1] + 5.0
         assert all(limiter.allow("phone", ts) for ts in sent)
@@ -134,7 +133,7 @@ class TestJudgedWhenSent:
         """A device whose messages are at least 1/rate apart by `ts` loses none, however
         late and however bunched up relayd handles them (in order, within max_age)."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
         ts = clock.now
         for i, gap in enumerate(gaps):
             ts += gap
@@ -144,7 +143,7 @@ class TestJudgedWhenSent:
     def test_a_flooder_is_still_refused(self) -> None:
         """Messages sent faster than the rate are refused beyond the burst, by `ts` too."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
         allowed = sum(limiter.allow("flood", clock.now + i / 100) for i in range(1000))
         assert allowed <= BURST + RATE * 10 + 1
 
@@ -152,7 +151,7 @@ class TestJudgedWhenSent:
         """A bucket that refilled in real time is kept until no acceptable `ts` could find
         it short: otherwise a device could start afresh with an old `ts`."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
         start = clock.now
         assert all(limiter.allow("liar", start) for _ in range(BURST))
         assert not limiter.allow("liar", start)
@@ -165,14 +164,6 @@ class TestJudgedWhenSent:
 
 
 class TestClockCorrected:
-    @pytest.mark.xfail(strict=True, reason=(
-        "issue 13, class 1: the bucket runs on the device's ts, and a ts earlier than one "
-        "seen refills nothing, so a clock stepped back within the freshness window (NTP "
-        "correcting a clock that ran ahead) starves an honest device until its ts passes "
-        "the old one: 391 of 450 messages at half the rate refused after a 300 s step. "
-        "Clamping ts to the relay's clock cures this but breaks the backlog of a device "
-        "whose clock runs ahead. Through the edge (judged on arrival) it cannot happen; "
-        "it still can for what reaches relayd.ingress without x-relayd-device"))
     @FAST
     @given(ahead=st.floats(0.0, SKEW), count=st.integers(1, 600))
     @example(ahead=SKEW, count=450)
@@ -181,11 +172,34 @@ class TestClockCorrected:
         """A device whose clock ran up to the skew ahead, then was set right, and which
         then sends at half its rate, in real time: every message is allowed."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
         assert limiter.allow("phone", clock.now + ahead)  # before the correction
         for _ in range(count):
             clock.now += 2 / RATE
             assert limiter.allow("phone", clock.now)
+
+    @FAST
+    @given(sends=st.lists(st.tuples(st.floats(1 / RATE, 10.0), st.floats(0.0, 30.0)),
+                          max_size=300),
+           stall=st.tuples(st.integers(0, 300), st.floats(0.0, 3600.0)),
+           steps=st.lists(st.tuples(st.integers(0, 300), st.floats(-SKEW, SKEW)),
+                          max_size=BURST - 1))
+    @example(sends=[(2 / RATE, 0.0)] * 300, stall=(150, 100.0), steps=[(1, SKEW), (2, 0.0)])
+    def test_clock_steps_and_a_backlog_together(
+            self, sends: list[tuple[float, float]], stall: tuple[int, float],
+            steps: list[tuple[int, float]]) -> None:
+        """A device that sends at most at its rate in real time, whose clock is set to
+        anything within the skew, back or forward, fewer times than its burst, and whose
+        messages relayd handles in order on any schedule, an outage included, loses none:
+        judged by `ts`, a backlog still drains whole after its clock was set back."""
+        clock = Clock()
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=MAX_AGE, skew_s=SKEW)
+        offsets, sent, offset = dict(steps), clock.now, 0.0
+        for i, (gap, drain) in enumerate(sends):
+            sent += gap  # the real time the device sent message i
+            offset = offsets.get(i, offset)  # its clock, set at message i
+            clock.now = max(clock.now + drain + (stall[1] if i == stall[0] else 0.0), sent)
+            assert limiter.allow("phone", sent + offset), i
 
 
 class TestLyingDevice:
@@ -195,18 +209,18 @@ class TestLyingDevice:
     AGE, AHEAD = 60.0, 5.0
 
     def test_cannot_buy_the_window_twice_by_waiting(self) -> None:
-        """The reset attack: walk `ts` up from the oldest acceptable time (the window's
-        gain, once), wait until the bucket is full in real time and let other traffic make
-        the limiter forget, then walk up from the oldest time again: refused."""
+        """The reset attack: walk `ts` up from the oldest acceptable time to the latest
+        (the window's gain, once), wait until the bucket is full in real time and let other
+        traffic make the limiter forget, then walk up from the oldest time again: refused."""
         clock = Clock()
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE, skew_s=self.AHEAD)
 
         def walk() -> int:
             start = clock.now - self.AGE
             return sum(limiter.allow("liar", start + i / RATE)
-                       for i in range(int(self.AGE * RATE)))
+                       for i in range(int((self.AGE + self.AHEAD) * RATE)))
 
-        assert walk() == int(self.AGE * RATE)
+        assert walk() == int((self.AGE + self.AHEAD) * RATE)
         clock.now += BURST / RATE  # full again, in real time
         limiter.allow("other")
         assert walk() <= BURST + RATE * BURST / RATE  # what waiting earned, no more
@@ -222,7 +236,7 @@ class TestLyingDevice:
         buckets."""
         clock = Clock()
         start = clock.now
-        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE)
+        limiter = RateLimiter(RATE, BURST, clock=clock, horizon_s=self.AGE, skew_s=self.AHEAD)
         allowed = 0
         for advance, count, where in steps:
             clock.now += advance
