@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from relayd import envelope, log, metrics, payload
@@ -53,8 +53,10 @@ def seal_down(keyring: KeyRing, device: Device, body: bytes) -> bytes:
 
 async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Device],
                   source: str, message_id: str, sender: str, kind: str,
-                  body: dict[str, Any]) -> None:
+                  body: dict[str, Any], seqs: Mapping[str, int] | None = None) -> None:
     """Seal one message separately to each device, with its own down seq, and publish.
+    `seqs`: the seqs allocated for `source` already (Store.accept_up did), else asked
+    for here.
 
     Each device's copy is sealed and published on its own: a device whose key cannot be
     sealed to is skipped and reported (log and metric, no id), and the others get theirs.
@@ -62,7 +64,8 @@ async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Devi
     if not devices:
         return
     ts = now_ms()
-    seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
+    if seqs is None:
+        seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
 
     async def one(device: Device, seq: int) -> None:
         try:

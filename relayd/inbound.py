@@ -2,8 +2,10 @@
 
 prepare() (relayd.consume.Handler) is synchronous and runs in delivery order: it opens
 the envelope (open_up) and names the lane (the device) so that one device's messages are
-handled in the order sent. handle() verifies, applies the conversation rules and
-publishes; it raises PermanentError for input that can never be accepted.
+handled in the order sent. handle() verifies, then claims the (device, seq), applies the
+conversation rules and allocates the echo's seqs in one store transaction
+(Store.accept_up), and publishes; it raises PermanentError for input that can never be
+accepted.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, opaque, payload, ratelimit, rules, shard
+from relayd import envelope, opaque, payload, ratelimit, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work
 from relayd.crypto import WeakKeyError, ed25519_public
 from relayd.deliver import Sink, fan_out, now_ms
-from relayd.errors import EnvelopeError, PermanentError, StoreError
+from relayd.errors import EnvelopeError, PermanentError, StoreError, TransientError
 from relayd.keys import KeyRing, KeySource
-from relayd.store import Conversation, Device, Store
+from relayd.store import Device, Store, UpClaim
+
+# Households (a device's user's devices) kept in the process; Store.accept_up checks a
+# cached one against the store in the transaction that uses it.
+HOUSEHOLDS_CACHED = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,7 @@ class Inbound:
                                                  clock=time.time,
                                                  horizon_s=limits.max_age_seconds,
                                                  skew_s=limits.clock_skew_seconds)
+        self._households: OrderedDict[str, tuple[Device, ...]] = OrderedDict()
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         headers = delivery.headers or {}
@@ -93,7 +101,60 @@ class Inbound:
 
     async def handle(self, opened: Opened, redelivered: bool) -> str:
         """Verify and act on one opened message; return what happened, for the log."""
-        household = await self.store.household(opened.device)
+        household = await self._household(opened.device, cached=True)
+        device, up = self._verified(opened, household)
+        # Judged when the device sent it (ts, fresh by now), not when it is drained: a
+        # backlog after an outage stays within the rate. Retries are ours: not counted.
+        # The edge judged its messages on arrival, in real time, before it acked them:
+        # judged again here, on another clock, a message the device was told the relay
+        # has could still be dead-lettered (as one resent after a nack, with its old ts).
+        if not (redelivered or opened.judged) and not self.device_rate.allow(
+                device.id, up.ts / 1000):
+            raise PermanentError("rate_limited", "the device is over limits.device_rate")
+        outcome = await self.store.accept_up(self._claim(household, device, up, redelivered))
+        if outcome.status == "stale":  # a key or a device changed since it was cached
+            household = await self._household(opened.device, cached=False)
+            device, up = self._verified(opened, household)
+            outcome = await self.store.accept_up(
+                self._claim(household, device, up, redelivered))
+            if outcome.status == "stale":
+                raise TransientError("store_busy", "the household changed twice")
+        if outcome.status == "unknown_business":
+            raise PermanentError("unknown_business", "no such business")
+        if outcome.status == "replayed":
+            raise EnvelopeError("replayed", "this (device, seq) was accepted before")
+        if outcome.refusal is not None:
+            raise PermanentError(*outcome.refusal)
+        business, conversation = outcome.business, outcome.conversation
+        assert business is not None  # accepted
+        assert conversation is not None
+        event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
+                                       device.user if business.first_party else None)
+        echo = _echo(up)
+        others = [d for d in household if d.id != device.id] if echo else []
+        await asyncio.gather(
+            self.sink.to_business(business.id, event, up.id, up.type),
+            fan_out(self.store, self.keys(), self.sink, others, _source(device, up), up.id,
+                    business.id, *(echo or ("", {})), seqs=outcome.seqs),
+        )
+        return up.type
+
+    async def _household(self, device_id: str, cached: bool) -> tuple[Device, ...]:
+        """The devices of `device_id`'s user, from the cache when `cached` and there;
+        Store.accept_up tells when a cached one is stale."""
+        if cached and (found := self._households.get(device_id)) is not None:
+            self._households.move_to_end(device_id)
+            return found
+        household = tuple(await self.store.household(device_id))
+        self._households.pop(device_id, None)
+        if household:  # an unknown device is not remembered: it may be added any time
+            self._households[device_id] = household
+            while len(self._households) > HOUSEHOLDS_CACHED:
+                self._households.popitem(last=False)
+        return household
+
+    def _verified(self, opened: Opened, household: tuple[Device, ...]) -> tuple[Device, payload.Up]:
+        """The sender among `household`, and its message, verified and validated."""
         device = next((d for d in household if d.id == opened.device), None)
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
@@ -107,50 +168,28 @@ class Inbound:
         envelope.verify(opened.signature, opened.payload, direction="up", signer=signer)
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
-        # Judged when the device sent it (ts, fresh by now), not when it is drained: a
-        # backlog after an outage stays within the rate. Retries are ours: not counted.
-        # The edge judged its messages on arrival, in real time, before it acked them:
-        # judged again here, on another clock, a message the device was told the relay
-        # has could still be dead-lettered (as one resent after a nack, with its old ts).
-        if not (redelivered or opened.judged) and not self.device_rate.allow(
-                device.id, up.ts / 1000):
-            raise PermanentError("rate_limited", "the device is over limits.device_rate")
-        business, current = await self.store.business_and_conversation(up.to, device.user)
-        if business is None:
-            raise PermanentError("unknown_business", "no such business")
-        window = self.settings.limits.replay_window
-        first_time = await self.store.claim_seq(device.id, up.seq, window)
-        if not first_time and not redelivered:
-            raise EnvelopeError("replayed", "this (device, seq) was accepted before")
-        conversation = await self._apply_rules(device, up, current, retry=not first_time)
-        event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
-                                       device.user if business.first_party else None)
-        others = [d for d in household if d.id != device.id]
-        echo: tuple[str, dict[str, Any]] | None = None
-        if up.type in payload.ECHOED:
-            echo = ("echo", {"type": up.type, "body": up.body})
-        elif up.type == "close":
-            echo = ("close", {})
-        await asyncio.gather(
-            self.sink.to_business(business.id, event, up.id, up.type),
-            fan_out(self.store, self.keys(), self.sink, others if echo else [],
-                    f"up:{device.id}:{up.seq}", up.id, business.id, *(echo or ("", {}))),
-        )
-        return up.type
+        return device, up
 
-    async def _apply_rules(self, device: Device, up: payload.Up, current: Conversation | None,
-                           retry: bool) -> Conversation:
-        """Apply relayd.rules to `current`, the conversation as read with the business."""
-        decision = rules.up(current, up.type, retry, now_ms())
-        if decision.refusal is not None:
-            raise PermanentError(decision.refusal, decision.detail)
-        if decision.write == "open":
-            secret = self.keys().opaque_secret
-            return await self.store.open_conversation(
-                device.user, up.to, now_ms(),
-                self.settings.conversations.opaque_id_policy == "rotate_on_delete",
-                lambda epoch: opaque.conversation_id(secret, device.user, up.to, epoch))
-        assert current is not None  # rules.up opens or refuses when there is none
-        if decision.write == "close":
-            await self.store.close_conversation(current.id, "user", now_ms())
-        return current
+    def _claim(self, household: tuple[Device, ...], device: Device, up: payload.Up,
+               redelivered: bool) -> UpClaim:
+        secret = self.keys().opaque_secret
+        echo_to = tuple(d.id for d in household if d.id != device.id) if _echo(up) else ()
+        return UpClaim(
+            household, device.id, up.seq, self.settings.limits.replay_window, up.to,
+            up.type, redelivered, now_ms(),
+            self.settings.conversations.opaque_id_policy == "rotate_on_delete",
+            lambda epoch: opaque.conversation_id(secret, device.user, up.to, epoch),
+            echo_to, _source(device, up))
+
+
+def _echo(up: payload.Up) -> tuple[str, dict[str, Any]] | None:
+    """What the sender's other devices are sent of `up`, if anything."""
+    if up.type in payload.ECHOED:
+        return "echo", {"type": up.type, "body": up.body}
+    if up.type == "close":
+        return "close", {}
+    return None
+
+
+def _source(device: Device, up: payload.Up) -> str:
+    return f"up:{device.id}:{up.seq}"

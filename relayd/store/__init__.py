@@ -48,6 +48,46 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class UpClaim:
+    """A user's message to a business, as Store.accept_up applies it in one transaction.
+
+    `household`: the sender's user's devices, ordered by id, as the caller verified the
+    message against (the sender's keys among them); the store checks it is still so."""
+
+    household: tuple[Device, ...]
+    device: str
+    seq: int
+    window: int  # limits.replay_window
+    business: str
+    kind: str
+    redelivered: bool  # the broker marked it a redelivery: our own retry
+    now_ms: int
+    rotate_on_reopen: bool  # conversations.opaque_id_policy rotate_on_delete
+    make_id: Callable[[int], str]  # a conversation's opaque id from its epoch
+    echo_to: tuple[str, ...] = ()  # devices to allocate a down seq for, if accepted
+    source: str = ""  # what the echo's seqs are allocated for (see allocate_seqs)
+
+
+UpStatus = Literal["stale", "unknown_business", "replayed", "refused", "accepted"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpOutcome:
+    """What Store.accept_up did: `stale` (the household changed: read it again, nothing
+    written), `unknown_business` (nothing written), `replayed` (claimed before, and not
+    redelivered: nothing written), `refused` (by relayd.rules: the claim is kept,
+    nothing else written) or `accepted` (claimed, the rules' write applied, and the
+    seqs of `echo_to` allocated)."""
+
+    status: UpStatus
+    business: Business | None = None
+    conversation: Conversation | None = None  # as it is after the message
+    retry: bool = False  # it was claimed before: a redelivery of a message accepted
+    refusal: tuple[str, str] | None = None  # (reason, detail) from relayd.rules
+    seqs: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class UserData:
     """Everything the store holds about one user (message content is never stored)."""
 
@@ -129,6 +169,13 @@ class Store(Protocol):
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
         """Close an open conversation; False if it was not open (nothing changed)."""
+
+    async def accept_up(self, claim: UpClaim) -> UpOutcome:
+        """Apply a user's message in one transaction: check the household is as the
+        caller read it, find the business, claim (device, seq) (relayd.replay), apply
+        relayd.rules.up to the conversation as it is (open, reopen, note activity or
+        close it: as open_conversation and close_conversation do) and allocate the echo's
+        down seqs (as allocate_seqs does). A crash leaves all of it or none."""
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
         """Accept (device, seq) once: True the first time, False for a replay or too old.

@@ -21,7 +21,17 @@ import asyncpg
 from relayd import rules
 from relayd.errors import RelaydError, StoreError, StoreUnavailableError, TransientError
 from relayd.replay import ReplayWindow
-from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData, rows
+from relayd.store import (
+    AuditRecord,
+    Business,
+    Conversation,
+    Device,
+    Party,
+    UpClaim,
+    UpOutcome,
+    UserData,
+    rows,
+)
 
 MIGRATIONS: list[str] = [
     """
@@ -105,6 +115,94 @@ _BUSY = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError,
          asyncpg.QueryCanceledError)
 
 
+_HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
+              " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id")
+# Store.accept_up's read ($1 device, $2 business, $3 the device's user): the household,
+# the business, and, locked, the device's replay window and the conversation.
+_UP_READ = (
+    f"SELECT ARRAY(SELECT ROW({_DEVICE}) FROM devices WHERE user_id ="
+    "   (SELECT user_id FROM devices WHERE id = $1) ORDER BY id),"
+    f" (SELECT ROW({_BUSINESS}) FROM businesses WHERE id = $2),"
+    " (SELECT ROW(high, bits) FROM replay WHERE device_id = $1 FOR UPDATE),"
+    f" (SELECT ROW({_CONVERSATION}) FROM conversations WHERE user_id = $3"
+    "   AND business_id = $2 FOR UPDATE)")
+_CLOSE = ("UPDATE conversations SET state = 'closed', closed_by = $2, updated_ms = $3"
+          " WHERE id = $1 AND state = 'open'")
+
+
+async def _write_claim(conn: Any, device_id: str, replay: ReplayWindow, new: bool) -> None:
+    """Store the window of a claim accepted on the row read and locked in this
+    transaction (`new`: there was none; another transaction inserting one first is
+    store_busy, to be tried again)."""
+    # The claim stamps the window with the store's clock and the device's user, so
+    # retention and erasure find it after the device is gone.
+    if new:
+        status = await conn.execute(
+            "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
+            " ($1, $2, $3, $4, (SELECT user_id FROM devices WHERE id = $1))"
+            " ON CONFLICT DO NOTHING", device_id, replay.high, replay.to_bytes(),
+            rows.now_ms())
+        if status != "INSERT 0 1":
+            raise TransientError("store_busy", "a first claim raced another")
+        return
+    await conn.execute(
+        "UPDATE replay SET high = $2, bits = $3, updated_ms = $4,"
+        " user_id = (SELECT user_id FROM devices WHERE id = $1) WHERE device_id = $1",
+        device_id, replay.high, replay.to_bytes(), rows.now_ms())
+
+
+async def _open(conn: Any, current: Conversation | None, user: str, business: str,
+                now_ms: int, rotate_on_reopen: bool,
+                make_id: Callable[[int], str]) -> Conversation:
+    """Create, reopen or note activity on `current`, as read and locked in this
+    transaction (None: no row; another transaction creating it first is store_busy)."""
+    opened = rules.opening(current, rotate_on_reopen, now_ms, secrets.randbits(62))
+    if current is None:
+        row = await conn.fetchrow(
+            f"INSERT INTO conversations ({_CONVERSATION}) VALUES ($1, $2, $3, 'open', $4,"
+            f" NULL, $5, $6) ON CONFLICT DO NOTHING RETURNING {_CONVERSATION}",
+            make_id(opened.epoch), user, business, opened.epoch, opened.created_ms, now_ms)
+        if row is None:
+            raise TransientError("store_busy", "a conversation's creation raced another")
+        return Conversation(*row)
+    row = await conn.fetchrow(
+        f"UPDATE conversations SET id = $3, state = 'open', epoch = $4, closed_by = NULL,"
+        f" created_ms = $5, updated_ms = $6 WHERE user_id = $1 AND business_id = $2"
+        f" RETURNING {_CONVERSATION}",
+        user, business, make_id(opened.epoch) if opened.new_id else current.id,
+        opened.epoch, opened.created_ms, now_ms)
+    return Conversation(*(row or ()))
+
+
+async def _allocate(conn: Any, source: str, device_ids: Sequence[str],
+                    now_ms: int) -> dict[str, int]:
+    """Store.allocate_seqs in the transaction of `conn`."""
+    ids = list(device_ids)
+    present = await conn.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])"
+                               " ORDER BY id FOR UPDATE", ids)
+    seqs: dict[str, int] = dict(map(tuple, await conn.fetch(
+        "SELECT device_id, seq FROM sent WHERE source = $1"
+        " AND device_id = ANY($2::text[])", source, ids)))
+    missing = [r[0] for r in present if r[0] not in seqs]
+    if missing:
+        allocated: dict[str, int] = dict(map(tuple, await conn.fetch(
+            "UPDATE devices SET next_seq = next_seq + 1 WHERE id = ANY($1::text[])"
+            " RETURNING id, next_seq - 1", missing)))
+        await conn.execute(
+            "INSERT INTO sent (source, device_id, seq, created_ms)"
+            " SELECT $1, d, s, $4 FROM unnest($2::text[], $3::bigint[]) AS t(d, s)",
+            source, list(allocated), list(allocated.values()), now_ms)
+        seqs.update(allocated)
+    return seqs
+
+
+async def _no_reset(conn: Any) -> None:
+    """The pool's reset on release: nothing. relayd sets no session state, listens to
+    nothing and takes only transaction-scoped advisory locks, so asyncpg's default reset
+    query (a round trip on every release) has nothing to undo; asyncpg still rolls back
+    a transaction left open."""
+
+
 def _error(exc: Exception) -> RelaydError:
     """A failure inside the store as one of the store's errors."""
     if isinstance(exc, RelaydError):
@@ -128,7 +226,8 @@ class PostgresStore:
                       pool_size: int = 10) -> PostgresStore:
         """A pool on `url`; StoreUnavailableError when the server cannot be reached."""
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size,
+                                             reset=_no_reset)
         except (*_UNAVAILABLE, asyncpg.InvalidCatalogNameError) as exc:
             raise StoreUnavailableError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
         except Exception as exc:
@@ -234,9 +333,7 @@ class PostgresStore:
             f"SELECT {_DEVICE} FROM devices WHERE user_id = $1 ORDER BY id", user)]
 
     async def household(self, device_id: str) -> list[Device]:
-        return [rows.device(r) for r in await self._fetch(
-            f"SELECT {_DEVICE} FROM devices WHERE user_id ="
-            " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id", device_id)]
+        return [rows.device(r) for r in await self._fetch(_HOUSEHOLD, device_id)]
 
     async def devices(self) -> list[Device]:
         return [rows.device(r) for r in await self._fetch(
@@ -293,9 +390,7 @@ class PostgresStore:
         return Conversation(*(row or ()))
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
-        return await self._execute(
-            "UPDATE conversations SET state = 'closed', closed_by = $2, updated_ms = $3"
-            " WHERE id = $1 AND state = 'open'", conversation_id, by, now_ms) == 1
+        return await self._execute(_CLOSE, conversation_id, by, now_ms) == 1
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
         # Compare-and-set: read the window, decide, write only if nobody wrote in between;
@@ -327,24 +422,42 @@ class PostgresStore:
 
     async def allocate_seqs(self, source: str, device_ids: Sequence[str],
                             now_ms: int) -> dict[str, int]:
-        ids = list(device_ids)
         async with self._transaction() as conn:
-            present = await conn.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])"
-                                       " ORDER BY id FOR UPDATE", ids)
-            seqs: dict[str, int] = dict(map(tuple, await conn.fetch(
-                "SELECT device_id, seq FROM sent WHERE source = $1"
-                " AND device_id = ANY($2::text[])", source, ids)))
-            missing = [r[0] for r in present if r[0] not in seqs]
-            if missing:
-                allocated: dict[str, int] = dict(map(tuple, await conn.fetch(
-                    "UPDATE devices SET next_seq = next_seq + 1 WHERE id = ANY($1::text[])"
-                    " RETURNING id, next_seq - 1", missing)))
-                await conn.execute(
-                    "INSERT INTO sent (source, device_id, seq, created_ms)"
-                    " SELECT $1, d, s, $4 FROM unnest($2::text[], $3::bigint[]) AS t(d, s)",
-                    source, list(allocated), list(allocated.values()), now_ms)
-                seqs.update(allocated)
-        return seqs
+            return await _allocate(conn, source, device_ids, now_ms)
+
+    async def accept_up(self, claim: UpClaim) -> UpOutcome:
+        user = next((d.user for d in claim.household if d.id == claim.device), "")
+        async with self._transaction() as conn:
+            # One read: the household, the business, and the rows this message changes,
+            # locked until the commit.
+            found = await conn.fetchrow(_UP_READ, claim.device, claim.business, user)
+            household = tuple(rows.device(r) for r in found[0])
+            if household != claim.household:
+                return UpOutcome("stale")
+            if found[1] is None:
+                return UpOutcome("unknown_business")
+            business = rows.business(found[1])
+            replay = ReplayWindow(claim.window) if found[2] is None else (
+                ReplayWindow.from_bytes(claim.window, *found[2]))
+            first_time = replay.accept(claim.seq)
+            if first_time:
+                await _write_claim(conn, claim.device, replay, found[2] is None)
+            elif not claim.redelivered:
+                return UpOutcome("replayed", business)
+            current = rows.conversation(found[3])
+            decision = rules.up(current, claim.kind, not first_time, claim.now_ms)
+            if decision.refusal is not None:
+                return UpOutcome("refused", business, current, not first_time,
+                                 (decision.refusal, decision.detail))
+            conversation = current
+            if decision.write == "open":
+                conversation = await _open(conn, current, user, claim.business, claim.now_ms,
+                                           claim.rotate_on_reopen, claim.make_id)
+            elif decision.write == "close" and current is not None:
+                await conn.execute(_CLOSE, current.id, "user", claim.now_ms)
+            seqs = (await _allocate(conn, claim.source, claim.echo_to, claim.now_ms)
+                    if claim.echo_to else {})
+        return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
 
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         # The server's clock, not each host's: hosts' clocks may disagree by more than ttl.

@@ -26,7 +26,17 @@ from typing import Any
 from relayd import rules
 from relayd.errors import RelaydError, StoreError, StoreUnavailableError, TransientError
 from relayd.replay import ReplayWindow
-from relayd.store import AuditRecord, Business, Conversation, Device, Party, UserData, rows
+from relayd.store import (
+    AuditRecord,
+    Business,
+    Conversation,
+    Device,
+    Party,
+    UpClaim,
+    UpOutcome,
+    UserData,
+    rows,
+)
 
 MIGRATIONS: list[str] = [
     """
@@ -144,6 +154,75 @@ def _locked(fd: int) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
+              " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id")
+
+
+def _conversation_of(db: sqlite3.Connection, user: str, business: str) -> Conversation | None:
+    return rows.conversation(db.execute(
+        f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
+        (user, business)).fetchone())
+
+
+def _open(db: sqlite3.Connection, current: Conversation | None, user: str, business: str,
+          now_ms: int, rotate_on_reopen: bool, make_id: Callable[[int], str]) -> Conversation:
+    """Create, reopen or note activity on the conversation `current` (as read in this
+    transaction), as relayd.rules.opening decides."""
+    row = rules.opening(current, rotate_on_reopen, now_ms, secrets.randbits(62))
+    conversation_id = make_id(row.epoch) if row.new_id or current is None else current.id
+    db.execute(
+        f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', ?, NULL,"
+        " ?, ?) ON CONFLICT (user_id, business_id) DO UPDATE SET id = excluded.id,"
+        " state = 'open', epoch = excluded.epoch, closed_by = NULL,"
+        " created_ms = excluded.created_ms, updated_ms = excluded.updated_ms",
+        (conversation_id, user, business, row.epoch, row.created_ms, now_ms))
+    return Conversation(conversation_id, user, business, "open", row.epoch, None,
+                        row.created_ms, now_ms)
+
+
+def _close(db: sqlite3.Connection, conversation_id: str, by: Party, now_ms: int) -> bool:
+    return db.execute(
+        "UPDATE conversations SET state = 'closed', closed_by = ?, updated_ms = ?"
+        " WHERE id = ? AND state = 'open'", (by, now_ms, conversation_id)).rowcount == 1
+
+
+def _claim(db: sqlite3.Connection, device_id: str, seq: int, window: int) -> bool:
+    row = db.execute("SELECT high, bits FROM replay WHERE device_id = ?",
+                     (device_id,)).fetchone()
+    replay = ReplayWindow(window) if row is None else ReplayWindow.from_bytes(
+        window, row[0], row[1])
+    if not replay.accept(seq):
+        return False
+    db.execute(
+        "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
+        " (?, ?, ?, ?, (SELECT user_id FROM devices WHERE id = ?))"
+        " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high, bits = excluded.bits,"
+        " updated_ms = excluded.updated_ms, user_id = excluded.user_id",
+        (device_id, replay.high, replay.to_bytes(), rows.now_ms(), device_id))
+    return True
+
+
+def _allocate(db: sqlite3.Connection, source: str, device_ids: Sequence[str],
+              now_ms: int) -> dict[str, int]:
+    if not device_ids:
+        return {}
+    seqs: dict[str, int] = dict(db.execute(
+        f"SELECT device_id, seq FROM sent WHERE source = ? AND device_id IN"
+        f" ({','.join('?' * len(device_ids))})", (source, *device_ids)).fetchall())
+    for device_id in device_ids:
+        if device_id in seqs:
+            continue
+        row = db.execute(
+            "UPDATE devices SET next_seq = next_seq + 1 WHERE id = ?"
+            " RETURNING next_seq - 1", (device_id,)).fetchone()
+        if row is None:  # removed meanwhile: nothing to seal to
+            continue
+        seqs[device_id] = row[0]
+        db.execute("INSERT INTO sent (source, device_id, seq, created_ms)"
+                   " VALUES (?, ?, ?, ?)", (source, device_id, row[0], now_ms))
+    return seqs
 
 
 Op = Callable[[sqlite3.Connection], Any]
@@ -335,9 +414,7 @@ class SqliteStore:
             f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", user)]
 
     async def household(self, device_id: str) -> list[Device]:
-        return [rows.device(r) for r in self._all(
-            f"SELECT {_DEVICE} FROM devices WHERE user_id ="
-            " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id", device_id)]
+        return [rows.device(r) for r in self._all(_HOUSEHOLD, device_id)]
 
     async def devices(self) -> list[Device]:
         return [rows.device(r) for r in self._all(
@@ -368,69 +445,53 @@ class SqliteStore:
                                 rotate_on_reopen: bool,
                                 make_id: Callable[[int], str]) -> Conversation:
         def op(db: sqlite3.Connection) -> Conversation:
-            current = rows.conversation(db.execute(
-                f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = ? AND business_id = ?",
-                (user, business)).fetchone())
-            row = rules.opening(current, rotate_on_reopen, now_ms, secrets.randbits(62))
-            conversation_id = make_id(row.epoch) if row.new_id or current is None else current.id
-            db.execute(
-                f"INSERT INTO conversations ({_CONVERSATION}) VALUES (?, ?, ?, 'open', ?, NULL,"
-                " ?, ?) ON CONFLICT (user_id, business_id) DO UPDATE SET id = excluded.id,"
-                " state = 'open', epoch = excluded.epoch, closed_by = NULL,"
-                " created_ms = excluded.created_ms, updated_ms = excluded.updated_ms",
-                (conversation_id, user, business, row.epoch, row.created_ms, now_ms))
-            return Conversation(conversation_id, user, business, "open", row.epoch, None,
-                                row.created_ms, now_ms)
+            return _open(db, _conversation_of(db, user, business), user, business, now_ms,
+                         rotate_on_reopen, make_id)
 
         conversation: Conversation = await self._commit(op)
         return conversation
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
-        def op(db: sqlite3.Connection) -> bool:
-            return db.execute(
-                "UPDATE conversations SET state = 'closed', closed_by = ?, updated_ms = ?"
-                " WHERE id = ? AND state = 'open'", (by, now_ms, conversation_id)).rowcount == 1
+        return bool(await self._commit(lambda db: _close(db, conversation_id, by, now_ms)))
 
-        return bool(await self._commit(op))
+    async def accept_up(self, claim: UpClaim) -> UpOutcome:
+        def op(db: sqlite3.Connection) -> UpOutcome:
+            household = tuple(rows.device(r) for r in db.execute(_HOUSEHOLD, (claim.device,)))
+            if household != claim.household:
+                return UpOutcome("stale")
+            found = db.execute(f"SELECT {_BUSINESS} FROM businesses WHERE id = ?",
+                               (claim.business,)).fetchone()
+            if found is None:
+                return UpOutcome("unknown_business")
+            business = rows.business(found)
+            first_time = _claim(db, claim.device, claim.seq, claim.window)
+            if not first_time and not claim.redelivered:
+                return UpOutcome("replayed", business)
+            user = next(d.user for d in household if d.id == claim.device)
+            current = _conversation_of(db, user, claim.business)
+            decision = rules.up(current, claim.kind, not first_time, claim.now_ms)
+            if decision.refusal is not None:
+                return UpOutcome("refused", business, current, not first_time,
+                                 (decision.refusal, decision.detail))
+            conversation = current
+            if decision.write == "open":
+                conversation = _open(db, current, user, claim.business, claim.now_ms,
+                                     claim.rotate_on_reopen, claim.make_id)
+            elif decision.write == "close" and current is not None:
+                _close(db, current.id, "user", claim.now_ms)
+            seqs = _allocate(db, claim.source, claim.echo_to, claim.now_ms)
+            return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
+
+        outcome: UpOutcome = await self._commit(op)
+        return outcome
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
-        def op(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT high, bits FROM replay WHERE device_id = ?",
-                             (device_id,)).fetchone()
-            replay = ReplayWindow(window) if row is None else ReplayWindow.from_bytes(
-                window, row[0], row[1])
-            if not replay.accept(seq):
-                return False
-            db.execute(
-                "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
-                " (?, ?, ?, ?, (SELECT user_id FROM devices WHERE id = ?))"
-                " ON CONFLICT (device_id) DO UPDATE SET high = excluded.high, bits = excluded.bits,"
-                " updated_ms = excluded.updated_ms, user_id = excluded.user_id",
-                (device_id, replay.high, replay.to_bytes(), rows.now_ms(), device_id))
-            return True
-
-        return bool(await self._commit(op))
+        return bool(await self._commit(lambda db: _claim(db, device_id, seq, window)))
 
     async def allocate_seqs(self, source: str, device_ids: Sequence[str],
                             now_ms: int) -> dict[str, int]:
-        def op(db: sqlite3.Connection) -> dict[str, int]:
-            seqs: dict[str, int] = dict(db.execute(
-                f"SELECT device_id, seq FROM sent WHERE source = ? AND device_id IN"
-                f" ({','.join('?' * len(device_ids))})", (source, *device_ids)).fetchall())
-            for device_id in device_ids:
-                if device_id in seqs:
-                    continue
-                row = db.execute(
-                    "UPDATE devices SET next_seq = next_seq + 1 WHERE id = ?"
-                    " RETURNING next_seq - 1", (device_id,)).fetchone()
-                if row is None:  # removed meanwhile: nothing to seal to
-                    continue
-                seqs[device_id] = row[0]
-                db.execute("INSERT INTO sent (source, device_id, seq, created_ms)"
-                           " VALUES (?, ?, ?, ?)", (source, device_id, row[0], now_ms))
-            return seqs
-
-        seqs: dict[str, int] = await self._commit(op)
+        seqs: dict[str, int] = await self._commit(
+            lambda db: _allocate(db, source, device_ids, now_ms))
         return seqs
 
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 from relayd.crypto import Kem
 from relayd.errors import StoreError
 from relayd.payload import is_user_id
-from relayd.store import AuditRecord, Business, Device, Store, open_store
+from relayd.store import AuditRecord, Business, Device, Store, UpClaim, open_store
 from relayd.store.sqlite import MIGRATIONS, SqliteStore
 from tests.support import postgres
 
@@ -211,6 +211,84 @@ class TestReplay:
         assert await store.claim_seq("d1", 137, 64)
 
 
+def up(store_household: tuple[Device, ...], seq: int, kind: str = "message", *,
+       device_id: str = "d1", business: str = "acme", redelivered: bool = False,
+       now_ms: int = 1_000, echo_to: tuple[str, ...] = (),
+       make: Callable[[int], str] | None = None) -> UpClaim:
+    """An UpClaim of `device_id` (user u1) as the inbound path makes one."""
+    return UpClaim(store_household, device_id, seq, 64, business, kind, redelivered, now_ms,
+                   False, make or make_id("u1", business), echo_to, f"up:{device_id}:{seq}")
+
+
+class TestAcceptUp:
+    """Store.accept_up: claim, conversation rules and echo seqs in one transaction."""
+
+    @pytest.fixture
+    async def household(self, store: Store) -> tuple[Device, ...]:
+        await store.add_business(Business("acme", "acme-user"))
+        for name in ("d1", "d2"):
+            await store.add_device(device(name, created_ms=1))
+        return tuple(await store.household("d1"))
+
+    async def test_opens_claims_and_allocates(self, store: Store,
+                                              household: tuple[Device, ...]) -> None:
+        """A first message opens the conversation, claims its seq and numbers the echo."""
+        outcome = await store.accept_up(up(household, 1, "start", echo_to=("d2",)))
+        assert outcome.status == "accepted"
+        assert outcome.business == Business("acme", "acme-user")
+        assert outcome.conversation == await store.conversation_of("u1", "acme")
+        assert not outcome.retry
+        assert dict(outcome.seqs) == {"d2": 1}
+        assert not await store.claim_seq("d1", 1, 64)
+
+    async def test_replayed_and_redelivered(self, store: Store,
+                                            household: tuple[Device, ...]) -> None:
+        """The same seq again is `replayed`, unless the broker redelivered it: then it is
+        a retry, with the same echo seqs."""
+        await store.accept_up(up(household, 1, "start", echo_to=("d2",)))
+        assert (await store.accept_up(up(household, 1, "start"))).status == "replayed"
+        again = await store.accept_up(up(household, 1, "start", redelivered=True,
+                                         echo_to=("d2",)))
+        assert (again.status, again.retry, dict(again.seqs)) == ("accepted", True, {"d2": 1})
+
+    async def test_refused_by_the_rules_keeps_the_claim(self, store: Store,
+                                                        household: tuple[Device, ...]) -> None:
+        """A message into a conversation the user closed is refused; its seq stays used."""
+        await store.accept_up(up(household, 1, "start"))
+        assert (await store.accept_up(up(household, 2, "close"))).status == "accepted"
+        closed = await store.conversation_of("u1", "acme")
+        assert closed is not None
+        assert (closed.state, closed.closed_by) == ("closed", "user")
+        refused = await store.accept_up(up(household, 3, "reaction"))
+        assert (refused.status, refused.refusal) == ("refused", (
+            "conversation_closed", "the conversation is closed"))
+        assert not await store.claim_seq("d1", 3, 64)
+
+    async def test_stale_household_or_unknown_business_writes_nothing(
+            self, store: Store, household: tuple[Device, ...]) -> None:
+        """A household that changed since it was read, or a business that does not
+        exist: nothing claimed, nothing opened."""
+        changed = (household[0], Device("d2", "u1", Kem.X25519, b"e" * 32, b"t" * 32))
+        assert (await store.accept_up(up(changed, 1, "start"))).status == "stale"
+        assert (await store.accept_up(up(household, 1, "start", business="nobody"))
+                ).status == "unknown_business"
+        assert await store.conversation_of("u1", "acme") is None
+        assert await store.claim_seq("d1", 1, 64)
+
+    async def test_a_failure_after_the_claim_undoes_the_claim(
+            self, store: Store, household: tuple[Device, ...]) -> None:
+        """One transaction (issue 15): when opening the conversation fails, the claim
+        is not kept either, so the redelivery is a first time and opens it."""
+        def broken(epoch: int) -> str:
+            raise RuntimeError("the id cannot be made")
+
+        with pytest.raises(StoreError):
+            await store.accept_up(up(household, 1, "start", make=broken))
+        assert await store.conversation_of("u1", "acme") is None
+        outcome = await store.accept_up(up(household, 1, "start", redelivered=True))
+        assert (outcome.status, outcome.retry) == ("accepted", False)
+
+
 class TestSeqs:
     async def test_allocation_is_per_device_and_idempotent(self, store: Store) -> None:
         """Down seqs count per device from 1, and the same source gets the same numbers."""
@@ -239,6 +317,28 @@ CLOSES = RACE.format(action='sum([await store.close_conversation(sys.argv[2], "u
                      ' for n in range(20)])')
 OPENS = RACE.format(action='[(await store.open_conversation("u1", "acme", n, True,'
                     ' lambda e: str(e).ljust(32, "x"))).epoch for n in range(20)]')
+
+
+ACCEPTS = """
+import asyncio, sys
+from relayd.errors import TransientError
+from relayd.store import UpClaim, open_store
+async def accept(store, household, seq):
+    for _ in range(100):
+        try:
+            outcome = await store.accept_up(UpClaim(household, "d1", seq, 1024, "acme",
+                "start", False, seq, False, lambda e: "c".ljust(32, "x"), ("d2",), str(seq)))
+            return outcome.status == "accepted"
+        except TransientError:  # store_busy: a lost race, tried again
+            await asyncio.sleep(0.01)
+    raise AssertionError("never settled")
+async def main():
+    store = await open_store(sys.argv[1], pool_size=4)
+    household = tuple(await store.household("d1"))
+    print([s for s in range(1, 51) if await accept(store, household, s)])
+    await store.close()
+asyncio.run(main())
+"""
 
 
 def race(script: str, *args: str, processes: int = 4) -> list[Any]:
@@ -273,6 +373,20 @@ class TestProcesses:
         """Many racing closes of one conversation: exactly one of them closes it."""
         opened = await store.open_conversation("u1", "acme", 1, False, make_id("u1", "acme"))
         assert sum(race(CLOSES, store_url, opened.id)) == 1
+
+    async def test_racing_messages_are_each_accepted_once(self, store: Store,
+                                                          store_url: str) -> None:
+        """Processes applying the same messages at once: each is accepted by exactly one,
+        one conversation is opened, and each message's echo gets one seq."""
+        await store.add_business(Business("acme", "acme-user"))
+        await store.add_device(device("d1"))
+        await store.add_device(device("d2"))
+        won = [s for mine in race(ACCEPTS, store_url) for s in mine]
+        assert sorted(won) == list(range(1, 51))
+        assert await store.allocate_seqs("51", ["d2"], 51) == {"d2": 51}
+        conversation = await store.conversation_of("u1", "acme")
+        assert conversation is not None
+        assert conversation.epoch == 0
 
     async def test_racing_opens_make_one_conversation(self, store: Store,
                                                       store_url: str) -> None:
@@ -514,3 +628,39 @@ class TestAudit:
         assert (await store.export_user("u1")).highest_seq == {"d1": 5}
         assert (await store.erase_user("u1"))["replay"] == 1
         await store.close()
+
+
+class TestRoundTrips:
+    """PostgreSQL: what an inbound message costs in statements, each a round trip."""
+
+    async def test_an_inbound_message_is_one_transaction(self) -> None:
+        """Once its statements are prepared, a message is BEGIN, one read, one write per
+        row it changes and COMMIT; the pool runs no reset query on release."""
+        async with postgres.database() as url:
+            store = await open_store(url, pool_size=1)
+            try:
+                await store.add_business(Business("acme", "acme-user"))
+                await store.add_device(device("d1", created_ms=1))
+                await store.add_device(device("d2", created_ms=1))
+                household = tuple(await store.household("d1"))
+                sent: list[str] = []
+                async with store.pool.acquire() as conn:  # type: ignore[attr-defined]
+                    conn.add_query_logger(lambda record: sent.append(record.query))
+                for seq in (1, 2):  # the first prepares the statements
+                    await store.accept_up(up(household, seq, "start", echo_to=("d2",)))
+                sent.clear()
+                quiet = await store.accept_up(up(household, 3))
+                quiet_statements = list(sent)
+                sent.clear()
+                echoed = await store.accept_up(up(household, 4, "start", echo_to=("d2",)))
+            finally:
+                await store.close()
+        assert (quiet.status, echoed.status) == ("accepted", "accepted")
+        # BEGIN, the read, the claim's UPDATE, COMMIT: the conversation is open and its
+        # activity time fresh, so it is not written.
+        assert len(quiet_statements) == 4, quiet_statements
+        assert quiet_statements[0].startswith("BEGIN")
+        assert quiet_statements[-1].startswith("COMMIT")
+        # and the echo's seq: lock the device, look for the source, allocate, record
+        assert len(sent) == 8, sent
+        assert not any("RESET" in q or "advisory_unlock" in q for q in quiet_statements + sent)
