@@ -109,6 +109,37 @@ class TestInbound:
         assert caught.value.reason == "replayed"
 
 
+class TestCachedHouseholds:
+    """The inbound worker keeps households in memory; the store's transaction checks them."""
+
+    async def test_a_replaced_key_is_never_used_after_the_change(self, tmp_path: Path,
+                                                                  store: Store) -> None:
+        """A device re-registered with new keys: a message signed with the old key (cached
+        from an earlier message) is refused, one with the new key is accepted."""
+        old = await add(store, "alice", "phone")
+        inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, RecordingSink())
+        assert await inbound.prepare(up(old, "start"))[1]() == "start"
+        await store.remove_device("phone")
+        new = await add(store, "alice", "phone")
+        with pytest.raises(EnvelopeError) as caught:
+            await inbound.prepare(up(old, "message"))[1]()
+        assert caught.value.reason == "bad_signature"
+        later = new.seal(RELAY.public, new.payload("acme", "message", {"text": "hi"}, seq=100))
+        assert await inbound.prepare(FakeDelivery(
+            body=later, headers={envelope.KID_HEADER: RELAY.kid}))[1]() == "message"
+
+    async def test_a_new_device_of_the_user_gets_the_echo(self, tmp_path: Path,
+                                                          store: Store) -> None:
+        """A device added to the household after it was cached is echoed to at once."""
+        phone = await add(store, "alice", "phone")
+        sink = RecordingSink()
+        inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, sink)
+        await inbound.prepare(up(phone, "start"))[1]()
+        await add(store, "alice", "tablet")
+        await inbound.prepare(up(phone, "message"))[1]()
+        assert [d[1] for d in sink.of("device")] == ["tablet"]
+
+
 class TestThroughTheEdge:
     """Messages the edge published carry x-relayd-device, the device it logged in."""
 
