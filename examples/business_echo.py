@@ -15,9 +15,13 @@ With a client certificate only (`business add --auth x509`; the certificate's CN
 What it shows (docs/business-guide.md explains each): TLS with the broker's CA; consuming
 your inbox; publishing replies to `relayd.replies` with routing key = your business id and
 `user_id` = your RabbitMQ user; de-duplicating events on `id`; acking an event only after
-the broker has confirmed the reply. A user who writes "menu" gets a list picker, and their
-response is answered with the titles they chose: relayd checks an answer's shape only, so
-the business checks that it answers a menu it sent. It stops on SIGTERM or Ctrl-C.
+the broker has confirmed the reply. A user who writes "menu" gets a list picker ("quick", a
+quick reply; "time", a time picker; "link", a rich link), and their response is answered
+with the titles they chose: relayd checks an answer's shape only, so the business checks
+that it answers a picker it sent. A reaction is echoed on the same message, and its
+removal too. With --desk it also does what an agent desk shows: each message is marked
+read, and the answer is typed first. It prints the type of each event it handles (never
+its content) and stops on SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import json
 import signal
 import ssl
 import sys
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
@@ -39,12 +45,50 @@ from yarl import URL
 # Reply ids derive from the event id, so answering the same event twice (after a crash,
 # before the ack) sends the same reply id, which devices de-duplicate.
 REPLY_NAMESPACE = uuid.UUID("0e6f2c1a-3b7d-4c55-9f1e-7a2b8c9d0e11")
-MENU = {"title": "Menu", "multiple": True, "sections": [
+MENU: dict[str, Any] = {"title": "Menu", "multiple": True, "sections": [
     {"title": "Drinks", "items": [{"id": "tea", "title": "Tea", "subtitle": "Earl Grey"},
                                   {"id": "coffee", "title": "Coffee"}]},
     {"title": "Food", "items": [{"id": "cake", "title": "Cake"},
                                 {"id": "soup", "title": "Soup", "subtitle": "of the day"}]}]}
-TITLES = {item["id"]: item["title"] for section in MENU["sections"] for item in section["items"]}
+QUICK: dict[str, Any] = {"options": [{"id": "yes", "title": "Yes"},
+                                     {"id": "no", "title": "No, thanks"}]}
+# Inline, so that the app shows it without fetching anything: a 1x1 PNG.
+THUMBNAIL = {"mime": "image/png", "data": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlE"
+             "QVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="}
+HOUR_MS = 3_600_000
+
+
+def picker(word: str) -> dict[str, object] | None:
+    """The interactive message a keyword asks for, or None. `text` is what an app that
+    predates interactive messages shows instead."""
+    if word == "menu":
+        return {"text": "What would you like?", "list_picker": MENU}
+    if word == "quick":
+        return {"text": "Do you want Sunday delivery?", "quick_reply": QUICK}
+    if word == "time":
+        first = (time.time_ns() // 1_000_000 // HOUR_MS + 1) * HOUR_MS  # the next full hours
+        slots = [{"id": f"slot-{i}", "start": first + i * HOUR_MS, "duration": 3600}
+                 for i in range(3)]
+        return {"text": "When shall we deliver?", "time_picker": {
+            "title": "Delivery", "timezone": "Europe/Paris", "slots": slots}}
+    if word == "link":
+        url = "https://acme.example/track/1234"
+        return {"text": f"Your order is on its way: {url}", "rich_link": {
+            "url": url, "title": "Track order 1234", "image": THUMBNAIL}}
+    return None
+
+
+def choices(body: dict[str, Any]) -> dict[str, str]:
+    """What an interactive message offers: each option, item or slot id, with its title."""
+    if "list_picker" in body:
+        return {item["id"]: item["title"] for section in MENU["sections"]
+                for item in section["items"]}
+    if "quick_reply" in body:
+        return {option["id"]: option["title"] for option in QUICK["options"]}
+    if "time_picker" in body:
+        return {slot["id"]: time.strftime("%H:%M UTC", time.gmtime(slot["start"] // 1000))
+                for slot in body["time_picker"]["slots"]}
+    return {}
 
 
 class Seen:
@@ -64,12 +108,16 @@ class Seen:
 
 
 class Echo:
-    def __init__(self, business: str, user: str, replies: AbstractExchange) -> None:
+    def __init__(self, business: str, user: str, replies: AbstractExchange,
+                 desk: bool = False) -> None:
         self.business = business
         self.user = user
         self.replies = replies
+        self.desk = desk
         self.seen = Seen()
-        self.menus = Seen(10_000)  # ids of the menus sent: the only answers we accept
+        # The pickers sent, by message id, with what each offered: the only answers we
+        # accept. The oldest are forgotten: an answer to one of those has expired.
+        self.offers: OrderedDict[str, dict[str, str]] = OrderedDict()
 
     async def on_event(self, message: AbstractIncomingMessage) -> None:
         event = json.loads(message.body)
@@ -81,33 +129,43 @@ class Echo:
 
     async def answer(self, event: dict[str, object]) -> None:
         kind, body = event["type"], event.get("body") or {}
+        print(f"{kind} event", flush=True)  # its type only: never what the user wrote
         if kind == "error":  # a reply of ours was refused: event["ref"] is its id
             print(f"relayd refused reply {event['ref']}: {event['code']}", file=sys.stderr)
             return
         if not isinstance(body, dict):
             return
         reply_id = str(uuid.uuid5(REPLY_NAMESPACE, str(event["id"])))
-        if kind == "response":  # the user picked from a menu: body names it and the ids
-            if body["message_id"] not in self.menus:  # not ours, or forgotten: expired
+        if kind == "reaction":  # the same emoji on the same message, or taken off it
+            await self.send(event, reply_id, body, kind="reaction")
+            return
+        if kind == "response":  # the user picked: body names the picker and the ids
+            offered = self.offers.get(body["message_id"])
+            if offered is None:  # not ours, or forgotten: expired
                 await self.send(event, reply_id, {"text": "That menu has expired: write menu."})
                 return
-            chosen = [TITLES[i] for i in body["selected"] if i in TITLES]
+            chosen = [offered[i] for i in body["selected"] if i in offered]
             await self.send(event, reply_id, {"text": "you chose: " + ", ".join(chosen),
                                               "reply_to": body["message_id"]})
             return
         if kind != "message" or "text" not in body:
-            return  # start, typing, read, reaction and close need no answer here
-        if str(body["text"]).strip().lower() == "menu":
-            # `text` is what an app that predates interactive messages shows instead.
-            await self.send(event, reply_id, {"text": "What would you like?",
-                                              "list_picker": MENU})
-            self.menus.add(reply_id)
+            return  # start, typing, read and close need no answer here
+        if self.desk:  # an agent reads the message, then types the answer
+            for step in ("read", "typing_start"):
+                await self.send(event, str(uuid.uuid5(REPLY_NAMESPACE, f"{event['id']}:{step}")),
+                                {}, kind=step)
+        if found := picker(str(body["text"]).strip().lower()):
+            await self.send(event, reply_id, found)
+            self.offers[reply_id] = choices(found)
+            while len(self.offers) > 10_000:
+                self.offers.popitem(last=False)
             return
         await self.send(event, reply_id, {"text": f"echo: {body['text']}"})
 
-    async def send(self, event: dict[str, object], reply_id: str, body: dict[str, object]) -> None:
-        """Publish one message reply in the event's conversation; return once confirmed."""
-        reply = {"v": 1, "type": "message", "conversation": event["conversation"],
+    async def send(self, event: dict[str, object], reply_id: str, body: dict[str, object],
+                   kind: str = "message") -> None:
+        """Publish one reply in the event's conversation; return once confirmed."""
+        reply = {"v": 1, "type": kind, "conversation": event["conversation"],
                  "id": reply_id, "body": body}
         await self.replies.publish(
             aio_pika.Message(json.dumps(reply).encode(), content_type="application/json",
@@ -137,7 +195,7 @@ async def run(args: argparse.Namespace) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         connection.close_callbacks.add(lambda *_: stop.set())
-        await inbox.consume(Echo(args.business, user, replies).on_event)
+        await inbox.consume(Echo(args.business, user, replies, args.desk).on_event)
         print(f"consuming {inbox.name} as {user}", flush=True)
         await stop.wait()
         if connection.is_closed:
@@ -155,6 +213,8 @@ def main() -> None:
     parser.add_argument("--key", help="the key of --cert (PEM)")
     parser.add_argument("--replies-exchange", default="relayd.replies")
     parser.add_argument("--inbox", help="default: relayd.biz.<business>.inbox")
+    parser.add_argument("--desk", action="store_true",
+                        help="mark each message read and type before answering")
     parser.add_argument("--prefetch", type=int, default=1,
                         help="events in flight; 1 keeps each conversation in order")
     asyncio.run(run(parser.parse_args()))

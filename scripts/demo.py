@@ -7,19 +7,29 @@ keys; the business speaks AMQP. Start, messages both
 ways, typing, a reply reaching both devices, the user deleting the conversation, and the
 next business reply rejected with conversation_closed. Uses the SQLite store, with no
 extra service.
+
+With --web it plays nothing itself: it runs examples/business_echo.py (--desk) as the
+business, serves the chat page of clients/web on loopback and prints its URL, and runs
+until Ctrl-C or SIGTERM. The page makes its keys in the browser and posts the public
+halves to /enrol, where the demo, standing in for the site's account service, registers
+the device for the demo's user with `relayd device add`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +45,8 @@ BUSINESS = "acme"
 EDGE = "edge-demo"
 USER = "alice@example.org"  # never leaves the relay: acme only sees an opaque id
 TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parent.parent
+REGISTRATION = frozenset({"device", "kem", "enc_key", "sign_key"})
 
 
 def expect(ok: bool) -> None:
@@ -163,7 +175,115 @@ def broker_vhost() -> Iterator[str]:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
 
 
+class Enrolment:
+    """The demo's stand-in for a site's account service: it registers the page's device
+    for USER with `relayd device add`, once per device id."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.done: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, registration: object) -> bool:
+        if not (isinstance(registration, dict) and registration.keys() == REGISTRATION
+                and all(isinstance(v, str) for v in registration.values())):
+            return False
+        with self.lock:
+            if registration["device"] in self.done:
+                return True
+            added = subprocess.run(
+                [sys.executable, "-m", "relayd", "device", "add", "--user", USER,
+                 "--device", registration["device"], "--kem", registration["kem"],
+                 f"--enc-key={registration['enc_key']}",
+                 f"--sign-key={registration['sign_key']}", "--config", str(self.config)],
+                capture_output=True, text=True, check=False)
+            if added.returncode != 0:
+                print(f"enrolment refused: {added.stderr.strip()}", flush=True)
+                return False
+            self.done.add(registration["device"])
+        print(f"enrolled the page's device {registration['device']} for {USER}", flush=True)
+        return True
+
+
+def web_server(page_config: dict[str, Any], enrol: Enrolment,
+               port: int) -> http.server.ThreadingHTTPServer:
+    """clients/ as static files on loopback (the page and the SDK it imports), the page's
+    config.json made for this relay, and POST /enrol."""
+    config_json = json.dumps(page_config).encode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(REPO / "clients"), **kwargs)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path in ("/", "/web"):
+                self.send_response(302)
+                self.send_header("Location", "/web/")
+                self.end_headers()
+            elif path == "/web/config.json":
+                self.answer(200, config_json, "application/json")
+            else:
+                super().do_GET()
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if self.path != "/enrol" or not 0 < length <= 8192:
+                self.answer(404 if self.path != "/enrol" else 413)
+                return
+            try:
+                registration = json.loads(self.rfile.read(length))
+            except ValueError:
+                registration = None
+            self.answer(204 if enrol(registration) else 400)
+
+        def answer(self, status: int, body: bytes = b"", kind: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: the demo prints what matters
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+def serve_web(url: str, config: Path, edge_port: int, relay_json: str, web_port: int,
+              server: subprocess.Popen[bytes]) -> None:
+    """Run the echo business and serve the page until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    echo = subprocess.Popen([sys.executable, str(REPO / "examples" / "business_echo.py"),
+                             "--business", BUSINESS, "--url", url, "--desk"])
+    page = {"edge_url": f"ws://127.0.0.1:{edge_port}/v1/device", "edge_name": EDGE,
+            "relay": json.loads(relay_json), "enrol_url": "/enrol",
+            "businesses": [{"id": BUSINESS, "name": "Acme (echo)"}]}
+    httpd = web_server(page, Enrolment(config), web_port)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        print(f"the chat page: http://127.0.0.1:{httpd.server_address[1]}/web/", flush=True)
+        print("write to Acme; menu, quick, time or link get a picker. Ctrl-C stops the demo",
+              flush=True)
+        while not stop.wait(0.5):
+            if echo.poll() is not None or server.poll() is not None:
+                raise SystemExit("demo failed: business_echo or relayd run exited")
+    finally:
+        httpd.shutdown()
+        echo.terminate()
+        echo.wait(timeout=30)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--web", action="store_true",
+                        help="serve the chat page next to the relay and an echo business")
+    parser.add_argument("--web-port", type=int, default=0,
+                        help="the page's port on 127.0.0.1 (default: any free one)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="relayd-demo-") as tmp, broker_vhost() as url:
         work = Path(tmp)
         config = work / "relayd.yaml"
@@ -173,9 +293,21 @@ def main() -> int:
                           f"metrics:\n  port: {metrics}\nworkers:\n  edge: 1\n"
                           f"edge:\n  name: {EDGE}\n  port: {port}\n")
         relayd(config, "keys", "generate", "--kid", "demo-1")
-        relay = RelayPublic.from_json(relayd(config, "keys", "show"))
+        relay_json = relayd(config, "keys", "show")
+        relay = RelayPublic.from_json(relay_json)
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")
         relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
+        if args.web:
+            server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config",
+                                       str(config)])
+            try:
+                wait_ready(server, metrics)
+                print("relayd run is ready: inbound, outbound and edge workers", flush=True)
+                serve_web(url, config, port, relay_json, args.web_port, server)
+            finally:
+                server.terminate()
+                print(f"relayd run exited with {server.wait(timeout=30)}", flush=True)
+            return 0
         phone, laptop = DeviceKeys.generate("alice-phone"), DeviceKeys.generate("alice-laptop")
         queues = {}  # each device's queue, named by a keyed token: to check it is empty
         for device in (phone, laptop):
