@@ -258,7 +258,8 @@ def serve_web(url: str, config: Path, edge_port: int, relay_json: str, web_port:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     echo = subprocess.Popen([sys.executable, str(REPO / "examples" / "business_echo.py"),
-                             "--business", BUSINESS, "--url", url, "--desk"])
+                             "--business", BUSINESS, "--url", url, "--desk"],
+                            start_new_session=True)  # Ctrl-C stops the demo, which stops it
     page = {"edge_url": f"ws://127.0.0.1:{edge_port}/v1/device", "edge_name": EDGE,
             "relay": json.loads(relay_json), "enrol_url": "/enrol",
             "businesses": [{"id": BUSINESS, "name": "Acme (echo)"}]}
@@ -299,7 +300,7 @@ def main() -> int:
         relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
         if args.web:
             server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config",
-                                       str(config)])
+                                       str(config)], start_new_session=True)
             try:
                 wait_ready(server, metrics)
                 print("relayd run is ready: inbound, outbound and edge workers", flush=True)

@@ -60,7 +60,8 @@ class Demo:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -92,9 +93,14 @@ def demo() -> Iterator[Demo]:
     try:
         yield running
     finally:
-        if running.process.poll() is None:
+        try:
+            running.stop()  # SIGTERM: the demo stops relayd and the echo, drops its vhost
+        except subprocess.TimeoutExpired:
             running.process.kill()
             running.process.wait(timeout=30)
+        running.reader.join(timeout=30)  # to the end of its output
+        assert running.process.stdout is not None
+        running.process.stdout.close()
 
 
 @pytest.fixture
