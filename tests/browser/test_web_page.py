@@ -6,7 +6,8 @@ makes its keys in the browser and enrols through the demo; then it starts a conv
 types, sees the echo, the business typing and its read receipt, answers a quick reply, a
 list picker and a time picker, shows a rich link without fetching anything, quotes a
 message, puts a reaction on and takes it off (the business echoes both), and deletes the
-conversation, which the business sees as `close`. A screenshot is saved as an artifact.
+conversation, which the business sees as `close`. A second browser, the user's second
+device, shows the echoes and the deletion. A screenshot is saved as an artifact.
 
 Skipped, with the reason, where Chromium, its driver, Selenium or the SDK's npm packages
 are missing; scripts/setup installs them all.
@@ -103,21 +104,30 @@ def demo() -> Iterator[Demo]:
         running.process.stdout.close()
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def _chromium(profile: Path) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400"):
+                 f"--user-data-dir={profile}", "--window-size=1000,1400"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
+    return webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
+
+
+@pytest.fixture
+def browsers(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """Two browsers, each with a profile of its own: two devices of the demo's user."""
+    first = _chromium(tmp_path / "first")
     try:
-        yield driver
+        second = _chromium(tmp_path / "second")
+        try:
+            yield first, second
+        finally:
+            second.quit()
     finally:
-        driver.quit()
+        first.quit()
 
 
 class Page:
@@ -174,22 +184,39 @@ def _stale() -> type[Exception]:
     return StaleElementReferenceException
 
 
-def test_a_whole_round_in_chromium(demo: Demo, browser: Any) -> None:
+KEYS_IN_INDEXEDDB = """
+const done = arguments[arguments.length - 1];
+const open = indexedDB.open("relayd-web");
+open.onsuccess = () => {
+  const get = open.result.transaction("device").objectStore("device").get("keys");
+  get.onsuccess = () => done([get.result.signPrivate, get.result.encPrivate].map(
+    (key) => [key instanceof CryptoKey, key.extractable, key.type]));
+};
+"""
+
+
+def test_a_whole_round_in_chromium(demo: Demo, browsers: tuple[Any, Any]) -> None:
     """Enrol, start, type, reply, typing and read receipt, every picker answered, a rich
     link shown without a fetch, a quote, a reaction on and off, delete: all through a real
-    relay, edge and business_echo."""
+    relay, edge and business_echo. The user's second device (another browser) shows the
+    start, the answer and the reaction as echoes, and the deletion."""
+    browser, other_browser = browsers
     url = demo.wait_for(r"the chat page: (http://127\.0\.0\.1:\d+/web/)").group(1)
-    browser.get(url)
-    page = Page(browser)
-    page.until(lambda: page.attribute('[data-test="status"]', "data-state") == "ready",
-               "the page logged in to the edge")
-    device = page.attribute('[data-test="registration"]', "data-device")
-    demo.wait_for(rf"enrolled the page's device {device} ", WAIT)
+    page, other = Page(browser), Page(other_browser)
+    for driver, each in ((browser, page), (other_browser, other)):
+        driver.get(url)
+        each.until(lambda e=each: e.attribute('[data-test="status"]', "data-state") == "ready",
+                   "the page logged in to the edge")
+        device = each.attribute('[data-test="registration"]', "data-device")
+        demo.wait_for(rf"enrolled the page's device {device} ", WAIT)
+    # The private keys are WebCrypto keys that no script can read out, kept in IndexedDB.
+    assert browser.execute_async_script(KEYS_IN_INDEXEDDB) == [[True, False, "private"]] * 2
 
     # Start, then type: the business sees both; it reads, types and echoes.
     page.write("hello")
     demo.wait_for(r"^start event$", WAIT)
     hello = page.message("me", "hello")
+    assert other.message("me", "hello") == hello  # the echo, on the other device
     page.until(lambda: page.attribute(f'li[data-id="{hello}"]', "data-state") in ("sent", "read"),
                "the start was acked")
     page.one("#text").send_keys("pi")
@@ -210,6 +237,8 @@ def test_a_whole_round_in_chromium(demo: Demo, browser: Any) -> None:
     page.answered(quick, "you chose: Yes")
     assert page.one(f'li[data-id="{quick}"] [data-test="answered"]').text == "You chose: Yes"
     assert not page.one(f'li[data-id="{quick}"] [data-option="no"]').is_enabled()
+    other.until(lambda: other.one(f'li[data-id="{quick}"] [data-test="answered"]').text
+                == "You chose: Yes", "the answer's echo marks the picker on the other device")
 
     page.write("menu")
     menu = page.message("business", "What would you like?")
@@ -250,10 +279,13 @@ def test_a_whole_round_in_chromium(demo: Demo, browser: Any) -> None:
     demo.wait_for(r"^reaction event$", WAIT)
     page.one(f'li[data-id="{echo}"] [data-test="reaction"][data-side="business"][data-emoji="👍"]')
     page.one(f'li[data-id="{echo}"] [data-test="reaction"][data-side="me"][data-emoji="👍"]')
+    other.one(f'li[data-id="{echo}"] [data-test="reaction"][data-side="me"][data-emoji="👍"]')
     page.click(f'li[data-id="{echo}"] [data-test="react"][data-emoji="👍"][data-on="true"]')
     demo.wait_for(r"^reaction event$", WAIT)
     page.until(lambda: not page.all(f'li[data-id="{echo}"] [data-test="reaction"]'),
                "both reactions taken off")
+    other.until(lambda: not other.all(f'li[data-id="{echo}"] [data-test="reaction"]'),
+                "and on the other device")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "web-round.png"))
@@ -263,4 +295,7 @@ def test_a_whole_round_in_chromium(demo: Demo, browser: Any) -> None:
     demo.wait_for(r"^close event$", WAIT)
     page.until(lambda: not page.all('li[data-test="message"]'), "the conversation is gone")
     assert page.one('[data-test="send"]').text == "Start conversation"
+    other.until(lambda: other.one('[data-test="notice"]').text == "The conversation was closed.",
+                "the other device is told")
+    assert other.one('[data-test="send"]').text == "Start conversation"
     assert demo.stop() == 0
