@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,53 @@ class TestExampleBusiness:
                 example.terminate()
             assert await asyncio.wait_for(example.wait(), WAIT) == 0
 
+
+    async def test_every_picker_reactions_and_the_desk(self, relay: Relay) -> None:
+        """With --desk, examples/business_echo.py marks each message read and types before
+        it answers; "quick", "time" and "link" get a quick reply, a time picker and a rich
+        link that relayd takes, each answer is echoed with its titles, and a reaction is
+        put on (and taken off) the same message."""
+        phone, _, _ = await open_conversation(relay)
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), "--business", "acme", "--desk",
+            "--url", amqp_url("guest", "guest", relay.vhost), stdout=asyncio.subprocess.PIPE)
+        try:
+            assert example.stdout is not None
+            await asyncio.wait_for(example.stdout.readline(), WAIT)  # consuming
+            kinds = {}
+            for word in ("quick", "time", "link"):
+                await relay.send(phone, "acme", "message", {"text": word})
+                read, typing, message = await relay.received(phone, 3)
+                assert (read["type"], typing["type"], message["type"]) == (
+                    "read", "typing_start", "message")
+                kinds[word] = parse_body("message", message["body"], sender="business")
+                if not isinstance(kinds[word], RichLink):
+                    first = next(iter(_choices(kinds[word])))
+                    await relay.send(phone, "acme", "response",
+                                     Response(message["id"], (first,)).body())
+                    [answer] = await relay.received(phone, 1)
+                    assert answer["body"]["reply_to"] == message["id"]
+                    assert answer["body"]["text"] == "you chose: " + _choices(kinds[word])[first]
+            assert [type(k) for k in kinds.values()] == [QuickReply, TimePicker, RichLink]
+            link = kinds["link"]
+            assert isinstance(link, RichLink)
+            assert link.image is not None
+            assert "data" in link.image  # inline: an app shows it without a fetch
+            target = str(uuid.uuid4())
+            for remove in (False, True):
+                sent = Reaction(target, "👍", remove).body()
+                await relay.send(phone, "acme", "reaction", sent)
+                [echoed] = await relay.received(phone, 1)
+                assert (echoed["type"], echoed["body"]) == ("reaction", sent)
+        finally:
+            if example.returncode is None:
+                example.terminate()
+            assert await asyncio.wait_for(example.wait(), WAIT) == 0
+
+
+def _choices(picker: Any) -> dict[str, str]:
+    """What a quick reply or time picker offers, with the titles business_echo answers."""
+    if isinstance(picker, QuickReply):
+        return {o.id: o.title for o in picker.options}
+    assert isinstance(picker, TimePicker)
+    return {s.id: time.strftime("%H:%M UTC", time.gmtime(s.start // 1000)) for s in picker.slots}
