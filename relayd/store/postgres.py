@@ -106,13 +106,16 @@ MIGRATIONS: list[str] = [
 _MIGRATION_LOCK = 0x72656C6179640001  # pg_advisory_xact_lock key: "relayd" + 1
 _CONVERSATION, _DEVICE, _BUSINESS = rows.CONVERSATION, rows.DEVICE, rows.BUSINESS
 _AUDIT = f"INSERT INTO audit ({rows.AUDIT}) VALUES ($1, $2, $3, $4)"
-# Errors that mean the database is unreachable or restarting, not that a query is wrong.
-_UNAVAILABLE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
-                asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
-# Errors that pass when the statement is tried again.
-_BUSY = (asyncpg.TransactionRollbackError, asyncpg.LockNotAvailableError,
-         asyncpg.QueryCanceledError)
+# SQLSTATE classes and codes (a prefix matches a class) of errors that pass when the
+# statement is tried again: a serialization failure or deadlock, a lock or statement
+# timeout.
+_BUSY = ("40", "55P03", "57014")
+# Those that mean the database cannot serve anyone now, not that a statement is wrong:
+# a lost connection (08), a full disk or too many connections (53), a restart, a shutdown
+# or an operator ending sessions (57), an I/O error (58), and a failover: a server that
+# became read-only (25006, a standby or `default_transaction_read_only`), or a session
+# ended while idle in a transaction (25P03).
+_UNAVAILABLE = ("08", "53", "57", "58", "25006", "25P03")
 
 
 _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
@@ -210,10 +213,14 @@ def _error(exc: Exception) -> RelaydError:
     name = type(exc).__name__
     if isinstance(exc, ValueError):  # asyncpg's own DataError too: an argument it cannot send
         return StoreError(f"PostgreSQL: {name}")
-    if isinstance(exc, _UNAVAILABLE):
-        return StoreUnavailableError(f"PostgreSQL: {name}")
-    if isinstance(exc, _BUSY):
+    state = str(getattr(exc, "sqlstate", None) or "")  # a PostgresError's
+    if state.startswith(_BUSY):
         return TransientError("store_busy", name)
+    # asyncpg's InternalClientError: a pooled connection that the server ended while idle
+    # ("cannot switch to state ...; another operation is in progress"); the pool drops it.
+    if state.startswith(_UNAVAILABLE) or isinstance(
+            exc, OSError | asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return StoreUnavailableError(f"PostgreSQL: {name}")
     return StoreError(f"PostgreSQL: {name}")
 
 
@@ -228,10 +235,13 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size,
                                              reset=_no_reset)
-        except (*_UNAVAILABLE, asyncpg.InvalidCatalogNameError) as exc:
-            raise StoreUnavailableError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
         except Exception as exc:
-            raise _error(exc) from None
+            error = _error(exc)
+            if isinstance(error, StoreUnavailableError) or isinstance(
+                    exc, asyncpg.InvalidCatalogNameError):
+                raise StoreUnavailableError(
+                    f"cannot reach PostgreSQL: {type(exc).__name__}") from None
+            raise error from None
         store = cls(pool)
         if migrate:
             await store.migrate()

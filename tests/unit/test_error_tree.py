@@ -9,11 +9,13 @@ ValueError or TypeError escaping would end as internal_error, or never be settle
 from __future__ import annotations
 
 import base64
+import inspect
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from hypothesis import given
@@ -22,9 +24,18 @@ from hypothesis import strategies as st
 from relayd import bodies, config, gdpr, outbound, payload
 from relayd.config import Limits
 from relayd.crypto import Kem, raw_public
-from relayd.errors import EnvelopeError, PermanentError, RelaydError, ReplyError
+from relayd.errors import (
+    EnvelopeError,
+    PermanentError,
+    RelaydError,
+    ReplyError,
+    StoreError,
+    StoreUnavailableError,
+    TransientError,
+)
 from relayd.inbound import open_up
 from relayd.keys import KeyRing, RelayKey
+from relayd.store import postgres
 from tests.unit.helpers import DEVICES, RELAYS, SMALL, up_claims
 
 LIMITS = Limits(max_text_chars=50, max_inline_attachment_bytes=40, max_attachments=3,
@@ -203,3 +214,50 @@ class TestEraseRequests:
         error = raised(lambda: ERASURE.parse(body, "identity"))
         assert error is None or isinstance(error, PermanentError)
 
+
+
+ASYNCPG_ERRORS = sorted((c for _, c in inspect.getmembers(asyncpg.exceptions, inspect.isclass)
+                         if issubclass(c, Exception)), key=lambda c: c.__name__)
+
+
+class TestPostgresErrors:
+    """A database failure becomes one of the store's three errors, and a failover or an
+    outage one that the consumer retries (relayd.consume), never a bug's internal_error."""
+
+    @pytest.mark.parametrize("error", ASYNCPG_ERRORS, ids=lambda c: c.__name__)
+    def test_every_asyncpg_error_is_a_store_error(self, error: type[Exception]) -> None:
+        """Each of asyncpg's exceptions maps to StoreError, store_busy or unavailable."""
+        mapped = postgres._error(error("x"))
+        assert type(mapped) in (StoreError, TransientError, StoreUnavailableError)
+        assert not isinstance(mapped, TransientError) or mapped.reason == "store_busy"
+
+    @pytest.mark.parametrize("error", [
+        asyncpg.ReadOnlySQLTransactionError,  # a primary demoted, a standby, read-only mode
+        asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
+        asyncpg.IdleSessionTimeoutError, asyncpg.IdleInTransactionSessionTimeoutError,
+        asyncpg.ConnectionDoesNotExistError, asyncpg.ConnectionFailureError,
+        asyncpg.TransactionResolutionUnknownError, asyncpg.TooManyConnectionsError,
+        asyncpg.DiskFullError, asyncpg.OutOfMemoryError, asyncpg.PostgresIOError,
+        asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionResetError,
+        TimeoutError])
+    def test_failover_and_outage_are_unavailable(self, error: type[Exception]) -> None:
+        """What a failover or an outage raises holds the message without counting."""
+        assert isinstance(postgres._error(error("x")), StoreUnavailableError)
+
+    @pytest.mark.parametrize("error", [
+        asyncpg.SerializationError, asyncpg.DeadlockDetectedError,
+        asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError])
+    def test_contention_is_busy(self, error: type[Exception]) -> None:
+        """A conflict that passes on a second try is store_busy."""
+        mapped = postgres._error(error("x"))
+        assert isinstance(mapped, TransientError)
+        assert mapped.reason == "store_busy"
+
+    @pytest.mark.parametrize("error", [
+        asyncpg.UndefinedTableError, asyncpg.PostgresSyntaxError, asyncpg.UniqueViolationError,
+        asyncpg.InFailedSQLTransactionError, asyncpg.DataError,
+        asyncpg.InsufficientPrivilegeError])
+    def test_a_wrong_statement_is_a_store_error(self, error: type[Exception]) -> None:
+        """A statement or schema the database refuses stays a StoreError (a bug, or an
+        operator's to fix): retrying it would change nothing."""
+        assert type(postgres._error(error("x"))) is StoreError
