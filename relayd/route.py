@@ -4,13 +4,17 @@ queues this process consumes.
 A router consumes its direction's entry queue while it holds the router lock (an
 exclusive queue, relayd.topology.router_lock), and forwards each message, untouched, to
 the shard queue of its lane. Shards is the set of shard queues this process consumes,
-taken again from the store's list of live processes every `shard_member_ttl / 3` s.
+taken again from the store's list of live processes every `shard_member_ttl / 3` s. Taking
+that list is also how a process renews its lease on its shards: one that has not renewed
+it for two thirds of the ttl gives its shards up (fences itself) before the others take
+it for dead, and takes its share again once the store answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +25,7 @@ from relayd import amqp, envelope, log, outbound, shard, topology
 from relayd.amqp import Delivery
 from relayd.config import Settings
 from relayd.consume import Consumer, Work
-from relayd.errors import StoreUnavailableError, TransientError
+from relayd.errors import StoreError, StoreUnavailableError, TransientError
 from relayd.inbound import open_up
 from relayd.keys import KeySource
 from relayd.store import Store
@@ -86,7 +90,14 @@ def outbound_router(settings: Settings, publisher: amqp.Publisher) -> Router:
 class Shards:
     """The shard queues this process consumes: its share (relayd.shard.share) among the
     processes of its role alive in the store, taken again every `every_s`. Each shard has a
-    channel of its own, so that one can be handed back while the others go on."""
+    channel of its own, so that one can be handed back while the others go on.
+
+    Each share() renews this process's lease: the store stamps it alive, and the others
+    take its shards once the stamp is `ttl_s` old. A process whose renewals fail (the
+    store unreachable, read-only, or too slow to answer within `every_s`) for
+    `ttl_s - every_s` hands every shard back, finishing what it started while the lease
+    still holds. Single active consumer would otherwise keep the others from taking them
+    while it could handle none of their messages."""
 
     def __init__(self, connection: AbstractConnection, settings: Settings, role: str,
                  store: Store, member: str, consumer_of: Callable[[str], Consumer]) -> None:
@@ -96,14 +107,22 @@ class Shards:
         self.releasing: dict[int, asyncio.Task[None]] = {}
         self.ttl_s = settings.topology.shard_member_ttl
         self.every_s = self.ttl_s / 3
+        self.renewed = time.monotonic()  # when the last renewal that succeeded was sent
+        self.renewal: asyncio.Task[list[str]] | None = None
+        self.fenced = False
 
     async def share(self) -> None:
-        """Take the shards newly ours, and hand back those no longer ours."""
+        """Take the shards newly ours, and hand back those no longer ours; all of them
+        once the lease is about to run out."""
         t = self.settings.topology
-        try:
-            members = await self.store.members(self.role, self.member, int(self.ttl_s * 1000))
-        except (StoreUnavailableError, TransientError):
-            return  # keep what we hold until the store answers again
+        members = await self._renew()
+        if members is None:  # keep what we hold while the lease lasts
+            if self.held and time.monotonic() - self.renewed >= self.ttl_s - self.every_s:
+                self._fence()
+            return
+        if self.fenced:
+            self.fenced = False
+            _log.info("unfenced", stage=self.role)
         mine, before = shard.share(members, self.member, t.shards), set(self.held)
         for k in before - mine:
             self.releasing[k] = asyncio.create_task(self._release(k, *self.held.pop(k)))
@@ -117,13 +136,47 @@ class Shards:
             _log.info("shards_shared", stage=self.role, members=len(members),
                       held=len(self.held))
 
-    async def _release(self, k: int, consumer: Consumer, channel: AbstractChannel) -> None:
+    async def _renew(self) -> list[str] | None:
+        """Mark this process alive and read the members alive; None if the store did not
+        answer within `every_s`. One renewal at a time: a store that hangs (a half-open
+        connection) holds one, not one per period."""
+        if self.renewal is not None and not self.renewal.done():
+            return None  # the last one, cancelled, has not even given up yet
+        sent = time.monotonic()
+        self.renewal = renewal = asyncio.create_task(
+            self.store.members(self.role, self.member, int(self.ttl_s * 1000)))
+        done, _ = await asyncio.wait({renewal}, timeout=self.every_s)
+        if not done:
+            renewal.cancel()
+            return None
+        try:
+            members = renewal.result()
+        except (StoreError, StoreUnavailableError, TransientError):
+            return None
+        self.renewed = sent
+        return members
+
+    def _fence(self) -> None:
+        """Hand every shard back: in order, finishing what started until the lease ends,
+        so that the others find them free when they take this process for dead."""
+        lease_left = max(0.0, self.renewed + self.ttl_s - time.monotonic())
+        _log.warning("fenced", stage=self.role, held=len(self.held))
+        self.fenced = True
+        held, self.held = self.held, {}
+        for k, (consumer, channel) in held.items():
+            self.releasing[k] = asyncio.create_task(
+                self._release(k, consumer, channel, lease_left))
+
+    async def _release(self, k: int, consumer: Consumer, channel: AbstractChannel,
+                       deadline_s: float | None = None) -> None:
         """Hand one shard back in order. A cancelled single active consumer would pass the
         shard on at once, while what it had received was still in work: instead finish
-        only what started, and let the channel's close return the rest, in order, to the
-        queue and so to the next consumer."""
+        only what started (up to `deadline_s`, by default workers.shutdown_timeout), and
+        let the channel's close return the rest, in order, to the queue and so to the next
+        consumer."""
         consumer.handing_back = True
-        await consumer.drain(self.settings.workers.shutdown_timeout)
+        await consumer.drain(self.settings.workers.shutdown_timeout if deadline_s is None
+                             else deadline_s)
         with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
             await channel.close()
         self.releasing.pop(k, None)

@@ -10,11 +10,14 @@ import asyncio
 import os
 import signal
 import subprocess
+import urllib.parse
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+import yaml
 
 from relayd import shard
 from relayd.client import parse_event
@@ -27,6 +30,8 @@ from tests.integration.harness import (
     relay_in_vhost,
     stop_process,
 )
+from tests.support import postgres
+from tests.support.cluster import forward
 
 USERS = 6
 COUNT = 40  # numbered messages per conversation, each way
@@ -161,6 +166,20 @@ class Stream:
             c = self.conversation[d.device]
             self.up[c].add(await self.relay.send(d, "acme", "message", text))
             self.down[d.device].add(await self.relay.reply("acme", c, "message", text))
+
+    async def assert_complete(self) -> None:
+        """Every message arrived, and each device's replies carry the seqs 1, 2, … once
+        each (the order aside)."""
+        relay = self.relay
+        events = await drain(relay, relay.inbox("acme"), set().union(*self.up.values()),
+                             lambda m: parse_event(m.body))
+        assert {e["id"] for e in events} >= set().union(*self.up.values())
+        for d in self.devices:
+            received = first_occurrences(await drain(
+                relay, relay.device_queue(d), self.down[d.device],
+                lambda m, d=d: d.open(relay.public, m.body)))
+            assert {m["id"] for m in received} == self.down[d.device]
+            assert sorted(m["seq"] for m in received) == list(range(1, self.rounds + 1))
 
     async def assert_in_order(self) -> None:
         """Every message arrived, and the first arrivals of each conversation, both ways,
@@ -322,3 +341,108 @@ class TestRouter:
                 assert holders(relay)[entry] != router
             finally:
                 stop_all(first, *([second] if second else []))
+
+
+async def read_only(url: str, on: bool) -> None:
+    """Turn the database of `url` read-only (or writable again), as a failover to a standby
+    does, and end its sessions so that every connection sees it."""
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(f"{postgres.SERVER}/postgres")
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" '
+                            + ("SET default_transaction_read_only = on" if on
+                               else "RESET default_transaction_read_only"))
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+    finally:
+        await admin.close()
+
+
+async def logged(log: Path, event: str, wait: float = 60) -> None:
+    """Until a host's log has `event` (a log offers no event to wait on)."""
+    async with asyncio.timeout(wait):
+        while True:
+            if f'"event":"{event}"'.encode() in await asyncio.to_thread(log.read_bytes):
+                return
+            await asyncio.sleep(0.1)
+
+
+class TestStoreFailover:
+    @pytest.mark.parametrize("ordered", [False, pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, reason="issue #15 item 1: a message released while the store is"
+                            " unavailable is requeued, and a later one of its lane passes it"))],
+                             ids=["complete", "ordered"])
+    async def test_a_database_that_turns_read_only_holds_every_message(
+            self, tmp_path: Path, ordered: bool) -> None:
+        """PostgreSQL turns read-only mid-stream (every session ended, as in a failover),
+        long enough for the host to give its shards up, then writable again: nothing is
+        dead-lettered (a read-only server was taken for a bug, internal_error), every
+        message arrives once with its seq, and (`ordered`) in order both ways."""
+        async with relay_in_vhost(tmp_path, store="postgresql", workers={"prefetch": 8},
+                                  topology={"shards": SHARDS, "shard_member_ttl": 1.5},
+                                  logging={"level": "info"}) as relay:
+            await relay.add_business("acme")
+            devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
+            host = relay.spawn()
+            log = relay.config_path.parent / "relayd.log"
+            try:
+                await wait_shared(relay, 1)
+                stream = Stream(relay, devices)
+                await stream.start()
+                for n in range(1, COUNT + 1):
+                    await stream.round()
+                    if n == COUNT // 4:
+                        await read_only(relay.settings.store.url, on=True)
+                        await logged(log, "fenced")
+                    if n == COUNT // 2:
+                        await read_only(relay.settings.store.url, on=False)
+                await (stream.assert_in_order() if ordered else stream.assert_complete())
+                await relay.assert_empty(relay.settings.topology.dead_queue)
+            finally:
+                codes = stop_all(host)
+            assert codes == [ExitCode.OK]
+            assert b'"reason":"store_unavailable"' in log.read_bytes()  # the fault did bite
+            assert b'"event":"unfenced"' in log.read_bytes()
+
+    async def test_a_host_cut_off_from_the_store_gives_its_shards_up(
+            self, tmp_path: Path) -> None:
+        """Host B's link to PostgreSQL hangs (a frozen forwarder) while B still reaches the
+        broker: B gives its shards up before its lease runs out, host A takes them all, and
+        the stream completes in order both ways. Once the link is back, B takes its share
+        again. (B used to keep its shards, and single active consumer kept A out.)"""
+        async with relay_in_vhost(tmp_path, store="postgresql", workers={"prefetch": 8},
+                                  topology={"shards": SHARDS, "shard_member_ttl": 1.5},
+                                  logging={"level": "info"}) as relay:
+            await relay.add_business("acme")
+            devices = [await relay.add_device(f"user-{i}", f"dev-{i}") for i in range(USERS)]
+            url = urllib.parse.urlsplit(relay.settings.store.url)
+            link = forward("127.0.0.1", url.port or 5432)
+            other = relay.other_host("host-b")
+            data = yaml.safe_load(other.read_text())
+            data["store"]["url"] = url._replace(
+                netloc=f"{url.username}@127.0.0.1:{link.port}").geturl()
+            other.write_text(yaml.safe_dump(data))
+            hosts = [relay.spawn()]
+            try:
+                await wait_shared(relay, 1)
+                hosts.append(relay.spawn(config_path=other))
+                await wait_shared(relay, 2)
+                stream = Stream(relay, devices)
+                await stream.start()
+                for n in range(1, COUNT + 1):
+                    await stream.round()
+                    if n == COUNT // 4:
+                        link.freeze()
+                        await wait_shared(relay, 1)  # A holds every shard
+                    if n == COUNT // 2:
+                        link.thaw()
+                        await wait_shared(relay, 2)  # B took its share back
+                await stream.assert_in_order()
+                await relay.assert_empty(relay.settings.topology.dead_queue)
+            finally:
+                link.stop()
+                codes = stop_all(*hosts)
+            assert codes == [ExitCode.OK, ExitCode.OK]
+            log = (other.parent / "relayd.log").read_bytes()
+            assert b'"event":"fenced"' in log
+            assert b'"event":"unfenced"' in log

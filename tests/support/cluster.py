@@ -293,18 +293,25 @@ class Cluster:
 
     def forward(self, target: int) -> Forwarder:
         """A forwarder from the root address to 127.0.0.1:`target`."""
-        [port] = free_ports(1)
-        process = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{port},bind={self.root},fork,reuseaddr",
-             f"TCP:127.0.0.1:{target}"], start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        forwarder = Forwarder(port, process)
+        forwarder = forward(self.root, target)
         self.forwarders.append(forwarder)
-        deadline = time.monotonic() + 10
-        while True:  # socat offers no event for "listening"
-            with contextlib.suppress(OSError):
-                socket.create_connection((self.root, port), timeout=1).close()
-                return forwarder
-            if time.monotonic() > deadline:
-                raise TimeoutError("socat did not listen")
-            time.sleep(0.05)
+        return forwarder
+
+
+def forward(address: str, target: int) -> Forwarder:
+    """socat from `address` (a free port on it) to 127.0.0.1:`target`; the caller stops it."""
+    [port] = free_ports(1)
+    process = subprocess.Popen(
+        ["socat", f"TCP-LISTEN:{port},bind={address},fork,reuseaddr",
+         f"TCP:127.0.0.1:{target}"], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    forwarder = Forwarder(port, process)
+    deadline = time.monotonic() + 10
+    while True:  # socat offers no event for "listening"
+        with contextlib.suppress(OSError):
+            socket.create_connection((address, port), timeout=1).close()
+            return forwarder
+        if time.monotonic() > deadline:
+            forwarder.stop()
+            raise TimeoutError("socat did not listen")
+        time.sleep(0.05)
