@@ -62,6 +62,10 @@ class Delivery(Protocol):
     def message_id(self) -> str | None: ...
     @property
     def type(self) -> str | None: ...
+    @property
+    def reply_to(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
 
     def ack(self) -> Awaitable[None]: ...
     def nack(self, *, requeue: bool) -> Awaitable[None]: ...
@@ -209,8 +213,9 @@ def refused(url: str, exc: Exception) -> Exception:
         return VhostRefusedError({"amqp.url": f"the broker refused vhost {vhost!r} to {user}: it "
                             "does not exist, or that user has no permissions on it. Create "
                             f"it and grant them (rabbitmqctl add_vhost {vhost}; rabbitmqctl "
-                            f"set_permissions -p {vhost} USER '^relayd\\.' '^relayd\\.' "
-                            "'^relayd\\.'), or fix the vhost in amqp.url"})
+                            f"set_permissions -p {vhost} USER '^relayd\\.' "
+                            "'^(relayd\\..*|amq\\.default)$' '^relayd\\.'), or fix the vhost "
+                            "in amqp.url"})
     return exc
 
 
@@ -238,13 +243,13 @@ class Publisher:
         return self._channel
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes,
-                       properties: Properties) -> None:
+                       properties: Properties, mandatory: bool = True) -> None:
         started = time.monotonic()
         try:
             # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we use
             underlay = await (await self._live()).get_underlay_channel()
             await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                         properties=properties, mandatory=True)
+                                         properties=properties, mandatory=mandatory)
         except PublishError:
             raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
@@ -259,6 +264,8 @@ class Publisher:
     def _target(self, exchange: str) -> str:
         if exchange == self._t.devices_exchange:
             return "device"
+        if exchange == "":
+            return "answer"
         return "dead" if exchange == self._t.dead_exchange else "business"
 
     def to_business(self, business: str, body: bytes, message_id: str,
@@ -281,6 +288,23 @@ class Publisher:
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError,
                 ChannelInvalidStateError) as exc:
             raise TransientError("delete_failed", type(exc).__name__) from None
+
+    async def declare_device_queue(self, device: str) -> None:
+        """Declare a device's queue and its binding (relayd.topology.device)."""
+        try:
+            await topology.declare(await self._live(),
+                                   topology.device(self._t, device, self._secret))
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError,
+                ChannelInvalidStateError) as exc:
+            raise TransientError("declare_failed", type(exc).__name__) from None
+
+    def answer(self, reply_to: str, correlation_id: str | None, body: bytes) -> Awaitable[None]:
+        """An answer to the identity service, to its direct reply-to name (relayd.identity
+        checked it) through the default exchange. Not mandatory: an asker that went away
+        has no one to read it, and asks again."""
+        return self._publish("", reply_to, body, Properties(
+            content_type=JSON, correlation_id=correlation_id, message_type="answer"),
+            mandatory=False)
 
     def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],
                  content_type: str) -> Awaitable[None]:

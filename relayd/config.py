@@ -221,7 +221,7 @@ class Retention(Section):
 
 
 class Gdpr(Section):
-    identity_user: str | None = None  # the AMQP user whose erase requests are trusted
+    identity_user: str | None = None  # the AMQP user whose requests (relayd.identity) are trusted
 
 
 class Logging(Section):

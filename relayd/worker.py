@@ -33,7 +33,7 @@ from relayd.config import Settings
 from relayd.consume import Consumer, Handler
 from relayd.edge.server import serve_edge
 from relayd.errors import ConfigError, ExitCode
-from relayd.gdpr import Erasure
+from relayd.identity import Identity
 from relayd.inbound import Inbound
 from relayd.keys import KeySource
 from relayd.observe import watch_lag
@@ -186,7 +186,7 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
     publishing = (channel if shard.sharded(settings.topology, role)
                   else await amqp.open_channel(connection))
     sink = amqp.Publisher(publishing, settings, keys().opaque_secret)
-    handler: Handler = (Erasure(settings, store, keys, sink) if role == "gdpr"
+    handler: Handler = (Identity(settings, store, keys, sink) if role == "gdpr"
                         else (Inbound if role == "inbound" else Outbound)(
                             settings, store, keys, sink))
 

@@ -3,6 +3,7 @@
 from relayd.client.business import parse_event, reply
 from relayd.client.device import DeviceKeys, RelayPublic
 from relayd.client.edge import EdgeClosedError, EdgeDevice, EdgeRefusedError
+from relayd.client.identity import IdentityService, enrol
 from relayd.client.rich import (
     Item,
     ListPicker,
@@ -17,6 +18,7 @@ from relayd.client.rich import (
     parse_body,
 )
 
-__all__ = ["DeviceKeys", "EdgeClosedError", "EdgeDevice", "EdgeRefusedError", "Item",
-           "ListPicker", "Option", "QuickReply", "Reaction", "RelayPublic", "Response",
-           "RichLink", "Section", "Slot", "TimePicker", "parse_body", "parse_event", "reply"]
+__all__ = ["DeviceKeys", "EdgeClosedError", "EdgeDevice", "EdgeRefusedError",
+           "IdentityService", "Item", "ListPicker", "Option", "QuickReply", "Reaction",
+           "RelayPublic", "Response", "RichLink", "Section", "Slot", "TimePicker", "enrol",
+           "parse_body", "parse_event", "reply"]

@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd import admin, amqp, config, keys, provision, topology
-from relayd.client import RelayPublic, reply
+from relayd.client import DeviceKeys, IdentityService, RelayPublic, reply
 from relayd.store import Business, open_store
 from tests.integration.harness import WAIT, Relay, documented_permissions, kill_group, stop_process
 from tests.support.broker import TestBroker
@@ -515,6 +515,26 @@ class TestWhoMayPublishWhere:
             await publisher(env.relay.settings.topology.gdpr_exchange, user_id=user)(channel)
             as_other = publisher(env.relay.settings.topology.gdpr_exchange, user_id="relayd")
             assert (await refusal(connection, as_other)).startswith("PRECONDITION_FAILED")
+
+    async def test_identity_service_enrols_a_device(self, env: Env) -> None:
+        """With the README's rights on both sides (relayd's and the identity service's),
+        the identity service registers and revokes a device and reads relayd's answers on
+        direct reply-to."""
+        user, password = f"identity-{secrets.token_hex(3)}", secrets.token_hex(12)
+        env.admin.api.put_user(user, [], password)
+        env.admin.api.call("PUT", "permissions", env.vhost, user,
+                           body=documented_permissions()["identity"])
+        env.relay.settings = env.relay.settings.model_copy(update={
+            "gdpr": config.Gdpr(identity_user=user)})
+        await env.relay.start("gdpr")
+        phone = DeviceKeys.generate("phone")
+        async with IdentityService(env.url(user, password), user,
+                                   ssl_context=env.node.ssl_context_for_client()) as identity:
+            assert await identity.register(USER, phone) == {
+                "v": 1, "type": "answer", "accepted": True, "outcome": "registered"}
+            assert await env.relay.exists(env.relay.device_queue(phone))
+            assert (await identity.revoke(USER, "phone"))["outcome"] == "revoked"
+        assert not await env.relay.exists(env.relay.device_queue(phone))
 
     async def test_operator(self, env: Env, relay_side: list[Any]) -> None:
         """An operator reads relayd.dead, nothing else."""

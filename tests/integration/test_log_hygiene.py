@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from relayd.client import DeviceKeys
+from relayd.crypto import b64e
 from tests.integration.harness import WAIT, Relay, rabbitmqctl, relay_in_vhost
 
 USER = "alice@example.org"
@@ -261,4 +262,14 @@ async def _feed(relay: Relay, phone: DeviceKeys, laptop: DeviceKeys, tablet: Dev
     await erase(orjson.dumps({"v": 1, "type": "erase", "user": 5, "id": MARK}))
     dead += ["malformed", "malformed", "malformed"]
     await erase(orjson.dumps({"v": 1, "type": "erase", "user": MARK, "id": str(uuid.uuid4())}))
+
+    def enrol(kind: str, **fields: Any) -> Awaitable[None]:
+        return erase(orjson.dumps({"v": 1, "type": kind, "id": str(uuid.uuid4()), **fields}))
+
+    marked = DeviceKeys.generate(MARK).registration(MARK)
+    await enrol("register", **marked)  # registered, then in the same lane: other keys
+    await enrol("register", **DeviceKeys.generate(MARK).registration(MARK))
+    await enrol("register", **{**marked, "sign_key": b64e(bytes(32))})
+    await enrol("revoke", user=MARK, device="phone")  # alice's
+    dead += ["device_exists", "weak_key", "wrong_user"]
     return dead, errors

@@ -26,6 +26,8 @@ class FakeDelivery:
     content_type: str | None = None
     message_id: str | None = None
     type: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
     fail: dict[str, Exception] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)  # every settle call, failed or not
     settled: list[str] = field(default_factory=list)  # the ones that went through
@@ -65,6 +67,12 @@ class RecordingSink:
 
     async def delete_device_queue(self, device: str) -> None:
         self.sent.append(("delete", device))
+
+    async def declare_device_queue(self, device: str) -> None:
+        self.sent.append(("declare", device))
+
+    async def answer(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        self.sent.append(("answer", reply_to, correlation_id, body))
 
     async def dead_letter(self, delivery: Any, queue: str, reason: str) -> None:
         self.sent.append(("dead", queue, reason))

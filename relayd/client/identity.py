@@ -1,0 +1,106 @@
+"""The operator's identity service, as relayd sees it: register a device, revoke one, erase
+a user, over AMQP, each answered (docs/protocol.md, "Requests from the identity service").
+
+    async with IdentityService("amqps://identity:…@broker/relayd", "identity") as identity:
+        answer = await identity.register("alice@example.org", phone_keys)
+        # {"v": 1, "type": "answer", "accepted": True, "outcome": "registered"}
+
+It connects as the identity service's own broker user (`gdpr.identity_user` in relayd's
+config), stamps that name as `user_id` (the broker checks it), and reads the answers on
+RabbitMQ's direct reply-to, so it needs no queue of its own: write permission on
+`relayd.gdpr` is all. Every request is idempotent: after a TimeoutError (relayd busy or
+not running), ask again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import uuid
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from relayd.client.device import DeviceKeys
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class IdentityService:
+    """One connection of the identity service; requests may run concurrently."""
+
+    def __init__(self, amqp_url: str, user_id: str, *, exchange: str = "relayd.gdpr",
+                 timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: for an amqps:// URL, the TLS context (the broker's CA, and a
+        client certificate if the broker asks for one)."""
+        self.amqp_url = amqp_url
+        self.ssl_context = ssl_context
+        self.user_id = user_id
+        self.exchange_name = exchange
+        self.timeout = timeout
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def __aenter__(self) -> IdentityService:
+        self._connection = await aio_pika.connect(self.amqp_url, ssl_context=self.ssl_context)
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        replies = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await replies.consume(self._on_answer, no_ack=True)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _on_answer(self, message: AbstractIncomingMessage) -> None:
+        waiter = self._waiting.pop(message.correlation_id or "", None)
+        if waiter is not None and not waiter.done():
+            answer: dict[str, Any] = orjson.loads(message.body)
+            waiter.set_result(answer)
+
+    async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request (its `v` and `id` are added); return relayd's answer. Raises
+        TimeoutError if none came within `timeout` s."""
+        assert self._channel is not None, "use IdentityService in `async with`"
+        correlation = str(uuid.uuid4())
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = waiter
+        try:
+            exchange = await self._channel.get_exchange(self.exchange_name, ensure=False)
+            await exchange.publish(aio_pika.Message(
+                orjson.dumps({"v": 1, "id": str(uuid.uuid4()), **request}),
+                content_type="application/json", user_id=self.user_id,
+                reply_to=DIRECT_REPLY_TO, correlation_id=correlation,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key="")
+            async with asyncio.timeout(self.timeout):
+                answer: dict[str, Any] = await waiter
+            return answer
+        finally:
+            self._waiting.pop(correlation, None)
+
+    async def register(self, user: str, device: DeviceKeys) -> dict[str, Any]:
+        """Register `device` (its public keys) for `user`."""
+        return await self.ask({"type": "register", **device.registration(user)})
+
+    async def revoke(self, user: str, device: str) -> dict[str, Any]:
+        """Revoke `user`'s device `device`: its queue and what waits there are deleted, a
+        connection of it at the edge is closed (4401), and it can no longer log in."""
+        return await self.ask({"type": "revoke", "user": user, "device": device})
+
+    async def erase(self, user: str) -> dict[str, Any]:
+        """Erase everything held about `user` (GDPR Art. 17)."""
+        return await self.ask({"type": "erase", "user": user})
+
+
+async def enrol(amqp_url: str, identity_user: str, user: str,
+                device: DeviceKeys) -> dict[str, Any]:
+    """Register one device as the identity service would, in one call (for demos and
+    scripts); the answer, e.g. {"v": 1, "type": "answer", "accepted": True,
+    "outcome": "registered"}. TimeoutError after 15 s without one."""
+    async with IdentityService(amqp_url, identity_user) as identity:
+        return await identity.register(user, device)
