@@ -169,7 +169,8 @@ weak_registrations = st.one_of(
 malformed = st.one_of(
     st.binary(max_size=200).filter(lambda b: b[:1] != b"{"),
     st.dictionaries(st.sampled_from(sorted({"v", "type", "id", *GOOD, "extra"})),
-                    st.none() | st.integers() | st.text(max_size=20), max_size=8).map(
+                    st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),
+                    max_size=8).map(
         lambda d: orjson.dumps({**d, "weak": None})),  # never a request: an extra field
     st.sampled_from([registration(kem="X448"), registration(v=True), registration(id="x"),
                      registration(user=""), registration(device="a b"),
