@@ -36,7 +36,7 @@ from relayd import (
 from relayd.completion import bash_completion
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
-from relayd.store import Business, Device, Store, open_store
+from relayd.store import Business, Device, Store, open_backend, open_store
 from relayd.worker import ROLES, Role
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -82,6 +82,12 @@ def cmd_keys_generate(args: argparse.Namespace, settings: config.Settings) -> in
 
 def _keyring(settings: config.Settings) -> keys.KeyRing:
     return keys.from_settings(settings.keys)
+
+
+async def _store(settings: config.Settings, migrate: bool = True) -> Store:
+    """The store, its ids pseudonymised under the relay's opaque secret."""
+    return await open_store(settings.store.url, secret=_keyring(settings).opaque_secret,
+                            key_vault=settings.store.key_vault, migrate=migrate)
 
 
 def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -133,7 +139,7 @@ def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) ->
     secret = _keyring(settings).opaque_secret
 
     async def declare() -> int:
-        store = await open_store(settings.store.url)
+        store = await _store(settings)
         try:
             return await admin.declare_all(settings, store, secret)
         finally:
@@ -148,7 +154,7 @@ def cmd_topology_move(args: argparse.Namespace, settings: config.Settings) -> in
     secret = _keyring(settings).opaque_secret
 
     async def move() -> admin.Moved:
-        store = await open_store(settings.store.url)
+        store = await _store(settings)
         try:
             await admin.declare_all(settings, store, secret)
             return await admin.move_legacy_device_queues(settings, store, secret)
@@ -164,7 +170,7 @@ def cmd_topology_move(args: argparse.Namespace, settings: config.Settings) -> in
 
 def cmd_store_migrate(args: argparse.Namespace, settings: config.Settings) -> int:
     async def migrate() -> tuple[int, int]:
-        store = await open_store(settings.store.url, migrate=False)
+        store = await _store(settings, migrate=False)
         try:
             return await store.migrate()
         finally:
@@ -193,11 +199,17 @@ def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
         return ExitCode.NOT_FOUND
 
     async def copy() -> dict[str, int]:
+        secret = _keyring(settings).opaque_secret
+        await (await open_store(args.source, secret=secret)).close()  # ids as pseudonyms
         target = await PostgresStore.connect(settings.store.url)
+        vault = None if settings.store.key_vault is None else await open_backend(
+            settings.store.key_vault)
         try:
-            return await copy_sqlite(source, target, args.force)
+            return await copy_sqlite(source, target, args.force, vault)
         finally:
             await target.close()
+            if vault is not None:
+                await vault.close()
 
     try:
         copied = _run(copy())
@@ -300,7 +312,7 @@ def cmd_business(args: argparse.Namespace, settings: config.Settings) -> int:
         return ExitCode.USAGE
 
     async def act() -> int:
-        store = await open_store(settings.store.url)
+        store = await _store(settings)
         try:
             return await _BUSINESS_ACTIONS[args.action](args, settings, store)
         except provision.ProvisionError as exc:
@@ -337,7 +349,7 @@ def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
     t = settings.topology
 
     async def act() -> int:
-        store = await open_store(settings.store.url)
+        store = await _store(settings)
         try:
             if device is not None:
                 existing = await store.device(args.device)
@@ -372,7 +384,7 @@ def cmd_device(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def cmd_gdpr(args: argparse.Namespace, settings: config.Settings) -> int:
     async def act() -> int:
-        store = await open_store(settings.store.url)
+        store = await _store(settings)
         try:
             if args.action == "export":
                 print(orjson.dumps(await gdpr.export(store, args.user),

@@ -85,12 +85,20 @@ class Amqp(Section):
 class Store(Section):
     url: str
     pool_size: Positive = 10
+    key_vault: str | None = None  # None: the per-user keys live in the store itself
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///PATH or postgresql://…")
+        return value
+
+    @field_validator("key_vault")
+    @classmethod
+    def _vault(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("sqlite:///"):
+            raise ValueError("must be sqlite:///PATH")
         return value
 
     @property

@@ -7,7 +7,8 @@ leaves what a re-run needs to finish the job:
    business no longer registered has no one to tell), then close it in the store;
 3. in one transaction, delete the devices, their replay state and sent rows, and the
    closed conversations. A conversation a device reopened meanwhile is still open, so
-   steps 1-3 run again (a few rounds at most);
+   steps 1-3 run again (a few rounds at most). Once none is left, the store destroys the
+   user's key, so no copy of those rows anywhere opens again (relayd.store.pseudonym);
 4. write an audit record: a keyed reference of the user and the counts, nothing else.
 A re-run sends an interrupted close again under the same id, so the business can
 de-duplicate it.

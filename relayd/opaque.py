@@ -8,6 +8,8 @@ its own so that no two kinds ever coincide.
 - device_token: what the broker knows a device by (its queue's name and its binding's
   routing key), so that nobody without the secret can name a device's queue to probe it.
 - reference: what logs and audit records name a user or a value by.
+- pseudonym: what the store keys a user, a device or a message source by
+  (relayd.store.pseudonym), so that its files hold no id.
 """
 
 from __future__ import annotations
@@ -39,3 +41,10 @@ def reference(secret: bytes, kind: str, value: str) -> str:
     digest = hmac.new(secret, b"relayd/v1 ref " + kind.encode() + b"\0" + value.encode(),
                       hashlib.sha256).digest()[:9]
     return base64.b32encode(digest).decode("ascii").lower().rstrip("=")
+
+
+def pseudonym(secret: bytes, kind: str, value: str) -> str:
+    """The store's name for a user, device or source: HMAC-SHA256, 160 bits in base32."""
+    digest = hmac.new(secret, b"relayd/v1 store " + kind.encode() + b"\0" + value.encode(),
+                      hashlib.sha256).digest()[:20]
+    return base64.b32encode(digest).decode("ascii").lower()

@@ -131,7 +131,9 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
     if control_fd is not None:
         reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
         listener = asyncio.create_task(obey(reader))
-    store = await open_store(settings.store.url, pool_size=settings.store.pool_size)
+    store = await open_store(settings.store.url, secret=keyring.opaque_secret,
+                             key_vault=settings.store.key_vault,
+                             pool_size=settings.store.pool_size)
     try:
         if role == "retention":
             report(False)

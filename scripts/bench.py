@@ -375,7 +375,8 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
     async with scenario(postgres) as (vh, tmp, store_url):
         setup = relay_setup(tmp, vh, store_url, kem, worker_count, shards or DEFAULT_SHARDS)
         t = setup.settings.topology
-        store = await open_store(setup.settings.store.url)
+        keyring = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
+        store = await open_store(setup.settings.store.url, secret=keyring.opaque_secret)
         await store.add_business(Business("acme", "guest"))
         devices = [DeviceKeys.generate(f"dev-{i}", kem) for i in range(senders)]
         for i, device in enumerate(devices):
@@ -455,9 +456,9 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
     async with scenario() as (vh, tmp, store_url):
         setup = relay_setup(tmp, vh, store_url, Kem.X25519, worker_count, DEFAULT_SHARDS)
         t = setup.settings.topology
-        store = await open_store(setup.settings.store.url)
-        await store.add_business(Business("acme", "guest"))
         secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
+        store = await open_store(setup.settings.store.url, secret=secret.opaque_secret)
+        await store.add_business(Business("acme", "guest"))
         conversations = []
         devices: dict[str, DeviceKeys] = {}
         specs = topology.core(t) + topology.shards(t) + topology.business(t, "acme")

@@ -33,6 +33,8 @@ class Device:
     enc_key: bytes  # raw HPKE public key
     sign_key: bytes  # raw Ed25519 public key
     created_ms: int | None = field(default=None, compare=False)  # None: the store's clock
+    # Inside a backend only: the device id sealed under its user's key (relayd.store.pseudonym).
+    sealed: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,7 @@ class Store(Protocol):
         An open conversation is left in place: its business must be told `close` first
         (relayd.gdpr does, then calls again). Returns the rows deleted per kind, as
         `devices`, `conversations`, `replay`, `sent`, and `open`: the open conversations left.
+        When none is left, the user's key is destroyed too (relayd.store.pseudonym).
         """
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -231,12 +234,76 @@ class Store(Protocol):
         """Every audit record, oldest first (ties in the order they were added)."""
 
 
-async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> Store:
-    """The backend that `url` names; the schema is migrated on open unless told not to.
+class Vault(Protocol):
+    """Where the per-user keys live (see relayd.store.pseudonym and docs/privacy.md).
+
+    A person is a user's pseudonym with its key and its account id sealed under that key.
+    """
+
+    async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
+        """Keep (key, sealed) for the pseudonym `user` unless it has them already, and mark
+        it seen now; return what is kept."""
+
+    async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
+        """The (key, sealed) of each pseudonym in `users` that has them."""
+
+    async def forget_people(self, users: Sequence[str]) -> int:
+        """Destroy the keys of `users`, so that nothing sealed under them opens again."""
+
+    async def all_people(self, seen_before_ms: int) -> list[str]:
+        """Every pseudonym with a key, last added before `seen_before_ms`."""
+
+
+class Backend(Store, Vault, Protocol):
+    """A database as the pseudonymous layer sees it: user and device ids are pseudonyms,
+    and a device row carries its sealed id."""
+
+    async def held_people(self) -> set[str]:
+        """The user pseudonyms that any row (device, conversation, replay state) names."""
+
+    async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
+        """None once the ids are pseudonyms; before that (a store written before schema 4),
+        the users named anywhere, and every device id with its user (None: replay state
+        only)."""
+
+    async def pseudonymise(self, users: Mapping[str, str],
+                           devices: Mapping[str, tuple[str, bytes | None]]) -> None:
+        """In one transaction, rewrite every user and device id by the maps (a device id to
+        its pseudonym and sealed id), drop the sent rows (their sources hold device ids),
+        and mark the store converted."""
+
+
+async def open_store(url: str, *, secret: bytes, key_vault: str | None = None,
+                     migrate: bool = True, pool_size: int = 10) -> Store:
+    """The store that `url` names, its ids pseudonymised under `secret` (the relay's opaque
+    secret) and its per-user keys in `key_vault` (a `sqlite:///` url) or else in the store
+    itself; the schema is migrated on open unless told not to.
 
     Raises StoreUnavailableError when the database cannot be reached or opened,
     StoreError when its schema is newer than this relayd knows.
     """
+    from relayd.store.pseudonym import Pseudonymous
+
+    backend = await open_backend(url, migrate=False, pool_size=pool_size)
+    vault: Vault = backend
+    if key_vault is not None:
+        if not key_vault.startswith("sqlite:///"):
+            await backend.close()
+            raise ConfigError({"store.key_vault": "must be sqlite:///PATH"})
+        vault = await open_backend(key_vault, migrate=True)
+    store = Pseudonymous(backend, vault, secret)
+    if migrate:
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()
+            raise
+    return store
+
+
+async def open_backend(url: str, *, migrate: bool = True, pool_size: int = 10) -> Backend:
+    """The database that `url` names, as it is (no pseudonyms): for open_store, and for
+    `store copy`, which moves rows as they are."""
     if url.startswith("sqlite:///"):
         from relayd.store.sqlite import SqliteStore
 

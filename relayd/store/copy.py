@@ -3,7 +3,10 @@
 Every table of the SQLite file is copied, row for row, in one PostgreSQL transaction, from
 one consistent SQLite snapshot: a copy that fails leaves the target as it was, so it can
 simply be run again. A target that holds data already is refused unless `force` is set,
-which replaces its contents. Stop relayd before copying, and point it at PostgreSQL after.
+which replaces its contents. The ids are pseudonyms already (the CLI opens the source
+through relayd.store.pseudonym first); the per-user keys go with the rows, or into the
+key vault when one is given, so that they never reach PostgreSQL. Stop relayd before
+copying, and point it at PostgreSQL after.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from relayd.store import Vault
 from relayd.store.postgres import PostgresStore
 from relayd.store.sqlite import SqliteStore
 
@@ -21,12 +25,13 @@ class CopyRefusedError(Exception):
     """The target holds data already (or a different schema); nothing was changed."""
 
 
-def _tables(db: sqlite3.Connection) -> list[str]:
+def _tables(db: sqlite3.Connection, skip: tuple[str, ...]) -> list[str]:
     """The SQLite file's tables, in the order they were created (parents first), except
-    members: which processes are alive now is not the installation's to move."""
+    members (which processes are alive now is not the installation's to move) and
+    `skip`."""
     return [row[0] for row in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        " AND name <> 'members' ORDER BY rowid")]
+        " AND name <> 'members' ORDER BY rowid") if row[0] not in skip]
 
 
 def _records(db: sqlite3.Connection, table: str, columns: list[str],
@@ -37,14 +42,15 @@ def _records(db: sqlite3.Connection, table: str, columns: list[str],
                     for v, flag in zip(row, flags, strict=True))
 
 
-async def copy_sqlite(path: Path, target: PostgresStore, force: bool = False) -> dict[str, int]:
-    """Copy every table of the SQLite file at `path` (which must exist) into `target`;
-    return the rows per table."""
+async def copy_sqlite(path: Path, target: PostgresStore, force: bool = False,
+                      vault: Vault | None = None) -> dict[str, int]:
+    """Copy every table of the SQLite file at `path` (which must exist) into `target`, the
+    people into `vault` if given; return the rows per table."""
     await SqliteStore(path).close()  # bring the file to the current schema first
     source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
         source.execute("BEGIN")  # one snapshot for every table
-        tables = _tables(source)
+        tables = _tables(source, () if vault is None else ("people",))
         copied: dict[str, int] = {}
         async with target.pool.acquire() as conn, conn.transaction():
             types: dict[str, dict[str, str]] = {}
@@ -76,6 +82,11 @@ async def copy_sqlite(path: Path, target: PostgresStore, force: bool = False) ->
                         await conn.execute(
                             f"SELECT setval($1, coalesce(max({column}), 0) + 1, false)"
                             f" FROM {table}", counter)
+        if vault is not None:
+            people = source.execute("SELECT id, key, sealed FROM people").fetchall()
+            for user, key, sealed in people:
+                await vault.add_person(user, key, sealed)
+            copied["people"] = len(people)
         return copied
     finally:
         source.close()

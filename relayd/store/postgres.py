@@ -6,7 +6,9 @@ open_conversation and allocate_seqs lock the rows they change (devices in id ord
 two allocations never deadlock). Migrations run under an advisory lock and are recorded
 in schema_version, so hosts starting together migrate once. Text keys compare bytewise
 (COLLATE "C"), so lists come back in the same order as from SQLite. Deleted rows stay in
-the table files until (auto)vacuum reclaims them.
+the table and WAL files (and replicas and backups) until those are reused or expire: so
+they hold ids only as pseudonyms and ciphertext (relayd.store.pseudonym), and erasure
+vacuums the tables it touched.
 """
 
 from __future__ import annotations
@@ -101,7 +103,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (role, member)
     );
     """,
+    # 4: ids as pseudonyms, per-user keys (as SQLite's migration 4).
+    """
+    CREATE TABLE people (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        key BYTEA NOT NULL,
+        sealed BYTEA NOT NULL,
+        seen_ms BIGINT NOT NULL
+    );
+    ALTER TABLE devices ADD COLUMN sealed BYTEA;
+    CREATE TABLE legacy_ids (pending INTEGER NOT NULL);
+    INSERT INTO legacy_ids SELECT 1 WHERE EXISTS (SELECT 1 FROM devices)
+        OR EXISTS (SELECT 1 FROM conversations) OR EXISTS (SELECT 1 FROM replay);
+    """,
 ]
+_HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
+         " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
+# What erasure touches: vacuumed after it, so the space of the deleted rows is reused.
+_ERASED = "sent, replay, devices, conversations, people"
 
 _MIGRATION_LOCK = 0x72656C6179640001  # pg_advisory_xact_lock key: "relayd" + 1
 _CONVERSATION, _DEVICE, _BUSINESS = rows.CONVERSATION, rows.DEVICE, rows.BUSINESS
@@ -273,6 +292,13 @@ class PostgresStore:
             raise _error(exc) from None
         return int(status.rsplit(" ", 1)[-1])
 
+    async def _vacuum(self, tables: str) -> None:
+        """VACUUM `tables` (outside any transaction), so deleted rows' space is reused."""
+        try:
+            await self.pool.execute(f"VACUUM {tables}")
+        except Exception as exc:
+            raise _error(exc) from None
+
     async def migrate(self) -> tuple[int, int]:
         """Apply the migrations the database lacks; return (version before, version now)."""
         async with self._transaction() as conn:
@@ -329,10 +355,8 @@ class PostgresStore:
 
     async def add_device(self, device: Device) -> bool:
         return await self._execute(
-            f"INSERT INTO devices ({_DEVICE}) VALUES ($1, $2, $3, $4, $5, $6)"
-            " ON CONFLICT DO NOTHING",
-            device.id, device.user, device.kem.value, device.enc_key, device.sign_key,
-            rows.now_ms() if device.created_ms is None else device.created_ms) == 1
+            f"INSERT INTO devices ({_DEVICE}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT DO NOTHING", *rows.device_values(device)) == 1
 
     async def device(self, device_id: str) -> Device | None:
         row = await self._row(f"SELECT {_DEVICE} FROM devices WHERE id = $1", device_id)
@@ -519,6 +543,7 @@ class PostgresStore:
             }
             counts["open"] = await conn.fetchval(
                 "SELECT count(*) FROM conversations WHERE user_id = $1", user)
+        await self._vacuum(_ERASED)
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -552,3 +577,56 @@ class PostgresStore:
     async def audit_log(self) -> list[AuditRecord]:
         return [rows.audit(r) for r in await self._fetch(
             f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]
+
+    async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
+        row = await self._row(
+            "INSERT INTO people (id, key, sealed, seen_ms) VALUES ($1, $2, $3, $4) ON CONFLICT"
+            " (id) DO UPDATE SET seen_ms = excluded.seen_ms RETURNING key, sealed",
+            user, key, sealed, rows.now_ms())
+        return row[0], row[1]
+
+    async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
+        return {r[0]: (r[1], r[2]) for r in await self._fetch(
+            "SELECT id, key, sealed FROM people WHERE id = ANY($1::text[])", list(users))}
+
+    async def forget_people(self, users: Sequence[str]) -> int:
+        """Delete the keys, then vacuum, so their space is reused; the copies in WAL,
+        replicas and backups are what docs/privacy.md says they are."""
+        if not users:
+            return 0
+        gone = await self._execute("DELETE FROM people WHERE id = ANY($1::text[])", list(users))
+        await self._vacuum("people")
+        return gone
+
+    async def all_people(self, seen_before_ms: int) -> list[str]:
+        return [row[0] for row in await self._fetch(
+            "SELECT id FROM people WHERE seen_ms < $1 ORDER BY id", seen_before_ms)]
+
+    async def held_people(self) -> set[str]:
+        return {row[0] for row in await self._fetch(_HELD)}
+
+    async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
+        async with self._transaction() as conn:
+            if await conn.fetchval("SELECT pending FROM legacy_ids LIMIT 1") is None:
+                return None
+            return rows.legacy_ids(await conn.fetch(_HELD), await conn.fetch(
+                "SELECT id, user_id FROM devices"), await conn.fetch(
+                "SELECT device_id FROM replay"))
+
+    async def pseudonymise(self, users: Mapping[str, str],
+                           devices: Mapping[str, tuple[str, bytes | None]]) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("LOCK TABLE legacy_ids")  # hosts starting together: one does it
+            if await conn.fetchval("SELECT pending FROM legacy_ids LIMIT 1") is None:
+                return
+            changes = [(new, sealed, old) for old, (new, sealed) in devices.items()]
+            await conn.executemany("UPDATE devices SET id = $1, sealed = $2 WHERE id = $3",
+                                   changes)
+            await conn.executemany("UPDATE replay SET device_id = $1 WHERE device_id = $2",
+                                   [(new, old) for new, _, old in changes])
+            for table in ("devices", "conversations", "replay"):
+                await conn.executemany(f"UPDATE {table} SET user_id = $1 WHERE user_id = $2",
+                                       [(new, old) for old, new in users.items()])
+            await conn.execute("DELETE FROM sent")
+            await conn.execute("DELETE FROM legacy_ids")
+        await self._vacuum(_ERASED)

@@ -106,7 +106,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (role, member)
     );
     """,
+    # 4: ids as pseudonyms; per-user keys and what they seal (relayd.store.pseudonym).
+    # The ids already held are rewritten once, by the pseudonymous layer, which holds the
+    # secret: legacy_ids marks that it is still to do.
+    """
+    CREATE TABLE people (
+        id TEXT PRIMARY KEY,
+        key BLOB NOT NULL,
+        sealed BLOB NOT NULL,
+        seen_ms INTEGER NOT NULL
+    );
+    ALTER TABLE devices ADD COLUMN sealed BLOB;
+    CREATE TABLE legacy_ids (pending INTEGER NOT NULL);
+    INSERT INTO legacy_ids SELECT 1 WHERE EXISTS (SELECT 1 FROM devices)
+        OR EXISTS (SELECT 1 FROM conversations) OR EXISTS (SELECT 1 FROM replay);
+    """,
 ]
+_HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
+         " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
 
 _CONVERSATION, _DEVICE, _BUSINESS = rows.CONVERSATION, rows.DEVICE, rows.BUSINESS
 
@@ -398,11 +415,8 @@ class SqliteStore:
     async def add_device(self, device: Device) -> bool:
         with self._write() as db:
             cursor = db.execute(
-                f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (device.id, device.user, device.kem.value, device.enc_key, device.sign_key,
-                 rows.now_ms() if device.created_ms is None else device.created_ms),
-            )
+                f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING", rows.device_values(device))
             return cursor.rowcount == 1
 
     async def device(self, device_id: str) -> Device | None:
@@ -577,3 +591,60 @@ class SqliteStore:
     async def audit_log(self) -> list[AuditRecord]:
         return [rows.audit(r) for r in self._all(
             f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]
+
+    async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
+        with self._write() as db:
+            kept = db.execute(
+                "INSERT INTO people (id, key, sealed, seen_ms) VALUES (?, ?, ?, ?) ON CONFLICT"
+                " (id) DO UPDATE SET seen_ms = excluded.seen_ms RETURNING key, sealed",
+                (user, key, sealed, rows.now_ms())).fetchone()
+        return kept[0], kept[1]
+
+    async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
+        found: dict[str, tuple[bytes, bytes]] = {}
+        for start in range(0, len(users), 500):
+            chunk = users[start:start + 500]
+            found.update((r[0], (r[1], r[2])) for r in self._all(
+                f"SELECT id, key, sealed FROM people WHERE id IN ({','.join('?' * len(chunk))})",
+                *chunk))
+        return found
+
+    async def forget_people(self, users: Sequence[str]) -> int:
+        """Delete the keys; secure_delete overwrites them, the checkpoint empties the WAL."""
+        if not users:
+            return 0
+        with self._write() as db:
+            gone = sum(db.execute("DELETE FROM people WHERE id = ?", (user,)).rowcount
+                       for user in users)
+        self._scrub()
+        return gone
+
+    async def all_people(self, seen_before_ms: int) -> list[str]:
+        return [row[0] for row in self._all(
+            "SELECT id FROM people WHERE seen_ms < ? ORDER BY id", seen_before_ms)]
+
+    async def held_people(self) -> set[str]:
+        return {row[0] for row in self._all(_HELD)}
+
+    async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
+        with self._write() as db:
+            if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
+                return None
+            return rows.legacy_ids(db.execute(_HELD), db.execute(
+                "SELECT id, user_id FROM devices"), db.execute("SELECT device_id FROM replay"))
+
+    async def pseudonymise(self, users: Mapping[str, str],
+                           devices: Mapping[str, tuple[str, bytes | None]]) -> None:
+        with self._write() as db:
+            if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
+                return  # another process did it meanwhile
+            for old, (new, sealed) in devices.items():
+                db.execute("UPDATE devices SET id = ?, sealed = ? WHERE id = ?",
+                           (new, sealed, old))
+                db.execute("UPDATE replay SET device_id = ? WHERE device_id = ?", (new, old))
+            for old, new in users.items():
+                for table in ("devices", "conversations", "replay"):
+                    db.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (new, old))
+            db.execute("DELETE FROM sent")
+            db.execute("DELETE FROM legacy_ids")
+        self._scrub()

@@ -244,7 +244,7 @@ class Rig:
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "fault-1")
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        store = await open_store(settings.store.url)
+        store = await open_store(settings.store.url, secret=keyring.opaque_secret)
         await admin.add_business(settings, store, Business(BUSINESS, "guest"))
         phones = []
         for user, count in users.items():

@@ -267,7 +267,7 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519, store: str | None = 
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "test-1", kem)
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        registry = await open_store(settings.store.url)
+        registry = await open_store(settings.store.url, secret=keyring.opaque_secret)
         stack.push_async_callback(registry.close)
         connection = await aio_pika.connect(settings.amqp.url)
         stack.push_async_callback(connection.close)

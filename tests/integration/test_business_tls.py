@@ -157,7 +157,7 @@ async def env(node: TestBroker, tmp_path: Path) -> AsyncIterator[Env]:
     settings = config.load(path, environ={})
     keys.generate(settings.keys.dir, "test-1")
     keyring = keys.load(settings.keys.dir, timedelta(days=1))
-    store = await open_store(settings.store.url)
+    store = await open_store(settings.store.url, secret=keyring.opaque_secret)
     # the test's own connection plays the device edge and looks into queues
     connection = await aio_pika.connect(
         f"amqps://guest:guest@127.0.0.1:{node.amqps_port}/{vhost}",

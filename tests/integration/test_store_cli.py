@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 
+from relayd import keys
 from relayd.crypto import Kem
 from relayd.errors import ExitCode
 from relayd.store import Business, Device, open_store
@@ -25,6 +27,7 @@ def relayd(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 async def pg_config(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
     """A config whose store is a fresh PostgreSQL database; yields (path, store url)."""
+    keys.generate(tmp_path / "keys")
     async with postgres.database() as url:
         path = tmp_path / "relayd.yaml"
         path.write_text(yaml.safe_dump({
@@ -35,9 +38,14 @@ async def pg_config(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
         yield path, url
 
 
-async def populate(url: str) -> None:
+def secret(config: Path) -> bytes:
+    """The opaque secret of the keys that `config` names, which the store is keyed by."""
+    return keys.load(config.parent / "keys", timedelta(days=1)).opaque_secret
+
+
+async def populate(url: str, key: bytes) -> None:
     """An installation in use: parties, a closed and an open conversation, seen seqs."""
-    store = await open_store(url)
+    store = await open_store(url, secret=key)
     await store.add_business(Business("acme", "acme-user"))
     await store.add_business(Business("desk", "desk-user", first_party=True))
     for name, user in (("phone", "alice"), ("laptop", "alice"), ("tablet", "bob")):
@@ -68,6 +76,7 @@ class TestMigrate:
 
     def test_unreachable_database_exits_unavailable(self, tmp_path: Path) -> None:
         """A database that does not exist is reported, with the unavailable exit code."""
+        keys.generate(tmp_path / "keys")
         path = tmp_path / "relayd.yaml"
         path.write_text(yaml.safe_dump({
             "amqp": {"url": "amqp://guest:guest@127.0.0.1:5672/"},
@@ -86,13 +95,14 @@ class TestCopy:
         windows, down seqs and the audit trail carry on where they were."""
         path, url = pg_config
         source = f"sqlite:///{tmp_path}/old.db"
-        await populate(source)
+        await populate(source, secret(path))
         done = relayd("store", "copy", "--from", source, "--json", "--config", str(path))
         assert done.returncode == ExitCode.OK, done.stderr
         counts = json.loads(done.stdout)
         assert (counts["businesses"], counts["devices"], counts["conversations"]) == (2, 3, 2)
 
-        old, new = await open_store(source), await open_store(url)
+        old, new = (await open_store(source, secret=secret(path)),
+                    await open_store(url, secret=secret(path)))
         try:
             assert await new.businesses() == await old.businesses()
             assert await new.devices() == await old.devices()
@@ -118,9 +128,9 @@ class TestCopy:
         """Copying again is refused and changes nothing; --force replaces the target."""
         path, url = pg_config
         source = f"sqlite:///{tmp_path}/old.db"
-        await populate(source)
+        await populate(source, secret(path))
         assert relayd("store", "copy", "--from", source, "--config", str(path)).returncode == 0
-        store = await open_store(url)
+        store = await open_store(url, secret=secret(path))
         await store.add_business(Business("extra", "extra-user"))
         refused = relayd("store", "copy", "--from", source, "--config", str(path))
         assert refused.returncode == ExitCode.FAILURE

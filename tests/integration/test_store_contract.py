@@ -17,11 +17,14 @@ import pytest
 from relayd.crypto import Kem
 from relayd.errors import StoreError
 from relayd.payload import is_user_id
+from relayd.replay import ReplayWindow
 from relayd.store import AuditRecord, Business, Device, Store, UpClaim, open_store
-from relayd.store.sqlite import MIGRATIONS, SqliteStore
+from relayd.store.pseudonym import Pseudonymous
+from relayd.store.sqlite import MIGRATIONS
 from tests.support import postgres
 
 BACKENDS = ["sqlite", "postgresql"]
+SECRET = b"o" * 32  # the relay's opaque secret, which the store's pseudonyms are keyed by
 
 
 @pytest.fixture(params=BACKENDS)
@@ -36,7 +39,7 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
-    backend = await open_store(store_url)
+    backend = await open_store(store_url, secret=SECRET)
     yield backend
     await backend.close()
 
@@ -304,7 +307,7 @@ RACE = """
 import asyncio, sys
 from relayd.store import open_store
 async def main():
-    store = await open_store(sys.argv[1], pool_size=4)
+    store = await open_store(sys.argv[1], secret=b"o" * 32, pool_size=4)
     mine = {action}
     print(mine)
     await store.close()
@@ -333,7 +336,7 @@ async def accept(store, household, seq):
             await asyncio.sleep(0.01)
     raise AssertionError("never settled")
 async def main():
-    store = await open_store(sys.argv[1], pool_size=4)
+    store = await open_store(sys.argv[1], secret=b"o" * 32, pool_size=4)
     household = tuple(await store.household("d1"))
     print([s for s in range(1, 51) if await accept(store, household, s)])
     await store.close()
@@ -426,26 +429,26 @@ class TestMembers:
 class TestMigrations:
     async def test_migrations_are_versioned(self, store_url: str) -> None:
         """A new store migrates from 0; opening it again applies nothing twice."""
-        first = await open_store(store_url, migrate=False)
+        first = await open_store(store_url, secret=SECRET, migrate=False)
         before, now = await first.migrate()
         await first.close()
         assert before == 0
         assert now >= 1
-        second = await open_store(store_url)
+        second = await open_store(store_url, secret=SECRET)
         assert await second.migrate() == (now, now)
         await second.close()
 
     async def test_a_newer_schema_is_refused(self, store_url: str) -> None:
         """A database migrated by a newer relayd is refused, with StoreError, and left
         as it was."""
-        first = await open_store(store_url)
+        first = await open_store(store_url, secret=SECRET)
         _, now = await first.migrate()
         await first.close()
         await set_version(store_url, now + 1)
         with pytest.raises(StoreError, match="newer than this relayd knows"):
-            await open_store(store_url)
+            await open_store(store_url, secret=SECRET)
         with pytest.raises(StoreError, match="newer than this relayd knows"):
-            await (await open_store(store_url, migrate=False)).migrate()
+            await (await open_store(store_url, secret=SECRET, migrate=False)).migrate()
         assert await get_version(store_url) == now + 1
 
 
@@ -606,28 +609,165 @@ class TestAudit:
             AuditRecord(20, "prune", "c", {"sent": 1}),
         ]
 
-    async def test_migration_2_keeps_version_1_data(self, tmp_path: Path) -> None:
-        """A version-1 file keeps its data; its replay state gains its user and a time."""
-        path = tmp_path / "v1.db"
-        with sqlite3.connect(path) as db:
-            db.executescript(MIGRATIONS[0])
-            db.executescript("""
-                INSERT INTO devices (id, user_id, kem, enc_key, sign_key)
-                    VALUES ('d1', 'u1', 'X25519', x'00', x'00');
-                INSERT INTO replay (device_id, high, bits) VALUES ('d1', 5, x'00');
-                PRAGMA user_version = 1;""")
+
+USER, PHONE = "marked-account-5e1f", "marked-phone-77c2"  # found by a scan, if left anywhere
+
+
+async def write_version_3(store_url: str) -> None:
+    """A store as a relayd of schema 3 left it: ids in the clear, a removed device's replay
+    state, a sent row, an open conversation."""
+    rows = f"""
+        INSERT INTO devices (id, user_id, kem, enc_key, sign_key, next_seq, created_ms)
+            VALUES ('{PHONE}', '{USER}', 'X25519', {{e}}, {{s}}, 4, 10),
+                   ('laptop', '{USER}', 'X25519', {{e}}, {{s}}, 1, 20),
+                   ('other', 'someone', 'X25519', {{e}}, {{s}}, 1, 30);
+        INSERT INTO replay (device_id, high, bits, updated_ms, user_id)
+            VALUES ('{PHONE}', 5, {{b}}, 1, '{USER}'), ('old-phone', 9, {{b}}, 1, '{USER}');
+        INSERT INTO sent (source, device_id, seq, created_ms) VALUES ('up:{PHONE}:1', 'laptop',
+            1, 1);
+        INSERT INTO conversations (id, user_id, business_id, state, epoch, closed_by,
+            created_ms, updated_ms) VALUES ('{"c" * 32}', '{USER}', 'acme', 'open', 0, NULL,
+            1, 2);
+    """  # noqa: S608 - constants of this test
+    window = ReplayWindow(64)
+    window.accept(5)
+    bits = window.to_bytes().hex()
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            for script in MIGRATIONS[:3]:
+                db.executescript(script)
+            db.executescript(rows.format(e="x'" + "65" * 32 + "'", s="x'" + "73" * 32 + "'",
+                                         b=f"x'{bits}'") + "PRAGMA user_version = 3;")
         db.close()
-        store = SqliteStore(path)
-        assert await store.migrate() == (len(MIGRATIONS), len(MIGRATIONS)) == (3, 3)
-        found = await store.device("d1")
-        assert found is not None
-        assert found.created_ms is None
-        assert await store.prune(conversations_before_ms=0, replay_before_ms=2**62,
-                                 sent_before_ms=0, audit_before_ms=0) == {
-            "conversations": 0, "replay": 0, "sent": 0, "audit": 0}  # d1 still exists
-        assert (await store.export_user("u1")).highest_seq == {"d1": 5}
-        assert (await store.erase_user("u1"))["replay"] == 1
-        await store.close()
+        return
+    from relayd.store.postgres import MIGRATIONS as PG_MIGRATIONS
+
+    conn = await asyncpg.connect(store_url)
+    try:
+        await conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, script in enumerate(PG_MIGRATIONS[:3], start=1):
+            await conn.execute(script)
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
+        await conn.execute(rows.format(e="'\\x" + "65" * 32 + "'::bytea",
+                                       s="'\\x" + "73" * 32 + "'::bytea", b=f"'\\x{bits}'::bytea"))
+    finally:
+        await conn.close()
+
+
+async def set_seen(store_url: str, seen_ms: int) -> None:
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            db.execute("UPDATE people SET seen_ms = ?", (seen_ms,))
+        db.close()
+        return
+    conn = await asyncpg.connect(store_url)
+    try:
+        await conn.execute("UPDATE people SET seen_ms = $1", seen_ms)
+    finally:
+        await conn.close()
+
+
+async def raw_text(store_url: str) -> bytes:
+    """Every row of every table of the store, as the database returns it."""
+    if store_url.startswith("sqlite:///"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master"
+                                               " WHERE type = 'table'")]
+            found = repr([db.execute(f"SELECT * FROM {t}").fetchall()  # noqa: S608 - schema
+                          for t in tables])
+        db.close()
+        return found.encode()
+    conn = await asyncpg.connect(store_url)
+    try:
+        tables = [r[0] for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+        return repr([list(map(tuple, await conn.fetch(f"SELECT * FROM {t}")))  # noqa: S608
+                     for t in tables]).encode()
+    finally:
+        await conn.close()
+
+
+class TestPseudonyms:
+    async def test_no_id_is_held_in_the_clear(self, store: Store, store_url: str) -> None:
+        """A store in use holds the user's account id and device ids in no row, in any
+        table: pseudonyms, and what only the user's key opens."""
+        await store.add_device(device(PHONE, USER))
+        await store.claim_seq(PHONE, 1, 64)
+        await store.allocate_seqs(f"up:{PHONE}:1", [PHONE], 1)
+        await store.open_conversation(USER, "acme", 1, False, make_id("u", "acme"))
+        held = await raw_text(store_url)
+        assert b"marked" not in held
+        assert await store.household(PHONE) == [device(PHONE, USER)]
+
+    async def test_a_version_3_store_is_converted(self, store_url: str) -> None:
+        """A store written by schema 3 is rewritten once into pseudonyms and sealed ids, and
+        every operation works on it as before: lookups, replay state (of a removed
+        device too), seqs, export, erase. Migrating again changes nothing."""
+        await write_version_3(store_url)
+        store = await open_store(store_url, secret=SECRET)
+        try:
+            assert b"marked" not in await raw_text(store_url)
+            assert await store.migrate() == (4, 4)
+            assert [d.id for d in await store.household("laptop")] == ["laptop", PHONE]
+            phone = await store.device(PHONE)
+            assert phone is not None
+            assert (phone.user, phone.created_ms, phone.enc_key) == (USER, 10, b"e" * 32)
+            conversation = await store.conversation("c" * 32)
+            assert conversation is not None
+            assert conversation.user == USER
+            assert await store.business_and_conversation("acme", USER) == (None, None)
+            await store.add_business(Business("acme", "acme-user"))
+            assert (await store.business_and_conversation("acme", USER))[1] == conversation
+            assert not await store.claim_seq(PHONE, 5, 64)
+            assert await store.claim_seq(PHONE, 6, 64)
+            assert await store.allocate_seqs("m", [PHONE], 3) == {PHONE: 4}
+            held = await store.export_user(USER)
+            assert held.highest_seq == {PHONE: 6}
+            assert [d.id for d in held.devices] == ["laptop", PHONE]
+            await store.close_conversation(conversation.id, "user", 3)
+            assert await store.erase_user(USER) == {"devices": 2, "sent": 1, "replay": 2,
+                                                    "conversations": 1, "open": 0}
+            assert [d.user for d in await store.devices()] == ["someone"]
+        finally:
+            await store.close()
+        again = await open_store(store_url, secret=SECRET)
+        assert await again.migrate() == (4, 4)
+        assert [d.id for d in await again.devices()] == ["other"]
+        await again.close()
+
+    async def test_prune_destroys_the_keys_of_people_no_row_names(
+            self, store: Store, store_url: str) -> None:
+        """A user with no row left loses its key to retention, though not in its first day
+        (a device being registered has its person before its row); a user with a row
+        keeps it."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        await store.add_device(device("d9", "u9"))
+        await store.remove_device(PHONE)
+        everyone = 2**62
+        cutoffs = {"conversations_before_ms": 0, "replay_before_ms": 0, "sent_before_ms": 0,
+                   "audit_before_ms": 0}
+        await store.prune(**cutoffs)
+        assert len(await store.vault.all_people(everyone)) == 2
+        await set_seen(store_url, 0)  # as if registered long ago
+        await store.prune(**cutoffs)
+        assert await store.vault.all_people(everyone) == [store.user_pseudonym("u9")]
+        assert [d.id for d in await store.devices()] == ["d9"]
+
+    async def test_erased_rows_no_longer_open(self, store: Store) -> None:
+        """After erasure, a copy of the user's device row taken before it (as in a backup)
+        does not open with the store's own code: the user's key is gone."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        copy = await store.backend.devices()
+        assert [d.id for d in await store._devices(copy)] == [PHONE]
+        await store.erase_user(USER)
+        assert await store._devices(copy) == []
+        other = Pseudonymous(store.backend, store.vault, SECRET)  # no memory of the user
+        assert await other._devices(copy) == []
+        await store.add_device(device(PHONE, USER))  # back again: a new key
+        assert await other._devices(copy) == []
 
 
 class TestRoundTrips:
@@ -637,14 +777,14 @@ class TestRoundTrips:
         """Once its statements are prepared, a message is BEGIN, one read, one write per
         row it changes and COMMIT; the pool runs no reset query on release."""
         async with postgres.database() as url:
-            store = await open_store(url, pool_size=1)
+            store = await open_store(url, secret=SECRET, pool_size=1)
             try:
                 await store.add_business(Business("acme", "acme-user"))
                 await store.add_device(device("d1", created_ms=1))
                 await store.add_device(device("d2", created_ms=1))
                 household = tuple(await store.household("d1"))
                 sent: list[str] = []
-                async with store.pool.acquire() as conn:  # type: ignore[attr-defined]
+                async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
                     conn.add_query_logger(lambda record: sent.append(record.query))
                 for seq in (1, 2):  # the first prepares the statements
                     await store.accept_up(up(household, seq, "start", echo_to=("d2",)))

@@ -14,7 +14,7 @@ import pytest
 import structlog
 import yaml
 
-from relayd import cli
+from relayd import cli, keys
 from relayd.client import DeviceKeys
 from relayd.crypto import b64d, b64e
 from relayd.errors import ExitCode
@@ -211,6 +211,7 @@ class TestBusinessCredentials:
                                      capsys: pytest.CaptureFixture[str]) -> None:
         """rotate-credentials without amqp.management is a config error naming the key."""
         path = _config(tmp_path)
+        keys.generate(tmp_path / "keys")  # the store is opened under the relay's secret
         assert cli.main(["business", "rotate-credentials", "acme", "--config", str(path)]
                         ) == ExitCode.CONFIG
         assert "amqp.management:" in capsys.readouterr().err
@@ -220,6 +221,7 @@ class TestBusinessCredentials:
         """When the management API cannot be reached, add exits 69 and registers nothing."""
         management = {"url": "http://127.0.0.1:9", "username": "admin", "password": "s3cr3t"}
         path = _config(tmp_path, amqp={"url": "amqp://127.0.0.1:9/", "management": management})
+        keys.generate(tmp_path / "keys")
         assert cli.main(["business", "add", "acme", "--amqp-user", "acme",
                          "--config", str(path)]) == ExitCode.UNAVAILABLE
         capsys.readouterr()

@@ -44,7 +44,7 @@ def settings(tmp_path: Path, shards: int = 1) -> config.Settings:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    backend = await open_store(f"sqlite:///{tmp_path}/relayd.db")
+    backend = await open_store(f"sqlite:///{tmp_path}/relayd.db", secret=KEYRING.opaque_secret)
     await backend.add_business(Business("acme", "guest"))
     yield backend
     await backend.close()

@@ -1,0 +1,304 @@
+"""The store's boundary: ids go in as pseudonyms, and what must be read back is sealed
+under a key of each user's own, which erasure destroys (crypto-shredding).
+
+Callers see the Store interface with real ids; the backend below never holds one:
+- a user is a pseudonym, `opaque.pseudonym(secret, "user", id)`, and a device likewise
+  (a keyed hash under the relay's opaque secret, which stays in the keys directory), so
+  rows are found without the ids themselves;
+- a person (one per user, in the Vault) holds a random key and the account id sealed
+  under it (ChaCha20-Poly1305, bound to the pseudonym); each device row holds its device
+  id sealed under its user's key;
+- the sources of sent rows (a message id, or a device and its seq) are pseudonyms too.
+Erasure deletes the rows and then the person: every copy of them anywhere (dead tuples,
+WAL, replicas, backups) is then pseudonyms and ciphertext whose key no longer exists.
+A row whose person is gone reads as absent.
+
+Each process keeps the people it has read in memory (the hot path reads devices on every
+message), and reads a person again when its key no longer opens a row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from relayd import opaque
+from relayd.errors import StoreError
+from relayd.store import (
+    AuditRecord,
+    Backend,
+    Business,
+    Conversation,
+    Device,
+    Party,
+    UpClaim,
+    UpOutcome,
+    UserData,
+    Vault,
+    rows,
+)
+
+_NONCE = 12
+_CACHE = 65536
+_PERSON_GRACE_MS = 86_400_000
+
+
+def seal(key: bytes, kind: str, pseudonym: str, value: str) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, value.encode(), _aad(kind, pseudonym))
+
+
+def unseal(key: bytes, kind: str, pseudonym: str, sealed: bytes) -> str | None:
+    """The sealed value, or None if it does not open under `key` (another key, or damage)."""
+    try:
+        return ChaCha20Poly1305(key).decrypt(sealed[:_NONCE], sealed[_NONCE:],
+                                             _aad(kind, pseudonym)).decode()
+    except (InvalidTag, ValueError):
+        return None
+
+
+def _aad(kind: str, pseudonym: str) -> bytes:
+    return b"relayd/v1 sealed " + kind.encode() + b"\0" + pseudonym.encode()
+
+
+class Pseudonymous:
+    """A Store over a Backend and a Vault (often the same database)."""
+
+    def __init__(self, backend: Backend, vault: Vault, secret: bytes) -> None:
+        self.backend = backend
+        self.vault = vault
+        self._secret = secret
+        self._people: dict[str, tuple[bytes, str]] = {}  # pseudonym -> key, account id
+
+    def user_pseudonym(self, user: str) -> str:
+        return self._pseudonym("user", user)
+
+    def device_pseudonym(self, device: str) -> str:
+        return self._pseudonym("device", device)
+
+    def _pseudonym(self, kind: str, value: str) -> str:
+        try:
+            return opaque.pseudonym(self._secret, kind, value)
+        except UnicodeEncodeError:  # as the backends fail on text they cannot encode
+            raise StoreError(f"a {kind} id that cannot be encoded") from None
+
+    async def close(self) -> None:
+        await self.backend.close()
+        if self.vault is not self.backend:
+            await self.vault.close()  # type: ignore[attr-defined]
+
+    async def migrate(self) -> tuple[int, int]:
+        """Migrate the schema, then (once, for a store written before schema 4) rewrite
+        every id as a pseudonym, giving each user a person."""
+        versions = await self.backend.migrate()
+        legacy = await self.backend.legacy_ids()
+        if legacy is None:
+            return versions
+        users, devices = legacy
+        names = {user: self.user_pseudonym(user) for user in users}
+        keys = {user: (await self._person(user, names[user]))[0] for user in users}
+        await self.backend.pseudonymise(names, {
+            device: (self.device_pseudonym(device), None if user is None else
+                     seal(keys[user], "device", self.device_pseudonym(device), device))
+            for device, user in devices.items()})
+        return versions
+
+    async def _person(self, user: str, pseudonym: str) -> tuple[bytes, bytes]:
+        key = ChaCha20Poly1305.generate_key()
+        return await self.vault.add_person(pseudonym, key,
+                                           seal(key, "user", pseudonym, user))
+
+    async def _readable(self, pseudonyms: Sequence[str],
+                        fresh: bool = False) -> dict[str, tuple[bytes, str]]:
+        """The key and account id of each pseudonym that has a person, from this process's
+        memory unless `fresh` (or not there)."""
+        wanted = set(pseudonyms)
+        asked = sorted(wanted if fresh else wanted - self._people.keys())
+        if asked:
+            if len(self._people) >= _CACHE:
+                self._people.clear()
+            for pseudonym, (key, sealed) in (await self.vault.people(asked)).items():
+                user = unseal(key, "user", pseudonym, sealed)
+                if user is not None:
+                    self._people[pseudonym] = key, user
+        return {p: self._people[p] for p in wanted if p in self._people}
+
+    async def _devices(self, found: Sequence[Device]) -> list[Device]:
+        """The rows with their real ids, leaving out those that no longer open. A key
+        held in memory that no longer opens a row (the user was erased and came back) is
+        read again."""
+        opened: dict[int, Device] = {}
+        for fresh in (False, True):
+            left = [(i, r) for i, r in enumerate(found) if i not in opened and r.sealed]
+            if not left:
+                break
+            people = await self._readable([r.user for _, r in left], fresh)
+            for i, row in left:
+                if row.user in people and row.sealed is not None:
+                    key, user = people[row.user]
+                    device = unseal(key, "device", row.id, row.sealed)
+                    if device is not None:
+                        opened[i] = replace(row, id=device, user=user, sealed=None)
+        return [opened[i] for i in sorted(opened)]
+
+    async def _conversation(self, row: Conversation | None) -> Conversation | None:
+        if row is None:
+            return None
+        people = await self._readable([row.user])
+        return replace(row, user=people[row.user][1]) if row.user in people else None
+
+    async def _conversations(self, found: Sequence[Conversation]) -> list[Conversation]:
+        people = await self._readable([c.user for c in found])
+        return [replace(c, user=people[c.user][1]) for c in found if c.user in people]
+
+    # Businesses hold no personal data: passed through as they are.
+
+    async def add_business(self, business: Business) -> bool:
+        return await self.backend.add_business(business)
+
+    async def business(self, business_id: str) -> Business | None:
+        return await self.backend.business(business_id)
+
+    async def business_by_amqp_user(self, amqp_user: str) -> Business | None:
+        return await self.backend.business_by_amqp_user(amqp_user)
+
+    async def businesses(self) -> list[Business]:
+        return await self.backend.businesses()
+
+    async def remove_business(self, business_id: str) -> bool:
+        return await self.backend.remove_business(business_id)
+
+    async def add_device(self, device: Device) -> bool:
+        user, pseudonym = self.user_pseudonym(device.user), self.device_pseudonym(device.id)
+        key, _ = await self._person(device.user, user)
+        return await self.backend.add_device(replace(
+            device, id=pseudonym, user=user, sealed=seal(key, "device", pseudonym, device.id)))
+
+    async def device(self, device_id: str) -> Device | None:
+        row = await self.backend.device(self.device_pseudonym(device_id))
+        opened = await self._devices([] if row is None else [row])
+        return opened[0] if opened else None
+
+    async def devices_of(self, user: str) -> list[Device]:
+        found = await self._devices(await self.backend.devices_of(self.user_pseudonym(user)))
+        return sorted(found, key=lambda d: d.id)
+
+    async def household(self, device_id: str) -> list[Device]:
+        found = await self._devices(await self.backend.household(
+            self.device_pseudonym(device_id)))
+        return sorted(found, key=lambda d: d.id)
+
+    async def devices(self) -> list[Device]:
+        found = await self._devices(await self.backend.devices())
+        return sorted(found, key=lambda d: (d.user, d.id))
+
+    async def remove_device(self, device_id: str) -> bool:
+        return await self.backend.remove_device(self.device_pseudonym(device_id))
+
+    async def conversation(self, conversation_id: str) -> Conversation | None:
+        return await self._conversation(await self.backend.conversation(conversation_id))
+
+    async def conversation_of(self, user: str, business: str) -> Conversation | None:
+        return await self._conversation(await self.backend.conversation_of(
+            self.user_pseudonym(user), business))
+
+    async def business_and_conversation(
+            self, business_id: str, user: str) -> tuple[Business | None, Conversation | None]:
+        business, conversation = await self.backend.business_and_conversation(
+            business_id, self.user_pseudonym(user))
+        return business, None if conversation is None else replace(conversation, user=user)
+
+    async def open_conversation(self, user: str, business: str, now_ms: int,
+                                rotate_on_reopen: bool,
+                                make_id: Callable[[int], str]) -> Conversation:
+        pseudonym = self.user_pseudonym(user)
+        if pseudonym not in self._people:  # known here: it has a person (see _readable)
+            key, _ = await self._person(user, pseudonym)
+            self._people[pseudonym] = key, user
+        opened = await self.backend.open_conversation(pseudonym, business, now_ms,
+                                                      rotate_on_reopen, make_id)
+        return replace(opened, user=user)
+
+    async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
+        return await self.backend.close_conversation(conversation_id, by, now_ms)
+
+    async def accept_up(self, claim: UpClaim) -> UpOutcome:
+        names = {self.device_pseudonym(d): d for d in claim.echo_to}
+        household = sorted((replace(d, id=self.device_pseudonym(d.id),
+                                    user=self.user_pseudonym(d.user)) for d in claim.household),
+                           key=lambda d: d.id)  # as the backend orders it
+        outcome = await self.backend.accept_up(replace(
+            claim, household=tuple(household), device=self.device_pseudonym(claim.device),
+            echo_to=tuple(names),
+            source=self._pseudonym("source", claim.source)))
+        user = next((d.user for d in claim.household if d.id == claim.device), None)
+        conversation = outcome.conversation
+        return replace(
+            outcome, seqs={names[d]: seq for d, seq in outcome.seqs.items() if d in names},
+            conversation=None if conversation is None or user is None else replace(
+                conversation, user=user))
+
+    async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
+        return await self.backend.claim_seq(self.device_pseudonym(device_id), seq, window)
+
+    async def allocate_seqs(self, source: str, device_ids: Sequence[str],
+                            now_ms: int) -> dict[str, int]:
+        names = {self.device_pseudonym(d): d for d in device_ids}
+        seqs = await self.backend.allocate_seqs(self._pseudonym("source", source),
+                                                list(names), now_ms)
+        return {names[pseudonym]: seq for pseudonym, seq in seqs.items()}
+
+    async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
+        return await self.backend.members(role, member, ttl_ms)
+
+    async def leave(self, role: str, member: str) -> None:
+        await self.backend.leave(role, member)
+
+    async def export_user(self, user: str) -> UserData:
+        held = await self.backend.export_user(self.user_pseudonym(user))
+        devices = await self._devices(held.devices)
+        names = {self.device_pseudonym(d.id): d.id for d in devices}
+        return UserData(
+            sorted(devices, key=lambda d: d.id),
+            [replace(c, user=user) for c in held.conversations],
+            {names[d]: seq for d, seq in held.highest_seq.items() if d in names},
+            {names[d]: seq for d, seq in held.next_seq.items() if d in names})
+
+    async def erase_user(self, user: str) -> dict[str, int]:
+        """Delete the rows, and once no conversation is left open, destroy the user's key:
+        whatever copy of the rows remains anywhere no longer opens."""
+        pseudonym = self.user_pseudonym(user)
+        counts = await self.backend.erase_user(pseudonym)
+        if counts["open"] == 0:
+            await self.vault.forget_people([pseudonym])
+            self._people.pop(pseudonym, None)
+        return counts
+
+    async def stale_conversations(self, before_ms: int) -> list[Conversation]:
+        return await self._conversations(await self.backend.stale_conversations(before_ms))
+
+    async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
+                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+        """Also destroy the keys of people no row names any longer, except those added in
+        the last day: a device being registered has its person before its row."""
+        counts = await self.backend.prune(
+            conversations_before_ms=conversations_before_ms, replay_before_ms=replay_before_ms,
+            sent_before_ms=sent_before_ms, audit_before_ms=audit_before_ms)
+        held = await self.backend.held_people()
+        recent = rows.now_ms() - _PERSON_GRACE_MS
+        gone = [p for p in await self.vault.all_people(recent) if p not in held]
+        await self.vault.forget_people(gone)
+        for pseudonym in gone:
+            self._people.pop(pseudonym, None)
+        return counts
+
+    async def add_audit(self, action: str, subject: str,
+                        detail: Mapping[str, int | str | bool], at_ms: int) -> None:
+        await self.backend.add_audit(action, subject, detail, at_ms)
+
+    async def audit_log(self) -> list[AuditRecord]:
+        return await self.backend.audit_log()
