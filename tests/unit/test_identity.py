@@ -53,7 +53,7 @@ def refused(data: dict[str, Any]) -> str:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    backend = await open_store(f"sqlite:///{tmp_path}/relayd.db")
+    backend = await open_store(f"sqlite:///{tmp_path}/relayd.db", secret=KEYRING.opaque_secret)
     yield backend
     await backend.close()
 
