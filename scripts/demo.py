@@ -11,8 +11,8 @@ extra service.
 With --web it plays nothing itself: it runs examples/business_echo.py (--desk) as the
 business, serves the chat page of clients/web on loopback and prints its URL, and runs
 until Ctrl-C or SIGTERM. The page makes its keys in the browser and posts the public
-halves to /enrol, where the demo, standing in for the site's account service, registers
-the device for the demo's user with `relayd device add`.
+halves to /enrol, where the demo, standing in for the site's account service, enrols the
+device for the demo's user through the identity service's `register` request over AMQP.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from typing import Any
 
 import aio_pika
 
-from relayd.client import DeviceKeys, EdgeDevice, RelayPublic, parse_event, reply
+from relayd.client import (
+    DeviceKeys,
+    EdgeDevice,
+    IdentityService,
+    RelayPublic,
+    parse_event,
+    reply,
+)
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672"
 BUSINESS = "acme"
@@ -176,33 +183,29 @@ def broker_vhost() -> Iterator[str]:
 
 
 class Enrolment:
-    """The demo's stand-in for a site's account service: it registers the page's device
-    for USER with `relayd device add`, once per device id."""
+    """The demo's stand-in for a site's account service: it enrols the page's device for
+    USER as the operator's identity service does, with a `register` request over AMQP
+    (docs/protocol.md, "Requests from the identity service"), and waits for relayd's
+    answer. The demo's broker user, guest, is the identity service (gdpr.identity_user)."""
 
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.done: set[str] = set()
-        self.lock = threading.Lock()
+    def __init__(self, url: str) -> None:
+        self.url = url
 
     def __call__(self, registration: object) -> bool:
         if not (isinstance(registration, dict) and registration.keys() == REGISTRATION
                 and all(isinstance(v, str) for v in registration.values())):
             return False
-        with self.lock:
-            if registration["device"] in self.done:
-                return True
-            added = subprocess.run(
-                [sys.executable, "-m", "relayd", "device", "add", "--user", USER,
-                 "--device", registration["device"], "--kem", registration["kem"],
-                 f"--enc-key={registration['enc_key']}",
-                 f"--sign-key={registration['sign_key']}", "--config", str(self.config)],
-                capture_output=True, text=True, check=False)
-            if added.returncode != 0:
-                print(f"enrolment refused: {added.stderr.strip()}", flush=True)
-                return False
-            self.done.add(registration["device"])
-        print(f"enrolled the page's device {registration['device']} for {USER}", flush=True)
+        answer = asyncio.run(self.register(registration))
+        if not answer.get("accepted"):
+            print(f"enrolment refused: {answer.get('reason')}", flush=True)
+            return False
+        print(f"enrolled the page's device {registration['device']} for {USER} "
+              f"({answer['outcome']}, by the identity service's register request)", flush=True)
         return True
+
+    async def register(self, registration: dict[str, str]) -> dict[str, Any]:
+        async with IdentityService(self.url, "guest", timeout=TIMEOUT) as identity:
+            return await identity.ask({"type": "register", "user": USER, **registration})
 
 
 def web_server(page_config: dict[str, Any], enrol: Enrolment,
@@ -251,7 +254,7 @@ def web_server(page_config: dict[str, Any], enrol: Enrolment,
     return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
 
 
-def serve_web(url: str, config: Path, edge_port: int, relay_json: str, web_port: int,
+def serve_web(url: str, edge_port: int, relay_json: str, web_port: int,
               server: subprocess.Popen[bytes]) -> None:
     """Run the echo business and serve the page until Ctrl-C or SIGTERM."""
     stop = threading.Event()
@@ -263,7 +266,7 @@ def serve_web(url: str, config: Path, edge_port: int, relay_json: str, web_port:
     page = {"edge_url": f"ws://127.0.0.1:{edge_port}/v1/device", "edge_name": EDGE,
             "relay": json.loads(relay_json), "enrol_url": "/enrol",
             "businesses": [{"id": BUSINESS, "name": "Acme (echo)"}]}
-    httpd = web_server(page, Enrolment(config), web_port)
+    httpd = web_server(page, Enrolment(url), web_port)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         print(f"the chat page: http://127.0.0.1:{httpd.server_address[1]}/web/", flush=True)
@@ -292,7 +295,9 @@ def main() -> int:
         config.write_text(f"amqp:\n  url: {url}\nstore:\n  url: sqlite:///{work}/relayd.db\n"
                           f"keys:\n  dir: {work}/keys\nlogging:\n  level: warning\n"
                           f"metrics:\n  port: {metrics}\nworkers:\n  edge: 1\n"
-                          f"edge:\n  name: {EDGE}\n  port: {port}\n")
+                          f"edge:\n  name: {EDGE}\n  port: {port}\n"
+                          # --web enrols as the identity service, the broker user guest
+                          + ("gdpr:\n  identity_user: guest\n" if args.web else ""))
         relayd(config, "keys", "generate", "--kid", "demo-1")
         relay_json = relayd(config, "keys", "show")
         relay = RelayPublic.from_json(relay_json)
@@ -304,7 +309,7 @@ def main() -> int:
             try:
                 wait_ready(server, metrics)
                 print("relayd run is ready: inbound, outbound and edge workers", flush=True)
-                serve_web(url, config, port, relay_json, args.web_port, server)
+                serve_web(url, port, relay_json, args.web_port, server)
             finally:
                 server.terminate()
                 print(f"relayd run exited with {server.wait(timeout=30)}", flush=True)

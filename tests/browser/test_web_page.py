@@ -2,12 +2,13 @@
 
 One whole round through what `scripts/demo --web` runs: a real `relayd run` with its edge,
 examples/business_echo.py (--desk) as the business, the page served on loopback. The page
-makes its keys in the browser and enrols through the demo; then it starts a conversation,
-types, sees the echo, the business typing and its read receipt, answers a quick reply, a
-list picker and a time picker, shows a rich link without fetching anything, quotes a
-message, puts a reaction on and takes it off (the business echoes both), and deletes the
-conversation, which the business sees as `close`. A second browser, the user's second
-device, shows the echoes and the deletion. A screenshot is saved as an artifact.
+makes its keys in the browser and the demo enrols it with the identity service's register
+request over AMQP; then it starts a conversation, types, sees the echo, the business
+typing and its read receipt, answers a quick reply, a list picker and a time picker, shows
+a rich link without fetching anything, quotes a message, puts a reaction on and takes it
+off (the business echoes both), and deletes the conversation, which the business sees as
+`close`. A second browser, the user's second device, shows the echoes and the deletion. A
+screenshot is saved as an artifact.
 
 Skipped, with the reason, where Chromium, its driver, Selenium or the SDK's npm packages
 are missing; scripts/setup installs them all.
