@@ -153,8 +153,10 @@ class Consumer:
             outcome, reason = await self._apply(delivery, judged)
         finally:
             latency = time.monotonic() - started
-            _log.info("handled", stage=self.stage, type=kind, outcome=outcome, reason=reason,
-                      latency_ms=round(latency * 1000, 2))
+            if outcome != "delivered" or log.debugging():  # delivered: at debug level
+                (_log.debug if outcome == "delivered" else _log.info)(
+                    "handled", stage=self.stage, type=kind, outcome=outcome, reason=reason,
+                    latency_ms=round(latency * 1000, 2))
             metrics.handled(self.stage, outcome, reason, kind, latency, delivery.timestamp)
 
     async def _apply(self, delivery: Delivery, judged: Verdict) -> tuple[str, str]:

@@ -130,13 +130,15 @@ class Inbound:
         assert conversation is not None
         event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
                                        device.user if business.first_party else None)
+        to_business = self.sink.to_business(business.id, event, up.id, up.type)
         echo = _echo(up)
         others = [d for d in household if d.id != device.id] if echo else []
-        await asyncio.gather(
-            self.sink.to_business(business.id, event, up.id, up.type),
-            fan_out(self.store, self.keys(), self.sink, others, _source(device, up), up.id,
-                    business.id, *(echo or ("", {})), seqs=outcome.seqs),
-        )
+        if not (echo and others):  # the common case: no task for an empty fan-out
+            await to_business
+            return up.type
+        await asyncio.gather(to_business, fan_out(
+            self.store, self.keys(), self.sink, others, _source(device, up), up.id,
+            business.id, *(echo or ("", {})), seqs=outcome.seqs))
         return up.type
 
     async def _household(self, device_id: str, cached: bool) -> tuple[Device, ...]:

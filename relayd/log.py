@@ -239,15 +239,30 @@ def setup(settings: Logging, stream: TextIO | None = None) -> None:
     root.addHandler(_LibraryRecords())
     root.setLevel(max(logging.WARNING, _LEVELS[settings.level]))
     warnings.showwarning = _show_warning
+    global _debugging
+    _debugging = _LEVELS[settings.level] <= logging.DEBUG
 
 
 def set_level(level: str) -> None:
     """Change the level at run time (on reload); loggers pick it up at their next call."""
+    global _debugging
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
+    _debugging = _LEVELS[level] <= logging.DEBUG
+
+
+_debugging = True  # structlog's defaults, before setup(), log every level
+
+
+def debugging() -> bool:
+    """Whether debug lines are logged: a per-message line at debug level is skipped before
+    structlog builds a logger for it (a few µs on every message otherwise)."""
+    return _debugging
 
 
 def reset() -> None:
     """Undo setup() and set_reference_secret() (for tests)."""
+    global _debugging
+    _debugging = True
     set_reference_secret(secrets.token_bytes(32))
     structlog.reset_defaults()
     root = logging.getLogger()

@@ -175,6 +175,9 @@ def _locked(fd: int) -> Iterator[None]:
 
 _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
               " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id")
+# What accept_up checks of a household: each device's id, user, kem and keys.
+_KEYS = ("SELECT id, user_id, kem, enc_key, sign_key FROM devices WHERE user_id ="
+         " (SELECT user_id FROM devices WHERE id = ?) ORDER BY id")
 
 
 def _conversation_of(db: sqlite3.Connection, user: str, business: str) -> Conversation | None:
@@ -470,9 +473,10 @@ class SqliteStore:
 
     async def accept_up(self, claim: UpClaim) -> UpOutcome:
         def op(db: sqlite3.Connection) -> UpOutcome:
-            household = tuple(rows.device(r) for r in db.execute(_HOUSEHOLD, (claim.device,)))
-            if household != claim.household:
+            if db.execute(_KEYS, (claim.device,)).fetchall() != [
+                    (d.id, d.user, d.kem.value, d.enc_key, d.sign_key) for d in claim.household]:
                 return UpOutcome("stale")
+            household = claim.household
             found = db.execute(f"SELECT {_BUSINESS} FROM businesses WHERE id = ?",
                                (claim.business,)).fetchone()
             if found is None:
