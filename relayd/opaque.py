@@ -43,6 +43,7 @@ def reference(secret: bytes, kind: str, value: str) -> str:
     return base64.b32encode(digest).decode("ascii").lower().rstrip("=")
 
 
+@functools.lru_cache(maxsize=65536)
 def pseudonym(secret: bytes, kind: str, value: str) -> str:
     """The store's name for a user, device or source: HMAC-SHA256, 160 bits in base32."""
     digest = hmac.new(secret, b"relayd/v1 store " + kind.encode() + b"\0" + value.encode(),

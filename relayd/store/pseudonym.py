@@ -73,6 +73,7 @@ class Pseudonymous:
         self.vault = vault
         self._secret = secret
         self._people: dict[str, tuple[bytes, str]] = {}  # pseudonym -> key, account id
+        self._opened: dict[bytes, str] = {}  # a sealed device id -> the id, once opened
 
     def user_pseudonym(self, user: str) -> str:
         return self._pseudonym("user", user)
@@ -119,8 +120,9 @@ class Pseudonymous:
         wanted = set(pseudonyms)
         asked = sorted(wanted if fresh else wanted - self._people.keys())
         if asked:
-            if len(self._people) >= _CACHE:
+            if len(self._people) >= _CACHE or len(self._opened) >= _CACHE:
                 self._people.clear()
+                self._opened.clear()
             for pseudonym, (key, sealed) in (await self.vault.people(asked)).items():
                 user = unseal(key, "user", pseudonym, sealed)
                 if user is not None:
@@ -140,9 +142,12 @@ class Pseudonymous:
             for i, row in left:
                 if row.user in people and row.sealed is not None:
                     key, user = people[row.user]
-                    device = unseal(key, "device", row.id, row.sealed)
+                    device = self._opened.get(row.sealed) or unseal(
+                        key, "device", row.id, row.sealed)
                     if device is not None:
-                        opened[i] = replace(row, id=device, user=user, sealed=None)
+                        self._opened[row.sealed] = device
+                        opened[i] = Device(device, user, row.kem, row.enc_key, row.sign_key,
+                                           row.created_ms)
         return [opened[i] for i in sorted(opened)]
 
     async def _conversation(self, row: Conversation | None) -> Conversation | None:
@@ -228,8 +233,8 @@ class Pseudonymous:
 
     async def accept_up(self, claim: UpClaim) -> UpOutcome:
         names = {self.device_pseudonym(d): d for d in claim.echo_to}
-        household = sorted((replace(d, id=self.device_pseudonym(d.id),
-                                    user=self.user_pseudonym(d.user)) for d in claim.household),
+        household = sorted((Device(self.device_pseudonym(d.id), self.user_pseudonym(d.user),
+                                   d.kem, d.enc_key, d.sign_key) for d in claim.household),
                            key=lambda d: d.id)  # as the backend orders it
         outcome = await self.backend.accept_up(replace(
             claim, household=tuple(household), device=self.device_pseudonym(claim.device),
@@ -276,6 +281,7 @@ class Pseudonymous:
         if counts["open"] == 0:
             await self.vault.forget_people([pseudonym])
             self._people.pop(pseudonym, None)
+            self._opened.clear()  # rare: nothing of an erased user opens from memory
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -294,6 +300,8 @@ class Pseudonymous:
         await self.vault.forget_people(gone)
         for pseudonym in gone:
             self._people.pop(pseudonym, None)
+        if gone:
+            self._opened.clear()
         return counts
 
     async def add_audit(self, action: str, subject: str,

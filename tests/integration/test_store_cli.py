@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 import yaml
 
@@ -16,6 +17,7 @@ from relayd import keys
 from relayd.crypto import Kem
 from relayd.errors import ExitCode
 from relayd.store import Business, Device, open_store
+from relayd.store.pseudonym import Pseudonymous
 from tests.support import postgres
 
 
@@ -119,6 +121,41 @@ class TestCopy:
             assert (await new.export_user("bob")) == (await old.export_user("bob"))
             await new.add_audit("copied", "test", {}, 80)  # new ids start past the copied
             assert "copied" in [r.action for r in await new.audit_log()]
+        finally:
+            await old.close()
+            await new.close()
+
+    async def test_with_a_key_vault_the_keys_never_reach_postgresql(
+            self, tmp_path: Path, pg_config: tuple[Path, str]) -> None:
+        """With store.key_vault set, the copy puts the per-user keys into the vault and none
+        into PostgreSQL; the copied store answers through the vault, and an erasure there
+        leaves the copied rows unopenable."""
+        path, url = pg_config
+        vault = f"sqlite:///{tmp_path}/vault.db"
+        config = yaml.safe_load(path.read_text())
+        config["store"]["key_vault"] = vault
+        path.write_text(yaml.safe_dump(config))
+        source = f"sqlite:///{tmp_path}/old.db"
+        await populate(source, secret(path))
+        done = relayd("store", "copy", "--from", source, "--json", "--config", str(path))
+        assert done.returncode == ExitCode.OK, done.stderr
+        assert json.loads(done.stdout)["people"] == 2
+
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM people") == 0
+        finally:
+            await conn.close()
+        old = await open_store(source, secret=secret(path))
+        new = await open_store(url, secret=secret(path), key_vault=vault)
+        try:
+            assert await new.devices() == await old.devices()
+            assert isinstance(new, Pseudonymous)
+            copied = await new.backend.devices()  # as a backup of the copy would hold them
+            await new.close_conversation("b" * 32, "user", 60)
+            assert (await new.erase_user("bob"))["open"] == 0
+            assert [d.user for d in await new.devices()] == ["alice", "alice"]
+            assert [d.user for d in await new._devices(copied)] == ["alice", "alice"]
         finally:
             await old.close()
             await new.close()
