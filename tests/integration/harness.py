@@ -246,13 +246,17 @@ def write_config(root: Path, vhost: str, **sections: dict[str, Any]) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519, store: str | None = None,
+async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
+                         store: str | dict[str, Any] | None = None,
                          **sections: dict[str, Any]) -> AsyncIterator[Relay]:
-    """A relay in a fresh vhost. `store` is sqlite (a file under root) or postgresql (a
-    fresh database); RELAYD_TEST_STORE and RELAYD_TEST_SHARDS set the defaults, so the
-    whole suite can be run again over PostgreSQL or sharded queues."""
+    """A relay in a fresh vhost. `store` is sqlite (a file under root), postgresql (a
+    fresh database) or the store section itself; RELAYD_TEST_STORE and RELAYD_TEST_SHARDS
+    set the defaults, so the whole suite can be run again over PostgreSQL or sharded
+    queues."""
     async with contextlib.AsyncExitStack() as stack:
-        if (store or os.environ.get("RELAYD_TEST_STORE", "sqlite")) == "postgresql":
+        if isinstance(store, dict):
+            sections = {**sections, "store": store}
+        elif (store or os.environ.get("RELAYD_TEST_STORE", "sqlite")) == "postgresql":
             url = await stack.enter_async_context(postgres.database())
             sections = {**sections, "store": {"url": url}}
         if "RELAYD_TEST_SHARDS" in os.environ:
@@ -267,7 +271,8 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519, store: str | None = 
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "test-1", kem)
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
-        registry = await open_store(settings.store.url, secret=keyring.opaque_secret)
+        registry = await open_store(settings.store.url, secret=keyring.opaque_secret,
+                                    key_vault=settings.store.key_vault)
         stack.push_async_callback(registry.close)
         connection = await aio_pika.connect(settings.amqp.url)
         stack.push_async_callback(connection.close)

@@ -8,17 +8,16 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
-import structlog
+import orjson
 
-from relayd.crypto import Kem
-from relayd.store import Business, Device, open_backend, open_store
+from relayd.store import open_backend
 from relayd.store.pseudonym import Pseudonymous
+from tests.integration.harness import relay_in_vhost
 from tests.support import pgcluster
 
-SECRET = b"o" * 32
 USER = "marked-account-4b1d9e@example.org"
 PHONE, LAPTOP = "marked-phone-0c3a7f", "marked-laptop-81e2d4"
-BUSINESS = "marked-business-e70b"  # stored in the clear: the scan's positive control
+BUSINESS = "marked-biz-e70b"  # stored in the clear: the scan's positive control
 
 
 async def caught_up(primary: str, replica: str) -> None:
@@ -39,37 +38,40 @@ async def caught_up(primary: str, replica: str) -> None:
 
 class TestEveryCopy:
     async def test_no_id_in_any_file_and_no_copy_opens(self, tmp_path: Path) -> None:
-        """Register two devices of a marked account, use them, back up, erase, checkpoint:
-        the primary's and the replica's data directories (heap, indexes, WAL), the base
-        backup and the servers' logs hold neither the account id nor a device id; the
-        backup, started as a server, still holds the device rows, and the store's own
-        code opens none of them once the user's key is destroyed."""
+        """While relayd runs on the cluster: two devices of a marked account talk to a
+        business (replay state, sent rows, a conversation), a base backup is taken, `relayd
+        gdpr erase` runs, then a checkpoint. The primary's and the replica's data
+        directories (heap, indexes, WAL), the base backup and the servers' logs hold
+        neither the account id nor a device id; the backup, started as a server, still
+        holds the device rows, and the store's own code opens none of them."""
         vault = f"sqlite:///{tmp_path}/vault/keys.db"
         needles = [USER.encode(), PHONE.encode(), LAPTOP.encode()]
-        with pgcluster.cluster() as pg, structlog.testing.capture_logs() as logs:
+        with pgcluster.cluster() as pg:
             admin = await asyncpg.connect(f"{pg.primary.url}/postgres")
             await admin.execute("CREATE DATABASE relayd")
             await admin.close()
             url = f"{pg.primary.url}/relayd"
             replica = pg.base_backup("replica", replica=True)
-            store = await open_store(url, secret=SECRET, key_vault=vault)
-            try:
-                assert isinstance(store, Pseudonymous)
-                await store.add_business(Business(BUSINESS, "acme-user"))
-                for name in (PHONE, LAPTOP):
-                    await store.add_device(Device(name, USER, Kem.X25519, b"e" * 32,
-                                                  b"s" * 32))
-                await store.claim_seq(PHONE, 1, 64)
-                await store.allocate_seqs(f"up:{PHONE}:1", [LAPTOP], 1)
-                opened = await store.open_conversation(USER, BUSINESS, 1, False,
-                                                       lambda epoch: "c" * 32)
-                assert (await store.export_user(USER)).devices  # held, before
+            async with relay_in_vhost(tmp_path, store={"url": url, "key_vault": vault}) as relay:
+                await relay.add_business(BUSINESS)
+                phone = await relay.add_device(USER, PHONE)
+                laptop = await relay.add_device(USER, LAPTOP)
+                await relay.start()
+                await relay.send(phone, BUSINESS, "start", {"text": "hello"})
+                [start] = await relay.events(BUSINESS, 1)
+                await relay.received(laptop, 1)  # the echo
+                await relay.reply(BUSINESS, str(start["conversation"]), "message",
+                                  {"text": "hi"})
+                await relay.received(phone, 1)
+                await relay.received(laptop, 1)
+                assert (await relay.store.export_user(USER)).devices  # held, before
                 backup = pg.base_backup("backup")  # taken before the erase
-                await store.close_conversation(opened.id, "user", 2)
-                assert (await store.erase_user(USER))["devices"] == 2
-                assert await store.export_user(USER) == await store.export_user("nobody")
-            finally:
-                await store.close()
+                code, out = await relay.cli("gdpr", "erase", "--user", USER, "--json")
+                assert code == 0, out
+                assert orjson.loads(out)["devices"] == 2
+                assert await relay.store.export_user(USER) == await relay.store.export_user(
+                    "nobody")
+                secret = relay.keyring.opaque_secret
             conn = await asyncpg.connect(url)
             await conn.execute("CHECKPOINT")
             await conn.close()
@@ -78,7 +80,7 @@ class TestEveryCopy:
             for server in (pg.primary, replica, backup):
                 assert pgcluster.files_holding(server.data, needles) == [], server.data.name
                 assert pgcluster.files_holding(server.data, [BUSINESS.encode()]) != []
-            logged = [pg.primary.log.read_bytes(), replica.log.read_bytes(), repr(logs).encode()]
+            logged = [pg.primary.log.read_bytes(), replica.log.read_bytes()]
             assert [n for n in needles for text in logged if n in text] == []
 
             pg.start_copy(backup)  # what someone holding the backup could read
@@ -88,8 +90,8 @@ class TestEveryCopy:
                 assert len(held) == 2  # the rows are there, as pseudonyms and ciphertext
                 keys = await open_backend(vault, migrate=False)
                 try:
-                    assert await Pseudonymous(rows, keys, SECRET).devices() == []
-                    assert await Pseudonymous(rows, rows, SECRET).devices() == []
+                    assert await Pseudonymous(rows, keys, secret).devices() == []
+                    assert await Pseudonymous(rows, rows, secret).devices() == []
                 finally:
                     await keys.close()
             finally:
