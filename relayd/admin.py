@@ -30,7 +30,7 @@ async def declare_all(settings: Settings, store: Store, secret: bytes) -> int:
     """Declare the core topology and every registered business and device (`secret`: the
     relay's opaque secret, which names device queues)."""
     t = settings.topology
-    specs = topology.core(t, settings.gdpr.identity_user is not None)
+    specs = topology.core(t, settings.gdpr.identity_user is not None, settings.wake.enabled)
     for business in await store.businesses():
         specs += topology.business(t, business.id)
     for device in await store.devices():

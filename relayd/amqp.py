@@ -28,6 +28,7 @@ from pamqp.commands import Basic
 from relayd import envelope, keys, log, metrics, topology, wire
 from relayd.config import Settings
 from relayd.errors import LoginRefusedError, PermanentError, TransientError, VhostRefusedError
+from relayd.wake import Waker
 
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
@@ -227,9 +228,12 @@ class Publisher:
     the next one opens the channel again. So the channel must be the publisher's alone: a
     consumer sharing it would be cut off with it."""
 
-    def __init__(self, channel: AbstractChannel, settings: Settings, secret: bytes) -> None:
-        """`secret`: the relay's opaque secret, which names device queues (topology)."""
+    def __init__(self, channel: AbstractChannel, settings: Settings, secret: bytes,
+                 waker: Waker | None = None) -> None:
+        """`secret`: the relay's opaque secret, which names device queues (topology);
+        `waker`: told of each message queued for a device (push wake, relayd.wake)."""
         self._channel = channel
+        self._waker = waker
         self._t = settings.topology
         self._secret = secret
         self._reopening = asyncio.Lock()
@@ -274,11 +278,14 @@ class Publisher:
             content_type=JSON, message_id=message_id, message_type=kind,
             delivery_mode=PERSISTENT))
 
-    def to_device(self, device: str, sealed: bytes) -> Awaitable[None]:
+    async def to_device(self, device: str, sealed: bytes) -> None:
         routing_key = topology.device_routing_key(device, self._secret)
-        return self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
+        await self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
             content_type=envelope.CONTENT_TYPE, headers={envelope.KID_HEADER: device},
             delivery_mode=PERSISTENT))
+        if self._waker is not None:
+            self._waker.queued(await self._live(), device,
+                               topology.device_queue(self._t, device, self._secret))
 
     async def delete_device_queue(self, device: str) -> None:
         """Delete a device's queue and the undelivered messages in it; gone already is fine."""

@@ -148,6 +148,9 @@ class Topology(Section):
     shard_exchange: str = "relayd.shards"
     shard_member_ttl: Annotated[float, Field(ge=0.3, le=600)] = 6.0
     edge_exchange: str = "relayd.edge"
+    wake_exchange: str = "relayd.wake"
+    wake_queue: str = "relayd.wake"
+    wake_queue_max_length: Positive = 100_000
 
     @field_validator("device_queue")
     @classmethod
@@ -228,6 +231,13 @@ class Retention(Section):
     audit_days: Days = 365.0
 
 
+class Wake(Section):
+    """Push wake for devices with messages waiting and no edge connection (relayd.wake)."""
+
+    enabled: bool = False
+    interval: Seconds = 60.0
+
+
 class Gdpr(Section):
     identity_user: str | None = None  # the AMQP user whose requests (relayd.identity) are trusted
 
@@ -254,11 +264,12 @@ class Settings(Section):
     retention: Retention = Retention()
     edge: Edge = Edge()
     gdpr: Gdpr = Gdpr()
+    wake: Wake = Wake()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
 
 
-CHANNELS_BESIDE_SHARDS = 3  # the worker's own, the router's, and a spare for probes
+CHANNELS_BESIDE_SHARDS = 3  # the worker's own, the router's, and the waker's (relayd.wake)
 
 
 def channels_needed(t: Topology) -> int:

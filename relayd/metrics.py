@@ -53,6 +53,9 @@ EDGE_CONNECTIONS = Gauge("relayd_edge_connections", "Device connections open at 
                          multiprocess_mode="livesum")
 EDGE_CLOSES = Counter("relayd_edge_closes", "Device connections ended at the edge, by close "
                       "code (1006: dropped without a close frame).", ["code"])
+WAKES = Counter("relayd_wakes", "Push wakes for devices queued to, by outcome: sent, online "
+                "(an edge reads its queue), throttled (woken within wake.interval), empty, "
+                "gone, skipped (too many checks at once), failed.", ["outcome"])
 EDGE_SENDS = Counter("relayd_edge_sends", "Up messages from devices at the edge, by answer: "
                      "ack, or the nack code.", ["answer"])
 
@@ -106,6 +109,11 @@ def handled(stage: str, outcome: str, reason: str, kind: str, latency_s: float,
     if outcome in ACKED or outcome == "rejected":
         waited = time.time() - sent_at.timestamp() if sent_at is not None else 0.0
         _child(END_TO_END, stage).observe(max(latency_s, waited))
+
+
+def woke(outcome: str) -> None:
+    """One push wake decided (relayd.wake): its outcome."""
+    _child(WAKES, outcome).inc()
 
 
 def skipped(reason: str) -> None:

@@ -66,9 +66,9 @@ def shards(t: Topology) -> list[Spec]:
     return specs
 
 
-def core(t: Topology, identity_service: bool = False) -> list[Spec]:
-    """What the relay needs before it consumes; erase requests when an identity service
-    is configured (gdpr.identity_user)."""
+def core(t: Topology, identity_service: bool = False, push_wake: bool = False) -> list[Spec]:
+    """What the relay needs before it consumes; the identity service's requests when one
+    is configured (gdpr.identity_user); push wakes when they are on (wake.enabled)."""
     gdpr: list[Spec] = [
         Exchange(t.gdpr_exchange, ExchangeType.FANOUT),
         _work_queue(t, t.gdpr_queue),
@@ -87,6 +87,7 @@ def core(t: Topology, identity_service: bool = False) -> list[Spec]:
         Binding(t.outbound_queue, t.replies_exchange, "#"),
         Exchange(t.devices_exchange, ExchangeType.DIRECT),
         *(gdpr if identity_service else []),
+        *(wake(t) if push_wake else []),
         *shards(t),
     ]
 
@@ -102,6 +103,23 @@ def edge(t: Topology) -> list[Spec]:
     """What edge processes talk over: each binds a queue of its own (exclusive, named by
     the broker) to this exchange, to be asked to hand a device's queue back."""
     return [Exchange(t.edge_exchange, ExchangeType.FANOUT)]
+
+
+def wake_pending(t: Topology) -> str:
+    """The queue of notices "a message was queued for this device", relayd's own."""
+    return f"{t.wake_queue}.pending"
+
+
+def wake(t: Topology) -> list[Spec]:
+    """Push wakes (relayd.wake): a fanout exchange for the operator's push service, and a
+    bounded queue bound to it that the push service may read (the oldest wake goes first
+    when it is full: a newer one says more); the notices for the one decider, which only
+    relayd reads (a single active consumer; published through the default exchange)."""
+    bounded = {"x-queue-type": "classic", "x-overflow": "drop-head",
+               "x-max-length": t.wake_queue_max_length}
+    return [Exchange(t.wake_exchange, ExchangeType.FANOUT),
+            Queue(t.wake_queue, bounded), Binding(t.wake_queue, t.wake_exchange),
+            Queue(wake_pending(t), {**bounded, "x-single-active-consumer": True})]
 
 
 def business_exchange(t: Topology, business: str) -> str:

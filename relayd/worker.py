@@ -40,6 +40,7 @@ from relayd.observe import watch_lag
 from relayd.outbound import Outbound
 from relayd.route import Shards, route
 from relayd.store import Store, open_store
+from relayd.wake import Waker
 
 _log = log.get("relayd.worker")
 QueueRole = Literal["inbound", "outbound", "gdpr"]
@@ -182,12 +183,16 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
                    lost: asyncio.Event, consuming: asyncio.Event | None, member: str) -> None:
     channel = await amqp.open_channel(connection, settings.workers.prefetch)
     await topology.declare(channel, topology.core(settings.topology,
-                                                  settings.gdpr.identity_user is not None))
+                                                  settings.gdpr.identity_user is not None,
+                                                  settings.wake.enabled))
     # The broker may close a publisher's channel (see amqp.Publisher): publish on one no
     # consumer uses. Sharded, this one is such: each shard has a channel of its own.
     publishing = (channel if shard.sharded(settings.topology, role)
                   else await amqp.open_channel(connection))
-    sink = amqp.Publisher(publishing, settings, keys().opaque_secret)
+    waker = Waker(settings, connection) if settings.wake.enabled else None
+    if waker is not None:
+        await waker.open()
+    sink = amqp.Publisher(publishing, settings, keys().opaque_secret, waker)
     handler: Handler = (Identity(settings, store, keys, sink) if role == "gdpr"
                         else (Inbound if role == "inbound" else Outbound)(
                             settings, store, keys, sink))
@@ -213,6 +218,8 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
             lag.cancel()
         await router
         await shards.hand_back(lost.is_set())
+        if waker is not None:
+            await waker.close()
         return
     consumer = consumer_of(shard.entry_queue(settings.topology, role))
     # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
@@ -230,8 +237,10 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
         lag.cancel()
     if lost.is_set():  # its deliveries died with the channel: the broker resends them
         await consumer.drain(0)
-        return
-    with contextlib.suppress(*amqp.CONNECT_ERRORS):
-        await queue.cancel(tag)
-    abandoned = await consumer.drain(settings.workers.shutdown_timeout)
-    _log.info("drained", stage=role, abandoned=abandoned)
+    else:
+        with contextlib.suppress(*amqp.CONNECT_ERRORS):
+            await queue.cancel(tag)
+        abandoned = await consumer.drain(settings.workers.shutdown_timeout)
+        _log.info("drained", stage=role, abandoned=abandoned)
+    if waker is not None:
+        await waker.close()

@@ -493,9 +493,10 @@ class TestWhoMayPublishWhere:
                     action.__name__
 
     async def test_the_readme_names_every_party(self) -> None:
-        """The README's commands cover relayd, the edge, the identity service and an
-        operator."""
-        assert set(documented_permissions()) == {"relayd", "edge", "identity", "operator"}
+        """The README's commands cover relayd, the edge, the identity service, the push
+        service and an operator."""
+        assert set(documented_permissions()) == {"relayd", "edge", "identity", "push",
+                                                 "operator"}
 
     async def test_edge(self, env: Env, relay_side: list[Any]) -> None:
         """The edge publishes to relayd.ingress and consumes device queues, nothing else."""
@@ -535,6 +536,17 @@ class TestWhoMayPublishWhere:
             assert await env.relay.exists(env.relay.device_queue(phone))
             assert (await identity.revoke(USER, "phone"))["outcome"] == "revoked"
         assert not await env.relay.exists(env.relay.device_queue(phone))
+
+    async def test_push_service(self, env: Env, relay_side: list[Any]) -> None:
+        """The push service reads the wakes, nothing else: not the decider's notices."""
+        t = env.relay.settings.topology
+        await topology.declare(env.relay.channel, topology.wake(t))
+        _, connection = await self.party(env, "push")
+        async with connection:
+            await self.refused_all_but(connection, [
+                *relay_side, consumer(t.wake_queue), consumer(topology.wake_pending(t)),
+                publisher(t.wake_exchange), publisher("", topology.wake_pending(t))],
+                {"consume relayd.wake"})
 
     async def test_operator(self, env: Env, relay_side: list[Any]) -> None:
         """An operator reads relayd.dead, nothing else."""

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from relayd.client import DeviceKeys, IdentityService
+from relayd.client import DeviceKeys, IdentityService, enrol
 from relayd.crypto import b64e
 from relayd.identity import MAX_REQUEST_BYTES
 from tests.integration.edge_harness import closed, running
@@ -107,14 +107,16 @@ class TestEnrolment:
             assert not await d.relay.exists(d.relay.device_queue(phone))
 
     async def test_a_registered_device_converses(self, tmp_path: Path) -> None:
-        """A registration carries everything the relay needs: the device's messages are
-        opened and verified, and the business's answer is sealed to it."""
+        """A registration (by relayd.client.enrol) carries everything the relay needs: the
+        device's messages are opened and verified, and the business's answer is sealed
+        to it."""
         async with door(tmp_path) as d:
             await d.relay.add_business("acme")
             await d.relay.start("inbound", "outbound")
             phone = DeviceKeys.generate("alice-phone")
-            async with IdentityService(d.url, d.identity) as identity:
-                assert (await identity.register(ALICE, phone))["accepted"]
+            # the one call scripts/demo makes
+            assert await enrol(d.url, d.identity, ALICE, phone) == {**ACCEPTED,
+                                                                    "outcome": "registered"}
             await d.relay.send(phone, "acme", "start", {"text": "hello"})
             [start] = await d.relay.events("acme", 1)
             await d.relay.reply("acme", start["conversation"], "message", {"text": "hi"})
