@@ -269,13 +269,15 @@ class Settings(Section):
     metrics: Metrics = Metrics()
 
 
-CHANNELS_BESIDE_SHARDS = 3  # the worker's own, the router's, and the waker's (relayd.wake)
+CHANNELS_BESIDE_SHARDS = 3  # the worker's own, the router's, and a spare for probes
+WAKE_CHANNELS = 2  # with wake.enabled: the decider's consumer, and its probes (relayd.wake)
 
 
-def channels_needed(t: Topology) -> int:
+def channels_needed(t: Topology, wake: bool = False) -> int:
     """The most channels a worker opens on its connection: one per shard it holds (all of
     them, when it is the last process of its role), and CHANNELS_BESIDE_SHARDS."""
-    return (t.shards if t.shards > 1 else 0) + CHANNELS_BESIDE_SHARDS
+    return ((t.shards if t.shards > 1 else 0) + CHANNELS_BESIDE_SHARDS
+            + (WAKE_CHANNELS - 1 if wake else 0))  # the spare is one of them
 
 
 def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -327,7 +329,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
     if settings.workers.edge > 1 and edge.port == 0:
         raise ConfigError({"edge.port": "0 (any free port) gives each edge process another "
                            "port: with workers.edge > 1, name one port they share"})
-    needed = channels_needed(settings.topology)
+    needed = channels_needed(settings.topology, settings.wake.enabled)
     if settings.amqp.channel_max and needed > settings.amqp.channel_max:
         raise ConfigError({"topology.shards": (
             f"{settings.topology.shards} shards need {needed} channels on one connection (a"

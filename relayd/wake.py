@@ -83,23 +83,18 @@ class Waker:
         self.throttle = Throttle(settings.wake.interval)
         self.clock = clock or monotonic
         self.tasks: set[asyncio.Task[None]] = set()
-        self._channel: AbstractChannel | None = None
-        self._closing = False
+        self._channel: AbstractChannel | None = None  # the notices' consumer
+        self._probes: AbstractChannel | None = None  # passive declares, wakes
+        self._probing = asyncio.Lock()  # one at a time: a failed one closes the channel
 
     async def open(self) -> None:
         """Consume the notices (as the decider, when the broker makes this consumer the
-        active one); again whenever the broker closes the channel (a failed passive
-        declare does)."""
-        channel = await self.connection.channel(publisher_confirms=True)
+        active one)."""
+        channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=MAX_CHECKS)
-        channel.close_callbacks.add(self._reopen)
         queue = await channel.get_queue(self.pending, ensure=False)
         await queue.consume(self._decide)
         self._channel = channel
-
-    def _reopen(self, *_: object) -> None:
-        if not self._closing and not self.connection.is_closed:
-            self._spawn(self.open())
 
     def _spawn(self, work: Awaitable[object]) -> None:
         async def run() -> None:
@@ -124,8 +119,7 @@ class Waker:
 
     async def _decide(self, message: AbstractIncomingMessage) -> None:
         """Decide one notice, then ack it. One that comes again was under way when a
-        decider failed (a removed device's passive declare closes the channel): dropped,
-        so that it cannot fail the next one too."""
+        decider failed: dropped, so that it cannot fail the next one too."""
         outcome = "dropped"
         try:
             if not message.redelivered:
@@ -155,27 +149,33 @@ class Waker:
         return outcome
 
     async def _probe(self, device: str, queue: str) -> str:
-        assert self._channel is not None
-        try:
-            declared = await self._channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:  # the device was removed
-            return "gone"
-        result = declared.declaration_result
-        if result.consumer_count:
-            return "online"
-        if not result.message_count:  # read meanwhile, or expired
-            return "empty"
-        underlay = await self._channel.get_underlay_channel()
-        await underlay.basic_publish(
-            event(device, result.message_count), exchange=self.t.wake_exchange,
-            properties=Basic.Properties(content_type="application/json", message_type="wake"))
-        return "sent"
+        """One at a time, on a channel of their own: the passive declare of a removed
+        device's queue closes it, and the next probe opens another, so that no other
+        device's probe or notice fails with it."""
+        async with self._probing:
+            if self._probes is None or self._probes.is_closed:
+                self._probes = await self.connection.channel(publisher_confirms=True)
+            try:
+                declared = await self._probes.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:  # the device was removed
+                return "gone"
+            result = declared.declaration_result
+            if result.consumer_count:
+                return "online"
+            if not result.message_count:  # read meanwhile, or expired
+                return "empty"
+            underlay = await self._probes.get_underlay_channel()
+            await underlay.basic_publish(
+                event(device, result.message_count), exchange=self.t.wake_exchange,
+                properties=Basic.Properties(content_type="application/json",
+                                            message_type="wake"))
+            return "sent"
 
     async def close(self) -> None:
-        """Let the notices under way go out (briefly), then close the channel."""
-        self._closing = True
+        """Let the notices under way go out (briefly), then close the channels."""
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=1)
-        if self._channel is not None:
-            with contextlib.suppress(*_ERRORS):
-                await self._channel.close()
+        for channel in (self._channel, self._probes):
+            if channel is not None:
+                with contextlib.suppress(*_ERRORS):
+                    await channel.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 import uuid
@@ -41,7 +42,7 @@ from tests.support import hostile
 from tests.support.raw_amqp import RawPublisher, short
 from tests.unit.test_weak_keys import LIBSODIUM_ED25519_BLOCKLIST, LIBSODIUM_X25519_BLOCKLIST
 
-EXAMPLES = 10
+EXAMPLES = int(os.environ.get("RELAYD_HOSTILE_EXAMPLES", "10"))  # as test_hostile_amqp
 FEW_SECONDS = 10.0
 HOST, PORT = BROKER.rsplit(":", 1)
 ALICE = "alice@example.org"

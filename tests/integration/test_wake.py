@@ -12,8 +12,8 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from relayd import wake
-from tests.integration.edge_harness import running
+from relayd import config, topology, wake
+from tests.integration.edge_harness import put_down, running
 from tests.integration.harness import WAIT, Relay, relay_in_vhost
 
 ALICE = "alice@example.org"
@@ -127,3 +127,23 @@ class TestPushWake:
                 await asyncio.wait_for(process.wait(), WAIT)
             assert line.decode() == "push to apns:1f0c…: 1 new message\n"
             assert await relay.depth(relay.settings.topology.wake_queue) == 0
+
+    async def test_a_removed_device_costs_the_decider_nothing(self, relay: Relay) -> None:
+        """A notice for a device whose queue is gone (a failed passive declare closes
+        the channel it is made on) costs the device decided beside it nothing."""
+        settings = relay.settings.model_copy(update={"wake": config.Wake(enabled=True)})
+        await topology.declare(relay.channel, topology.wake(settings.topology))
+        phone = await relay.add_device(ALICE, "alice-phone")
+        await put_down(relay, phone, [b"sealed"])
+        decider = wake.Waker(settings, relay.connection)
+        await decider.open()
+        try:
+            before = decided()
+            decider.queued(relay.channel, "removed", relay.settings.topology.device_queue
+                           .format(device="removed"))
+            decider.queued(relay.channel, "alice-phone", relay.device_queue(phone))
+            assert await until_decided(before, 2) == {"gone": 1, "sent": 1}
+            [woken] = await wakes(relay)
+            assert woken == {"v": 1, "type": "wake", "device": "alice-phone", "count": 1}
+        finally:
+            await decider.close()
