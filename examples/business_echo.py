@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """A business that answers every message with an echo: a minimal relayd integration.
 
-It needs only aio-pika (pip install aio-pika). With a password (from `relayd business add`):
+It needs only aio-pika (pip install aio-pika). The operator's `relayd business add` gives
+you your inbox's name (relayd.biz.<token>.inbox: no other business can name it) and, with
+a password, the password:
 
-    python examples/business_echo.py --business acme --ca ca.pem \\
+    python examples/business_echo.py --business acme --ca ca.pem --inbox INBOX \\
         --url amqps://acme@rabbitmq.example.com:5671/relayd --password-file acme.password
 
 With a client certificate only (`business add --auth x509`; the certificate's CN is the user):
 
-    python examples/business_echo.py --business acme --ca ca.pem --user acme \\
+    python examples/business_echo.py --business acme --ca ca.pem --inbox INBOX --user acme \\
         --cert acme.pem --key acme.key \\
         --url 'amqps://rabbitmq.example.com:5671/relayd?auth=external'
 
@@ -189,8 +191,7 @@ async def run(args: argparse.Namespace) -> None:
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=args.prefetch)
         replies = await channel.get_exchange(args.replies_exchange, ensure=False)
-        inbox = await channel.get_queue(args.inbox or f"relayd.biz.{args.business}.inbox",
-                                        ensure=False)
+        inbox = await channel.get_queue(args.inbox, ensure=False)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
@@ -212,7 +213,8 @@ def main() -> None:
     parser.add_argument("--cert", help="your client certificate (PEM), for --auth x509")
     parser.add_argument("--key", help="the key of --cert (PEM)")
     parser.add_argument("--replies-exchange", default="relayd.replies")
-    parser.add_argument("--inbox", help="default: relayd.biz.<business>.inbox")
+    parser.add_argument("--inbox", required=True,
+                        help="your inbox, as `relayd business add` named it")
     parser.add_argument("--desk", action="store_true",
                         help="mark each message read and type before answering")
     parser.add_argument("--prefetch", type=int, default=1,

@@ -152,20 +152,28 @@ def cmd_topology_declare(args: argparse.Namespace, settings: config.Settings) ->
 
 def cmd_topology_move(args: argparse.Namespace, settings: config.Settings) -> int:
     secret = _keyring(settings).opaque_secret
+    inboxes = args.action == "move-business-inboxes"
+    mover = admin.move_legacy_business_inboxes if inboxes else admin.move_legacy_device_queues
 
     async def move() -> admin.Moved:
         store = await _store(settings)
         try:
             await admin.declare_all(settings, store, secret)
-            return await admin.move_legacy_device_queues(settings, store, secret)
+            return await mover(settings, store, secret)
         finally:
             await store.close()
 
     moved = _run(move())
-    _print(args, {"queues": moved.queues, "messages": moved.messages},
-           f"moved {moved.messages} messages out of {moved.queues} device queues of the old "
-           "names, and deleted those")
-    return ExitCode.OK
+    kind = "business inboxes" if inboxes else "device queues"
+    result = {"queues": moved.queues, "messages": moved.messages}
+    human = (f"moved {moved.messages} messages out of {moved.queues} {kind} of the old "
+             "names, and deleted those")
+    if moved.in_use:
+        result["in_use"] = moved.in_use
+        human += (f"\n{moved.in_use} emptied but still consumed, left in place: stop their "
+                  "consumers and run this again")
+    _print(args, result, human)
+    return ExitCode.FAILURE if moved.in_use else ExitCode.OK
 
 
 def cmd_store_migrate(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -253,6 +261,7 @@ def _hand_over(args: argparse.Namespace, password: str | None, result: dict[str,
 
 async def _business_add(args: argparse.Namespace, settings: config.Settings,
                         store: Store) -> int:
+    secret = _keyring(settings).opaque_secret  # it names the business's inbox
     business = Business(args.id, args.amqp_user, args.first_party)
     existing = await store.business(args.id)
     if existing is not None and existing != business:
@@ -262,18 +271,22 @@ async def _business_add(args: argparse.Namespace, settings: config.Settings,
     if holder is not None and holder.id != args.id:
         print(f"RabbitMQ user {args.amqp_user} belongs to business {holder.id}", file=sys.stderr)
         return ExitCode.FAILURE
-    done = await admin.add_business(settings, store, business, args.auth)
-    lines = [f"business {args.id}: {'added' if done.added else 'already registered'}"]
+    done = await admin.add_business(settings, store, business, secret, args.auth)
+    inbox = topology.business_inbox(settings.topology, args.id, secret)
+    lines = [f"business {args.id}: {'added' if done.added else 'already registered'}",
+             f"its inbox (hand it to the business with its credentials): {inbox}"]
     if settings.amqp.management is not None:
         changed = ", ".join(done.provisioned) + " set" if done.provisioned else "unchanged"
         lines.append(f"RabbitMQ user {args.amqp_user}: {changed}")
     return _hand_over(args, done.password, {"business": args.id, "added": done.added,
-                                            "provisioned": done.provisioned}, lines)
+                                            "inbox": inbox, "provisioned": done.provisioned},
+                      lines)
 
 
 async def _business_remove(args: argparse.Namespace, settings: config.Settings,
                            store: Store) -> int:
-    gone = await admin.remove_business(settings, store, args.id)
+    secret = _keyring(settings).opaque_secret
+    gone = await admin.remove_business(settings, store, args.id, secret)
     human = f"business {args.id}: {'removed' if gone.removed else 'was not registered'}"
     if gone.user != "unmanaged":
         human += (f"\nRabbitMQ user: {gone.user.replace('_', ' ')}, "
@@ -295,9 +308,11 @@ async def _business_rotate(args: argparse.Namespace, settings: config.Settings,
 
 async def _business_list(args: argparse.Namespace, settings: config.Settings,
                          store: Store) -> int:
-    rows = [{"id": b.id, "amqp_user": b.amqp_user, "first_party": b.first_party}
+    secret = _keyring(settings).opaque_secret
+    rows = [{"id": b.id, "amqp_user": b.amqp_user, "first_party": b.first_party,
+             "inbox": topology.business_inbox(settings.topology, b.id, secret)}
             for b in await store.businesses()]
-    _print(args, rows, _table(rows, ["id", "amqp_user", "first_party"]))
+    _print(args, rows, _table(rows, ["id", "amqp_user", "first_party", "inbox"]))
     return ExitCode.OK
 
 
@@ -475,6 +490,9 @@ def parser() -> argparse.ArgumentParser:
     command(topo, "move-device-queues", cmd_topology_move,
             "upgrade: move device queues named by device id (relayd 0.1.0) to their keyed "
             "names", json_output=True)
+    command(topo, "move-business-inboxes", cmd_topology_move,
+            "upgrade, with relayd stopped: move business inboxes named by business id "
+            "(relayd 0.2.0) to their keyed names", json_output=True)
 
     stores = commands.add_parser("store", help="the registry's database").add_subparsers(
         dest="action", required=True)

@@ -7,6 +7,8 @@ its own so that no two kinds ever coincide.
   nothing readable.
 - device_token: what the broker knows a device by (its queue's name and its binding's
   routing key), so that nobody without the secret can name a device's queue to probe it.
+- inbox_token: what a business's inbox is named by, so that no other business can name
+  it to read its depth or see whether it is consumed.
 - reference: what logs and audit records name a user or a value by.
 - pseudonym: what the store keys a user, a device or a message source by
   (relayd.store.pseudonym), so that its files hold no id.
@@ -27,13 +29,22 @@ def conversation_id(secret: bytes, user: str, business: str, epoch: int) -> str:
     return base64.b32encode(digest).decode("ascii").lower()
 
 
+def _token(secret: bytes, label: bytes, value: str) -> str:
+    """HMAC-SHA256 of `value` under `label`, 160 bits in base32 (32 characters of a-z2-7)."""
+    digest = hmac.new(secret, label + b"\0" + value.encode(), hashlib.sha256).digest()[:20]
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
 @functools.lru_cache(maxsize=65536)
 def device_token(secret: bytes, device: str) -> str:
-    """The device's name in the broker: HMAC-SHA256 of its id, 160 bits in base32 (32
-    characters of a-z2-7)."""
-    digest = hmac.new(secret, b"relayd/v1 device queue\0" + device.encode(),
-                      hashlib.sha256).digest()[:20]
-    return base64.b32encode(digest).decode("ascii").lower()
+    """The device's name in the broker."""
+    return _token(secret, b"relayd/v1 device queue", device)
+
+
+@functools.lru_cache(maxsize=4096)
+def inbox_token(secret: bytes, business: str) -> str:
+    """The name of the business's inbox in the broker."""
+    return _token(secret, b"relayd/v1 business inbox", business)
 
 
 def reference(secret: bytes, kind: str, value: str) -> str:

@@ -60,9 +60,11 @@ def _exactly(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
-def grant(settings: Settings, business_id: str, amqp_user: str, auth: Auth) -> Grant:
-    """Read only its inbox, write only the replies exchange with its own id as routing
-    key, configure nothing, and at most `max_connections` and `max_channels`."""
+def grant(settings: Settings, business_id: str, amqp_user: str, auth: Auth,
+          secret: bytes) -> Grant:
+    """Read only its inbox (named with `secret`, the relay's opaque secret), write only the
+    replies exchange with its own id as routing key, configure nothing, and at most
+    `max_connections` and `max_channels`."""
     t, m = settings.topology, settings.amqp.management
     if m is None:
         raise ConfigError({"amqp.management": "is required to provision a business"})
@@ -71,7 +73,7 @@ def grant(settings: Settings, business_id: str, amqp_user: str, auth: Auth) -> G
         auth=auth,
         vhost=m.vhost or vhost_of(settings.amqp.url),
         permissions={"configure": "^$", "write": _exactly(t.replies_exchange),
-                     "read": _exactly(topology.business_inbox(t, business_id))},
+                     "read": _exactly(topology.business_inbox(t, business_id, secret))},
         topic={"exchange": t.replies_exchange, "write": _exactly(business_id), "read": "^$"},
         limits={"max-connections": m.max_connections, "max-channels": m.max_channels},
     )
@@ -134,9 +136,9 @@ class Api:
         """How many connections `user` has open."""
         return len(self.call("GET", "connections", "username", user) or [])
 
-    def close_connections(self, user: str) -> None:
+    def close_connections(self, user: str, reason: str = "credentials revoked") -> None:
         self.call("DELETE", "connections", "username", user,
-                  headers={"X-Reason": "relayd: credentials revoked"})
+                  headers={"X-Reason": f"relayd: {reason}"})
 
 
 def _reason(data: bytes) -> str:
@@ -193,6 +195,19 @@ def ensure(api: Api, g: Grant) -> list[str]:
             api.call("PUT", "user-limits", g.user, name, body={"value": value})
             changed.append(name)
     return changed
+
+
+def regrant(api: Api, settings: Settings, business_id: str, amqp_user: str,
+            secret: bytes) -> bool:
+    """Give a user relayd provisioned what `grant` gives it now (after an upgrade: its
+    inbox's new name) and, if that changed anything, close its connections, so that it
+    goes on under the new grant only. False if relayd does not manage that user."""
+    user, auth = _ours(api, amqp_user)
+    if user is None or auth is None:
+        return False
+    if ensure(api, grant(settings, business_id, amqp_user, auth, secret)):
+        api.close_connections(amqp_user, "permissions changed")
+    return True
 
 
 def new_password() -> str:

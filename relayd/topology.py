@@ -11,7 +11,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, ExchangeType
 
 from relayd.config import Topology
-from relayd.opaque import device_token
+from relayd.opaque import device_token, inbox_token
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -126,8 +126,11 @@ def business_exchange(t: Topology, business: str) -> str:
     return t.business_exchange.format(business=business)
 
 
-def business_inbox(t: Topology, business: str) -> str:
-    return t.business_inbox.format(business=business)
+def business_inbox(t: Topology, business: str, secret: bytes) -> str:
+    """The business's inbox: named by its keyed token (relayd.opaque.inbox_token, `secret`
+    the relay's opaque secret), never by its id, so that no other business can name it to
+    read its depth or its consumers. `business add` tells the business the name."""
+    return t.business_inbox.format(business=inbox_token(secret, business))
 
 
 def device_queue(t: Topology, device: str, secret: bytes) -> str:
@@ -141,9 +144,9 @@ def device_routing_key(device: str, secret: bytes) -> str:
     return device_token(secret, device)
 
 
-def business(t: Topology, business_id: str) -> list[Spec]:
+def business(t: Topology, business_id: str, secret: bytes) -> list[Spec]:
     """A business's own exchange and its bounded inbox."""
-    exchange, inbox = business_exchange(t, business_id), business_inbox(t, business_id)
+    exchange, inbox = business_exchange(t, business_id), business_inbox(t, business_id, secret)
     return [
         Exchange(exchange, ExchangeType.FANOUT),
         Queue(inbox, {"x-queue-type": t.queue_type, "x-overflow": "reject-publish",

@@ -382,8 +382,9 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
         for i, device in enumerate(devices):
             await store.add_device(Device(device.device, f"user-{i}", kem, device.enc_public,
                                           device.sign_public))
+        secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
         await declare(setup, topology.core(t) + topology.shards(t)
-                      + topology.business(t, "acme"))
+                      + topology.business(t, "acme", secret.opaque_secret))
         probe = devices[0].seal(setup.relay, devices[0].payload("acme", "message", {"text": ""}))
         text = text_for(BODY_BYTES - len(probe))
 
@@ -405,7 +406,7 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
             if kem is Kem.X25519:
                 result.crypto_us = crypto_us(setup, [m.body for m in backlog[:1000]], devices)
             await publish_all(ingress, t.inbound_routing_key, backlog)
-            inbox = topology.business_inbox(t, "acme")
+            inbox = topology.business_inbox(t, "acme", secret.opaque_secret)
             workers = Workers([relay_command(setup, "inbound")], setup.env)
             try:
                 count = await measure(name, result, Run(
@@ -461,7 +462,8 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
         await store.add_business(Business("acme", "guest"))
         conversations = []
         devices: dict[str, DeviceKeys] = {}
-        specs = topology.core(t) + topology.shards(t) + topology.business(t, "acme")
+        specs = (topology.core(t) + topology.shards(t)
+                 + topology.business(t, "acme", secret.opaque_secret))
         for u in range(users):
             for k in range(per_user):
                 device = DeviceKeys.generate(f"dev-{u}-{k}")

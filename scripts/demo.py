@@ -83,7 +83,7 @@ async def next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.Abstra
 
 
 async def play(url: str, edge_url: str, relay: RelayPublic, phone_keys: DeviceKeys,
-               laptop_keys: DeviceKeys, queues: dict[str, str]) -> None:
+               laptop_keys: DeviceKeys, queues: dict[str, str], inbox_name: str) -> None:
     connection = await aio_pika.connect(url)  # the business's side: AMQP
     async with connection, \
             EdgeDevice(edge_url, EDGE, phone_keys, relay) as phone_app, \
@@ -91,7 +91,7 @@ async def play(url: str, edge_url: str, relay: RelayPublic, phone_keys: DeviceKe
         print(f"alice's phone and laptop logged in to the edge at {edge_url}")
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.get_exchange("relayd.replies")
-        inbox = await channel.get_queue(f"relayd.biz.{BUSINESS}.inbox")
+        inbox = await channel.get_queue(inbox_name)  # as `business add` named it
         apps = {phone_keys.device: phone_app, laptop_keys.device: laptop_app}
         phone, laptop = phone_keys, laptop_keys
 
@@ -255,13 +255,13 @@ def web_server(page_config: dict[str, Any], enrol: Enrolment,
 
 
 def serve_web(url: str, edge_port: int, relay_json: str, web_port: int,
-              server: subprocess.Popen[bytes]) -> None:
+              server: subprocess.Popen[bytes], inbox: str) -> None:
     """Run the echo business and serve the page until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     echo = subprocess.Popen([sys.executable, str(REPO / "examples" / "business_echo.py"),
-                             "--business", BUSINESS, "--url", url, "--desk"],
+                             "--business", BUSINESS, "--inbox", inbox, "--url", url, "--desk"],
                             start_new_session=True)  # Ctrl-C stops the demo, which stops it
     page = {"edge_url": f"ws://127.0.0.1:{edge_port}/v1/device", "edge_name": EDGE,
             "relay": json.loads(relay_json), "enrol_url": "/enrol",
@@ -302,14 +302,15 @@ def main() -> int:
         relay_json = relayd(config, "keys", "show")
         relay = RelayPublic.from_json(relay_json)
         print(f"relay key {relay.kid} ({relay.kem.value}) generated")
-        relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest")
+        inbox = json.loads(relayd(config, "business", "add", BUSINESS, "--amqp-user", "guest",
+                                  "--json"))["inbox"]
         if args.web:
             server = subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config",
                                        str(config)], start_new_session=True)
             try:
                 wait_ready(server, metrics)
                 print("relayd run is ready: inbound, outbound and edge workers", flush=True)
-                serve_web(url, port, relay_json, args.web_port, server)
+                serve_web(url, port, relay_json, args.web_port, server, inbox)
             finally:
                 server.terminate()
                 print(f"relayd run exited with {server.wait(timeout=30)}", flush=True)
@@ -327,7 +328,7 @@ def main() -> int:
             wait_ready(server, metrics)
             print("relayd run is ready: inbound, outbound and edge workers")
             asyncio.run(play(url, f"ws://127.0.0.1:{port}/v1/device", relay, phone, laptop,
-                             queues))
+                             queues, inbox))
         finally:
             server.terminate()
             print(f"relayd run exited with {server.wait(timeout=30)}")

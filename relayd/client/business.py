@@ -17,7 +17,8 @@ def reply(conversation: str, kind: str, body: dict[str, Any] | None = None,
 
 
 def parse_event(body: bytes) -> dict[str, Any]:
-    """An event from your inbox; ValueError if it is not a version-1 event."""
+    """An event from your inbox (the queue `relayd business add` named for you: it is
+    keyed, not derived from your id); ValueError if it is not a version-1 event."""
     event = orjson.loads(body)
     if not isinstance(event, dict) or event.get("v") != 1 or "type" not in event:
         raise ValueError("not a relayd v1 event")

@@ -245,7 +245,8 @@ class Rig:
         keys.generate(settings.keys.dir, "fault-1")
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
         store = await open_store(settings.store.url, secret=keyring.opaque_secret)
-        await admin.add_business(settings, store, Business(BUSINESS, "guest"))
+        await admin.add_business(settings, store, Business(BUSINESS, "guest"),
+                                 keyring.opaque_secret)
         phones = []
         for user, count in users.items():
             for n in range(count):
@@ -352,11 +353,16 @@ class Rig:
     @property
     def queues(self) -> list[str]:
         t = self.topology
-        return [t.inbound_queue, t.outbound_queue, t.business_inbox.format(business=BUSINESS),
-                t.dead_queue, *(self.device_queue(p) for p in self.phones)]
+        return [t.inbound_queue, t.outbound_queue, self.inbox, t.dead_queue,
+                *(self.device_queue(p) for p in self.phones)]
 
     def device_queue(self, phone: Phone) -> str:
         return topology.device_queue(self.topology, phone.keys.device, self.keyring.opaque_secret)
+
+    @property
+    def inbox(self) -> str:
+        """The business's inbox."""
+        return topology.business_inbox(self.topology, BUSINESS, self.keyring.opaque_secret)
 
     async def drained(self, *names: str) -> None:
         """Until the named queues (default: all) have no message ready."""
@@ -443,13 +449,13 @@ class Rig:
     async def pause_business(self) -> None:
         assert self.business_tag is not None
         declared = await self.clients["business"].channel.declare_queue(
-            self.topology.business_inbox.format(business=BUSINESS), passive=True)
+            self.inbox, passive=True)
         await declared.cancel(self.business_tag)
         self.business_tag = None
 
     async def resume_business(self) -> None:
         self.business_tag = await self.clients["business"].consume(
-            self.topology.business_inbox.format(business=BUSINESS), self._on_business)
+            self.inbox, self._on_business)
 
     # --- traffic -----------------------------------------------------------------------------
 

@@ -185,7 +185,7 @@ class TestFaults:
         """A full inbox (reject-publish) holds messages back or dead-letters them with a
         reason; none is dropped."""
         name = "inbox full (reject-publish)"
-        inbox = rig.topology.business_inbox.format(business="acme")
+        inbox = rig.inbox
         before = rig.relayd_connections()
 
         def exhausted() -> bool:

@@ -62,8 +62,7 @@ class TestQueueSemantics:
         dead-letter that found relayd.dead unbound still arrives later: at-least-once."""
         name = f"poison: kills its worker x{LIMIT + 1}"
         t = rig.topology
-        inbox = (t.business_inbox.format(business=BUSINESS),
-                 t.business_exchange.format(business=BUSINESS))
+        inbox = (rig.inbox, t.business_exchange.format(business=BUSINESS))
         await bind(rig, *inbox, bound=False)
         message_id, _ = await rig.send(name, rig.phones[0], "start")
 

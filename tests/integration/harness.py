@@ -117,7 +117,8 @@ class Relay:
     async def add_business(self, business_id: str, amqp_user: str = "guest",
                            first_party: bool = False) -> None:
         await admin.add_business(self.settings, self.store,
-                                 Business(business_id, amqp_user, first_party))
+                                 Business(business_id, amqp_user, first_party),
+                                 self.keyring.opaque_secret)
 
     async def add_device(self, user: str, device_id: str, kem: Kem = Kem.X25519) -> DeviceKeys:
         device = DeviceKeys.generate(device_id, kem)
@@ -177,8 +178,7 @@ class Relay:
         return got
 
     async def events(self, business: str, count: int, wait: float = WAIT) -> list[dict[str, Any]]:
-        name = self.settings.topology.business_inbox.format(business=business)
-        return [parse_event(m.body) for m in await self.take(name, count, wait)]
+        return [parse_event(m.body) for m in await self.take(self.inbox(business), count, wait)]
 
     async def received(self, device: DeviceKeys, count: int,
                        wait: float = WAIT) -> list[dict[str, Any]]:
@@ -228,7 +228,20 @@ class Relay:
                                      self.keyring.opaque_secret)
 
     def inbox(self, business: str) -> str:
-        return self.settings.topology.business_inbox.format(business=business)
+        return topology.business_inbox(self.settings.topology, business,
+                                       self.keyring.opaque_secret)
+
+    async def legacy_inbox(self, business: str) -> str:
+        """Make the state relayd 0.2.0 left: the business's inbox named by its id, bound to
+        its exchange, and no inbox of the new name; return the old name."""
+        t = self.settings.topology
+        legacy = t.business_inbox.format(business=business)
+        spec = topology.business(t, business, self.keyring.opaque_secret)[1]
+        assert isinstance(spec, topology.Queue)
+        await self.channel.queue_delete(self.inbox(business))
+        old = await self.channel.declare_queue(legacy, durable=True, arguments=spec.arguments)
+        await old.bind(topology.business_exchange(t, business), routing_key="")
+        return legacy
 
 
 # What a relay under test runs with, before a test's own sections.
@@ -318,7 +331,7 @@ def confine_business(relay: Relay, business: str) -> tuple[str, str]:
     management = config.Management(url="http://127.0.0.1:1", username="-", password="-")
     settings = relay.settings.model_copy(update={
         "amqp": relay.settings.amqp.model_copy(update={"management": management})})
-    g = provision.grant(settings, business, user, "password")
+    g = provision.grant(settings, business, user, "password", relay.keyring.opaque_secret)
     rabbitmqctl("set_permissions", "-p", g.vhost, user, g.permissions["configure"],
                 g.permissions["write"], g.permissions["read"])
     rabbitmqctl("set_topic_permissions", "-p", g.vhost, user, g.topic["exchange"],

@@ -204,16 +204,18 @@ def reply_message(conversation: str, user_id: str) -> aio_pika.Message:
 
 class TestConversationOverTls:
     async def test_echo_business_converses_over_tls(self, env: Env) -> None:
-        """The example business, with its generated password, talks to a user through a
-        relay that itself logs in with its certificate; a duplicate event is answered once."""
+        """The example business, with its generated password and the inbox name `business
+        add` gave it, talks to a user through a relay that itself logs in with its
+        certificate; a duplicate event is answered once."""
         password_file = env.relay.root / "acme.password"
-        code, _, err = await env.cli("business", "add", "acme", "--amqp-user", "acme-user",
-                                     "--password-file", str(password_file))
-        assert code == 0, err
+        inbox = (await env.add("acme", "acme-user", "--password-file", str(password_file)))[
+            "inbox"]
+        assert inbox == env.inbox("acme")
         phone = await env.relay.add_device(USER, "phone")
         await env.relay.start()
         echo = await asyncio.create_subprocess_exec(
             sys.executable, str(EXAMPLE), "--business", "acme", "--ca", str(env.node.ca_cert),
+            "--inbox", inbox,
             "--url", f"amqps://acme-user@127.0.0.1:{env.node.amqps_port}/{env.vhost}",
             "--password-file", str(password_file), stdout=asyncio.subprocess.PIPE)
         try:
@@ -405,31 +407,45 @@ class TestDeviceSide:
 
 
 class TestOtherBusinesses:
-    @pytest.mark.xfail(strict=True, reason=(
-        "issue 13, class 6: a passive queue.declare needs no permission, and business inboxes "
-        "are named by id (relayd.biz.<id>.inbox), so a business reads the depth and consumer "
-        "count of another's inbox. Fix: name inboxes by a keyed token as device queues are "
-        "(a contract change: `business add` hands the business its inbox name)"))
     async def test_a_business_learns_nothing_about_another(self, env: Env) -> None:
-        """With its own credentials, a business that names another business's inbox gets
-        the answer it gets for a business that does not exist: not how many messages wait
-        there, nor whether that business is connected."""
+        """With its own credentials, every probe of another business's inbox that a
+        business can make from that business's id (a passive declare of the inbox the id
+        would name, or of the id itself) answers alike for a business with events waiting
+        and a consumer and for one that does not exist: not how many messages wait, nor
+        whether it is connected. The inbox's real name, which `business add` gave globex
+        alone, it may not read."""
         await env.add_with_password("globex", "globex-user")
         password = await env.add_with_password("acme", "acme-user")
         exchange = await env.relay.channel.get_exchange(env.exchange("globex"), ensure=False)
         for _ in range(3):
             await exchange.publish(aio_pika.Message(b"an event"), routing_key="")
-        await env.relay.wait_depth(env.inbox("globex"), 3)
+        real = env.inbox("globex")
+        await env.relay.wait_depth(real, 3)
+        assert "globex" not in real
+        watcher = await env.relay.channel.get_queue(real, ensure=False)
+        tag = await watcher.consume(ignore, no_ack=False)  # globex is connected
+        t = env.relay.settings.topology
         business = await env.connect("acme-user", password)
         async with business:
-            answers = []
+            answers: dict[str, list[str]] = {}
             for other in ("globex", "nobody"):
-                async def by_name(ch: AbstractChannel, name: str = other) -> None:
-                    await ch.declare_queue(env.inbox(name), passive=True)
+                names = [t.business_inbox.format(business=other), other]
 
-                answers.append((await refusal(business, by_name)).replace(
-                    other, "<id>").split(" - ")[0])
-            assert answers == ["NOT_FOUND", "NOT_FOUND"]
+                def probe(name: str) -> Any:
+                    async def by_name(ch: AbstractChannel) -> None:
+                        await ch.declare_queue(name, passive=True)
+                    return by_name
+
+                answers[other] = [
+                    (await refusal(business, probe(name))).replace(other, "<id>").split(" - ")[0]
+                    for name in names]
+            assert answers["globex"] == answers["nobody"] == ["NOT_FOUND", "NOT_FOUND"]
+
+            async def read_real(ch: AbstractChannel) -> None:
+                await (await ch.get_queue(real, ensure=False)).get(fail=False)
+
+            assert (await refusal(business, read_real)).startswith("ACCESS_REFUSED")
+        await watcher.cancel(tag)
 
 
 def publisher(exchange: str, routing_key: str = "", user_id: str | None = None) -> Any:
@@ -573,9 +589,11 @@ class TestOnboarding:
                                          "max-connections", "max-channels", "password"]
         assert len(result["password"]) >= 32
         permissions = env.admin.get("permissions", env.vhost, "acme-user")
+        assert result["inbox"] == env.inbox("acme")
+        assert re.fullmatch(r"relayd\.biz\.[a-z2-7]{32}\.inbox", result["inbox"])
         assert {k: permissions[k] for k in ("configure", "write", "read")} == {
             "configure": "^$", "write": r"^relayd\.replies$",
-            "read": r"^relayd\.biz\.acme\.inbox$"}
+            "read": f"^{re.escape(result['inbox'])}$"}
         [topic] = env.admin.get("topic-permissions", env.vhost, "acme-user")
         assert (topic["exchange"], topic["write"], topic["read"]) == (
             "relayd.replies", "^acme$", "^$")
@@ -611,7 +629,8 @@ class TestOnboarding:
         for _ in range(2):
             code, out, err = await env.cli(*args)
             assert code == 0, err
-            assert orjson.loads(out) == {"business": "acme", "added": False, "provisioned": []}
+            assert orjson.loads(out) == {"business": "acme", "added": False,
+                                         "inbox": env.inbox("acme"), "provisioned": []}
         assert broker_state() == before
         assert password_file.read_text() == password
         assert [b.id for b in await env.relay.store.businesses()] == ["acme"]
@@ -622,8 +641,9 @@ class TestOnboarding:
         """A user left without a password (a run that stopped half way) gets its password
         from the next `business add`, and is registered."""
         settings = env.relay.settings
+        secret = env.relay.keyring.opaque_secret
         provision.ensure(env.admin.api, provision.grant(settings, "acme", "acme-user",
-                                                        "password"))
+                                                        "password", secret))
         result = await env.add("acme", "acme-user")
         assert (result["added"], result["provisioned"]) == (True, ["password"])
         connection = await env.connect("acme-user", result["password"])
@@ -679,6 +699,50 @@ class TestRemoval:
         assert await env.relay.store.business("acme") is None
         code, _, _ = await env.cli("business", "remove", "acme")
         assert code == 3
+
+
+class TestInboxUpgrade:
+    async def test_move_points_the_business_at_its_new_inbox(self, env: Env) -> None:
+        """With amqp.management, `topology move-business-inboxes` lets a business that
+        relayd 0.2.0 provisioned read its new inbox only, closes its connection (what it
+        held unacked goes back) and moves every event, those it held included, into the
+        new inbox; the business then consumes that one, and the old name is refused."""
+        password = await env.add_with_password("acme", "acme-user")
+        new = env.inbox("acme")
+        legacy = await env.relay.legacy_inbox("acme")
+        env.admin.api.call("PUT", "permissions", env.vhost, "acme-user", body={
+            "configure": "^$", "write": r"^relayd\.replies$", "read": f"^{re.escape(legacy)}$"})
+        exchange = await env.relay.channel.get_exchange(env.exchange("acme"), ensure=False)
+        for n in range(3):
+            await exchange.publish(aio_pika.Message(b"{}", message_id=str(n)), routing_key="")
+        business = await env.connect("acme-user", password)
+        closed = closed_event(business)
+        channel = await business.channel()
+        await channel.set_qos(prefetch_count=1)
+        held = asyncio.Event()
+
+        async def hold(message: AbstractIncomingMessage) -> None:
+            held.set()  # and never acked
+
+        await (await channel.get_queue(legacy, ensure=False)).consume(hold)
+        await asyncio.wait_for(held.wait(), WAIT)
+
+        code, out, err = await env.cli("topology", "move-business-inboxes", "--json")
+        assert code == 0, err
+        assert orjson.loads(out) == {"queues": 1, "messages": 3}
+        await asyncio.wait_for(closed.wait(), WAIT)
+        permissions = env.admin.get("permissions", env.vhost, "acme-user")
+        assert permissions["read"] == f"^{re.escape(new)}$"
+        assert env.admin.get("queues", env.vhost, legacy) is None
+        again = await env.connect("acme-user", password)
+        async with again:
+            async def read_legacy(ch: AbstractChannel) -> None:
+                await (await ch.get_queue(legacy, ensure=False)).get(fail=False)
+
+            assert (await refusal(again, read_legacy)).startswith("ACCESS_REFUSED")
+            inbox = await (await again.channel()).get_queue(new, ensure=False)
+            got = [await inbox.get(no_ack=True) for _ in range(3)]
+            assert sorted(m.message_id for m in got if m is not None) == ["0", "1", "2"]
 
 
 class TestCertificates:
@@ -785,7 +849,8 @@ class TestShardsOnTheShippedBroker:
         relay.config_path.write_text(yaml.safe_dump(data))
         unprovisioned = relay.settings.model_copy(update={
             "amqp": relay.settings.amqp.model_copy(update={"management": None})})
-        await admin.add_business(unprovisioned, relay.store, Business("acme", "guest"))
+        await admin.add_business(unprovisioned, relay.store, Business("acme", "guest"),
+                                 relay.keyring.opaque_secret)
         phone = await relay.add_device(USER, "phone")
         hosts = [relay.spawn()]
         try:

@@ -199,7 +199,7 @@ class TestExampleBusiness:
         text with an echo, as before."""
         phone, laptop, _ = await open_conversation(relay)
         example = await asyncio.create_subprocess_exec(
-            sys.executable, str(EXAMPLE), "--business", "acme",
+            sys.executable, str(EXAMPLE), "--business", "acme", "--inbox", relay.inbox("acme"),
             "--url", amqp_url("guest", "guest", relay.vhost), stdout=asyncio.subprocess.PIPE)
         try:
             assert example.stdout is not None
@@ -237,8 +237,9 @@ class TestExampleBusiness:
         put on (and taken off) the same message."""
         phone, _, _ = await open_conversation(relay)
         example = await asyncio.create_subprocess_exec(
-            sys.executable, str(EXAMPLE), "--business", "acme", "--desk",
-            "--url", amqp_url("guest", "guest", relay.vhost), stdout=asyncio.subprocess.PIPE)
+            sys.executable, str(EXAMPLE), "--business", "acme", "--inbox", relay.inbox("acme"),
+            "--desk", "--url", amqp_url("guest", "guest", relay.vhost),
+            stdout=asyncio.subprocess.PIPE)
         try:
             assert example.stdout is not None
             await asyncio.wait_for(example.stdout.readline(), WAIT)  # consuming

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 
 from hypothesis import given
@@ -111,3 +114,32 @@ class TestDeviceToken:
         """Ids that differ get tokens that differ (and an id is never its own token)."""
         ids = ["phone", "Phone", "phone-", "phone_1", "a" * 128]
         assert len({opaque.device_token(SECRET, d) for d in ids}) == len(ids)
+
+
+class TestInboxToken:
+    @FAST
+    @given(business=st.from_regex(payload.BUSINESS_ID, fullmatch=True))
+    def test_names_an_inbox_without_the_business_id(self, business: str) -> None:
+        """A business's inbox is named by its token: 32 base32 characters, stable, keyed
+        by the secret, never the id, and unlike a device's token for the same text."""
+        token = opaque.inbox_token(SECRET, business)
+        assert re.fullmatch(r"[a-z2-7]{32}", token)
+        assert token == opaque.inbox_token(SECRET, business)
+        assert token != opaque.inbox_token(OTHER_SECRET, business)
+        assert business not in token or len(business) < 4
+        assert token != opaque.device_token(SECRET, business)
+        t = Topology()
+        exchange, queue, binding = topology.business(t, business, SECRET)
+        assert isinstance(exchange, topology.Exchange)
+        assert isinstance(queue, topology.Queue)
+        assert isinstance(binding, topology.Binding)
+        assert exchange.name == f"relayd.biz.{business}"
+        assert queue.name == topology.business_inbox(t, business, SECRET) == \
+            f"relayd.biz.{token}.inbox"
+        assert (binding.queue, binding.exchange) == (queue.name, exchange.name)
+
+    def test_device_tokens_are_unchanged(self) -> None:
+        """Sharing the token code with inboxes left device queue names as they were."""
+        digest = hmac.new(SECRET, b"relayd/v1 device queue\0phone", hashlib.sha256).digest()
+        assert opaque.device_token(SECRET, "phone") == \
+            base64.b32encode(digest[:20]).decode().lower()

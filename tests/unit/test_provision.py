@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from relayd import config, provision
+from relayd import config, opaque, provision
 from relayd.errors import ConfigError
 
+SECRET = bytes(range(32))
+ACME = opaque.inbox_token(SECRET, "acme")
 REQUIRED = {"store": {"url": "sqlite:////var/lib/relayd/relayd.db"},
             "keys": {"dir": "/var/lib/relayd/keys"}}
 
@@ -35,35 +37,39 @@ class TestVhost:
 
     def test_configured_vhost_wins(self) -> None:
         """amqp.management.vhost overrides the vhost derived from amqp.url."""
-        grant = provision.grant(settings(vhost="other"), "acme", "acme-user", "password")
+        grant = provision.grant(settings(vhost="other"), "acme", "acme-user", "password", SECRET)
         assert grant.vhost == "other"
 
 
 class TestGrant:
     def test_permissions_are_exact_names(self) -> None:
         """Configure nothing, write the replies exchange, read the business's own inbox."""
-        grant = provision.grant(settings(), "acme", "acme-user", "password")
+        grant = provision.grant(settings(), "acme", "acme-user", "password", SECRET)
         assert grant.vhost == "relayd"
         assert grant.permissions == {"configure": "^$", "write": r"^relayd\.replies$",
-                                     "read": r"^relayd\.biz\.acme\.inbox$"}
+                                     "read": rf"^relayd\.biz\.{ACME}\.inbox$"}
         assert grant.topic == {"exchange": "relayd.replies", "write": "^acme$", "read": "^$"}
         assert grant.limits == {"max-connections": 10, "max-channels": 20}
         assert grant.tags == ["relayd-business"]
 
     @pytest.mark.parametrize("other", [
-        "relayd.biz.acme2.inbox", "relayd.biz.acme.inbox2", "relayd.biz.acmeXinbox",
-        "relayd.biz.other.inbox", "relayd.bizXacme.inbox", "xrelayd.biz.acme.inbox",
+        f"relayd.biz.{ACME}2.inbox", f"relayd.biz.{ACME}.inbox2", f"relayd.biz.{ACME}Xinbox",
+        f"relayd.bizX{ACME}.inbox", f"xrelayd.biz.{ACME}.inbox", "relayd.biz.acme.inbox",
+        f"relayd.biz.{opaque.inbox_token(SECRET, 'other')}.inbox",
+        f"relayd.biz.{opaque.inbox_token(bytes(32), 'acme')}.inbox",
     ])
     def test_read_matches_no_other_queue(self, other: str) -> None:
-        """The read pattern is anchored and escaped: no look-alike queue matches it."""
-        read = provision.grant(settings(), "acme", "acme-user", "password").permissions["read"]
-        assert re.search(read, "relayd.biz.acme.inbox")
+        """The read pattern is anchored and escaped: no look-alike queue matches it, nor
+        the inbox's old name (by id), another business's, or one under another secret."""
+        read = provision.grant(settings(), "acme", "acme-user", "password",
+                               SECRET).permissions["read"]
+        assert re.search(read, f"relayd.biz.{ACME}.inbox")
         assert not re.search(read, other)
 
     @pytest.mark.parametrize("key", ["acme2", "acm", "other", "acme.x", ""])
     def test_topic_write_matches_only_own_id(self, key: str) -> None:
         """The routing-key pattern matches the business's id and nothing else."""
-        write = provision.grant(settings(), "acme", "acme-user", "password").topic["write"]
+        write = provision.grant(settings(), "acme", "acme-user", "password", SECRET).topic["write"]
         assert re.search(write, "acme")
         assert not re.search(write, key)
 
@@ -72,9 +78,9 @@ class TestGrant:
         s = settings(max_connections=2, max_channels=3).model_copy(update={
             "topology": config.Topology(replies_exchange="x.replies",
                                         business_inbox="biz-{business}-in")})
-        grant = provision.grant(s, "a-1", "u", "x509")
+        grant = provision.grant(s, "a-1", "u", "x509", SECRET)
         assert grant.permissions["write"] == r"^x\.replies$"
-        assert grant.permissions["read"] == r"^biz\-a\-1\-in$"
+        assert grant.permissions["read"] == rf"^biz\-{opaque.inbox_token(SECRET, 'a-1')}\-in$"
         assert grant.limits == {"max-connections": 2, "max-channels": 3}
         assert grant.tags == ["relayd-business", "relayd-x509"]
 
@@ -82,7 +88,7 @@ class TestGrant:
         """Without amqp.management there is nothing to provision with."""
         s = config.parse({**REQUIRED, "amqp": {"url": "amqp://broker/"}}, environ={})
         with pytest.raises(ConfigError, match=r"amqp\.management"):
-            provision.grant(s, "acme", "acme-user", "password")
+            provision.grant(s, "acme", "acme-user", "password", SECRET)
 
 
 class TestSecretFile:
