@@ -132,7 +132,7 @@ class Erasure:
         except ValueError as exc:
             raise PermanentError("malformed", str(exc)) from None
         if (not isinstance(data, dict) or data.keys() != {"v", "type", "user", "id"}
-                or data["v"] != payload.VERSION or data["type"] != "erase"
+                or not payload.is_version(data["v"]) or data["type"] != "erase"
                 or not payload.is_user_id(data["user"])
                 or not isinstance(data["id"], str) or len(data["id"]) != 36):
             raise PermanentError("malformed", 'expected {"v":1, "type":"erase", "user", "id"}')

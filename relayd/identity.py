@@ -122,7 +122,7 @@ def parse_enrolment(data: dict[str, Any]) -> Register | Revoke:
     """A register or revoke request from its decoded JSON; PermanentError otherwise."""
     kind = data.get("type")
     if (kind not in _FIELDS or data.keys() != _FIELDS[kind]
-            or type(data["v"]) is not int or data["v"] != payload.VERSION):  # not True, 1.0
+            or not payload.is_version(data["v"])):
         raise PermanentError("malformed", "not a request of the contract")
     user, device, request_id = _text(data, "user"), _text(data, "device"), _text(data, "id")
     if not payload.is_user_id(user) or not payload.DEVICE_ID.fullmatch(device):

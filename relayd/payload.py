@@ -21,6 +21,13 @@ from relayd.config import Limits
 from relayd.errors import EnvelopeError, ReplyError
 
 VERSION: Final = 1
+
+
+def is_version(value: object) -> bool:
+    """`value` is this contract's version, as JSON gave it: an integer, not true or 1.0."""
+    return _is_int(value) and value == VERSION
+
+
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # always fullmatch()
 BUSINESS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CONVERSATION_ID = re.compile(r"[a-z2-7]{32}")
@@ -135,7 +142,7 @@ def validate_up(claims: dict[str, Any], limits: Limits) -> Up:
 
     if claims.keys() != _UP_KEYS:
         raise bad("fields must be exactly v, device, seq, ts, id, to, type, body")
-    if claims["v"] != VERSION or not _is_int(claims["v"]):
+    if not is_version(claims["v"]):
         raise bad("v must be 1")
     seq, ts = claims["seq"], claims["ts"]
     if not _is_int(seq) or not 1 <= seq <= _MAX_SEQ:
@@ -176,7 +183,7 @@ def parse_reply(body: bytes, limits: Limits) -> Reply:
         raise ReplyError("invalid", "not a JSON object")
     if data.keys() != _REPLY_KEYS:
         raise ReplyError("invalid", "fields must be exactly v, type, conversation, id, body")
-    if data["v"] != VERSION or not _is_int(data["v"]):
+    if not is_version(data["v"]):
         raise ReplyError("invalid", "v must be 1")
     reply_id = _uuid(data["id"])
     if reply_id is None:

@@ -54,9 +54,9 @@ class TestErasureRequests:
         assert caught.value.reason == "unauthenticated"
 
     @pytest.mark.parametrize("body", [
-        b"not json", b"[]", request(v=2), request(type="export"), request(user=""),
-        request(user=7), request(user="x" * 1025), request(id="z" * 36), request(id=...),
-        request(extra=True), request(user=...),
+        b"not json", b"[]", request(v=2), request(v=True), request(v=1.0), request(type="export"),
+        request(user=""), request(user=7), request(user="x" * 1025), request(id="z" * 36),
+        request(id=...), request(extra=True), request(user=...),
     ])
     def test_malformed(self, body: bytes) -> None:
         """Anything but exactly {v:1, type:erase, user, id} is dead-lettered as malformed."""
