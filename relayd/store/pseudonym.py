@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from relayd import opaque
-from relayd.errors import StoreError
+from relayd.errors import StoreError, TransientError
 from relayd.store import (
     AuditRecord,
     Backend,
@@ -178,10 +178,20 @@ class Pseudonymous:
         return await self.backend.remove_business(business_id)
 
     async def add_device(self, device: Device) -> bool:
+        """Register the device under its user's key. An erasure of the user that destroys
+        the key in between would leave a row nothing opens: then the row goes and the
+        registration is tried again, with a new key."""
         user, pseudonym = self.user_pseudonym(device.user), self.device_pseudonym(device.id)
-        key, _ = await self._person(device.user, user)
-        return await self.backend.add_device(replace(
-            device, id=pseudonym, user=user, sealed=seal(key, "device", pseudonym, device.id)))
+        for _ in range(3):
+            key, _ = await self._person(device.user, user)
+            added = await self.backend.add_device(replace(
+                device, id=pseudonym, user=user,
+                sealed=seal(key, "device", pseudonym, device.id)))
+            kept = await self.vault.people([user])
+            if not added or (user in kept and kept[user][0] == key):
+                return added
+            await self.backend.remove_device(pseudonym)
+        raise TransientError("store_busy", "the user was erased at each try to add a device")
 
     async def device(self, device_id: str) -> Device | None:
         row = await self.backend.device(self.device_pseudonym(device_id))

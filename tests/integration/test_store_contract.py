@@ -755,6 +755,34 @@ class TestPseudonyms:
         assert await store.vault.all_people(everyone) == [store.user_pseudonym("u9")]
         assert [d.id for d in await store.devices()] == ["d9"]
 
+    async def test_a_device_added_while_its_user_is_erased_stays_readable(
+            self, store: Store) -> None:
+        """When an erasure destroys the user's key between the key's creation and the
+        device's row (another process), the registration is made again under a new key:
+        the device is found, not a row nothing opens."""
+        assert isinstance(store, Pseudonymous)
+        vault, erasures = store.vault, []
+
+        class ErasedMeanwhile:
+            """The store's vault, but the first key it gives is destroyed at once."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(vault, name)
+
+            async def add_person(self, user: str, key: bytes,
+                                 sealed: bytes) -> tuple[bytes, bytes]:
+                kept = await vault.add_person(user, key, sealed)
+                if not erasures:
+                    erasures.append(user)
+                    await vault.forget_people([user])
+                return kept
+
+        racing = Pseudonymous(store.backend, ErasedMeanwhile(), SECRET)  # type: ignore[arg-type]
+        assert await racing.add_device(device(PHONE, USER))
+        assert erasures == [store.user_pseudonym(USER)]
+        assert await store.device(PHONE) == device(PHONE, USER)
+        assert [d.id for d in await racing.devices()] == [PHONE]
+
     async def test_erased_rows_no_longer_open(self, store: Store) -> None:
         """After erasure, a copy of the user's device row taken before it (as in a backup)
         does not open with the store's own code: the user's key is gone."""
