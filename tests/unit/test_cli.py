@@ -14,7 +14,7 @@ import pytest
 import structlog
 import yaml
 
-from relayd import cli, keys
+from relayd import cli, keys, log
 from relayd.client import DeviceKeys
 from relayd.crypto import b64d, b64e
 from relayd.errors import ExitCode
@@ -22,12 +22,13 @@ from relayd.errors import ExitCode
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No RELAYD_* variable from the real environment; structlog reset after main()."""
+    """No RELAYD_* variable from the real environment; logging reset after main()."""
     for name in list(os.environ):
         if name.startswith("RELAYD_"):
             monkeypatch.delenv(name)
     yield
     structlog.reset_defaults()
+    log.reset()
 
 
 def _config(tmp_path: Path, **extra: object) -> Path:
