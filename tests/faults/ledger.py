@@ -65,6 +65,8 @@ class Ledger:
         self.resent: Counter[str] = Counter()  # publishes repeated after a lost confirm
         self.replayed: set[str] = set()  # envelopes published twice on purpose
         self.unexpected: Counter[str] = Counter()  # what no phase sent
+        self.business_order: list[str] = []  # up ids, in the order they first arrived
+        self.device_order: dict[str, list[str]] = defaultdict(list)  # ids, first arrivals
         self.changed = asyncio.Event()
 
     # --- recording ---------------------------------------------------------------------
@@ -92,6 +94,8 @@ class Ledger:
             self.errors[str(event.get("ref"))] = str(event.get("code"))
         elif event_id not in self.up:
             self.unexpected["business:" + str(event.get("type"))] += 1
+        if not self.at_business[event_id]:
+            self.business_order.append(event_id)
         self.at_business[event_id] += 1
         self._changed()
 
@@ -100,6 +104,8 @@ class Ledger:
         if key not in self.down:
             self.unexpected["device:" + str(message.get("type"))] += 1
         seq = message.get("seq")
+        if not self.at_device[key]:
+            self.device_order[device].append(key[1])
         self.at_device[key].append(seq if isinstance(seq, int) else -1)
         self._changed()
 
@@ -191,6 +197,28 @@ class Ledger:
                 by_seq[device, seq].add(message_id)
         problems += [f"{device} seq {seq}: {len(ids)} ids" for (device, seq), ids
                      in by_seq.items() if len(ids) > 1]
+        return problems
+
+    def reordered(self, phase: str) -> list[str]:
+        """The lanes of `phase` whose first arrivals came out of the order sent: a device's
+        up messages at the business, and at each device the replies of its conversation
+        and the echoes of each other device (each a lane of its own, numbered in its order:
+        seqs of different lanes may interleave)."""
+        position = {message_id: n for n, message_id in enumerate(self.business_order)}
+        ups: dict[str, list[int]] = defaultdict(list)
+        for message_id in self.ups_of[phase]:
+            if message_id in position:
+                ups[self.up[message_id].device].append(position[message_id])
+        problems = [f"up from {device}" for device, got in ups.items() if got != sorted(got)]
+        for device, ids in self.device_order.items():
+            lanes: dict[str, list[int]] = defaultdict(list)
+            for message_id in ids:
+                if self.down.get((device, message_id), Down("", "")).phase == phase:
+                    lane = ("replies" if message_id in self.replies
+                            else f"echoes of {self.up[message_id].device}")
+                    lanes[lane].append(self.at_device[device, message_id][0])
+            problems += [f"{lane} to {device}: seqs {seqs}" for lane, seqs in lanes.items()
+                         if seqs != sorted(seqs)]
         return problems
 
     def dead_copies_of_delivered(self, phase: str) -> Counter[str]:

@@ -239,7 +239,7 @@ class Rig:
                      **sections: dict[str, Any]) -> Rig:
         node.ctl("add_vhost", vhost)
         node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        url = f"amqp://guest:guest@127.0.0.1:{node.amqp_port}/{vhost}"
+        url = f"amqp://guest:guest@{node.host}:{node.amqp_port}/{vhost}"
         path = write_config(root, url, DEFAULTS, sections)
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "fault-1")
@@ -492,11 +492,16 @@ class Rig:
 
     async def phase(self, name: str, fault: Fault, *, after_close: Fault | None = None,
                     min_rounds: int = 10, max_rounds: int = 200,
-                    pace: float = 0.2) -> tuple[Row, Row]:
-        """Numbered traffic both ways while `fault` runs, then closes, then the checker."""
+                    pace: float = 0.2, opened: bool = False) -> tuple[Row, Row]:
+        """Numbered traffic both ways while `fault` runs, then closes, then the checker.
+        `opened`: the traffic waits until every start reached the business, so that no
+        two devices of a user race to open (or reopen) their conversation."""
         mark = self.log_mark()
-        for user in self.users:
-            await self.send(name, self.devices_of(user)[0], "start")
+        starts = [(await self.send(name, self.devices_of(user)[0], "start"))[0]
+                  for user in self.users]
+        if opened:
+            await self.ledger.until(lambda: all(self.ledger.at_business[i] for i in starts),
+                                    WAIT)
         done = asyncio.Event()
 
         async def traffic() -> None:

@@ -3,6 +3,11 @@
 The cluster (tests/support/cluster.py) runs each node in a network namespace of its own;
 a relayd host runs in one too, so a test can drop every packet of one link and leave its
 TCP connections half-open, as a dead switch or a crashed machine would.
+
+TestHosts runs the fault suite's rig (tests/faults/rig.py) with sharded relayd hosts on
+the cluster (through a load balancer) and on PostgreSQL (each host through a link of its
+own that a test can freeze): a host cut off from the store, a host killed, hosts joining
+and leaving. Each row checks the ledger and order per lane, both ways.
 """
 
 from __future__ import annotations
@@ -11,23 +16,31 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import pytest_asyncio
 import yaml
 
-from relayd import config, keys
-from tests.faults.ledger import NOTES
+from relayd import config, keys, shard
+from tests.faults.ledger import NOTES, ROWS, Row
+from tests.faults.rig import WAIT, Relayd, Rig
+from tests.faults.rig import until as rig_until
+from tests.faults.test_faults import flowing
+from tests.support import postgres
 from tests.support.broker import TestBroker
-from tests.support.cluster import PREFIX, Cluster, Host, _netns, ip
+from tests.support.cluster import PREFIX, Cluster, Forwarder, Host, _netns, ip
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker_node,
               pytest.mark.asyncio(loop_scope="module")]
@@ -170,3 +183,212 @@ class TestFailureDetection:
             relayd.kill()
         NOTES.append(f"half-open relayd connection (heartbeat default): the broker dropped "
                      f"it after {broker_s:.0f} s, relayd after {broker_s + relayd_s:.0f} s")
+
+
+# --- relayd hosts on the cluster, sharded, on PostgreSQL -----------------------------------
+
+HOST_USERS = {"u0": 2, "u1": 2, "u2": 2, "u3": 2}  # user -> devices
+SHARDS = 4
+MEMBER_TTL = 3.0  # topology.shard_member_ttl: a dead host's shards move within 4 s
+MAX_ROUNDS = 3000  # traffic lasts as long as the fault: rabbitmqctl is slow on a busy machine
+
+
+@dataclass
+class Hosts:
+    """The rig's relay (host "a") and more relayd hosts beside it: each its own `relayd run`
+    with one inbound and one outbound worker, its own config and copy of the keys, on the
+    cluster through a load balancer, and on one PostgreSQL database through a link of its
+    own (a socat forwarder) that a test can freeze."""
+
+    rig: Rig
+    cluster: Cluster
+    database: str
+    links: dict[str, Forwarder]
+    running: dict[str, Relayd]
+
+    def store_url(self, name: str) -> str:
+        return linked(self.database, self.cluster.root, self.links[name])
+
+    def start(self, name: str) -> Relayd:
+        """Start host `name` (a new one gets a link and a config of its own)."""
+        if name not in self.links:
+            self.links[name] = self.cluster.forward(postgres_port(self.database))
+            home = self.rig.root / name
+            shutil.copytree(self.rig.settings.keys.dir, home / "keys")
+            data = yaml.safe_load(self.rig.relayd.config_path.read_text())
+            data["keys"]["dir"] = str(home / "keys")
+            data["store"]["url"] = self.store_url(name)
+            (home / "relayd.yaml").write_text(yaml.safe_dump(data))
+        home = self.rig.root / name
+        host = Relayd(home / "relayd.yaml", home / "relayd.log",
+                      self.rig.relayd.workers_per_role)
+        host.start()
+        self.running[name] = host
+        return host
+
+    async def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
+        host = self.running.pop(name)
+        workers = host.workers()
+        code = await host.stop(sig)
+        for worker in workers:  # a killed supervisor leaves its workers behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        return code
+
+    def holders(self) -> dict[str, list[str]]:
+        """The channel of each active consumer of each shard queue."""
+        out = self.rig.node.ctl("list_consumers", "-p", self.rig.vhost, "queue_name",
+                                "channel_pid", "active", "--no-table-headers", "-q")
+        held: dict[str, list[str]] = defaultdict(list)
+        for line in out.splitlines():
+            queue, channel, active = line.split("\t")
+            if active == "true":
+                held[queue].append(channel)
+        return held
+
+    def connections_holding(self) -> int | None:
+        """How many relayd connections hold each role's shards between them, when every
+        shard queue has exactly one active consumer and both roles agree; else None."""
+        held = self.holders()
+        t = self.rig.topology
+        out = self.rig.node.ctl("list_channels", "pid", "connection", "--no-table-headers",
+                                "-q")
+        connection = dict(line.split("\t") for line in out.splitlines() if line)
+        counts = set()
+        for role in ("inbound", "outbound"):
+            queues = [shard.shard_queue(t, role, k) for k in range(t.shards)]
+            if any(len(held[q]) != 1 for q in queues):
+                return None
+            counts.add(len({connection.get(held[q][0]) for q in queues}))
+        return counts.pop() if len(counts) == 1 else None
+
+    async def shared_by(self, count: int, wait: float = WAIT) -> None:
+        """Until the shards of both roles are held by `count` hosts, one consumer each."""
+        async def check() -> bool:
+            return await asyncio.to_thread(self.connections_holding) == count
+        await rig_until(check, f"the shards to be shared by {count} hosts", wait)
+
+
+def postgres_port(url: str) -> int:
+    return urllib.parse.urlsplit(url).port or 5432
+
+
+def linked(database: str, address: str, link: Forwarder) -> str:
+    """The URL of `database` through `link`, a forwarder listening on `address`."""
+    url = urllib.parse.urlsplit(database)
+    return url._replace(netloc=f"{url.username}@{address}:{link.port}").geturl()
+
+
+def logged(host: Relayd, event: str) -> bool:
+    return f'"event":"{event}"'.encode() in host.log_path.read_bytes()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hosts(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+                ) -> AsyncIterator[Hosts]:
+    """Host "a" (the rig's relay) and host "b", sharded, on the cluster and PostgreSQL."""
+    root = tmp_path_factory.mktemp("hosts")
+    async with postgres.database() as database:
+        links = {"a": cluster.forward(postgres_port(database))}
+        balancer = cluster.balancer()
+        vhost = f"hosts-{secrets.token_hex(4)}"
+        rig = await Rig.create(
+            cluster.nodes[0], root, vhost, HOST_USERS,
+            amqp={"url": f"amqp://guest:guest@{cluster.root}:{balancer}/{vhost}"},
+            store={"url": linked(database, cluster.root, links["a"])},
+            workers={"inbound": 1, "outbound": 1, "prefetch": 8},
+            topology={"shards": SHARDS, "shard_member_ttl": MEMBER_TTL})
+        fixture = Hosts(rig, cluster, database, links, {"a": rig.relayd})
+        try:
+            fixture.start("b")
+            await fixture.shared_by(2)
+            yield fixture
+        finally:
+            for name in [n for n in fixture.running if n != "a"]:
+                await fixture.stop(name, signal.SIGKILL)
+            await rig.close()
+
+
+def record_ordered(rig: Rig, up: Row, down: Row) -> None:
+    """Add the phase's rows to the report, then check: nothing lost or dead-lettered,
+    nothing unexpected, no state change applied twice (seqs), the conversations' states,
+    and order: each device's messages reach the business in the order sent, and each
+    device gets its messages in seq order."""
+    phase = up.phase
+    reordered = rig.ledger.reordered(phase)
+    up.notes.append(f"REORDERED: {reordered}" if reordered else "order kept")
+    ROWS.extend([up, down])
+    assert (up.lost, down.lost) == (0, 0), rig.ledger.missing(phase)
+    assert (up.dead, down.dead) == ({}, {})
+    assert not rig.ledger.unexpected
+    assert rig.ledger.seq_conflicts(phase) == []
+    assert "conversation states ok" in up.notes
+    assert reordered == []
+
+
+class TestHosts:
+    """Phases in order on hosts "a" and "b" (and "c" for a while); each a row."""
+
+    async def test_store_cut_off_from_one_host(self, hosts: Hosts) -> None:
+        """Host b's link to PostgreSQL hangs while b still reaches the broker: b gives its
+        shards up, a takes them all, and nothing is lost, reordered or applied twice;
+        once the link is back b takes its share again."""
+        rig, b = hosts.rig, hosts.running["b"]
+        name = "store cut off from host b"
+
+        async def cut() -> list[str]:
+            await flowing(rig, name)
+            started = time.monotonic()
+            hosts.links["b"].freeze()
+            try:
+                await rig_until(lambda: asyncio.to_thread(logged, b, "fenced"),
+                                "host b to give its shards up")
+                await hosts.shared_by(1)
+                moved = time.monotonic() - started
+                await flowing(rig, name)
+            finally:
+                hosts.links["b"].thaw()
+            await rig_until(lambda: asyncio.to_thread(logged, b, "unfenced"),
+                            "host b to take shards again")
+            await hosts.shared_by(2)
+            return [f"a seen holding every shard {moved:.0f} s after the cut"]
+
+        record_ordered(rig, *await rig.phase(name, cut, opened=True, max_rounds=MAX_ROUNDS))
+
+    async def test_kill_a_host(self, hosts: Hosts) -> None:
+        """Host b killed (supervisor and workers, SIGKILL) mid-stream: a takes its shards
+        after the member ttl; b started again takes its share back."""
+        rig = hosts.rig
+        name = "kill -9 host b"
+
+        async def kill() -> list[str]:
+            await flowing(rig, name)
+            started = time.monotonic()
+            await hosts.stop("b", signal.SIGKILL)
+            await hosts.shared_by(1)
+            moved = time.monotonic() - started
+            await flowing(rig, name)
+            hosts.start("b")
+            await hosts.shared_by(2)
+            return [f"a seen holding every shard {moved:.0f} s after the kill"]
+
+        record_ordered(rig, *await rig.phase(name, kill, opened=True, max_rounds=MAX_ROUNDS))
+
+    async def test_add_and_remove_hosts(self, hosts: Hosts) -> None:
+        """Host c joins, b leaves (SIGTERM), b joins again, c leaves, mid-stream: the
+        shards move four times with messages in flight."""
+        rig = hosts.rig
+        name = "hosts join and leave"
+
+        async def churn() -> list[str]:
+            for step, count in (("+c", 3), ("-b", 2), ("+b", 3), ("-c", 2)):
+                await flowing(rig, name, 10)
+                which = step[1]
+                if step[0] == "+":
+                    hosts.start(which)
+                else:
+                    assert await hosts.stop(which) == 0
+                await hosts.shared_by(count)
+            return ["c joined, b left, b joined, c left"]
+
+        record_ordered(rig, *await rig.phase(name, churn, opened=True, max_rounds=MAX_ROUNDS))

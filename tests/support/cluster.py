@@ -231,6 +231,8 @@ class Cluster:
                 helper.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 helper.wait(10)
+            if helper.stdout is not None:  # a balancer's, that told its port
+                helper.stdout.close()
         for i in range(len(self.nodes)):
             self.heal(i)
         with contextlib.suppress(Exception):  # what is left is killed with its namespace
