@@ -3,34 +3,41 @@
 The ack policy lives here and only here: verdict() decides, Consumer.settle applies.
 - ack only after everything the message became is confirmed by the broker;
 - a PermanentError dead-letters a copy with its reason (confirmed), then acks;
-- a TransientError, or any other error (a bug), waits (exponential backoff, no busy
-  loop) and requeues; after `workers.max_attempts` the message is dead-lettered
-  (retries_exhausted, or internal_error for a bug) instead of looping forever;
-- a StoreUnavailableError requeues after the backoff without counting against it.
+- a failure that may pass (TransientError: a full or missing queue, a nack, a lost
+  publish; StoreUnavailableError) is retried IN PLACE: the delivery stays unacked in its
+  lane, waits a backoff that grows up to `workers.retry_max_backoff`, and its work runs
+  again. It is never put back in the queue, so nothing later in its lane passes it and the
+  broker's delivery limit is not spent on it. It is held without counting, up to
+  `topology.device_message_ttl_days` (what a device queue would keep it for), then
+  dead-lettered as retries_exhausted;
+- any other error (a bug) is retried in place the same way, counted: after
+  `workers.max_attempts` the message is dead-lettered as internal_error.
 Whatever is raised below (by a handler's prepare or its work, the publish of the
 dead-letter copy, the ack itself), Consumer.settle is the one guard: the delivery is
-acked, requeued, or, when even its dead-letter copy cannot be published, rejected to the
-queue's dead-letter exchange. A delivery whose channel died is settled by the broker,
-which delivers it again.
+acked, dead-lettered or, when even its dead-letter copy cannot be made, rejected to the
+queue's dead-letter exchange; an ack that fails on a live channel requeues it. A
+delivery whose channel died, or that was held when the consumer stopped, is left to the
+broker, which delivers it again (in order, with the rest of what the channel held).
 
-Messages of one lane (a device inbound, a conversation outbound, a user for erasure) are
-handled one at a time, in delivery order; different lanes run concurrently, up to the
-prefetch.
+Messages of one lane (a device's conversation inbound, a conversation outbound, a user
+for erasure) are handled one at a time, in delivery order; different lanes run
+concurrently. At most `workers.prefetch` deliveries are in work at once; the broker may
+hand a consumer twice that many (window()), so that held messages, which wait for
+something else to clear, leave room for everyone else's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from relayd import amqp, log, metrics, wire
 from relayd.amqp import Delivery
-from relayd.config import Workers
+from relayd.config import Settings, Workers
 from relayd.errors import PermanentError, StoreUnavailableError, TransientError
 
 _log = log.get("relayd.consume")
@@ -52,14 +59,14 @@ class Sink(Protocol):
     def dead_letter(self, delivery: Delivery, queue: str, reason: str) -> Awaitable[None]: ...
 
 
-Action = Literal["ack", "dead_letter", "retry", "release"]
+Action = Literal["ack", "dead_letter", "retry"]
+DAY_S = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What settles a delivery: `ack` it; `dead_letter` it (a copy with `reason`, then
-    ack); `retry` it (requeue after a backoff, counted); `release` it (requeue after a
-    backoff, not counted: the store was unavailable)."""
+    ack); `retry` it in place after a backoff (see the module docstring)."""
 
     action: Action
     reason: str = ""
@@ -68,16 +75,31 @@ class Verdict:
 DELIVERED = Verdict("ack")
 
 
-def verdict(error: Exception, attempts: int, max_attempts: int) -> Verdict:
-    """The policy for a delivery whose handling raised `error`, on its `attempts`-th try."""
+def window(workers: Workers) -> int:
+    """How many unacked deliveries the broker may hand one consumer: `prefetch` in work,
+    and as many again waiting, held or behind a held message of their lane."""
+    return 2 * workers.prefetch
+
+
+def hold_limit(settings: Settings) -> float:
+    """How long a delivery is held for a failure that may pass: as long as a device queue
+    would keep a message (topology.device_message_ttl_days)."""
+    return settings.topology.device_message_ttl_days * DAY_S
+
+
+def verdict(error: Exception, attempts: int, max_attempts: int, held_s: float = 0.0,
+            hold_limit_s: float = float("inf")) -> Verdict:
+    """The policy for a delivery whose handling raised `error`: on its `attempts`-th try
+    counted (bugs only), `held_s` after its first failure that may pass."""
     if isinstance(error, PermanentError):
         return Verdict("dead_letter", error.reason)
-    if isinstance(error, StoreUnavailableError):
-        return Verdict("release", "store_unavailable")
-    reason = error.reason if isinstance(error, TransientError) else "internal_error"
+    if isinstance(error, TransientError | StoreUnavailableError):
+        reason = error.reason if isinstance(error, TransientError) else "store_unavailable"
+        return Verdict("retry", reason) if held_s < hold_limit_s else Verdict(
+            "dead_letter", "retries_exhausted")
     if attempts < max_attempts:
-        return Verdict("retry", reason)
-    return Verdict("dead_letter", reason if reason == "internal_error" else "retries_exhausted")
+        return Verdict("retry", "internal_error")
+    return Verdict("dead_letter", "internal_error")
 
 
 class Lanes:
@@ -112,15 +134,17 @@ class Consumer:
     `stage` names it in logs and metrics (inbound, outbound, gdpr)."""
 
     def __init__(self, stage: str, workers: Workers, handler: Handler, sink: Sink,
-                 queue: str) -> None:
+                 queue: str, hold_limit_s: float = 30 * DAY_S) -> None:
         self.stage = stage
         self.workers = workers
         self.handler = handler
         self.sink = sink
         self.queue = queue
+        self.hold_limit_s = hold_limit_s
         self.lanes = Lanes()
         self.handing_back = False  # stopping a shard: start nothing more, see relayd.route
-        self._attempts: OrderedDict[bytes, int] = OrderedDict()
+        self._stopping = asyncio.Event()  # drain(): held deliveries are let go
+        self._in_work = asyncio.Semaphore(workers.prefetch)
 
     async def on_message(self, delivery: Delivery) -> None:
         """Called in delivery order; everything before the lane runs synchronously."""
@@ -131,26 +155,69 @@ class Consumer:
             wire.check(delivery.headers)  # bad_properties: see relayd.wire
             lane, work = self.handler.prepare(delivery)
         except Exception as exc:  # settled below like any failure of the work
-            lane, work = None, _raiser(exc)
+            lane, work = None, self._prepared_later(delivery, exc)
         task = self.lanes.submit(lane, lambda: self.settle(delivery, work, started))
         task.add_done_callback(lambda _: metrics.settled(self.stage))
 
+    def _prepared_later(self, delivery: Delivery, failed: Exception) -> Work:
+        """The work of a delivery whose prepare raised `failed`: it raises that, then, if
+        it is tried again, prepares the delivery again (once it works) and runs that."""
+        prepared: Work | None = None
+        error: Exception | None = failed
+
+        async def work() -> str:
+            nonlocal prepared, error
+            if error is not None:
+                raised, error = error, None
+                raise raised
+            if prepared is None:
+                _, prepared = self.handler.prepare(delivery)
+            return await prepared()
+        return work
+
     async def settle(self, delivery: Delivery, work: Work, started: float) -> None:
-        """Run `work` and settle `delivery` once, whatever either raises."""
+        """Run `work` and settle `delivery` once, whatever either raises: retried in
+        place, in its lane, while it fails in a way that may pass."""
         if self.handing_back:
             return  # left unacked: it goes back to the queue when our channel closes
         kind, outcome, reason = "", "unsettled", ""
+        attempts = _delivered_before(delivery)
+        held_since: float | None = None
+        waits = 0
         try:
-            try:
-                kind = await work()
-                judged = DELIVERED
-            except Exception as exc:
-                if not isinstance(exc, PermanentError | TransientError | StoreUnavailableError):
-                    # the type only: a bug's message may quote the payload
-                    _log.error("handler_failed", stage=self.stage, error=type(exc).__name__)
-                attempts = 0 if isinstance(exc, PermanentError) else self._attempt(delivery)
-                judged = verdict(exc, attempts, self.workers.max_attempts)
-            outcome, reason = await self._apply(delivery, judged)
+            while True:
+                try:
+                    async with self._in_work:
+                        kind = await work()
+                    judged = DELIVERED
+                except Exception as exc:
+                    transient = isinstance(exc, TransientError | StoreUnavailableError)
+                    if not (transient or isinstance(exc, PermanentError)):
+                        # the type only: a bug's message may quote the payload
+                        _log.error("handler_failed", stage=self.stage,
+                                   error=type(exc).__name__)
+                        attempts += 1
+                    if transient and held_since is None:
+                        held_since = time.monotonic()
+                    held_s = time.monotonic() - held_since if held_since is not None else 0.0
+                    judged = verdict(exc, attempts, self.workers.max_attempts, held_s,
+                                     self.hold_limit_s)
+                if judged.action == "retry":
+                    waits += 1
+                    if not await self._hold(judged.reason, waits, kind):
+                        reason = "stopped_while_held"
+                        return
+                    continue
+                held_since = held_since or time.monotonic()
+                last = time.monotonic() - held_since >= self.hold_limit_s
+                settled = await self._apply(delivery, judged, last)
+                if settled is not None:
+                    outcome, reason = settled
+                    return
+                waits += 1  # the dead-letter copy was refused: try it again
+                if not await self._hold(f"dead_letter_{judged.reason}", waits, kind):
+                    reason = "stopped_while_held"
+                    return
         finally:
             latency = time.monotonic() - started
             if outcome != "delivered" or log.debugging():  # delivered: at debug level
@@ -159,38 +226,49 @@ class Consumer:
                     latency_ms=round(latency * 1000, 2))
             metrics.handled(self.stage, outcome, reason, kind, latency, delivery.timestamp)
 
-    async def _apply(self, delivery: Delivery, judged: Verdict) -> tuple[str, str]:
-        """Settle `delivery` as `judged`; return the (outcome, reason) that happened."""
+    async def _hold(self, reason: str, waits: int, kind: str) -> bool:
+        """Wait the `waits`-th backoff before trying a held delivery again; False if the
+        consumer stops meanwhile (the delivery is then left to the broker, and so is
+        everything not started yet: nothing of its lane may pass it)."""
+        backoff = self._backoff(waits)
+        if waits == 1 or waits % 10 == 0:
+            _log.warning("held", stage=self.stage, reason=reason, waits=waits,
+                         retry_in_s=backoff)
+        metrics.handled(self.stage, "retry", reason, kind, 0.0, None)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), backoff)
+        if self._stopping.is_set():
+            self.handing_back = True
+            return False
+        return True
+
+    async def _apply(self, delivery: Delivery, judged: Verdict,
+                     last: bool) -> tuple[str, str] | None:
+        """Settle `delivery` as judged (ack or dead_letter); return the (outcome, reason)
+        that happened, or None when the broker refused the dead-letter copy for now (if
+        it was the `last` try, the broker dead-letters the delivery itself)."""
         reason = judged.reason
-        if judged.action in ("retry", "release"):
-            return await self._requeue(delivery, reason)
         if judged.action == "dead_letter":
             try:
                 await self.sink.dead_letter(delivery, self.queue, reason)
             except (TransientError, *amqp.CONNECT_ERRORS) as exc:  # the broker's trouble
-                self._attempt(delivery)  # so that the backoff grows
-                why = exc.reason if isinstance(exc, TransientError) else "publish_failed"
-                return await self._requeue(delivery, f"dead_letter_{why}")
+                if not last:
+                    return None
+                _log.warning("dead_letter_failed", stage=self.stage, reason=reason,
+                             error=type(exc).__name__)
+                return await self._settle(delivery, delivery.reject(requeue=False),
+                                          "dead_lettered_by_broker", reason)
             except Exception as exc:  # no copy can be made: the broker dead-letters it
                 _log.warning("dead_letter_failed", stage=self.stage, reason=reason,
                              error=type(exc).__name__)
                 return await self._settle(delivery, delivery.reject(requeue=False),
                                           "dead_lettered_by_broker", reason)
         outcome = "delivered" if judged.action == "ack" else "dead_lettered"
-        settled = await self._settle(delivery, delivery.ack(), outcome, reason)
-        if settled[0] == outcome:
-            self._attempts.pop(self._key(delivery), None)
-        return settled
-
-    async def _requeue(self, delivery: Delivery, reason: str) -> tuple[str, str]:
-        """Put `delivery` back in its queue after a backoff that grows with its attempts
-        (counted in settle, except for an unavailable store)."""
-        await asyncio.sleep(self._backoff(self._attempts.get(self._key(delivery), 1)))
-        return await self._settle(delivery, delivery.nack(requeue=True), "retry", reason)
+        return await self._settle(delivery, delivery.ack(), outcome, reason)
 
     async def _settle(self, delivery: Delivery, call: Awaitable[None], outcome: str,
                       reason: str) -> tuple[str, str]:
-        """Await one ack, nack or reject; return (outcome, reason) if it went through.
+        """Await one ack or reject; return (outcome, reason) if it went through.
         A delivery whose channel is gone is the broker's to deliver again (unsettled);
         after any other failure it is requeued, so that it is not held for as long as the
         channel lives."""
@@ -207,29 +285,14 @@ class Consumer:
             return "retry", "settle_failed"
         return outcome, reason
 
-    @staticmethod
-    def _key(delivery: Delivery) -> bytes:
-        return hashlib.blake2b(delivery.body, digest_size=16).digest()
-
-    def _attempt(self, delivery: Delivery) -> int:
-        """How many times this delivery has failed here, this one included."""
-        broker_count = (delivery.headers or {}).get("x-delivery-count")
-        key = self._key(delivery)
-        count = self._attempts.get(key, 0) + 1
-        if isinstance(broker_count, int):
-            count = max(count, broker_count + 1)
-        self._attempts[key] = count
-        self._attempts.move_to_end(key)
-        while len(self._attempts) > 10_000:
-            self._attempts.popitem(last=False)
-        return count
-
-    def _backoff(self, attempts: int) -> float:
+    def _backoff(self, waits: int) -> float:
         w = self.workers
-        return float(min(w.retry_max_backoff, w.retry_initial_backoff * 2 ** (attempts - 1)))
+        return float(min(w.retry_max_backoff, w.retry_initial_backoff * 2 ** min(waits - 1, 30)))
 
     async def drain(self, deadline_s: float) -> int:
-        """Wait for in-flight messages up to `deadline_s`; return how many were abandoned."""
+        """Wait for the messages in work up to `deadline_s` (held ones are let go at once);
+        return how many were abandoned."""
+        self._stopping.set()
         if not self.lanes.tasks:
             return 0
         _, pending = await asyncio.wait(set(self.lanes.tasks), timeout=deadline_s)
@@ -238,8 +301,24 @@ class Consumer:
         return len(pending)
 
 
-def _raiser(exc: Exception) -> Work:
-    async def fail() -> str:
-        raise exc
-    return fail
+def _delivered_before(delivery: Delivery) -> int:
+    """How often the broker says it delivered this message before (quorum queues)."""
+    count = (delivery.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) and count >= 0 else 0
+
+
+def retried(handle: Callable[[bool, set[str]], Awaitable[str]], redelivered: bool) -> Work:
+    """The work of a delivery that runs `handle(again, sent)`: `again` is whether this run
+    may repeat what an earlier one did, `redelivered` at the first run, and True at each
+    run after it (a retry in place, which the broker does not mark); `sent` collects the
+    targets whose copy the broker confirmed, over every run (relayd.deliver.once)."""
+    ran, sent = redelivered, set[str]()
+
+    async def work() -> str:
+        nonlocal ran
+        again, ran = ran, True
+        return await handle(again, sent)
+    return work
+
+
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from relayd import envelope, log, metrics, payload
@@ -51,16 +51,29 @@ def seal_down(keyring: KeyRing, device: Device, body: bytes) -> bytes:
         raise PermanentError("bad_device_key", "the device's key cannot be sealed to") from None
 
 
+async def once(sent: set[str] | None, target: str,
+               publish: Callable[[], Awaitable[None]]) -> None:
+    """`publish()` unless an earlier run of the same delivery (a retry in place) had its
+    copy for `target` confirmed already: `sent` collects the targets confirmed."""
+    if sent is not None and target in sent:
+        return
+    await publish()
+    if sent is not None:
+        sent.add(target)
+
+
 async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Device],
                   source: str, message_id: str, sender: str, kind: str,
-                  body: dict[str, Any], seqs: Mapping[str, int] | None = None) -> None:
+                  body: dict[str, Any], seqs: Mapping[str, int] | None = None,
+                  sent: set[str] | None = None) -> None:
     """Seal one message separately to each device, with its own down seq, and publish.
     `seqs`: the seqs allocated for `source` already (Store.accept_up did), else asked
     for here.
 
     Each device's copy is sealed and published on its own: a device whose key cannot be
     sealed to is skipped and reported (log and metric, no id), and the others get theirs.
-    A failed publish fails the whole, to be retried (the same seqs again)."""
+    A failed publish fails the whole, to be retried (the same seqs again); a device whose
+    copy was confirmed in an earlier run (`sent`, see once()) is not sent it again."""
     if not devices:
         return
     ts = now_ms()
@@ -68,6 +81,8 @@ async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Devi
         seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
 
     async def one(device: Device, seq: int) -> None:
+        if sent is not None and "d:" + device.id in sent:
+            return
         try:
             sealed = seal_down(keyring, device, payload.down_payload(
                 device.id, seq, ts, message_id, sender, kind, body))
@@ -75,6 +90,6 @@ async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Devi
             _log.warning("device_skipped", reason=exc.reason)
             metrics.skipped(exc.reason)
             return
-        await sink.to_device(device.id, sealed)
+        await once(sent, "d:" + device.id, lambda: sink.to_device(device.id, sealed))
 
     await asyncio.gather(*(one(d, seqs[d.id]) for d in devices if d.id in seqs))

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from relayd import log, opaque, payload
 from relayd.amqp import Delivery
 from relayd.config import Settings
-from relayd.consume import Work
+from relayd.consume import Work, retried
 from relayd.crypto import fingerprint
 from relayd.deliver import Sink, now_ms
 from relayd.errors import PermanentError, TransientError
@@ -122,7 +122,7 @@ class Erasure:
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         request = self.parse(delivery.body, delivery.user_id)
         again = bool(delivery.redelivered)
-        return "u:" + request.user, lambda: self.handle(request, again)
+        return "u:" + request.user, retried(lambda again, _: self.handle(request, again), again)
 
     def parse(self, body: bytes, amqp_user: str | None) -> EraseRequest:
         if not amqp_user or amqp_user != self.settings.gdpr.identity_user:

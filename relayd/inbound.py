@@ -1,11 +1,11 @@
 """The inbound path: a device's sealed message becomes a business event and echoes.
 
 prepare() (relayd.consume.Handler) is synchronous and runs in delivery order: it opens
-the envelope (open_up) and names the lane (the device) so that one device's messages are
-handled in the order sent. handle() verifies, then claims the (device, seq), applies the
-conversation rules and allocates the echo's seqs in one store transaction
-(Store.accept_up), and publishes; it raises PermanentError for input that can never be
-accepted.
+the envelope (open_up) and names the lane (the device and the business it writes to) so
+that one device's messages in one conversation are handled in the order sent. handle()
+verifies, then claims the (device, seq), applies the conversation rules and allocates the
+echo's seqs in one store transaction (Store.accept_up), and publishes; it raises
+PermanentError for input that can never be accepted.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from relayd import envelope, opaque, payload, ratelimit, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
-from relayd.consume import Work
+from relayd.consume import Work, retried
 from relayd.crypto import WeakKeyError, ed25519_public
-from relayd.deliver import Sink, fan_out, now_ms
+from relayd.deliver import Sink, fan_out, now_ms, once
 from relayd.errors import EnvelopeError, PermanentError, StoreError, TransientError
 from relayd.keys import KeyRing, KeySource
 from relayd.store import Device, Store, UpClaim
@@ -73,6 +73,13 @@ def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits,
     return Opened(device, signature, plain, claims, edge_device is not None)
 
 
+def lane(opened: Opened) -> str:
+    """A message's lane: its device's conversation with the business it names, so that a
+    business that cannot take messages holds back no other business's."""
+    to = opened.claims.get("to")
+    return f"d:{opened.device}\0{to if isinstance(to, str) else ''}"
+
+
 class Inbound:
     """Handles the inbound queue; `keys` is read at each message, so a reload takes effect
     at the next one."""
@@ -94,13 +101,15 @@ class Inbound:
         opened = self.open(delivery.body, headers.get(envelope.KID_HEADER),
                            headers.get(envelope.DEVICE_HEADER))
         again = shard.redelivered(delivery, self.settings.topology)
-        return "d:" + opened.device, lambda: self.handle(opened, again)
+        return lane(opened), retried(functools.partial(self.handle, opened), again)
 
     def open(self, body: bytes, kid: object, edge_device: object = None) -> Opened:
         return open_up(body, kid, self.keys(), self.settings.limits, edge_device)
 
-    async def handle(self, opened: Opened, redelivered: bool) -> str:
-        """Verify and act on one opened message; return what happened, for the log."""
+    async def handle(self, opened: Opened, redelivered: bool,
+                     sent: set[str] | None = None) -> str:
+        """Verify and act on one opened message; return what happened, for the log.
+        `sent`: what an earlier run of this delivery had confirmed (relayd.deliver.once)."""
         household = await self._household(opened.device, cached=True)
         device, up = self._verified(opened, household)
         # Judged when the device sent it (ts, fresh by now), not when it is drained: a
@@ -130,7 +139,8 @@ class Inbound:
         assert conversation is not None
         event = payload.business_event(up.type, conversation.id, up.id, now_ms(), up.body,
                                        device.user if business.first_party else None)
-        to_business = self.sink.to_business(business.id, event, up.id, up.type)
+        to_business = once(sent, "b:" + business.id,
+                           lambda: self.sink.to_business(business.id, event, up.id, up.type))
         echo = _echo(up)
         others = [d for d in household if d.id != device.id] if echo else []
         if not (echo and others):  # the common case: no task for an empty fan-out
@@ -138,7 +148,7 @@ class Inbound:
             return up.type
         await asyncio.gather(to_business, fan_out(
             self.store, self.keys(), self.sink, others, _source(device, up), up.id,
-            business.id, *(echo or ("", {})), seqs=outcome.seqs))
+            business.id, *(echo or ("", {})), seqs=outcome.seqs, sent=sent))
         return up.type
 
     async def _household(self, device_id: str, cached: bool) -> tuple[Device, ...]:

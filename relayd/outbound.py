@@ -8,6 +8,7 @@ inbox, and no device receives anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from relayd import payload, ratelimit, rules, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
-from relayd.consume import Work
+from relayd.consume import Work, retried
 from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import PermanentError, ReplyError, TransientError
 from relayd.keys import KeySource
@@ -62,10 +63,12 @@ class Outbound:
         t = self.settings.topology
         incoming = parse(delivery.body, *shard.origin(delivery, t), self.settings.limits)
         again = shard.redelivered(delivery, t)
-        return lane(incoming), lambda: self.handle(incoming, again)
+        return lane(incoming), retried(functools.partial(self.handle, incoming), again)
 
-    async def handle(self, incoming: Incoming, redelivered: bool) -> str:
-        """Deliver the reply or answer it with an error; return what happened, for the log."""
+    async def handle(self, incoming: Incoming, redelivered: bool,
+                     sent: set[str] | None = None) -> str:
+        """Deliver the reply or answer it with an error; return what happened, for the log.
+        `sent`: what an earlier run of this delivery had confirmed (relayd.deliver.once)."""
         if not incoming.amqp_user:
             raise PermanentError("unauthenticated", "a reply without user_id is not trusted")
         business = await self.store.business_by_amqp_user(incoming.amqp_user)
@@ -74,7 +77,7 @@ class Outbound:
         try:
             self._charge(business, redelivered)
             reply = self._accepted(business, incoming)
-            await self._deliver(business, reply, redelivered)
+            await self._deliver(business, reply, redelivered, sent)
         except ReplyError as exc:
             try:
                 await self._answer(business, incoming, exc)
@@ -100,7 +103,8 @@ class Outbound:
             raise incoming.rejection or ReplyError("invalid", "unparsable reply")
         return incoming.reply
 
-    async def _deliver(self, business: Business, reply: payload.Reply, redelivered: bool) -> None:
+    async def _deliver(self, business: Business, reply: payload.Reply, redelivered: bool,
+                       sent: set[str] | None) -> None:
         """Apply relayd.rules to the reply's conversation, then seal it to every device."""
         conversation = await self.store.conversation(reply.conversation)
         decision = rules.reply(conversation, business.id, reply.type, redelivered)
@@ -112,7 +116,7 @@ class Outbound:
         devices = await self.store.devices_of(conversation.user)
         await fan_out(self.store, self.keys(), self.sink, devices,
                       f"reply:{business.id}:{reply.id}", reply.id, business.id, reply.type,
-                      reply.body)
+                      reply.body, sent=sent)
 
     async def _answer(self, business: Business, incoming: Incoming, error: ReplyError) -> None:
         ref, conversation = payload.reply_ref(incoming.raw)

@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from relayd import amqp, envelope, log, outbound, shard, topology
 from relayd.amqp import Delivery
 from relayd.config import Settings
-from relayd.consume import Consumer, Work
+from relayd.consume import Consumer, Work, hold_limit, window
 from relayd.errors import StoreError, StoreUnavailableError, TransientError
 from relayd.inbound import open_up
 from relayd.keys import KeySource
@@ -128,7 +128,7 @@ class Shards:
             self.releasing[k] = asyncio.create_task(self._release(k, *self.held.pop(k)))
         for k in sorted(mine - set(self.held) - set(self.releasing)):
             consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
-            channel = await amqp.open_channel(self.connection, self.settings.workers.prefetch)
+            channel = await amqp.open_channel(self.connection, window(self.settings.workers))
             queue = await channel.get_queue(consumer.queue, ensure=False)
             await queue.consume(consumer.on_message)
             self.held[k] = consumer, channel
@@ -204,11 +204,11 @@ async def route(connection: AbstractConnection, settings: Settings, role: str,
     """
     name = shard.entry_queue(settings.topology, role)
     while not (stop.is_set() or lost.is_set()):
-        channel = await amqp.open_channel(connection, settings.workers.prefetch)
+        channel = await amqp.open_channel(connection, window(settings.workers))
         sink = amqp.Publisher(channel, settings, keys().opaque_secret)
         router = (inbound_router(settings, keys, sink) if role == "inbound"
                   else outbound_router(settings, sink))
-        consumer = Consumer(role, settings.workers, router, sink, name)
+        consumer = Consumer(role, settings.workers, router, sink, name, hold_limit(settings))
         try:
             await channel.declare_queue(topology.router_lock(name), exclusive=True)
         except aiormq.exceptions.ChannelLockedResource:  # another process routes

@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractConnection
 
 from relayd import amqp, config, keys, log, retention, shard, topology
 from relayd.config import Settings
-from relayd.consume import Consumer, Handler
+from relayd.consume import Consumer, Handler, hold_limit, window
 from relayd.edge.server import serve_edge
 from relayd.errors import ConfigError, ExitCode
 from relayd.identity import Identity
@@ -181,7 +181,7 @@ async def serve(settings: Settings, role: QueueRole, store: Store,
 async def _consume(connection: AbstractConnection, settings: Settings, role: QueueRole,
                    store: Store, keys: KeySource, stop: asyncio.Event,
                    lost: asyncio.Event, consuming: asyncio.Event | None, member: str) -> None:
-    channel = await amqp.open_channel(connection, settings.workers.prefetch)
+    channel = await amqp.open_channel(connection, window(settings.workers))
     await topology.declare(channel, topology.core(settings.topology,
                                                   settings.gdpr.identity_user is not None,
                                                   settings.wake.enabled))
@@ -198,7 +198,7 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
                             settings, store, keys, sink))
 
     def consumer_of(queue: str) -> Consumer:
-        return Consumer(role, settings.workers, handler, sink, queue)
+        return Consumer(role, settings.workers, handler, sink, queue, hold_limit(settings))
 
     if shard.sharded(settings.topology, role):
         shards = Shards(connection, settings, role, store, member, consumer_of)

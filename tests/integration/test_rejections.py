@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
 
 import aio_pika
 import orjson
+from structlog.testing import capture_logs
 
-from relayd import envelope
+from relayd import envelope, topology
 from relayd.client import DeviceKeys
 from relayd.crypto import Kem, b64e
 from relayd.errors import ExitCode
 from relayd.store import Device
-from tests.integration.harness import Relay, add_amqp_user, amqp_url, relay_in_vhost
+from tests.integration.harness import WAIT, Relay, add_amqp_user, amqp_url, relay_in_vhost
 
 USER = "alice@example.org"
 
@@ -145,17 +147,45 @@ class TestReplyRejections:
                                  relay.settings.topology.dead_queue)
 
 
+async def until_logged_held() -> None:
+    """Until a worker logs that it holds a message (the log is the only sign of it)."""
+    with capture_logs() as logs:
+        async with asyncio.timeout(WAIT):
+            while not any(line["event"] == "held" for line in logs):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
 class TestTransientFailures:
-    async def test_unroutable_output_is_retried_then_dead_lettered(self, relay: Relay) -> None:
-        """A publish that nothing can route is a failure: retried, then dead-lettered."""
+    async def test_unroutable_output_is_held_until_it_can_be_routed(
+            self, relay: Relay) -> None:
+        """A publish that nothing can route (the business's inbox is gone) is held in
+        place, past workers.max_attempts, and delivered once the inbox is back."""
         await relay.add_business("acme")
         phone = await relay.add_device(USER, "phone")
         await relay.channel.queue_delete(relay.inbox("acme"))
         await relay.start()
-        await relay.send(phone, "acme", "start")
-        [dead] = await relay.dead(1)
-        assert dead.headers["x-relayd-reason"] == "retries_exhausted"
-        await relay.assert_empty(relay.settings.topology.inbound_queue)
+        started = await relay.send(phone, "acme", "start")
+        await until_logged_held()
+        await topology.declare(relay.channel, topology.business(
+            relay.settings.topology, "acme", relay.keyring.opaque_secret))
+        [event] = await relay.events("acme", 1)
+        assert event["id"] == started
+        await relay.assert_empty(relay.settings.topology.inbound_queue,
+                                 relay.settings.topology.dead_queue)
+
+    async def test_held_beyond_the_device_ttl_is_dead_lettered(self, tmp_path: Path) -> None:
+        """A message held longer than topology.device_message_ttl_days is given up:
+        dead-lettered as retries_exhausted."""
+        async with relay_in_vhost(tmp_path, topology={
+                "device_message_ttl_days": 1 / 86400}) as relay:  # a second
+            await relay.add_business("acme")
+            phone = await relay.add_device(USER, "phone")
+            await relay.channel.queue_delete(relay.inbox("acme"))
+            await relay.start()
+            await relay.send(phone, "acme", "start")
+            [dead] = await relay.dead(1)
+            assert dead.headers["x-relayd-reason"] == "retries_exhausted"
+            await relay.assert_empty(relay.settings.topology.inbound_queue)
 
     async def test_refused_error_event_dead_letters_the_reply_at_once(
             self, relay: Relay) -> None:

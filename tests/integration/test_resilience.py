@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -23,6 +24,7 @@ from tests.integration.harness import (
     amqp_url,
     kill_group,
     rabbitmqctl,
+    relay_in_vhost,
     stop_process,
 )
 
@@ -135,42 +137,44 @@ def reconnects() -> float:
 
 class TestBrokerClosesAChannel:
     async def test_a_publish_to_an_exchange_gone_costs_only_its_message(
-            self, relay: Relay) -> None:
+            self, tmp_path: Path) -> None:
         """A business whose exchange is gone while it is still registered (the moment
         `business remove` deletes it under a message in work): the broker closes the
         channel of every publish to it, from either direction (a device's message, the
-        error event answering the business's own bad reply). Each such message is retried
-        and dead-lettered `retries_exhausted`; everyone else's traffic flows on, on the
-        same connections."""
-        ghost_user = f"ghost-{secrets.token_hex(4)}"
-        password = add_amqp_user(relay.vhost, ghost_user)
-        try:
-            await relay.add_business("acme")
-            await relay.add_business("ghost", amqp_user=ghost_user)
-            await relay.channel.exchange_delete(relay.settings.topology.business_exchange
-                                                .format(business="ghost"))
-            alice, bob = (await relay.add_device("alice", "alice-phone"),
-                          await relay.add_device("bob", "bob-phone"))
-            await relay.start()
-            before = reconnects()
-            await relay.send(alice, "ghost", "start")
-            ghost = await aio_pika.connect(amqp_url(ghost_user, password, relay.vhost))
-            async with ghost:
-                await relay.reply("ghost", "c" * 32, "message", raw=b"not json",
-                                  user_id=ghost_user, channel=await ghost.channel())
-            dead = await relay.dead(2)
-            assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
-                "retries_exhausted", "retries_exhausted"]
+        error event answering the business's own bad reply). Each such message is held
+        and tried again in place until the hold limit, then dead-lettered
+        `retries_exhausted`; everyone else's traffic flows on, on the same connections."""
+        async with relay_in_vhost(tmp_path, topology={
+                "device_message_ttl_days": 2 / 86400}) as relay:  # held 2 s at most
+            ghost_user = f"ghost-{secrets.token_hex(4)}"
+            password = add_amqp_user(relay.vhost, ghost_user)
+            try:
+                await relay.add_business("acme")
+                await relay.add_business("ghost", amqp_user=ghost_user)
+                await relay.channel.exchange_delete(relay.settings.topology.business_exchange
+                                                    .format(business="ghost"))
+                alice, bob = (await relay.add_device("alice", "alice-phone"),
+                              await relay.add_device("bob", "bob-phone"))
+                await relay.start()
+                before = reconnects()
+                await relay.send(alice, "ghost", "start")
+                ghost = await aio_pika.connect(amqp_url(ghost_user, password, relay.vhost))
+                async with ghost:
+                    await relay.reply("ghost", "c" * 32, "message", raw=b"not json",
+                                      user_id=ghost_user, channel=await ghost.channel())
+                dead = await relay.dead(2)
+                assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
+                    "retries_exhausted", "retries_exhausted"]
 
-            started = await relay.send(bob, "acme", "start")
-            [event] = await relay.events("acme", 1)
-            assert event["id"] == started
-            answer = await relay.reply("acme", event["conversation"], "message", {"text": "hi"})
-            [down] = await relay.received(bob, 1)
-            assert down["id"] == answer
-            assert reconnects() == before
-        finally:
-            rabbitmqctl("delete_user", ghost_user)
+                started = await relay.send(bob, "acme", "start")
+                [event] = await relay.events("acme", 1)
+                assert event["id"] == started
+                answer = await relay.reply("acme", event["conversation"], "message", {"text": "hi"})
+                [down] = await relay.received(bob, 1)
+                assert down["id"] == answer
+                assert reconnects() == before
+            finally:
+                rabbitmqctl("delete_user", ghost_user)
 
     async def test_a_consuming_channel_the_broker_closes_is_replaced(
             self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:

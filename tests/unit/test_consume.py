@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from relayd import log
 from relayd.config import Workers
 from relayd.consume import Consumer, Lanes, Verdict, Work, verdict
 from relayd.errors import (
@@ -20,6 +21,14 @@ from relayd.errors import (
     TransientError,
 )
 from tests.unit.fakes import FakeDelivery
+
+
+@pytest.fixture(autouse=True)
+def delivered_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log the `handled` line of a delivered message too (at debug level), whatever an
+    earlier test left the level at: these tests read it."""
+    monkeypatch.setattr(log, "_debugging", True)
+
 
 WORKERS = Workers(retry_initial_backoff=0.001, retry_max_backoff=0.002, max_attempts=3)
 
@@ -33,6 +42,19 @@ class FakeSink:
         if self.fail is not None:
             raise self.fail
         self.copies.append((queue, reason))
+
+
+@dataclass
+class RefusingSink(FakeSink):
+    """Refuses the first `refusals` dead-letter copies as the broker would (a nack)."""
+
+    refusals: int = 0
+
+    async def dead_letter(self, delivery: Any, queue: str, reason: str) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise TransientError("nacked")
+        await super().dead_letter(delivery, queue, reason)
 
 
 class Handler:
@@ -61,27 +83,46 @@ async def run(handler: Any, delivery: FakeDelivery, sink: FakeSink | None = None
     consumer = consumer or Consumer("inbound", WORKERS, handler, sink, "relayd.inbound")
     with capture_logs() as logs:
         await consumer.on_message(delivery)
-        assert await consumer.drain(5) == 0
+        await asyncio.wait_for(asyncio.gather(*consumer.lanes.tasks), 5)
     return sink, [line for line in logs if line["event"] == "handled"]
 
 
 class TestVerdict:
-    @pytest.mark.parametrize(("error", "attempts", "expected"), [
-        (EnvelopeError("stale"), 1, Verdict("dead_letter", "stale")),
-        (ReplyError("invalid"), 9, Verdict("dead_letter", "invalid")),
-        (PermanentError("rate_limited"), 1, Verdict("dead_letter", "rate_limited")),
-        (TransientError("nacked"), 1, Verdict("retry", "nacked")),
-        (TransientError("nacked"), 2, Verdict("retry", "nacked")),
-        (TransientError("nacked"), 3, Verdict("dead_letter", "retries_exhausted")),
-        (ValueError("bug"), 2, Verdict("retry", "internal_error")),
-        (ValueError("bug"), 3, Verdict("dead_letter", "internal_error")),
-        (StoreUnavailableError("down"), 1, Verdict("release", "store_unavailable")),
-        (StoreUnavailableError("down"), 99, Verdict("release", "store_unavailable")),
+    @pytest.mark.parametrize(("error", "attempts", "held_s", "expected"), [
+        (EnvelopeError("stale"), 1, 0, Verdict("dead_letter", "stale")),
+        (ReplyError("invalid"), 9, 0, Verdict("dead_letter", "invalid")),
+        (PermanentError("rate_limited"), 1, 0, Verdict("dead_letter", "rate_limited")),
+        (TransientError("nacked"), 0, 0, Verdict("retry", "nacked")),
+        (TransientError("nacked"), 99, 59, Verdict("retry", "nacked")),
+        (TransientError("unroutable"), 0, 60, Verdict("dead_letter", "retries_exhausted")),
+        (ValueError("bug"), 2, 0, Verdict("retry", "internal_error")),
+        (ValueError("bug"), 3, 0, Verdict("dead_letter", "internal_error")),
+        (StoreUnavailableError("down"), 99, 59, Verdict("retry", "store_unavailable")),
+        (StoreUnavailableError("down"), 0, 60, Verdict("dead_letter", "retries_exhausted")),
     ])
-    def test_policy(self, error: Exception, attempts: int, expected: Verdict) -> None:
-        """Permanent errors dead-letter at once; transient ones and bugs retry up to
-        max_attempts; an unavailable store is retried without end."""
-        assert verdict(error, attempts, WORKERS.max_attempts) == expected
+    def test_policy(self, error: Exception, attempts: int, held_s: float,
+                    expected: Verdict) -> None:
+        """Permanent errors dead-letter at once; bugs retry up to max_attempts; failures
+        that may pass retry without counting, until they were held the hold limit."""
+        assert verdict(error, attempts, WORKERS.max_attempts, held_s, 60) == expected
+
+
+class Flaky:
+    """A handler whose work raises each error of `errors` in turn, then succeeds; it
+    records the attempts, per lane, in `runs`."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors, self.runs = list(errors), []
+
+    def prepare(self, delivery: Any) -> tuple[str | None, Work]:
+        lane, name = delivery.message_id.split(":")
+
+        async def work() -> str:
+            self.runs.append(name)
+            if name == "1" and self.errors:
+                raise self.errors.pop(0)
+            return "message"
+        return lane, work
 
 
 class TestSettle:
@@ -105,39 +146,95 @@ class TestSettle:
         assert (line["outcome"], line["reason"]) == ("dead_lettered", "decrypt_failed")
 
     @pytest.mark.parametrize("stage", ["prepare", "handle"])
-    async def test_a_bug_is_retried_then_dead_lettered(self, stage: str) -> None:
-        """An error outside the tree, from prepare or from the work, is requeued until
-        max_attempts, then dead-lettered as internal_error: never left unsettled."""
+    async def test_a_bug_is_retried_in_place_then_dead_lettered(self, stage: str) -> None:
+        """An error outside the tree, from prepare or from the work, is tried again in
+        place until max_attempts, then dead-lettered as internal_error: never requeued,
+        never left unsettled."""
         error = ValueError("quoted input")
         handler = Handler(refuse=error) if stage == "prepare" else Handler(error=error)
-        delivery, sink = FakeDelivery(), FakeSink()
-        consumer = Consumer("inbound", WORKERS, handler, sink, "relayd.inbound")
-        outcomes = []
-        for _ in range(WORKERS.max_attempts):
-            _, [line] = await run(handler, delivery, sink, consumer)
-            outcomes.append((line["outcome"], line["reason"]))
-        assert outcomes == [("retry", "internal_error")] * 2 + [
-            ("dead_lettered", "internal_error")]
-        assert delivery.calls == ["requeue", "requeue", "ack"]
+        delivery = FakeDelivery()
+        sink, [line] = await run(handler, delivery)
+        assert (line["outcome"], line["reason"]) == ("dead_lettered", "internal_error")
+        assert delivery.calls == ["ack"]
         assert sink.copies == [("relayd.inbound", "internal_error")]
 
-    async def test_an_unavailable_store_is_requeued_without_end(self) -> None:
-        """StoreUnavailableError requeues however often it happens; nothing is dead."""
-        delivery = FakeDelivery()
-        sink = FakeSink()
-        for _ in range(WORKERS.max_attempts + 2):
-            await run(Handler(error=StoreUnavailableError("down")), delivery, sink)
-        assert delivery.calls == ["requeue"] * (WORKERS.max_attempts + 2)
-        assert sink.copies == []
+    async def test_earlier_deliveries_count_against_a_bug(self) -> None:
+        """A message the broker delivered before (x-delivery-count) has fewer tries left."""
+        delivery = FakeDelivery(headers={"x-delivery-count": WORKERS.max_attempts - 1},
+                                message_id="l:1")
+        handler = Flaky([ValueError("bug")] * WORKERS.max_attempts)
+        _, [line] = await run(handler, delivery)
+        assert (line["outcome"], line["reason"]) == ("dead_lettered", "internal_error")
+        assert handler.runs == ["1"]
 
-    async def test_a_dead_letter_copy_the_broker_refuses_is_requeued(self) -> None:
-        """When the broker refuses the dead-letter copy, the delivery goes back to its
-        queue, and the log says retry, not dead_lettered."""
+    @pytest.mark.parametrize("error", [
+        TransientError("nacked"), TransientError("unroutable"),
+        TransientError("publish_failed"), TransientError("store_busy"),
+        StoreUnavailableError("down")])
+    async def test_a_failure_that_may_pass_is_held_in_place_without_end(
+            self, error: Exception) -> None:
+        """A failure that may pass is tried again in place however often it happens
+        (more than max_attempts and the broker's delivery limit): nothing is requeued,
+        nothing dead-lettered, and the message is acked once it goes through."""
+        times = WORKERS.max_attempts * 4
+        handler = Flaky([error] * times)
+        delivery = FakeDelivery(message_id="l:1")
+        sink, [line] = await run(handler, delivery)
+        assert handler.runs == ["1"] * (times + 1)
+        assert delivery.calls == ["ack"]
+        assert sink.copies == []
+        assert line["outcome"] == "delivered"
+
+    async def test_a_held_message_keeps_its_place_in_its_lane(self) -> None:
+        """While the first message of a lane is held, the later ones of that lane wait
+        behind it, and another lane's go on."""
+        handler = Flaky([TransientError("nacked")] * 3)
+        consumer = Consumer("inbound", WORKERS, handler, FakeSink(), "relayd.inbound")
+        deliveries = [FakeDelivery(message_id=m) for m in ("a:1", "a:2", "b:x", "a:3")]
+        for delivery in deliveries:
+            await consumer.on_message(delivery)
+        await asyncio.wait_for(asyncio.gather(*consumer.lanes.tasks), 5)
+        assert [r for r in handler.runs if r != "x"] == ["1", "1", "1", "1", "2", "3"]
+        assert handler.runs.index("x") < handler.runs.index("2")
+        assert [d.calls for d in deliveries] == [["ack"]] * 4
+
+    async def test_held_beyond_the_hold_limit_is_dead_lettered(self) -> None:
+        """A failure that lasts longer than the hold limit ends in the dead letters, as
+        retries_exhausted."""
+        consumer = Consumer("outbound", WORKERS, Handler(error=TransientError("unroutable")),
+                            FakeSink(), "relayd.outbound", hold_limit_s=0.01)
         delivery = FakeDelivery()
-        sink = FakeSink(fail=TransientError("nacked"))
+        sink, [line] = await run(None, delivery, consumer.sink, consumer)  # type: ignore[arg-type]
+        assert (line["outcome"], line["reason"]) == ("dead_lettered", "retries_exhausted")
+        assert sink.copies == [("relayd.outbound", "retries_exhausted")]
+        assert delivery.calls == ["ack"]
+
+    async def test_a_held_message_is_left_to_the_broker_when_the_consumer_stops(
+            self) -> None:
+        """Draining lets a held message go at once, unsettled (the broker gives it back,
+        in order, with what its channel held), and nothing later in its lane starts."""
+        slow = Workers(retry_initial_backoff=60, retry_max_backoff=60)
+        handler = Flaky([TransientError("nacked")])
+        consumer = Consumer("inbound", slow, handler, FakeSink(), "relayd.inbound")
+        first, second = FakeDelivery(message_id="a:1"), FakeDelivery(message_id="a:2")
+        await consumer.on_message(first)
+        await consumer.on_message(second)
+        async with asyncio.timeout(5):
+            while not handler.runs:  # noqa: ASYNC110 - the fake offers no event
+                await asyncio.sleep(0.01)
+        assert await consumer.drain(5) == 0
+        assert first.calls == second.calls == []
+        assert handler.runs == ["1"]
+
+    async def test_a_dead_letter_copy_the_broker_refuses_is_tried_again(self) -> None:
+        """When the broker refuses the dead-letter copy, the copy is tried again in place
+        until it is confirmed; only then is the delivery acked."""
+        delivery = FakeDelivery()
+        sink = RefusingSink(refusals=3)
         _, [line] = await run(Handler(error=EnvelopeError("stale")), delivery, sink)
-        assert delivery.calls == ["requeue"]
-        assert (line["outcome"], line["reason"]) == ("retry", "dead_letter_nacked")
+        assert sink.copies == [("relayd.inbound", "stale")]
+        assert delivery.calls == ["ack"]
+        assert (line["outcome"], line["reason"]) == ("dead_lettered", "stale")
 
     @pytest.mark.parametrize("error", [TypeError("Unknown type"), UnicodeEncodeError(
         "utf-8", "\udcff", 0, 1, "surrogates"), RuntimeError("anything")])
@@ -170,10 +267,12 @@ class TestSettle:
         assert (line["outcome"], line["reason"]) == ("retry", "settle_failed")
 
     async def test_a_failed_requeue_is_unsettled(self) -> None:
-        """A requeue that fails leaves the delivery to the broker, and says so."""
-        delivery = FakeDelivery(fail={"requeue": ConnectionError("gone")})
-        _, [line] = await run(Handler(error=TransientError("nacked")), delivery)
-        assert delivery.calls == ["requeue"]
+        """A requeue (after an ack that failed) that fails too leaves the delivery to the
+        broker, and says so."""
+        delivery = FakeDelivery(fail={"ack": RuntimeError("bug"),
+                                      "requeue": ConnectionError("gone")})
+        _, [line] = await run(Handler(), delivery)
+        assert delivery.calls == ["ack", "requeue"]
         assert line["outcome"] == "unsettled"
 
     @pytest.mark.parametrize("stage", ["prepare", "handle", "dead_letter", "ack"])
@@ -189,7 +288,9 @@ class TestSettle:
                                  else EnvelopeError("stale") if stage == "dead_letter"
                                  else None))
         sink = FakeSink(fail=error if stage == "dead_letter" else None)
-        await run(handler, delivery, sink)
+        held_briefly = Consumer("inbound", WORKERS, handler, sink, "relayd.inbound",
+                                hold_limit_s=0.05)  # a failure that never passes
+        await run(handler, delivery, sink, held_briefly)
         assert len(delivery.settled) == 1
 
 

@@ -17,7 +17,7 @@ from relayd import config, envelope, shard
 from relayd.client import DeviceKeys, reply
 from relayd.crypto import Kem, raw_public
 from relayd.deliver import fan_out, now_ms
-from relayd.errors import EnvelopeError, PermanentError
+from relayd.errors import EnvelopeError, PermanentError, TransientError
 from relayd.gdpr import Erasure
 from relayd.inbound import Inbound
 from relayd.keys import KeyRing, RelayKey
@@ -67,13 +67,14 @@ def up(device: DeviceKeys, kind: str, **delivery: object) -> FakeDelivery:
 class TestInbound:
     async def test_a_start_reaches_the_business_and_echoes(self, tmp_path: Path,
                                                            store: Store) -> None:
-        """A device's start is one lane per device; its work publishes the business event
+        """A device's start is in the lane of its conversation (the device and the
+        business); its work publishes the business event
         and an echo to the user's other device, and opens the conversation."""
         phone, _ = await add(store, "alice", "phone"), await add(store, "alice", "tablet")
         sink = RecordingSink()
         inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, sink)
         lane, work = inbound.prepare(up(phone, "start"))
-        assert lane == "d:phone"
+        assert lane == "d:phone\0acme"
         assert await work() == "start"
         [(_, business, event, _, kind)] = sink.of("business")
         assert (business, kind, orjson.loads(event)["type"]) == ("acme", "start", "start")
@@ -319,3 +320,30 @@ class TestFanOut:
         assert "broken" not in repr(skipped)
         assert REGISTRY.get_sample_value("relayd_devices_skipped_total",
                                          {"reason": "bad_device_key"}) == before + 1
+
+    async def test_a_retry_in_place_sends_only_what_was_not_confirmed(
+            self, tmp_path: Path, store: Store) -> None:
+        """When one copy of a message is refused (a device queue down), the retry of the
+        same delivery publishes only that copy again: the business event and the copies
+        confirmed before are not repeated."""
+        phone = await add(store, "alice", "phone")
+        await add(store, "alice", "tablet")
+        await add(store, "alice", "laptop")
+
+        class DownOnce(RecordingSink):
+            refused = False
+
+            async def to_device(self, device: str, sealed: bytes) -> None:
+                if device == "laptop" and not self.refused:
+                    self.refused = True
+                    raise TransientError("unroutable")
+                await super().to_device(device, sealed)
+
+        sink = DownOnce()
+        inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, sink)
+        _, work = inbound.prepare(up(phone, "start"))
+        with pytest.raises(TransientError):
+            await work()
+        assert await work() == "start"
+        assert len(sink.of("business")) == 1
+        assert sorted(d[1] for d in sink.of("device")) == ["laptop", "tablet"]
