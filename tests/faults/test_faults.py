@@ -235,7 +235,7 @@ class TestFaults:
         after workers.max_attempts, while other traffic flows."""
         name = "poison: handler crashes"
         broken = Phone("u9", DeviceKeys.generate("u9-d0"))
-        rig.break_device(broken.keys.device, broken.user, broken.keys.enc_public)
+        await rig.break_device(broken.keys.device, broken.user, broken.keys.enc_public)
 
         async def poison() -> list[str]:
             message_id, _ = await rig.send(name, broken, "message", {"text": "poison"})
