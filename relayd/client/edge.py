@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
 from relayd.client.device import DeviceKeys, RelayPublic
@@ -195,8 +195,8 @@ class EdgeDevice:
                 if code in FINAL_CLOSES:
                     self._end(EdgeClosedError(FINAL_CLOSES[code]))
                     return
-            except (OSError, TimeoutError, InvalidStatus):
-                pass
+            except (OSError, TimeoutError, InvalidHandshake):
+                pass  # InvalidMessage among them: an edge that died mid-handshake
             except EdgeClosedError as error:
                 self._end(error)
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from relayd.client import EdgeDevice
+from relayd.client import DeviceKeys, EdgeDevice
 from tests.integration.edge_harness import NAME, frame, running, send
 from tests.integration.harness import WAIT, Relay
 
@@ -75,3 +75,31 @@ class TestEdgeDevice:
             await relay.assert_empty(relay.inbox("acme"))
             await ws.send('{"type":"ping","ref":1}')
             assert await frame(ws) == {"type": "pong", "ref": 1}
+
+
+class TestReconnect:
+    async def test_an_edge_that_dies_mid_handshake_is_tried_again(self, relay: Relay) -> None:
+        """A connection closed before the HTTP answer (an edge process killed just after
+        it accepted, as in the edge kill -9 fault row) is one more failed attempt: the
+        client tries again, instead of ending its session task and leaving every send
+        waiting for ever."""
+        attempts = asyncio.Queue[None]()
+
+        async def dies(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            attempts.put_nowait(None)
+            writer.close()
+
+        server = await asyncio.start_server(dies, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        edge = EdgeDevice(f"ws://127.0.0.1:{port}/v1/device", NAME,
+                          DeviceKeys.generate("phone"), relay.public, max_backoff=0.05)
+        connecting = asyncio.create_task(edge.connect())
+        try:
+            for _ in range(3):  # under the bug the task ended after the first
+                await asyncio.wait_for(attempts.get(), WAIT)
+            assert not connecting.done()
+        finally:
+            connecting.cancel()
+            await edge.close()
+            server.close()
+            await server.wait_closed()
