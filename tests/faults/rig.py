@@ -3,7 +3,8 @@
 The parties live in the test's event loop, on robust aio-pika connections, and re-send
 each publish until the broker confirms it:
 - devices (several users, 2-3 devices each) seal numbered messages up, and open and
-  record what comes down;
+  record what comes down: on AMQP, or, in a rig made with `edge=N`, through `relayd run`'s
+  N edge processes (relayd.client.EdgeDevice, which reconnects and resends by itself);
 - a business consumes its inbox, replies to each message event, de-duplicates on the
   event id and derives each reply's id from it, so a redelivered event yields the same
   reply;
@@ -38,15 +39,16 @@ import psutil
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 
 from relayd import admin, config, envelope, keys, topology
-from relayd.client import DeviceKeys, RelayPublic, parse_event, reply
+from relayd.client import DeviceKeys, EdgeDevice, EdgeRefusedError, RelayPublic, parse_event, reply
 from relayd.crypto import Kem
 from relayd.store import Business, Device, Store, open_store
 from tests.faults.ledger import Ledger, Row, Up
-from tests.support.broker import TestBroker
+from tests.support.broker import TestBroker, free_ports
 from tests.support.config import write_config
 
 NAMESPACE = uuid.UUID("0c7c1a52-4f8e-4c38-9a55-2f6b1d9e8e01")
 BUSINESS = "acme"
+EDGE_NAME = "fault-edge.example"
 WAIT = 90.0  # bound of every wait in a phase
 _AWAY = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError)
 Fault = Callable[[], Awaitable[list[str]]]  # injects a fault; returns notes for the table
@@ -179,6 +181,8 @@ async def settle(message: AbstractIncomingMessage) -> None:
 class Phone:
     user: str
     keys: DeviceKeys
+    edge: EdgeDevice | None = None  # its session with the edge, in an edge rig
+    reader: asyncio.Task[None] | None = None  # what takes its down messages from the edge
 
 
 # --- the rig -----------------------------------------------------------------------------
@@ -236,10 +240,16 @@ class Rig:
 
     @classmethod
     async def create(cls, node: TestBroker, root: Path, vhost: str, users: dict[str, int],
-                     **sections: dict[str, Any]) -> Rig:
+                     edge: int = 0, **sections: dict[str, Any]) -> Rig:
+        """With `edge` > 0, `relayd run` also runs that many edge processes on one port,
+        and the devices go up and down through them only."""
         node.ctl("add_vhost", vhost)
         node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         url = f"amqp://guest:guest@{node.host}:{node.amqp_port}/{vhost}"
+        if edge:
+            [port] = free_ports(1)
+            sections = {**sections, "edge": {"name": EDGE_NAME, "port": port},
+                        "workers": {**sections.get("workers", {}), "edge": edge}}
         path = write_config(root, url, DEFAULTS, sections)
         settings = config.load(path, environ={})
         keys.generate(settings.keys.dir, "fault-1")
@@ -265,9 +275,12 @@ class Rig:
                 rig.clients[name] = await Client.open(url, f"fault-{name}")
             await rig.ready()
             for phone in phones:
-                await rig.clients["devices"].consume(
-                    rig.device_queue(phone),
-                    functools.partial(rig._on_device, phone))
+                if edge:
+                    await rig._connect_edge(phone)
+                else:
+                    await rig.clients["devices"].consume(
+                        rig.device_queue(phone),
+                        functools.partial(rig._on_device, phone))
             await rig.clients["operator"].consume(rig.topology.dead_queue, rig._on_dead)
             await rig.resume_business()
         except BaseException:
@@ -279,6 +292,12 @@ class Rig:
     async def close(self) -> None:
         if self.sampler is not None:
             self.sampler.cancel()
+        for phone in self.phones:
+            if phone.reader is not None:
+                phone.reader.cancel()
+            if phone.edge is not None:
+                with contextlib.suppress(Exception):
+                    await phone.edge.close()
         if self.relayd.process is not None and self.relayd.process.poll() is None:
             workers = self.relayd.workers()
             await self.relayd.stop(signal.SIGKILL)
@@ -398,6 +417,44 @@ class Rig:
 
     # --- the parties' callbacks ------------------------------------------------------------
 
+    async def _connect_edge(self, phone: Phone) -> None:
+        """Log the device in through the edge, and take its down messages from there."""
+        port = self.settings.edge.port
+        phone.edge = EdgeDevice(f"ws://127.0.0.1:{port}/v1/device", EDGE_NAME, phone.keys,
+                                self.public, max_backoff=1.0, ping_interval=2.0)
+        await asyncio.wait_for(phone.edge.connect(), WAIT)
+        phone.reader = asyncio.create_task(self._read_edge(phone, phone.edge))
+
+    async def _read_edge(self, phone: Phone, edge: EdgeDevice) -> None:
+        while True:
+            message = await edge.receive()
+            self.ledger.device_got(phone.keys.device, message)
+            await edge.received(message)
+
+    async def kill_edge(self) -> int:
+        """SIGKILL the edge process that holds the most devices, then wait until the
+        supervisor has started another: its devices reconnect by themselves, to whichever
+        edge process takes them. Return how many devices it held."""
+        port = self.settings.edge.port
+
+        def held(process: psutil.Process) -> int:
+            with contextlib.suppress(psutil.Error):
+                return sum(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                           for c in process.net_connections("tcp"))
+            return 0
+
+        edges = [w for w in self.relayd.workers() if _role(w) == "edge"]
+        victim = max(edges, key=held)
+        devices = held(victim)
+        self.kills[_slot(victim)] += 1
+        victim.kill()
+        await asyncio.to_thread(victim.wait, 10)
+
+        async def back() -> bool:
+            return len([w for w in self.relayd.workers() if _role(w) == "edge"]) == len(edges)
+        await until(back, "the supervisor to start the edge process again")
+        return devices
+
     async def _on_device(self, phone: Phone, message: AbstractIncomingMessage) -> None:
         self.ledger.device_got(phone.keys.device, phone.keys.open(self.public, message.body))
         await settle(message)
@@ -475,6 +532,9 @@ class Rig:
                 kem=self.keyring.current.kem, private=self.keyring.current.private)
             message_id = str(orjson.loads(payload)["id"])
         self.sealed[message_id] = sealed
+        if phone.edge is not None:
+            self.ledger.resent[message_id] += await self._send_edge(phone.edge, sealed) - 1
+            return message_id, sealed
         attempts = await self.clients["devices"].publish(
             self.topology.ingress_exchange, self.topology.inbound_routing_key, aio_pika.Message(
                 sealed, content_type=envelope.CONTENT_TYPE,
@@ -482,6 +542,28 @@ class Rig:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT))
         self.ledger.resent[message_id] += attempts - 1
         return message_id, sealed
+
+    async def _send_edge(self, edge: EdgeDevice, sealed: bytes) -> int:
+        """Send through the edge until it acks; return the attempts it took. A lost
+        session is the client's to resume; a nack for want of the broker is tried again."""
+        deadline = time.monotonic() + WAIT
+        for attempt in range(1, 1000):
+            try:
+                async with asyncio.timeout(WAIT):
+                    await edge.send_sealed(sealed, self.keyring.current.kid)
+            except TimeoutError:
+                raise AssertionError(
+                    f"no answer from the edge in {WAIT:.0f} s: {edge.keys.device} logged in "
+                    f"{edge.connects} times, ready={edge._ready.is_set()}, "
+                    f"final={edge._final!r}") from None
+            except EdgeRefusedError as refused:
+                if refused.code not in ("unavailable", "broker_full") or (
+                        time.monotonic() > deadline):
+                    raise
+                await asyncio.sleep(0.2)  # the broker is away: try again shortly
+                continue
+            return attempt
+        raise AssertionError("send never acked")
 
     async def round(self, phase: str, number: int) -> list[bytes]:
         """Every device sends its next numbered message; return the envelopes."""
