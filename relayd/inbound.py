@@ -12,26 +12,36 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from relayd import envelope, opaque, payload, ratelimit, shard
+from relayd import envelope, log, metrics, opaque, payload, ratelimit, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work, retried
 from relayd.crypto import WeakKeyError, ed25519_public
 from relayd.deliver import Sink, fan_out, now_ms, once
-from relayd.errors import EnvelopeError, PermanentError, StoreError, TransientError
+from relayd.errors import (
+    EnvelopeError,
+    PermanentError,
+    StoreError,
+    StoreUnavailableError,
+    TransientError,
+)
 from relayd.keys import KeyRing, KeySource
 from relayd.store import Device, Store, UpClaim
 
 # Households (a device's user's devices) kept in the process; Store.accept_up checks a
 # cached one against the store in the transaction that uses it.
 HOUSEHOLDS_CACHED = 16384
+_log = log.get("relayd.inbound")
+DEVICE_ERROR_NAMESPACE = uuid.UUID("0d6b7f9e-3c1a-4f52-8e7d-2a9c5b1e4f60")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +121,40 @@ class Inbound:
         """Verify and act on one opened message; return what happened, for the log.
         `sent`: what an earlier run of this delivery had confirmed (relayd.deliver.once)."""
         household = await self._household(opened.device, cached=True)
-        device, up = self._verified(opened, household)
+        device = self._verify(opened, household)
+        try:
+            return await self._act(opened, household, device, redelivered, sent)
+        except PermanentError as exc:
+            if exc.reason in payload.DEVICE_ERROR_CODES:
+                await self._tell(opened, exc.reason)
+            raise
+
+    async def _tell(self, opened: Opened, code: str) -> None:
+        """Seal an `error` to the device whose verified message is refused with `code`, and
+        to no other. It is verified again against the store as it is now (the household
+        may be a cached one): a device removed or given new keys since is told nothing.
+        Best effort: the message is dead-lettered with its reason whether or not this goes
+        out (retried, a refused message could pass: a redelivery is not judged against
+        the rate limit again)."""
+        try:
+            device = self._verify(opened, await self._household(opened.device, cached=False))
+        except (EnvelopeError, StoreError, StoreUnavailableError, TransientError):
+            return
+        sender, body = payload.device_error(opened.claims, code)
+        digest = hashlib.sha256(opened.payload).hexdigest()[:32]  # this message, exactly
+        error_id = str(uuid.uuid5(DEVICE_ERROR_NAMESPACE, f"{device.id}:{digest}:{code}"))
+        try:
+            await fan_out(self.store, self.keys(), self.sink, [device],
+                          f"error:{device.id}:{digest}", error_id, sender, "error", body)
+        except (TransientError, StoreUnavailableError) as exc:
+            _log.warning("device_error_lost", reason=getattr(exc, "reason", "store_unavailable"))
+            metrics.skipped("device_error_lost")
+
+    async def _act(self, opened: Opened, household: tuple[Device, ...], device: Device,
+                   redelivered: bool, sent: set[str] | None) -> str:
+        """Act on a message whose signature verified: refused with PermanentError, or
+        passed on."""
+        up = self._valid(opened)
         # Judged when the device sent it (ts, fresh by now), not when it is drained: a
         # backlog after an outage stays within the rate. Retries are ours: not counted.
         # The edge judged its messages on arrival, in real time, before it acked them:
@@ -123,7 +166,7 @@ class Inbound:
         outcome = await self.store.accept_up(self._claim(household, device, up, redelivered))
         if outcome.status == "stale":  # a key or a device changed since it was cached
             household = await self._household(opened.device, cached=False)
-            device, up = self._verified(opened, household)
+            device, up = self._verify(opened, household), self._valid(opened)
             outcome = await self.store.accept_up(
                 self._claim(household, device, up, redelivered))
             if outcome.status == "stale":
@@ -165,8 +208,8 @@ class Inbound:
                 self._households.popitem(last=False)
         return household
 
-    def _verified(self, opened: Opened, household: tuple[Device, ...]) -> tuple[Device, payload.Up]:
-        """The sender among `household`, and its message, verified and validated."""
+    def _verify(self, opened: Opened, household: tuple[Device, ...]) -> Device:
+        """The sender among `household`, whose key the message's signature verifies under."""
         device = next((d for d in household if d.id == opened.device), None)
         if device is None:
             raise EnvelopeError("unknown_device", "no such device")
@@ -178,9 +221,13 @@ class Inbound:
             raise EnvelopeError("bad_signature", "the device's key is one no signature may "
                                 "verify under")
         envelope.verify(opened.signature, opened.payload, direction="up", signer=signer)
+        return device
+
+    def _valid(self, opened: Opened) -> payload.Up:
+        """The verified message, every field checked, and fresh."""
         up = payload.validate_up(opened.claims, self.settings.limits)
         payload.check_fresh(up.ts, now_ms(), self.settings.limits)
-        return device, up
+        return up
 
     def _claim(self, household: tuple[Device, ...], device: Device, up: payload.Up,
                redelivered: bool) -> UpClaim:

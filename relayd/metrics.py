@@ -46,7 +46,9 @@ END_TO_END = Histogram(
 IN_FLIGHT = Gauge("relayd_in_flight_messages", "Messages received and not yet settled.",
                   ["stage"], multiprocess_mode="livesum")
 SKIPPED = Counter("relayd_devices_skipped", "Copies of a message not sent to one device of "
-                  "a user (its stored key cannot be sealed to), by reason.", ["reason"])
+                  "a user (its stored key cannot be sealed to; device_error_lost: the "
+                  "error telling it of its refused message could not be published), by "
+                  "reason.", ["reason"])
 RECONNECTS = Counter("relayd_reconnects", "Connections to the broker made again after the "
                      "first, by stage.", ["stage"])
 EDGE_CONNECTIONS = Gauge("relayd_edge_connections", "Device connections open at the edge.",

@@ -39,6 +39,11 @@ REPLY_TYPES: Final = frozenset({"message", "typing_start", "typing_end", "read",
 ECHOED: Final = frozenset({"start", "message", "response", "reaction"})  # to the other devices
 ERROR_CODES: Final = frozenset({"unknown_conversation", "conversation_closed",
                                 "not_your_conversation", "invalid", "too_large", "rate_limited"})
+# The refusals of a verified up message that its device is told of, in a down `error`:
+# the dead-letter reasons from check 10 of the opening order on, but `replayed` (the
+# first copy got through, or was answered already).
+DEVICE_ERROR_CODES: Final = frozenset({"malformed", "stale", "rate_limited", "unknown_business",
+                                       "unknown_conversation", "conversation_closed"})
 _UP_KEYS: Final = frozenset({"v", "device", "seq", "ts", "id", "to", "type", "body"})
 _REPLY_KEYS: Final = frozenset({"v", "type", "conversation", "id", "body"})
 _MAX_SEQ: Final = 2**63 - 1
@@ -225,6 +230,16 @@ def error_event(ref: str | None, conversation: str | None, code: str, detail: st
     assert code in ERROR_CODES, code
     return orjson.dumps({"v": VERSION, "type": "error", "ref": ref,
                          "conversation": conversation, "code": code, "detail": detail})
+
+
+def device_error(claims: dict[str, Any], code: str) -> tuple[str, dict[str, Any]]:
+    """What a device is told of its verified message refused with `code`: the `from` of
+    the down `error` (the business it wrote to, "" when `to` is no business id) and its
+    body, the message's id as `ref` (null when it is no UUID) and the code, nothing else."""
+    assert code in DEVICE_ERROR_CODES, code
+    to = claims.get("to")
+    sender = to if isinstance(to, str) and BUSINESS_ID.fullmatch(to) else ""
+    return sender, {"ref": _uuid(claims.get("id")), "code": code}
 
 
 def down_payload(device: str, seq: int, ts_ms: int, message_id: str, sender: str, kind: str,
