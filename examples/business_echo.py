@@ -23,7 +23,8 @@ with the titles they chose: relayd checks an answer's shape only, so the busines
 that it answers a picker it sent. A reaction is echoed on the same message, and its
 removal too. With --desk it also does what an agent desk shows: each message is marked
 read, and the answer is typed first. It prints the type of each event it handles (never
-its content) and stops on SIGTERM or Ctrl-C.
+its content), logs the receipts of its messages (`delivered`, `expired`) to stderr, and
+stops on SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ class Echo:
         print(f"{kind} event", flush=True)  # its type only: never what the user wrote
         if kind == "error":  # a reply of ours was refused: event["ref"] is its id
             print(f"relayd refused reply {event['ref']}: {event['code']}", file=sys.stderr)
+            return
+        if kind in ("delivered", "expired"):  # receipts (contract 1.2): once per message
+            # A desk shows the message `ref` as delivered (a device of the user has it) or
+            # failed (it expired, no device ever fetched it); `ts` is to the minute.
+            print(f"receipt: message {event['ref']} {kind} at {event['ts']}", file=sys.stderr)
             return
         if not isinstance(body, dict):
             return

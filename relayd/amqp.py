@@ -33,6 +33,7 @@ from relayd.wake import Waker
 JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
 FORWARDED_USER_HEADER = "x-relayd-amqp-user"  # a reply's broker-validated user_id
+RECEIPT_HEADER = "x-relayd-receipt"  # on a business message's copies: relayd.receipts
 Properties = Basic.Properties
 CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 RECONNECT_INITIAL_S = 0.5
@@ -278,11 +279,13 @@ class Publisher:
             content_type=JSON, message_id=message_id, message_type=kind,
             delivery_mode=PERSISTENT))
 
-    async def to_device(self, device: str, sealed: bytes) -> None:
+    async def to_device(self, device: str, sealed: bytes, receipt: str | None = None) -> None:
         routing_key = topology.device_routing_key(device, self._secret)
+        headers: dict[str, Any] = {envelope.KID_HEADER: device}
+        if receipt is not None:
+            headers[RECEIPT_HEADER] = receipt
         await self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
-            content_type=envelope.CONTENT_TYPE, headers={envelope.KID_HEADER: device},
-            delivery_mode=PERSISTENT))
+            content_type=envelope.CONTENT_TYPE, headers=headers, delivery_mode=PERSISTENT))
         if self._waker is not None:
             self._waker.queued(await self._live(), device,
                                topology.device_queue(self._t, device, self._secret))

@@ -151,6 +151,9 @@ class Topology(Section):
     wake_exchange: str = "relayd.wake"
     wake_queue: str = "relayd.wake"
     wake_queue_max_length: Positive = 100_000
+    receipts_routing_key: str = "receipt"
+    receipts_queue: str = "relayd.receipts"
+    expired_exchange: str = "relayd.expired"
 
     @field_validator("device_queue")
     @classmethod

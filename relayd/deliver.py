@@ -28,7 +28,8 @@ class Sink(Protocol):
     def to_business(self, business: str, body: bytes, message_id: str,
                     kind: str) -> Awaitable[None]: ...
 
-    def to_device(self, device: str, sealed: bytes) -> Awaitable[None]: ...
+    def to_device(self, device: str, sealed: bytes,
+                  receipt: str | None = None) -> Awaitable[None]: ...
 
 
 def now_ms() -> int:
@@ -65,8 +66,9 @@ async def once(sent: set[str] | None, target: str,
 async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Device],
                   source: str, message_id: str, sender: str, kind: str,
                   body: dict[str, Any], seqs: Mapping[str, int] | None = None,
-                  sent: set[str] | None = None) -> None:
-    """Seal one message separately to each device, with its own down seq, and publish.
+                  sent: set[str] | None = None, receipt: str | None = None) -> None:
+    """Seal one message separately to each device, with its own down seq, and publish
+    (with `receipt`, the token relayd.receipts reads back, on every copy).
     `seqs`: the seqs allocated for `source` already (Store.accept_up did), else asked
     for here.
 
@@ -90,6 +92,6 @@ async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Devi
             _log.warning("device_skipped", reason=exc.reason)
             metrics.skipped(exc.reason)
             return
-        await once(sent, "d:" + device.id, lambda: sink.to_device(device.id, sealed))
+        await once(sent, "d:" + device.id, lambda: sink.to_device(device.id, sealed, receipt))
 
     await asyncio.gather(*(one(d, seqs[d.id]) for d in devices if d.id in seqs))

@@ -61,6 +61,9 @@ WAKES = Counter("relayd_wakes", "Push wakes for devices queued to, by outcome: s
 EDGE_SENDS = Counter("relayd_edge_sends", "Up messages from devices at the edge, by answer: "
                      "ack, or the nack code.", ["answer"])
 
+EDGE_RECEIPTS = Counter("relayd_edge_receipts", "Receipts of business messages a device "
+                        "acknowledged, handed back to relayd by the edge, by outcome: "
+                        "confirmed or lost.", ["outcome"])
 _REASON = re.compile(r"[a-z][a-z_]{0,39}")
 ACKED = ("delivered", "dead_lettered")
 OUTCOMES = ("delivered", "dead_lettered", "rejected", "retry", "unsettled")
@@ -210,3 +213,7 @@ def edge_closed(code: int) -> None:
 
 def edge_send(answer: str) -> None:
     _child(EDGE_SENDS, reason_label(answer)).inc()
+
+
+def edge_receipt(outcome: str) -> None:
+    _child(EDGE_RECEIPTS, outcome).inc()

@@ -12,6 +12,7 @@ its own so that no two kinds ever coincide.
 - reference: what logs and audit records name a user or a value by.
 - pseudonym: what the store keys a user, a device or a message source by
   (relayd.store.pseudonym), so that its files hold no id.
+- receipt_mac: what makes a receipt token (relayd.receipts) relayd's own.
 """
 
 from __future__ import annotations
@@ -60,3 +61,12 @@ def pseudonym(secret: bytes, kind: str, value: str) -> str:
     digest = hmac.new(secret, b"relayd/v1 store " + kind.encode() + b"\0" + value.encode(),
                       hashlib.sha256).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+def receipt_mac(secret: bytes, business: str, conversation: str, message_id: str) -> str:
+    """A keyed hash of one business message, 128 bits in base32: only relayd can write a
+    receipt token that it will believe."""
+    digest = hmac.new(secret, b"\0".join((b"relayd/v1 receipt", business.encode(),
+                                          conversation.encode(), message_id.encode())),
+                      hashlib.sha256).digest()[:16]
+    return base64.b32encode(digest).decode("ascii").lower().rstrip("=")

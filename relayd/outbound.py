@@ -13,7 +13,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from relayd import payload, ratelimit, rules, shard
+from relayd import payload, ratelimit, receipts, rules, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work, retried
@@ -114,9 +114,11 @@ class Outbound:
         if decision.write == "close":
             await self.store.close_conversation(conversation.id, "business", now_ms())
         devices = await self.store.devices_of(conversation.user)
+        receipt = (receipts.token(self.keys().opaque_secret, business.id, conversation.id,
+                                  reply.id) if reply.type == "message" else None)
         await fan_out(self.store, self.keys(), self.sink, devices,
                       f"reply:{business.id}:{reply.id}", reply.id, business.id, reply.type,
-                      reply.body, sent=sent)
+                      reply.body, sent=sent, receipt=receipt)
 
     async def _answer(self, business: Business, incoming: Incoming, error: ReplyError) -> None:
         ref, conversation = payload.reply_ref(incoming.raw)

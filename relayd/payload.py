@@ -44,6 +44,7 @@ ERROR_CODES: Final = frozenset({"unknown_conversation", "conversation_closed",
 # first copy got through, or was answered already).
 DEVICE_ERROR_CODES: Final = frozenset({"malformed", "stale", "rate_limited", "unknown_business",
                                        "unknown_conversation", "conversation_closed"})
+RECEIPTS: Final = frozenset({"delivered", "expired"})  # the events of relayd.receipts
 _UP_KEYS: Final = frozenset({"v", "device", "seq", "ts", "id", "to", "type", "body"})
 _REPLY_KEYS: Final = frozenset({"v", "type", "conversation", "id", "body"})
 _MAX_SEQ: Final = 2**63 - 1
@@ -240,6 +241,14 @@ def device_error(claims: dict[str, Any], code: str) -> tuple[str, dict[str, Any]
     to = claims.get("to")
     sender = to if isinstance(to, str) and BUSINESS_ID.fullmatch(to) else ""
     return sender, {"ref": _uuid(claims.get("id")), "code": code}
+
+
+def receipt_event(kind: str, ref: str, conversation: str, ts_ms: int) -> bytes:
+    """A `delivered` or `expired` event: which message, in which conversation, and when to
+    the minute; nothing of the devices."""
+    assert kind in RECEIPTS, kind
+    return orjson.dumps({"v": VERSION, "type": kind, "ref": ref, "conversation": conversation,
+                         "ts": ts_ms})
 
 
 def down_payload(device: str, seq: int, ts_ms: int, message_id: str, sender: str, kind: str,

@@ -56,7 +56,11 @@ async def enforce(settings: Settings, store: Store, keyring: KeyRing, sink: Sink
     pruned = await store.prune(conversations_before_ms=before(r.closed_conversation_days),
                                replay_before_ms=before(r.replay_state_days),
                                sent_before_ms=before(r.sent_days),
-                               audit_before_ms=before(r.audit_days))
+                               audit_before_ms=before(r.audit_days),
+                               # a claim outlives every copy of its message in a device
+                               # queue (their TTL), so no copy expiring later is reported
+                               receipts_before_ms=before(
+                                   settings.topology.device_message_ttl_days + 1))
     return {"expired": expired, "failed": failed, **pruned}
 
 

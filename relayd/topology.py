@@ -33,9 +33,18 @@ class Binding:
     queue: str
     exchange: str
     routing_key: str = ""
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
-Spec = Exchange | Queue | Binding
+@dataclass(frozen=True, slots=True)
+class ExchangeBinding:
+    """`destination` gets what `source` routes (an exchange-to-exchange binding)."""
+
+    destination: str
+    source: str
+
+
+Spec = Exchange | Queue | Binding | ExchangeBinding
 
 
 def _work_queue(t: Topology, name: str) -> Queue:
@@ -86,9 +95,30 @@ def core(t: Topology, identity_service: bool = False, push_wake: bool = False) -
         _work_queue(t, t.outbound_queue),
         Binding(t.outbound_queue, t.replies_exchange, "#"),
         Exchange(t.devices_exchange, ExchangeType.DIRECT),
+        *receipts(t),
         *(gdpr if identity_service else []),
         *(wake(t) if push_wake else []),
         *shards(t),
+    ]
+
+
+def receipts(t: Topology) -> list[Spec]:
+    """Where receipts of business messages wait for relayd (relayd.receipts): the edge's,
+    published to the ingress exchange when a device acknowledged a copy, and the copies
+    that expired in a device queue, which the broker dead-letters to relayd.dead and
+    relayd.expired picks out by the broker's own x-first-death-reason. No dead-letter
+    exchange: a dead-lettered receipt would come back through relayd.dead."""
+    arguments: dict[str, Any] = {"x-queue-type": t.queue_type,
+                                 "x-max-length": t.queue_max_length,
+                                 "x-overflow": "reject-publish"}
+    return [
+        Exchange(t.expired_exchange, ExchangeType.HEADERS),
+        ExchangeBinding(t.expired_exchange, t.dead_exchange),
+        Queue(t.receipts_queue, arguments),
+        Binding(t.receipts_queue, t.ingress_exchange, t.receipts_routing_key),
+        Binding(t.receipts_queue, t.expired_exchange,
+                # "-with-x": a plain "all" ignores x- headers, and so would match all
+                arguments={"x-match": "all-with-x", "x-first-death-reason": "expired"}),
     ]
 
 
@@ -176,9 +206,12 @@ async def declare(channel: AbstractChannel, specs: list[Spec]) -> None:
             await channel.declare_exchange(spec.name, spec.kind, durable=True)
         elif isinstance(spec, Queue):
             await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        elif isinstance(spec, ExchangeBinding):
+            destination = await channel.get_exchange(spec.destination, ensure=False)
+            await destination.bind(spec.source)
         else:
             queue = await channel.get_queue(spec.queue, ensure=False)
-            await queue.bind(spec.exchange, spec.routing_key)
+            await queue.bind(spec.exchange, spec.routing_key, arguments=spec.arguments or None)
 
 
 async def delete_queue(channel: AbstractChannel, name: str) -> None:

@@ -22,11 +22,11 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relayd import amqp, config, keys, log, retention, shard, topology
 from relayd.config import Settings
@@ -38,6 +38,7 @@ from relayd.inbound import Inbound
 from relayd.keys import KeySource
 from relayd.observe import watch_lag
 from relayd.outbound import Outbound
+from relayd.receipts import Receipts
 from relayd.route import Shards, route
 from relayd.store import Store, open_store
 from relayd.wake import Waker
@@ -200,6 +201,44 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
     def consumer_of(queue: str) -> Consumer:
         return Consumer(role, settings.workers, handler, sink, queue, hold_limit(settings))
 
+    async with _receipts(connection, settings, role, store, keys, sink, lost):
+        await _run(connection, settings, role, keys, stop, lost, consuming, member, channel,
+                   store, consumer_of)
+    if waker is not None:
+        await waker.close()
+
+
+@contextlib.asynccontextmanager
+async def _receipts(connection: AbstractConnection, settings: Settings, role: QueueRole,
+                    store: Store, keys: KeySource, sink: amqp.Publisher,
+                    lost: asyncio.Event) -> AsyncIterator[None]:
+    """For the outbound role: relayd.receipts too, on a channel of its own, with the same
+    publisher (both tell businesses); any number of processes may consume it. Its
+    channel closed by the broker counts as the connection lost, as the main one's."""
+    if role != "outbound":
+        yield
+        return
+    channel = await amqp.open_channel(connection, settings.workers.prefetch)
+    channel.close_callbacks.add(lambda *_: lost.set())
+    consumer = Consumer("receipts", settings.workers, Receipts(settings, store, keys, sink),
+                        sink, settings.topology.receipts_queue)
+    queue = await channel.get_queue(consumer.queue, ensure=False)
+    tag = await queue.consume(consumer.on_message)
+    try:
+        yield
+    finally:
+        if lost.is_set():  # its deliveries died with the channel: the broker resends them
+            await consumer.drain(0)
+        else:
+            with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
+                await queue.cancel(tag)
+            await consumer.drain(settings.workers.shutdown_timeout)
+
+
+async def _run(connection: AbstractConnection, settings: Settings, role: QueueRole,
+               keys: KeySource, stop: asyncio.Event, lost: asyncio.Event,
+               consuming: asyncio.Event | None, member: str, channel: AbstractChannel,
+               store: Store, consumer_of: Callable[[str], Consumer]) -> None:
     if shard.sharded(settings.topology, role):
         shards = Shards(connection, settings, role, store, member, consumer_of)
         router = asyncio.create_task(route(connection, settings, role, keys, stop, lost))
@@ -218,8 +257,6 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
             lag.cancel()
         await router
         await shards.hand_back(lost.is_set())
-        if waker is not None:
-            await waker.close()
         return
     consumer = consumer_of(shard.entry_queue(settings.topology, role))
     # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
@@ -242,5 +279,3 @@ async def _consume(connection: AbstractConnection, settings: Settings, role: Que
             await queue.cancel(tag)
         abandoned = await consumer.drain(settings.workers.shutdown_timeout)
         _log.info("drained", stage=role, abandoned=abandoned)
-    if waker is not None:
-        await waker.close()

@@ -1,6 +1,6 @@
 """What a device app or a business integration imports to speak the relayd contract."""
 
-from relayd.client.business import parse_event, reply
+from relayd.client.business import RECEIPTS, parse_event, reply
 from relayd.client.device import DeviceKeys, RelayPublic
 from relayd.client.edge import EdgeClosedError, EdgeDevice, EdgeRefusedError
 from relayd.client.identity import IdentityService, enrol
@@ -18,7 +18,7 @@ from relayd.client.rich import (
     parse_body,
 )
 
-__all__ = ["DeviceKeys", "EdgeClosedError", "EdgeDevice", "EdgeRefusedError",
+__all__ = ["RECEIPTS", "DeviceKeys", "EdgeClosedError", "EdgeDevice", "EdgeRefusedError",
            "IdentityService", "Item", "ListPicker", "Option", "QuickReply", "Reaction",
            "RelayPublic", "Response", "RichLink", "Section", "Slot", "TimePicker", "enrol",
            "parse_body", "parse_event", "reply"]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+# The events that say what became of a `message` you sent (contract 1.2): each carries
+# `ref` (your message's id), `conversation` and `ts` (to the minute), and arrives once.
+RECEIPTS: Final = frozenset({"delivered", "expired"})
 
 
 def reply(conversation: str, kind: str, body: dict[str, Any] | None = None,

@@ -29,7 +29,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from relayd import envelope, topology
+from relayd import amqp, envelope, metrics, topology
 from relayd.config import Settings
 from relayd.errors import RelaydError
 from relayd.keys import KeySource
@@ -63,6 +63,7 @@ class Stream:
         self.tag = f"edge.{uuid.uuid4().hex}"
         self.waiting: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         self.out: dict[int, int] = {}  # connection tag -> AMQP delivery tag, not yet acked
+        self.receipts: dict[int, str] = {}  # connection tag -> receipt token, if it has one
         self.next_tag = 1
         self.released = False
         self.on_end = on_end  # the queue was deleted (removed) or the channel died (lost)
@@ -80,16 +81,22 @@ class Stream:
         message = await self.waiting.get()
         tag, self.next_tag = self.next_tag, self.next_tag + 1
         self.out[tag] = _delivery_tag(message)
+        receipt = (message.header.properties.headers or {}).get(amqp.RECEIPT_HEADER)
+        if isinstance(receipt, str):
+            self.receipts[tag] = receipt
         return tag, message.body
 
     async def acknowledge(self, tag: int) -> bool:
         """The device stored delivery `tag`: remove it from the queue. False if no such
         delivery is out (never sent, or acknowledged already)."""
         delivery_tag = self.out.pop(tag, None)
+        receipt = self.receipts.pop(tag, None)
         if delivery_tag is None:
             return False
         if not self.released:
             await self.slot.ack(delivery_tag)
+            if receipt is not None:  # relayd tells the business, once per message
+                self.slot.link.spawn(self.slot.link.receipt(receipt))
         return True
 
     async def release(self) -> None:
@@ -103,6 +110,7 @@ class Stream:
             await self.slot.channel.basic_cancel(self.tag)
         tags = sorted([*self.out.values(), *(_delivery_tag(m) for m in _drain(self.waiting))])
         self.out.clear()
+        self.receipts.clear()
         await self.slot.requeue(tags)
         await self.slot.sync()
 
@@ -240,6 +248,19 @@ class Link:
             raise RefusedError("broker_full") from None  # nacked: the queue is at its limit
         except (PublishError, *_AMQP_ERRORS):
             raise RefusedError("unavailable") from None  # unroutable, or the link is down
+
+    async def receipt(self, token: str) -> None:
+        """Hand a delivered copy's receipt token back to relayd (relayd.receipts). Lost,
+        and counted, if the broker does not confirm it: the copy is acked already."""
+        try:
+            await self.publishing.basic_publish(
+                b"", exchange=self.t.ingress_exchange, routing_key=self.t.receipts_routing_key,
+                mandatory=True, properties=Basic.Properties(
+                    delivery_mode=2, headers={amqp.RECEIPT_HEADER: token}))
+        except (DeliveryError, PublishError, *_AMQP_ERRORS):
+            metrics.edge_receipt("lost")
+            return
+        metrics.edge_receipt("confirmed")
 
     # --- down ------------------------------------------------------------------------------
 

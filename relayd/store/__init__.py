@@ -194,6 +194,11 @@ class Store(Protocol):
         message never advances a device's seq twice.
         """
 
+    async def claim_receipt(self, key: str, kind: str, now_ms: int) -> tuple[str, bool]:
+        """Record that the business message `key` was `kind` (delivered or expired) unless
+        something was recorded for it before; return the kind recorded first, and whether
+        it is this call's. The first receipt of a message wins: one event per message."""
+
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         """Mark `member` of `role` alive by the store's clock, forget the members of `role`
         not seen for `ttl_ms`, and return those alive, `member` included, sorted."""
@@ -218,12 +223,14 @@ class Store(Protocol):
         """The open conversations whose last activity (updated_ms) is before `before_ms`."""
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
-                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+                    sent_before_ms: int, audit_before_ms: int,
+                    receipts_before_ms: int = 0) -> dict[str, int]:
         """Delete what retention lets go, each kind strictly before its cutoff:
         closed conversations by updated_ms, the replay state of devices that no longer
-        exist by its last claim, sent rows by created_ms, audit records by at_ms.
+        exist by its last claim, sent rows by created_ms, audit records by at_ms, receipt
+        claims by created_ms.
 
-        Returns the rows deleted as `conversations`, `replay`, `sent`, `audit`.
+        Returns the rows deleted as `conversations`, `replay`, `sent`, `audit`, `receipts`.
         """
 
     async def add_audit(self, action: str, subject: str,

@@ -116,6 +116,15 @@ MIGRATIONS: list[str] = [
     INSERT INTO legacy_ids SELECT 1 WHERE EXISTS (SELECT 1 FROM devices)
         OR EXISTS (SELECT 1 FROM conversations) OR EXISTS (SELECT 1 FROM replay);
     """,
+    # 5: which business messages reached a device, or expired, first (relayd.receipts).
+    """
+    CREATE TABLE receipts (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        kind TEXT NOT NULL,
+        created_ms BIGINT NOT NULL
+    );
+    CREATE INDEX receipts_created ON receipts (created_ms);
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
@@ -493,6 +502,18 @@ class PostgresStore:
                     if claim.echo_to else {})
         return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
 
+    async def claim_receipt(self, key: str, kind: str, now_ms: int) -> tuple[str, bool]:
+        # One statement: the row inserted now, or else the one that was there (a row
+        # inserted by a concurrent claim is seen by the second SELECT once it commits).
+        async with self._transaction() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO receipts (key, kind, created_ms) VALUES ($1, $2, $3)"
+                " ON CONFLICT (key) DO NOTHING RETURNING kind", key, kind, now_ms)
+            if inserted is not None:
+                return str(inserted), True
+            first = await conn.fetchval("SELECT kind FROM receipts WHERE key = $1", key)
+            return str(first), False
+
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         # The server's clock, not each host's: hosts' clocks may disagree by more than ttl.
         alive = await self._fetch(
@@ -552,7 +573,8 @@ class PostgresStore:
             " AND updated_ms < $1 ORDER BY updated_ms, id", before_ms)]
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
-                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+                    sent_before_ms: int, audit_before_ms: int,
+                    receipts_before_ms: int = 0) -> dict[str, int]:
         async with self._transaction() as conn:
             async def count(sql: str, cutoff: int) -> int:
                 status: str = await conn.execute(sql, cutoff)
@@ -568,6 +590,8 @@ class PostgresStore:
                     replay_before_ms),
                 "sent": await count("DELETE FROM sent WHERE created_ms < $1", sent_before_ms),
                 "audit": await count("DELETE FROM audit WHERE at_ms < $1", audit_before_ms),
+                "receipts": await count("DELETE FROM receipts WHERE created_ms < $1",
+                                        receipts_before_ms),
             }
 
     async def add_audit(self, action: str, subject: str,

@@ -267,6 +267,10 @@ class Pseudonymous:
                                                 list(names), now_ms)
         return {names[pseudonym]: seq for pseudonym, seq in seqs.items()}
 
+    async def claim_receipt(self, key: str, kind: str, now_ms: int) -> tuple[str, bool]:
+        # `key` is a hash of a business and its message id already: no id to hide
+        return await self.backend.claim_receipt(key, kind, now_ms)
+
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         return await self.backend.members(role, member, ttl_ms)
 
@@ -298,12 +302,14 @@ class Pseudonymous:
         return await self._conversations(await self.backend.stale_conversations(before_ms))
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
-                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+                    sent_before_ms: int, audit_before_ms: int,
+                    receipts_before_ms: int = 0) -> dict[str, int]:
         """Also destroy the keys of people no row names any longer, except those added in
         the last day: a device being registered has its person before its row."""
         counts = await self.backend.prune(
             conversations_before_ms=conversations_before_ms, replay_before_ms=replay_before_ms,
-            sent_before_ms=sent_before_ms, audit_before_ms=audit_before_ms)
+            sent_before_ms=sent_before_ms, audit_before_ms=audit_before_ms,
+            receipts_before_ms=receipts_before_ms)
         held = await self.backend.held_people()
         recent = rows.now_ms() - _PERSON_GRACE_MS
         gone = [p for p in await self.vault.all_people(recent) if p not in held]

@@ -121,6 +121,15 @@ MIGRATIONS: list[str] = [
     INSERT INTO legacy_ids SELECT 1 WHERE EXISTS (SELECT 1 FROM devices)
         OR EXISTS (SELECT 1 FROM conversations) OR EXISTS (SELECT 1 FROM replay);
     """,
+    # 5: which business messages reached a device, or expired, first (relayd.receipts).
+    """
+    CREATE TABLE receipts (
+        key TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE INDEX receipts_created ON receipts (created_ms);
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
@@ -512,6 +521,17 @@ class SqliteStore:
             lambda db: _allocate(db, source, device_ids, now_ms))
         return seqs
 
+    async def claim_receipt(self, key: str, kind: str, now_ms: int) -> tuple[str, bool]:
+        def op(db: sqlite3.Connection) -> tuple[str, bool]:
+            inserted = db.execute("INSERT INTO receipts (key, kind, created_ms) VALUES (?, ?, ?)"
+                                  " ON CONFLICT (key) DO NOTHING", (key, kind, now_ms)).rowcount
+            first: str = db.execute("SELECT kind FROM receipts WHERE key = ?",
+                                    (key,)).fetchone()[0]
+            return first, inserted == 1
+
+        claimed: tuple[str, bool] = await self._commit(op)
+        return claimed
+
     async def members(self, role: str, member: str, ttl_ms: int) -> list[str]:
         def op(db: sqlite3.Connection) -> list[str]:
             now = rows.now_ms()
@@ -569,7 +589,8 @@ class SqliteStore:
             " ORDER BY updated_ms, id", before_ms)]
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
-                    sent_before_ms: int, audit_before_ms: int) -> dict[str, int]:
+                    sent_before_ms: int, audit_before_ms: int,
+                    receipts_before_ms: int = 0) -> dict[str, int]:
         with self._write() as db:
             counts = {
                 "conversations": db.execute(
@@ -583,6 +604,8 @@ class SqliteStore:
                                    (sent_before_ms,)).rowcount,
                 "audit": db.execute("DELETE FROM audit WHERE at_ms < ?",
                                     (audit_before_ms,)).rowcount,
+                "receipts": db.execute("DELETE FROM receipts WHERE created_ms < ?",
+                                       (receipts_before_ms,)).rowcount,
             }
         self._scrub()
         return counts

@@ -1,22 +1,31 @@
 """Issue 17: each side learns what it may know of its messages, and nothing more.
 
-A device is told, in a sealed `error`, that a message it signed was refused; through the
-edge, with real WebSocket clients, a real broker and real workers.
+A device is told, in a sealed `error`, that a message it signed was refused; a business,
+once per message, that a device acknowledged it at the edge (`delivered`) or that it
+expired undelivered (`expired`). Through the edge, with real WebSocket clients, a real
+broker and real workers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
+from relayd import receipts
 from relayd.client import DeviceKeys
 from relayd.crypto import b64d
-from tests.integration.edge_harness import Edge, frame, put, running, send
-from tests.integration.harness import Relay, relay_in_vhost
+from tests.integration.edge_harness import Edge, closed, frame, put, running, send
+from tests.integration.harness import WAIT, Relay, amqp_url, relay_in_vhost
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "business_echo.py"
 
 
 @pytest.fixture
@@ -143,3 +152,180 @@ class TestDeviceErrors:
             [error] = await relay.received(phone, 1)
             assert (error["type"], error["body"]) == ("error", {"ref": late,
                                                                "code": "rate_limited"})
+
+
+def receipts_handled() -> float:
+    """Receipts relayd has settled so far, in this process, whatever became of them."""
+    return sum(REGISTRY.get_sample_value("relayd_messages_total",
+                                         {"stage": "receipts", "outcome": outcome}) or 0.0
+               for outcome in ("delivered", "dead_lettered"))
+
+
+async def settle_receipts(count: float) -> None:
+    """Until relayd has settled `count` receipts (a counter has no event to wait on)."""
+    async with asyncio.timeout(WAIT):
+        while receipts_handled() < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def opened(relay: Relay, edge: Edge) -> tuple[DeviceKeys, DeviceKeys, str]:
+    """acme, alice's phone and laptop, and the conversation the phone opened (the echo
+    to the laptop taken)."""
+    await relay.add_business("acme")
+    phone = await relay.add_device("alice", "phone")
+    laptop = await relay.add_device("alice", "laptop")
+    await relay.start()
+    await relay.send(phone, "acme", "start")
+    [start] = await relay.events("acme", 1)
+    await relay.received(laptop, 1)
+    return phone, laptop, start["conversation"]
+
+
+class TestReceipts:
+    async def test_one_delivered_however_many_devices_acknowledge(self, relay: Relay,
+                                                                  edge: Edge) -> None:
+        """Both devices acknowledge a message at the edge: the business gets one
+        `delivered`, with the message's id and conversation, a time to the minute, and
+        nothing of the devices; a typing indicator gets no receipt."""
+        phone, laptop, conversation = await opened(relay, edge)
+        before = receipts_handled()
+        reply_id = await relay.reply("acme", conversation, "message", {"text": "Shipped"})
+        await relay.reply("acme", conversation, "typing_start")
+        sessions = [await edge.login(phone), await edge.login(laptop)]
+        for ws, device in zip(sessions, (phone, laptop), strict=True):
+            got = [await delivered(ws, device, relay) for _ in range(2)]
+            assert sorted(m["type"] for m in got) == ["message", "typing_start"]
+        await settle_receipts(before + 2)
+        [event] = await relay.events("acme", 1)
+        assert event.keys() == {"v", "type", "ref", "conversation", "ts"}
+        assert (event["type"], event["ref"], event["conversation"]) == (
+            "delivered", reply_id, conversation)
+        assert event["ts"] % 60_000 == 0
+        await relay.assert_empty(relay.inbox("acme"))
+
+    async def test_nothing_until_a_device_acknowledges(self, relay: Relay, edge: Edge) -> None:
+        """A copy sent to the device and not acknowledged, then given back when the
+        connection ends, is not delivered: no receipt, until a later session's ack."""
+        phone, laptop, conversation = await opened(relay, edge)
+        before = receipts_handled()
+        reply_id = await relay.reply("acme", conversation, "message", {"text": "Hello"})
+        ws = await edge.login(phone)
+        assert (await frame(ws))["type"] == "deliver"  # read, never acknowledged
+        await ws.close()
+        await relay.wait_depth(relay.device_queue(phone), 1)
+        assert receipts_handled() == before
+        await relay.assert_empty(relay.inbox("acme"))
+        again = await edge.login(phone)
+        assert (await delivered(again, phone, relay))["id"] == reply_id
+        [event] = await relay.events("acme", 1)
+        assert (event["type"], event["ref"]) == ("delivered", reply_id)
+        assert laptop is not None
+
+    async def test_expired_when_every_copy_outlives_the_ttl(self, tmp_path: Path) -> None:
+        """With a device TTL of about a second and no device online, the business gets one
+        `expired` for its message (two devices: still one), and a later ack is not
+        reported; a message acknowledged first gets no `expired` when the other copy
+        expires."""
+        ttl_days = 1.5 / 86_400
+        async with relay_in_vhost(tmp_path, topology={"device_message_ttl_days": ttl_days}
+                                  ) as relay, running(relay) as edge:
+            phone, laptop, conversation = await opened(relay, edge)
+            before = receipts_handled()
+            lost = await relay.reply("acme", conversation, "message", {"text": "Anyone?"})
+            [event] = await relay.events("acme", 1)
+            assert event.keys() == {"v", "type", "ref", "conversation", "ts"}
+            assert (event["type"], event["ref"], event["conversation"]) == (
+                "expired", lost, conversation)
+            await settle_receipts(before + 2)  # the laptop's copy: told once only
+            seen = await relay.reply("acme", conversation, "message", {"text": "Still?"})
+            ws = await edge.login(phone)
+            assert (await delivered(ws, phone, relay))["id"] == seen
+            [event] = await relay.events("acme", 1)
+            assert (event["type"], event["ref"]) == ("delivered", seen)
+            await settle_receipts(before + 4)  # and the laptop's copy of it expired
+            await relay.assert_empty(relay.inbox("acme"))
+            assert laptop is not None
+
+
+class TestReceiptsHostile:
+    async def test_a_forged_or_replayed_receipt_tells_no_business(self, relay: Relay,
+                                                                   edge: Edge) -> None:
+        """Receipts that relayd did not write (a wrong MAC, another business's name over a
+        real token, no token) are dead-lettered as bad_receipt; a real token published
+        again is no second event."""
+        phone, _, conversation = await opened(relay, edge)
+        await relay.add_business("globex")
+        reply_id = await relay.reply("acme", conversation, "message", {"text": "Hi"})
+        [copy] = await relay.take(relay.device_queue(phone), 1)
+        token = copy.headers[receipts.HEADER]
+        assert isinstance(token, str)
+        _, conv, message_id, mac = token.split(" ")
+        exchange = await relay.channel.get_exchange(relay.settings.topology.ingress_exchange)
+        key = relay.settings.topology.receipts_routing_key
+        before = receipts_handled()
+        forged = [f"acme {conv} {message_id} {'a' * len(mac)}",
+                  f"globex {conv} {message_id} {mac}", None]
+        for value in [*forged, token, token]:
+            headers = {} if value is None else {receipts.HEADER: value}
+            await exchange.publish(aio_pika.Message(b"", headers=headers), routing_key=key)
+        dead = await relay.dead(3)
+        assert {m.headers["x-relayd-reason"] for m in dead} == {"bad_receipt"}
+        [event] = await relay.events("acme", 1)
+        assert (event["type"], event["ref"]) == ("delivered", reply_id)
+        await settle_receipts(before + 5)
+        assert receipts_handled() == before + 5  # relayd's own dead letters stay out
+        await relay.assert_empty(relay.inbox("acme"), relay.inbox("globex"))
+
+    async def test_only_expired_copies_reach_the_receipts(self, relay: Relay) -> None:
+        """Of what reaches relayd.dead (relayd's own copies, the broker's dead letters for
+        other reasons), only what the broker dead-lettered as expired is passed on to
+        relayd.receipts: a refused receipt cannot loop."""
+        t = relay.settings.topology
+        dead = await relay.channel.get_exchange(t.dead_exchange)
+        for headers in ({"x-relayd-reason": "bad_receipt"},
+                        {"x-first-death-reason": "delivery_limit", receipts.HEADER: "x"},
+                        {"x-first-death-reason": "expired"}):
+            await dead.publish(aio_pika.Message(b"", headers=headers), routing_key="")
+        await relay.wait_depth(t.dead_queue, 3)
+        assert await relay.depth(t.receipts_queue) == 1
+        [expired] = await relay.take(t.receipts_queue, 1)
+        assert expired.headers == {"x-first-death-reason": "expired"}
+
+    async def test_a_device_sees_no_token_and_cannot_ack_anothers_copy(self, relay: Relay,
+                                                                      edge: Edge) -> None:
+        """What the edge hands a device is the sealed copy alone; a `received` for a tag
+        it was never given closes its connection (4400), and tells no business anything."""
+        phone, laptop, conversation = await opened(relay, edge)
+        await relay.reply("acme", conversation, "message", {"text": "Hi"})
+        ws = await edge.login(phone)
+        got = await frame(ws)
+        assert got.keys() == {"type", "tag", "sealed"}
+        await put(ws, {"type": "received", "tag": got["tag"] + 1})
+        assert await closed(ws) == 4400
+        await relay.assert_empty(relay.inbox("acme"))
+        assert await relay.depth(relay.device_queue(laptop)) == 1
+
+
+class TestExampleBusiness:
+    async def test_the_example_logs_its_receipts(self, relay: Relay, edge: Edge) -> None:
+        """examples/business_echo.py answers through the edge, and logs the `delivered`
+        receipt of its echo once the phone acknowledged it."""
+        phone, _, _ = await opened(relay, edge)
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), "--business", "acme",
+            "--url", amqp_url("guest", "guest", relay.vhost),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert example.stdout is not None
+            assert example.stderr is not None
+            await asyncio.wait_for(example.stdout.readline(), WAIT)  # consuming
+            await relay.send(phone, "acme", "message", {"text": "ping"})
+            ws = await edge.login(phone)
+            echo = await delivered(ws, phone, relay)
+            assert echo["body"] == {"text": "echo: ping"}
+            line = await asyncio.wait_for(example.stderr.readline(), WAIT)
+            assert line.decode().startswith(f"receipt: message {echo['id']} delivered at ")
+        finally:
+            if example.returncode is None:
+                example.terminate()
+            assert await asyncio.wait_for(example.wait(), WAIT) == 0

@@ -288,9 +288,10 @@ class TestRetention:
             counts = await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                              later)
             # replay: the removed device's; sent: all three rows (the echo of the start and
-            # the two closes), created before the pass's "now" minus sent_days
+            # the two closes; the error told to the removed device went with it), created
+            # before the pass's "now" minus sent_days
             assert counts == {"expired": 1, "failed": 0, "conversations": 0, "replay": 1,
-                              "sent": 3, "audit": 0}
+                              "sent": 3, "audit": 0, "receipts": 0}
             [close] = await relay.events("acme", 1)
             assert (close["type"], close["conversation"]) == ("close", conversation)
             for device in (phone, laptop):
@@ -303,7 +304,7 @@ class TestRetention:
             assert await retention.enforce(relay.settings, relay.store, relay.keyring, sink,
                                            even_later) == {
                 "expired": 0, "failed": 0, "conversations": 1, "replay": 0, "sent": 0,
-                "audit": 0}
+                "audit": 0, "receipts": 0}
         assert await relay.store.conversation(conversation) is None
         await relay.assert_empty(relay.inbox("acme"), relay.device_queue(phone))
 
@@ -349,7 +350,8 @@ class TestRetention:
         await relay.store.add_audit("erase", "old-ref", {}, 1)
         code, out = await relay.cli("gdpr", "prune", "--json")
         assert (code, orjson.loads(out)) == (0, {"expired": 0, "failed": 0, "conversations": 0,
-                                                 "replay": 0, "sent": 0, "audit": 1})
+                                                 "replay": 0, "sent": 0, "audit": 1,
+                                                 "receipts": 0})
 
 
     async def test_cli_output_stays_clean_at_info_level(self, relay: Relay) -> None:

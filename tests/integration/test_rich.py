@@ -116,7 +116,8 @@ class TestInteractive:
 
     async def test_a_bad_interactive_reply_reaches_no_device(self, relay: Relay) -> None:
         """An interactive message over a limit is answered with `invalid` and delivered to
-        nobody; a device's own list picker is dead-lettered as malformed."""
+        nobody; a device's own list picker is dead-lettered as malformed, and only that
+        device is told (contract 1.2)."""
         phone, laptop, conversation = await open_conversation(relay)
         too_many = {"text": "Pick", "quick_reply": {"options": [
             {"id": f"o{i}", "title": "x"} for i in range(relay.settings.limits
@@ -124,9 +125,11 @@ class TestInteractive:
         bad_id = await relay.reply("acme", conversation, "message", too_many)
         [error] = await relay.events("acme", 1)
         assert (error["type"], error["ref"], error["code"]) == ("error", bad_id, "invalid")
-        await relay.send(phone, "acme", "message", INTERACTIVE["list_picker"].body())
+        up_id = await relay.send(phone, "acme", "message", INTERACTIVE["list_picker"].body())
         [dead] = await relay.dead(1)
         assert dead.headers["x-relayd-reason"] == "malformed"
+        [told] = await relay.received(phone, 1)
+        assert (told["type"], told["body"]) == ("error", {"ref": up_id, "code": "malformed"})
         await relay.assert_empty(relay.device_queue(phone), relay.device_queue(laptop),
                                  relay.inbox("acme"))
 
@@ -188,6 +191,9 @@ class TestAnswersRelaydCannotCheck:
         dead = await relay.dead(3)
         assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
             "conversation_closed", "conversation_closed", "unknown_conversation"]
+        told = [await relay.received(phone, 1), await relay.received(laptop, 2)]
+        assert [sorted(m["body"]["code"] for m in t) for t in told] == [
+            ["unknown_conversation"], ["conversation_closed", "conversation_closed"]]
         await relay.assert_empty(relay.device_queue(phone), relay.device_queue(laptop),
                                  relay.inbox("acme"), relay.inbox("other"))
 

@@ -580,13 +580,17 @@ class TestRetention:
                                                    make_id("u1", "globex"))
         await store.add_audit("erase", "ref1", {"devices": 1}, 1000)
         await store.add_audit("erase", "ref2", {"devices": 2}, 2000)
-        nothing = {"conversations": 0, "replay": 0, "sent": 0, "audit": 0}
+        await store.claim_receipt("r1", "delivered", 100)
+        nothing = {"conversations": 0, "replay": 0, "sent": 0, "audit": 0, "receipts": 0}
 
         assert await store.prune(conversations_before_ms=150, replay_before_ms=0,
-                                 sent_before_ms=100, audit_before_ms=1000) == nothing
+                                 sent_before_ms=100, audit_before_ms=1000,
+                                 receipts_before_ms=100) == nothing
         assert await store.prune(conversations_before_ms=151, replay_before_ms=2**62,
-                                 sent_before_ms=101, audit_before_ms=1001) == {
-            "conversations": 1, "replay": 1, "sent": 1, "audit": 1}
+                                 sent_before_ms=101, audit_before_ms=1001,
+                                 receipts_before_ms=101) == {
+            "conversations": 1, "replay": 1, "sent": 1, "audit": 1, "receipts": 1}
+        assert await store.claim_receipt("r1", "expired", 300) == ("expired", True)
         assert await store.conversation(closed.id) is None
         assert await store.conversation(still_open.id) == still_open
         assert not await store.claim_seq("d1", 1, 64)  # a live device keeps its window
@@ -595,6 +599,25 @@ class TestRetention:
         assert [r.subject for r in await store.audit_log() if r.action == "erase"] == ["ref2"]
         assert await store.prune(conversations_before_ms=151, replay_before_ms=0,
                                  sent_before_ms=101, audit_before_ms=1001) == nothing
+
+
+class TestReceipts:
+    async def test_the_first_receipt_of_a_message_wins(self, store: Store) -> None:
+        """The first claim of a message is recorded and reported as this call's; every
+        later one, of either kind, gets the first kind back and is not its own."""
+        assert await store.claim_receipt("m1", "delivered", 10) == ("delivered", True)
+        assert await store.claim_receipt("m1", "delivered", 20) == ("delivered", False)
+        assert await store.claim_receipt("m1", "expired", 30) == ("delivered", False)
+        assert await store.claim_receipt("m2", "expired", 30) == ("expired", True)
+        assert await store.claim_receipt("m2", "delivered", 40) == ("expired", False)
+
+    async def test_concurrent_claims_have_one_winner(self, store: Store) -> None:
+        """Many claims of one message at once (devices acknowledging together): exactly
+        one is the first."""
+        claims = await asyncio.gather(*(store.claim_receipt("m", kind, 1) for kind in
+                                        ["delivered", "expired"] * 8))
+        assert sum(first for _, first in claims) == 1
+        assert len({kind for kind, _ in claims}) == 1
 
 
 class TestAudit:
@@ -708,7 +731,7 @@ class TestPseudonyms:
         store = await open_store(store_url, secret=SECRET)
         try:
             assert b"marked" not in await raw_text(store_url)
-            assert await store.migrate() == (4, 4)
+            assert await store.migrate() == (5, 5)
             assert [d.id for d in await store.household("laptop")] == ["laptop", PHONE]
             phone = await store.device(PHONE)
             assert phone is not None
@@ -732,7 +755,7 @@ class TestPseudonyms:
         finally:
             await store.close()
         again = await open_store(store_url, secret=SECRET)
-        assert await again.migrate() == (4, 4)
+        assert await again.migrate() == (5, 5)
         assert [d.id for d in await again.devices()] == ["other"]
         await again.close()
 

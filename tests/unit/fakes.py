@@ -53,13 +53,15 @@ class RecordingSink:
     """Everything the handlers publish, as (target, ...) tuples, in order."""
 
     sent: list[tuple[Any, ...]] = field(default_factory=list)
+    receipts: list[str | None] = field(default_factory=list)  # each device copy's token
 
     async def to_business(self, business: str, body: bytes, message_id: str,
                           kind: str) -> None:
         self.sent.append(("business", business, body, message_id, kind))
 
-    async def to_device(self, device: str, sealed: bytes) -> None:
+    async def to_device(self, device: str, sealed: bytes, receipt: str | None = None) -> None:
         self.sent.append(("device", device, sealed))
+        self.receipts.append(receipt)
 
     async def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],
                        content_type: str) -> None:

@@ -1,15 +1,27 @@
-"""What a device is told of its refused message: the ref and the code, nothing else."""
+"""What a device is told of its refused message (the ref and the code, nothing else), and
+what section 14 of the contract shows of it and of receipts."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd import payload
+from relayd import payload, receipts
+from relayd.client import RECEIPTS, parse_event
+from relayd.errors import PermanentError
+from relayd.receipts import Receipts
+from relayd.store import open_store
+from tests.unit.fakes import FakeDelivery, RecordingSink
 from tests.unit.helpers import FAST
+from tests.unit.test_handlers import KEYRING
+from tests.unit.test_handlers import settings as handler_settings
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=40),
                     lambda inner: st.lists(inner, max_size=3)
@@ -36,3 +48,95 @@ class TestDeviceError:
         assert "replayed" not in payload.DEVICE_ERROR_CODES
         with pytest.raises(AssertionError):
             payload.device_error({}, "replayed")
+
+MESSAGE = "2bbbc931-bca9-4f8e-8b20-dbb1675ce4c0"
+
+SECTION = re.compile(r"^## 14\. What became of a message.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+
+
+def section_examples() -> list[dict[str, Any]]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = SECTION.search(text)
+    assert section is not None, "docs/protocol.md has no section 14"
+    return [orjson.loads(line) for block in re.findall(r"```json\n(.*?)```", section.group(),
+                                                       re.DOTALL)
+            for line in block.splitlines() if line.startswith("{") and "<" not in line]
+
+
+class TestContractExamples:
+    def test_section_14_shows_what_relayd_builds(self) -> None:
+        """The error, delivered and expired examples of the contract are what relayd's own
+        builders make of their inputs, field for field."""
+        examples = section_examples()
+        errors = [e for e in examples if e["type"] == "error"]
+        [up] = [e for e in examples if "to" in e]
+        assert [e["body"] for e in errors] == [dict(zip(
+            ("ref", "code"), (up["id"], "conversation_closed"), strict=True))]
+        sender, body = payload.device_error(up, "conversation_closed")
+        assert orjson.loads(payload.down_payload(
+            up["device"], errors[0]["seq"], errors[0]["ts"], errors[0]["id"], sender, "error",
+            body)) == errors[0]
+        found = [e for e in examples if e["type"] in RECEIPTS]
+        assert sorted(e["type"] for e in found) == ["delivered", "expired"]
+        for event in found:
+            assert orjson.loads(payload.receipt_event(
+                event["type"], event["ref"], event["conversation"],
+                receipts.coarse(event["ts"] + 59_999))) == event
+            assert parse_event(orjson.dumps(event)) == event
+
+
+class TestReceiptsHandler:
+    """relayd.receipts.Receipts over a real SQLite store, without a broker."""
+
+    @pytest.fixture
+    async def handler(self, tmp_path: Path) -> AsyncIterator[tuple[Receipts, RecordingSink]]:
+        store = await open_store(f"sqlite:///{tmp_path}/relayd.db")
+        sink = RecordingSink()
+        try:
+            yield Receipts(handler_settings(tmp_path), store, lambda: KEYRING, sink), sink
+        finally:
+            await store.close()
+
+    def delivery(self, tmp_path: Path, kind: str, token: str | None = None,
+                 **fields: Any) -> FakeDelivery:
+        t = handler_settings(tmp_path).topology
+        headers: dict[str, Any] = {} if token is None else {receipts.HEADER: token}
+        if kind == "expired":
+            headers["x-first-death-reason"] = "expired"
+        exchange = t.ingress_exchange if kind == "delivered" else t.dead_exchange
+        return FakeDelivery(headers=headers, exchange=exchange, **fields)
+
+    async def run(self, handler: Receipts, delivery: FakeDelivery) -> str:
+        _, work = handler.prepare(delivery)
+        return await work()
+
+    async def test_once_per_message_and_again_on_redelivery(
+            self, tmp_path: Path, handler: tuple[Receipts, RecordingSink]) -> None:
+        """A second device's receipt and an expired copy tell nothing; a redelivery of a
+        receipt tells the same event again, under the same message_id."""
+        receipts_handler, sink = handler
+        token = receipts.token(KEYRING.opaque_secret, "acme", "c" * 32, MESSAGE)
+        told = [await self.run(receipts_handler, self.delivery(tmp_path, kind, token, **extra))
+                for kind, extra in (("delivered", {}), ("delivered", {}), ("expired", {}),
+                                    ("delivered", {"redelivered": True}))]
+        assert told == ["delivered", "delivered_again", "expired_again", "delivered"]
+        events = sink.of("business")
+        assert len(events) == 2
+        assert events[0][3] == events[1][3]  # the same AMQP message_id
+        assert orjson.loads(events[0][2]).keys() == {"v", "type", "ref", "conversation", "ts"}
+
+    @pytest.mark.parametrize("token", [None, "acme c x y", "globex " + "c" * 32 + " m z", ""])
+    async def test_a_token_relayd_did_not_write_is_bad_receipt(
+            self, tmp_path: Path, handler: tuple[Receipts, RecordingSink],
+            token: str | None) -> None:
+        """From the edge's route, no token or one whose MAC fails is refused."""
+        with pytest.raises(PermanentError) as refused:
+            await self.run(handler[0], self.delivery(tmp_path, "delivered", token))
+        assert refused.value.reason == "bad_receipt"
+        assert handler[1].sent == []
+
+    async def test_an_expired_copy_without_a_token_is_nothing(
+            self, tmp_path: Path, handler: tuple[Receipts, RecordingSink]) -> None:
+        """An expired typing indicator or echo carries no token: acknowledged, no event."""
+        assert await self.run(handler[0], self.delivery(tmp_path, "expired")) == "no_receipt"
+        assert handler[1].sent == []
