@@ -90,7 +90,7 @@ class TestReceiptsHandler:
 
     @pytest.fixture
     async def handler(self, tmp_path: Path) -> AsyncIterator[tuple[Receipts, RecordingSink]]:
-        store = await open_store(f"sqlite:///{tmp_path}/relayd.db")
+        store = await open_store(f"sqlite:///{tmp_path}/relayd.db", secret=KEYRING.opaque_secret)
         sink = RecordingSink()
         try:
             yield Receipts(handler_settings(tmp_path), store, lambda: KEYRING, sink), sink
