@@ -58,7 +58,7 @@ SAFE_KEYS = frozenset({
 # Keys whose values pass only as integers (counts), and only as keyed references.
 COUNT_KEYS = frozenset({"abandoned", "workers", "count", "devices", "conversations", "closed",
                         "replay", "sent", "expired", "failed", "audit", "shards", "members",
-                        "held", "waits"})
+                        "held", "waits", "receipts"})
 REFERENCE_KEYS = frozenset({"user_ref"})  # relayd.opaque.reference() output
 _REFERENCE = re.compile(r"[a-z2-7]{15}")
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,63}")
