@@ -136,7 +136,7 @@ class Echo:
         if kind == "error":  # a reply of ours was refused: event["ref"] is its id
             print(f"relayd refused reply {event['ref']}: {event['code']}", file=sys.stderr)
             return
-        if kind in ("delivered", "expired"):  # receipts (contract 1.3): once per message
+        if kind in ("delivered", "expired"):  # receipts (contract 1.4): once per message
             # A desk shows the message `ref` as delivered (a device of the user has it) or
             # failed (it expired, no device ever fetched it); `ts` is to the minute.
             print(f"receipt: message {event['ref']} {kind} at {event['ts']}", file=sys.stderr)

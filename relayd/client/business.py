@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import orjson
 
-# The events that say what became of a `message` you sent (contract 1.3): each carries
+# The events that say what became of a `message` you sent (contract 1.4): each carries
 # `ref` (your message's id), `conversation` and `ts` (to the minute), and arrives once.
 RECEIPTS: Final = frozenset({"delivered", "expired"})
 

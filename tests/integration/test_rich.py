@@ -117,7 +117,7 @@ class TestInteractive:
     async def test_a_bad_interactive_reply_reaches_no_device(self, relay: Relay) -> None:
         """An interactive message over a limit is answered with `invalid` and delivered to
         nobody; a device's own list picker is dead-lettered as malformed, and only that
-        device is told (contract 1.3)."""
+        device is told (contract 1.4)."""
         phone, laptop, conversation = await open_conversation(relay)
         too_many = {"text": "Pick", "quick_reply": {"options": [
             {"id": f"o{i}", "title": "x"} for i in range(relay.settings.limits
