@@ -312,7 +312,7 @@ class TestExampleBusiness:
         receipt of its echo once the phone acknowledged it."""
         phone, _, _ = await opened(relay, edge)
         example = await asyncio.create_subprocess_exec(
-            sys.executable, str(EXAMPLE), "--business", "acme",
+            sys.executable, str(EXAMPLE), "--business", "acme", "--inbox", relay.inbox("acme"),
             "--url", amqp_url("guest", "guest", relay.vhost),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
