@@ -17,6 +17,7 @@ device (it never sees the headers; the edge sends only what it acknowledged).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import uuid
@@ -25,7 +26,7 @@ from typing import Final
 from relayd import opaque, payload
 from relayd.amqp import RECEIPT_HEADER, Delivery
 from relayd.config import Settings
-from relayd.consume import Work
+from relayd.consume import Work, retried
 from relayd.deliver import Sink, now_ms
 from relayd.errors import PermanentError
 from relayd.keys import KeySource
@@ -79,14 +80,14 @@ class Receipts:
             return None, _nothing
         business, conversation, message_id = read(self.keys().opaque_secret,
                                                   headers.get(HEADER))
-        again = bool(delivery.redelivered)
-        return None, lambda: self.handle(kind, business, conversation, message_id, again)
+        return None, retried(functools.partial(self.handle, kind, business, conversation,
+                                               message_id), bool(delivery.redelivered))
 
     async def handle(self, kind: str, business: str, conversation: str, message_id: str,
-                     redelivered: bool) -> str:
+                     redelivered: bool, sent: set[str] | None = None) -> str:
         """Tell the business unless another receipt of the message was first. A
-        redelivery tells it again (the first attempt may have died before its publish):
-        the same event, with the same message_id."""
+        redelivery, or a retry in place, tells it again (the first run may have died
+        before its publish): the same event, with the same message_id."""
         key = hashlib.sha256(f"{business}\0{message_id}".encode()).hexdigest()[:32]
         now = now_ms()
         first, mine = await self.store.claim_receipt(key, kind, now)

@@ -333,11 +333,12 @@ class TestFanOut:
         class DownOnce(RecordingSink):
             refused = False
 
-            async def to_device(self, device: str, sealed: bytes) -> None:
+            async def to_device(self, device: str, sealed: bytes,
+                                receipt: str | None = None) -> None:
                 if device == "laptop" and not self.refused:
                     self.refused = True
                     raise TransientError("unroutable")
-                await super().to_device(device, sealed)
+                await super().to_device(device, sealed, receipt)
 
         sink = DownOnce()
         inbound = Inbound(settings(tmp_path), store, lambda: KEYRING, sink)
