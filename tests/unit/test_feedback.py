@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from relayd import payload, receipts
 from relayd.client import RECEIPTS, parse_event
-from relayd.errors import PermanentError
+from relayd.errors import PermanentError, TransientError
 from relayd.receipts import Receipts
 from relayd.store import open_store
 from tests.unit.fakes import FakeDelivery, RecordingSink
@@ -140,3 +140,26 @@ class TestReceiptsHandler:
         """An expired typing indicator or echo carries no token: acknowledged, no event."""
         assert await self.run(handler[0], self.delivery(tmp_path, "expired")) == "no_receipt"
         assert handler[1].sent == []
+
+    async def test_a_retry_in_place_tells_the_business(
+            self, tmp_path: Path, handler: tuple[Receipts, RecordingSink]) -> None:
+        """The business's inbox refuses the first publish: the work run again (as
+        relayd.consume retries in place, unmarked by the broker) publishes the event, though
+        its first run took the claim."""
+        receipts_handler, sink = handler
+        failed: list[bool] = []
+        original = sink.to_business
+
+        async def refuse_once(business: str, body: bytes, message_id: str, kind: str) -> None:
+            if not failed:
+                failed.append(True)
+                raise TransientError("nacked")
+            await original(business, body, message_id, kind)
+
+        sink.to_business = refuse_once  # type: ignore[method-assign]
+        token = receipts.token(KEYRING.opaque_secret, "acme", "c" * 32, MESSAGE)
+        _, work = receipts_handler.prepare(self.delivery(tmp_path, "delivered", token))
+        with pytest.raises(TransientError):
+            await work()
+        assert await work() == "delivered"
+        assert [orjson.loads(e[2])["type"] for e in sink.of("business")] == ["delivered"]
