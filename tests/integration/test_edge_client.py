@@ -52,8 +52,12 @@ class TestEdgeDevice:
             await device.received(first)
             await device.received(second)
             await device.send("acme", "message", {"text": "still here"})
-            [event] = await relay.events("acme", 1)
+            # and, since contract 1.4, the receipt of each reply the phone acknowledged
+            events = await relay.events("acme", 3)
+            [event] = [e for e in events if e["type"] == "message"]
             assert event["body"] == {"text": "still here"}
+            assert sorted(e["ref"] for e in events if e["type"] == "delivered") == sorted(
+                (first["id"], second["id"]))
             await device.close()
             await relay.assert_empty(relay.device_queue(phone))
 
