@@ -61,6 +61,7 @@ class Ledger:
         self.at_business: Counter[str] = Counter()  # event id -> copies received
         self.at_device: dict[tuple[str, str], list[int]] = defaultdict(list)  # seqs received
         self.errors: dict[str, str] = {}  # reply id -> error code the business received
+        self.receipts: Counter[str] = Counter()  # reply id -> delivered/expired received
         self.dead: dict[str, Counter[str]] = defaultdict(Counter)  # id -> reasons
         self.resent: Counter[str] = Counter()  # publishes repeated after a lost confirm
         self.replayed: set[str] = set()  # envelopes published twice on purpose
@@ -90,6 +91,12 @@ class Ledger:
 
     def business_got(self, event: dict[str, object]) -> None:
         event_id = str(event.get("id"))
+        if event.get("type") in ("delivered", "expired"):  # contract 1.4: of a reply of ours
+            if str(event.get("ref")) not in self.replies:
+                self.unexpected["business:" + str(event.get("type"))] += 1
+            self.receipts[str(event.get("ref"))] += 1
+            self._changed()
+            return
         if event.get("type") == "error":
             self.errors[str(event.get("ref"))] = str(event.get("code"))
         elif event_id not in self.up:
