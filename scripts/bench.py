@@ -16,6 +16,9 @@ Scenarios, each in a vhost of its own on the local RabbitMQ, each relay a proces
   c1    relayd outbound, 1 device per user;  c3: 3 devices per user (c3x2: two workers)
   d     relayd inbound with the MLKEM768_X25519 hybrid suite
   s1    relayd inbound through 4 shard queues, one worker;  s2: two workers
+  e     64 devices through one `relayd edge` process: up messages/s (acked after the
+        broker's confirm), then device -> business -> device round trips at half the
+        saturated rate of that path; e0: the same devices on raw AMQP, same run and rate
 The store is SQLite, or with --postgres a fresh database per scenario on that server
 (bp always uses --postgres); --shards N runs b to d sharded too.
 All use quorum work queues, persistent ~400-byte messages and the same prefetch.
@@ -66,7 +69,7 @@ OUT_USERS = 64  # outbound: users, each with 1 or 3 devices (each device a queue
 SHARDS = 4
 POLL_S = 0.01
 FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
-SCENARIOS = ["aseq", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s2"]  # and a
+SCENARIOS = ["aseq", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s2", "e"]  # and a
 QUICK = ["b", "bf", "b2", "c3", "d"]  # --quick's, to stay under two minutes
 POSTGRES = ""  # --postgres: the server to make each scenario's database on
 DEFAULT_SHARDS = 1  # --shards
@@ -511,6 +514,262 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
     return result
 
 
+# (e): devices through one `relayd edge` process against the same devices on raw AMQP
+# (e0), in one run, on one relay (inbound and outbound workers, one each) and one store.
+EDGE_DEVICES = 64
+EDGE_WINDOW = 8  # up messages in flight per device (the edge allows edge.max_inflight)
+
+
+class EdgeLane:
+    """One device's logged-in WebSocket: sends with a window, counts the acks, and
+    timestamps every deliver (acknowledging it at once)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.window = asyncio.Semaphore(EDGE_WINDOW)
+        self.acked = 0
+        self.refused = 0
+        self.arrivals: list[tuple[float, bytes]] = []
+        self.sent_at: dict[int, float] = {}  # ref -> when sent
+        self.up_s: list[float] = []  # send to the edge's answer (the up leg), in seconds
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        from relayd.crypto import b64d
+
+        async for data in self.ws:
+            frame = orjson.loads(data)
+            if frame["type"] == "deliver":
+                self.arrivals.append((time.monotonic(), b64d(frame["sealed"])))
+                await self.ws.send(orjson.dumps({"type": "received", "tag": frame["tag"]}),
+                                   text=True)
+            elif frame["type"] in ("ack", "nack"):
+                self.up_s.append(time.monotonic() - self.sent_at.pop(frame["ref"], 0.0))
+                self.acked += frame["type"] == "ack"
+                self.refused += frame["type"] == "nack"
+                self.window.release()
+
+    async def send(self, ref: int, kid: str, sealed: bytes) -> None:
+        from relayd.crypto import b64e
+
+        await self.window.acquire()
+        self.sent_at[ref] = time.monotonic()
+        await self.ws.send(orjson.dumps({"type": "send", "ref": ref, "kid": kid,
+                                         "sealed": b64e(sealed)}), text=True)
+
+
+async def edge_path(total: int, latency_s: float) -> list[Result]:
+    """(e) and (e0): up messages per second (acked after the broker's confirm), then
+    device -> business -> device round trips at half the saturated rate of that path."""
+    import edge_load  # scripts/edge_load.py, beside this file
+
+    through = Result(f"e {EDGE_DEVICES} devices via one edge", total)
+    direct = Result(f"e0 {EDGE_DEVICES} devices raw AMQP", total)
+    async with scenario(False) as (vh, tmp, store_url):
+        setup = relay_setup(tmp, vh, store_url, Kem.X25519)
+        config = yaml.safe_load(setup.config_path.read_text())
+        config["edge"] = {"name": edge_load.NAME, "port": 0, "connection_rate": 1e9,
+                          "connection_burst": 10**9, "max_inflight": EDGE_WINDOW}
+        config["logging"] = {"format": "json"}
+        setup.config_path.write_text(yaml.safe_dump(config))
+        t = setup.settings.topology
+        secret = keys.load(setup.settings.keys.dir, __import__("datetime").timedelta(1))
+        store = await open_store(setup.settings.store.url, secret=secret.opaque_secret)
+        await store.add_business(Business("acme", "guest"))
+        devices = [DeviceKeys.generate(f"dev-{i}") for i in range(EDGE_DEVICES)]
+        specs = (topology.core(t) + topology.shards(t)
+                 + topology.business(t, "acme", secret.opaque_secret))
+        for i, device in enumerate(devices):
+            await store.add_device(Device(device.device, f"user-{i}", Kem.X25519,
+                                          device.enc_public, device.sign_public))
+            specs += topology.device(t, device.device, secret.opaque_secret)
+        await store.close()
+        await declare(setup, specs)
+        queues = [topology.device_queue(t, d.device, secret.opaque_secret) for d in devices]
+        inbox = topology.business_inbox(t, "acme", secret.opaque_secret)
+        text = text_for(BODY_BYTES - len(devices[0].seal(
+            setup.relay, devices[0].payload("acme", "message", {"text": ""}))))
+
+        def sealed(i: int, kind: str = "message", message_id: str | None = None) -> bytes:
+            device = devices[i % EDGE_DEVICES]
+            return device.seal(setup.relay, device.payload(
+                "acme", kind, {"text": text}, message_id=message_id))
+
+        def raw(body: bytes) -> aio_pika.Message:
+            return aio_pika.Message(body, headers={"relayd-kid": setup.relay.kid},
+                                    content_type="application/vnd.relayd.sealed",
+                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+        connection = await aio_pika.connect(setup.settings.amqp.url)
+        async with connection, edge_load.edge_process(tmp) as (pid, port):
+            channel = await connection.channel(publisher_confirms=True)
+            ingress = await channel.get_exchange(t.ingress_exchange)
+            url = f"ws://127.0.0.1:{port}/v1/device"
+            lanes = [EdgeLane(await edge_load.log_in(url, d)) for d in devices]
+            edge = psutil.Process(pid)
+            try:
+                # 1. Up, saturated: the workers are not running, the backlog is purged.
+                progress(f"e: sealing {2 * total} envelopes")
+                bodies = [sealed(i) for i in range(2 * total)]
+                cpu = sum(edge.cpu_times()[:2])
+                started = time.monotonic()
+
+                async def through_edge(d: int) -> None:
+                    for ref, i in enumerate(range(d, total, EDGE_DEVICES), 1):
+                        await lanes[d].send(ref, setup.relay.kid, bodies[i])
+                    for _ in range(EDGE_WINDOW):  # every answer in
+                        await lanes[d].window.acquire()
+
+                await asyncio.wait_for(asyncio.gather(
+                    *(through_edge(d) for d in range(EDGE_DEVICES))), 300)
+                elapsed = time.monotonic() - started
+                through.rate = total / elapsed
+                through.cpu_us = (sum(edge.cpu_times()[:2]) - cpu) / total * 1e6
+                assert sum(lane.acked for lane in lanes) == total, "a send was refused"
+                for lane in lanes:
+                    lane.window = asyncio.Semaphore(EDGE_WINDOW)
+                progress(f"e: {through.rate:.0f} up msg/s through the edge")
+                await (await channel.get_queue(t.inbound_queue, ensure=False)).purge()
+                started = time.monotonic()
+
+                async def direct_up(d: int) -> None:
+                    mine = bodies[total + d::EDGE_DEVICES]
+                    for at in range(0, len(mine), EDGE_WINDOW):
+                        await asyncio.gather(*(ingress.publish(raw(b), t.inbound_routing_key)
+                                               for b in mine[at:at + EDGE_WINDOW]))
+
+                await asyncio.wait_for(asyncio.gather(
+                    *(direct_up(d) for d in range(EDGE_DEVICES))), 300)
+                direct.rate = total / (time.monotonic() - started)
+                progress(f"e0: {direct.rate:.0f} up msg/s on raw AMQP")
+                await (await channel.get_queue(t.inbound_queue, ensure=False)).purge()
+                # 2. The round trip: the relay's workers, and a business that answers each
+                # message with a reply whose id is the message's.
+                workers = Workers([relay_command(setup, "inbound"),
+                                   relay_command(setup, "outbound")], setup.env)
+                try:
+                    await round_trips(setup, channel, ingress, inbox, queues, lanes, devices,
+                                      sealed, raw, through, direct, latency_s)
+                finally:
+                    workers.stop()
+                through.rss_mb = [Workers._kib(pid, "VmHWM:") / 1024]
+            finally:
+                for lane in lanes:
+                    lane.reader.cancel()
+                    lane.ws.transport.abort()
+    return [through, direct]
+
+
+async def round_trips(setup: Setup, channel: aio_pika.abc.AbstractChannel,
+                      ingress: aio_pika.abc.AbstractExchange, inbox: str, queues: list[str],
+                      lanes: list[EdgeLane], devices: list[DeviceKeys],
+                      sealed: Callable[..., bytes], raw: Callable[[bytes], aio_pika.Message],
+                      through: Result, direct: Result, latency_s: float) -> None:
+    t = setup.settings.topology
+    replies = await channel.get_exchange(t.replies_exchange)
+    at_business: dict[str, float] = {}  # message id -> when the business had it
+
+    async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        event = orjson.loads(message.body)
+        if event["type"] == "message":
+            at_business[event["id"]] = time.monotonic()
+            await replies.publish(aio_pika.Message(
+                reply(event["conversation"], "message", {"text": "ok"}, event["id"]),
+                content_type="application/json", user_id="guest", delivery_mode=2), "acme")
+        await message.ack()
+
+    await (await channel.get_queue(inbox, ensure=False)).consume(answer)
+    for i in range(EDGE_DEVICES):  # each device's conversation, opened on raw AMQP
+        await ingress.publish(raw(sealed(i, "start")), t.inbound_routing_key)
+
+    async def arrived() -> int:  # the edge delivers the replies to the lanes
+        return sum(len(lane.arrivals) for lane in lanes)
+
+    # Saturation of the round trip: a burst up on raw AMQP, timed by its replies' arrivals.
+    burst = max(EDGE_DEVICES, through.messages // 4)
+    await publish_all(ingress, t.inbound_routing_key,
+                      [raw(sealed(i)) for i in range(burst)])
+    rate, _ = await saturate(arrived, Workers([], {}), burst, 300)
+    rate = FIXED_RATE or rate / 2
+    progress(f"e: round trips at {rate:.0f} msg/s")
+    count = max(50, int(rate * latency_s))
+    ids = [str(uuid.uuid4()) for _ in range(2 * count)]
+    bodies = [sealed(i, "message", ids[i]) for i in range(2 * count)]
+
+    def reply_id(body: bytes, i: int) -> str:
+        return str(devices[i % EDGE_DEVICES].open(setup.relay, body)["id"])
+
+    # Through the edge: sent on the device's WebSocket, received as its deliver frames.
+    sent_at: dict[str, float] = {}
+    for lane in lanes:
+        lane.arrivals.clear()
+        lane.up_s.clear()
+
+    async def via_edge(i: int) -> None:
+        sent_at[ids[i]] = time.monotonic()
+        await lanes[i % EDGE_DEVICES].send(10**6 + i, setup.relay.kid, bodies[i])
+
+    await paced(via_edge, rate, count)
+    deadline = time.monotonic() + 120
+    while sum(len(lane.arrivals) for lane in lanes) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("round trips through the edge did not all come back")
+        await asyncio.sleep(POLL_S)
+    percentiles([at - sent_at[reply_id(body, d)] for d, lane in enumerate(lanes)
+                 for at, body in lane.arrivals], through)
+    legs = {"send to ack": [s for lane in lanes for s in lane.up_s],
+            "send to business": [at_business[i] - sent_at[i] for i in ids[:count]],
+            "business to device": [at - at_business[reply_id(body, d)]
+                                   for d, lane in enumerate(lanes) for at, body in lane.arrivals]}
+    for leg, samples in legs.items():
+        part = Result(leg, count)
+        percentiles(samples, part)
+        progress(f"e: {leg} p50 {part.p50_ms} ms, p99 {part.p99_ms} ms")
+    # The same on raw AMQP, at the same rate, once the edge has let go of the queues.
+    for lane in lanes:
+        lane.reader.cancel()
+        await lane.ws.close()
+    deadline = time.monotonic() + 60
+    while any([await consumers(channel, q) for q in queues]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the edge did not let go of the device queues")
+        await asyncio.sleep(POLL_S)
+    arrivals: list[tuple[float, int, bytes]] = []
+    done = asyncio.Event()
+
+    def on_reply(d: int) -> Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]:
+        async def handle(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrivals.append((time.monotonic(), d, message.body))
+            await message.ack()
+            if len(arrivals) >= count:
+                done.set()
+        return handle
+
+    for d, queue in enumerate(queues):
+        await (await channel.get_queue(queue, ensure=False)).consume(on_reply(d))
+
+    async def via_amqp(i: int) -> None:
+        sent_at[ids[count + i]] = time.monotonic()
+        await ingress.publish(raw(bodies[count + i]), t.inbound_routing_key)
+
+    await paced(via_amqp, rate, count)
+    await asyncio.wait_for(done.wait(), 120)
+    for leg, samples in {
+            "send to business": [at_business[i] - sent_at[i] for i in ids[count:]],
+            "business to device": [at - at_business[reply_id(body, d)]
+                                   for at, d, body in arrivals]}.items():
+        part = Result(leg, count)
+        percentiles(samples, part)
+        progress(f"e0: {leg} p50 {part.p50_ms} ms, p99 {part.p99_ms} ms")
+    percentiles([at - sent_at[reply_id(body, d)] for at, d, body in arrivals], direct)
+    through.latency_rate = direct.latency_rate = rate
+
+
+async def consumers(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    return int(declared.declaration_result.consumer_count or 0)
+
+
 # The baseline (a): the relay a competent engineer writes in twenty lines. Deliveries are
 # handled concurrently (aio-pika runs each consume callback as a task of its own), each
 # published persistent on a confirming channel and acked once the broker confirmed it.
@@ -598,7 +857,8 @@ def ratios(results: list[Result]) -> dict[str, float]:
     by = {r.name.split()[0]: r.rate for r in results}
     a = by["a"]
     found = {f"{k}/a": round(v / a, 2) for k, v in by.items() if k != "a"}
-    for other, base in (("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"), ("s2", "s1")):
+    for other, base in (("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"), ("s2", "s1"),
+                        ("e", "e0")):
         if other in by and base in by:
             found[f"{other}/{base}"] = round(by[other] / by[base], 2)
     return found
@@ -608,7 +868,8 @@ def targets(results: list[Result], r: dict[str, float]) -> dict[str, tuple[bool,
     """Issue 14's targets: {target: (measured in this run, met)}."""
     by = {x.name.split()[0]: x for x in results}
     a, b = by["a"], by.get("b")
-    relayd_rows = [x for x in results if not x.name.startswith("a")]
+    # (e)'s latencies are round trips through two workers and a business: not comparable
+    relayd_rows = [x for x in results if not x.name.startswith(("a", "e"))]
     soaked = [x for x in results if x.soak_rss_mb]
 
     def ratio(key: str, at_least: float) -> tuple[bool, bool]:
@@ -636,7 +897,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     total = 3000 if args.quick else 20000
     latency_s = 3.0 if args.quick else 15.0
     load_before = os.getloadavg()
-    scenarios: dict[str, Callable[[], Awaitable[Result]]] = {
+    scenarios: dict[str, Callable[[], Awaitable[Result | list[Result]]]] = {
         "a": lambda: naive("a pipelined relay (baseline)", PIPELINED_RELAY, total, latency_s),
         "aseq": lambda: naive("aseq sequential relay", SEQUENTIAL_RELAY, total, latency_s),
         "b": lambda: inbound(f"b inbound x1 {USERS} devices", Kem.X25519, 1, total, latency_s,
@@ -655,12 +916,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                               latency_s, shards=SHARDS),
         "s2": lambda: inbound(f"s2 inbound {SHARDS} shards x2", Kem.X25519, 2, total,
                               latency_s, shards=SHARDS),
+        "e": lambda: edge_path(total, latency_s),  # two rows: e and e0
     }
     chosen = ["a", *(args.only or (QUICK if args.quick else SCENARIOS))]
     if not POSTGRES and "bp" in chosen:
         progress("bp skipped: it needs --postgres")
         chosen.remove("bp")
-    results = [await scenarios[name]() for name in chosen]
+    results: list[Result] = []
+    for name in chosen:
+        got = await scenarios[name]()
+        results += got if isinstance(got, list) else [got]
     load = [round(x, 2) for x in (*load_before, *os.getloadavg())]
     print(table(results))
     r = ratios(results)
@@ -674,6 +939,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "b" in by:
         print(f"CPU per message: b {by['b'].cpu_us:.0f} µs, a {by['a'].cpu_us:.0f} µs,"
               f" crypto {by['b'].crypto_us:.0f} µs")
+    if "e" in by and "e0" in by:
+        e, e0 = by["e"], by["e0"]
+        print(f"edge: up {e.rate:.0f} msg/s vs {e0.rate:.0f} on raw AMQP (e/e0 ="
+              f" {e.rate / e0.rate:.2f}); round trips at {e.latency_rate:.0f} msg/s:"
+              f" p50 {e.p50_ms} vs {e0.p50_ms} ms ({e.p50_ms / e0.p50_ms:.2f}x),"
+              f" p99 {e.p99_ms} vs {e0.p99_ms} ms ({e.p99_ms / e0.p99_ms:.2f}x)")
     print(f"load average (1, 5, 15 min) before: {load[:3]}, after: {load[3:]}")
     return {"results": [asdict(x) for x in results], "ratios": r, "targets": met,
             "quick": args.quick, "cpus": os.cpu_count(), "load": load}
