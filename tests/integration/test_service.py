@@ -522,7 +522,7 @@ class TestReload:
                     ids.add(await relay.send(phone, "acme", "message", {"text": str(n)}))
                 keys.generate(relay.settings.keys.dir, "test-2")
                 relay.config_path.write_text(relay.config_path.read_text().replace(
-                    "level: warning", "level: info"))
+                    "level: warning", "level: debug"))  # a delivered message: at debug
                 process.send_signal(signal.SIGHUP)
                 await status_when(port, lambda r: r["keys"]["current"] == "test-2" and all(
                     w["kid"] == "test-2" for w in r["workers"]))
