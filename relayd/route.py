@@ -68,7 +68,7 @@ def inbound_router(settings: Settings, keys: KeySource, publisher: amqp.Publishe
         headers = {envelope.KID_HEADER: kid}  # a str: open_up refused others
         if opened.judged:  # the edge's: checked against the envelope, the same device
             headers[envelope.DEVICE_HEADER] = device
-        return "d:" + opened.device, headers
+        return shard.device_lane(opened.device), headers
 
     return Router(settings, "inbound", publisher, read, envelope.CONTENT_TYPE)
 

@@ -37,6 +37,18 @@ def shard_of(lane: str, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(lane.encode(), digest_size=8).digest(), "big") % shards
 
 
+def device_lane(device: str) -> str:
+    """What a device's inbound messages are sharded by: the device (a worker's lanes
+    within the shard are finer: relayd.inbound.lane)."""
+    return "d:" + device
+
+
+def device_shard(t: Topology, device: str) -> str:
+    """The inbound shard queue of `device`'s messages: where the router forwards them, and
+    where the edge publishes those of the device it logged in (topology.shards > 1)."""
+    return shard_queue(t, "inbound", shard_of(device_lane(device), t.shards))
+
+
 def entry_queue(t: Topology, role: str) -> str:
     return {"inbound": t.inbound_queue, "outbound": t.outbound_queue,
             "gdpr": t.gdpr_queue}[role]

@@ -16,6 +16,8 @@ Scenarios, each in a vhost of its own on the local RabbitMQ, each relay a proces
   c1    relayd outbound, 1 device per user;  c3: 3 devices per user (c3x2: two workers)
   d     relayd inbound with the MLKEM768_X25519 hybrid suite
   s1    relayd inbound through 4 shard queues, one worker;  s2: two workers
+        (s1e: the same backlog as the edge publishes it, with the device's header, straight
+        to the device's shard queue: no router)
   e     64 devices through one `relayd edge` process: up messages/s (acked after the
         broker's confirm), then device -> business -> device round trips at half the
         saturated rate of that path; e0: the same devices on raw AMQP, same run and rate
@@ -54,7 +56,7 @@ import psutil
 import uvloop
 import yaml
 
-from relayd import keys, opaque, topology
+from relayd import envelope, keys, opaque, shard, topology
 from relayd.client import DeviceKeys, RelayPublic, reply
 from relayd.config import Settings, load
 from relayd.crypto import Kem
@@ -69,7 +71,8 @@ OUT_USERS = 64  # outbound: users, each with 1 or 3 devices (each device a queue
 SHARDS = 4
 POLL_S = 0.01
 FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
-SCENARIOS = ["aseq", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s2", "e"]  # and a
+SCENARIOS = ["aseq", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s1e", "s2",
+             "e"]  # and a
 QUICK = ["b", "bf", "b2", "c3", "d"]  # --quick's, to stay under two minutes
 POSTGRES = ""  # --postgres: the server to make each scenario's database on
 DEFAULT_SHARDS = 1  # --shards
@@ -372,8 +375,10 @@ def crypto_us(setup: Setup, bodies: list[bytes], devices: list[DeviceKeys]) -> f
 
 async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s: float,
                   soak_s: float = 0, shards: int = 0, senders: int = USERS,
-                  postgres: bool | None = None) -> Result:
-    """`senders` devices (each its own user) send the backlog, in turn."""
+                  postgres: bool | None = None, edge: bool = False) -> Result:
+    """`senders` devices (each its own user) send the backlog, in turn; with `edge`, each
+    message is published as relayd's edge publishes it (its device in x-relayd-device,
+    and, sharded, straight to the device's shard queue)."""
     result = Result(name, total)
     async with scenario(postgres) as (vh, tmp, store_url):
         setup = relay_setup(tmp, vh, store_url, kem, worker_count, shards or DEFAULT_SHARDS)
@@ -396,7 +401,10 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
             kind = "start" if i < senders else "message"
             body = device.seal(setup.relay, device.payload(
                 "acme", kind, {"text": text}, message_id=message_id))
-            return aio_pika.Message(body, headers={"relayd-kid": setup.relay.kid},
+            headers = {envelope.KID_HEADER: setup.relay.kid}
+            if edge:
+                headers[envelope.DEVICE_HEADER] = device.device
+            return aio_pika.Message(body, headers=headers,
                                     content_type="application/vnd.relayd.sealed",
                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
@@ -404,18 +412,28 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             ingress = await channel.get_exchange(t.ingress_exchange)
+            direct = await channel.get_exchange(t.shard_exchange) if t.shards > 1 else None
+
+            def publish(m: aio_pika.Message) -> Awaitable[Any]:
+                """Where the edge publishes (relayd.edge.link.Link.publish)."""
+                device = (m.headers or {}).get(envelope.DEVICE_HEADER)
+                if direct is None or not isinstance(device, str):
+                    return ingress.publish(m, t.inbound_routing_key)
+                return direct.publish(m, shard.device_shard(t, device))
+
             progress(f"{name}: sealing and preloading {total} envelopes")
             backlog = [sealed(i) for i in range(total)]
             if kem is Kem.X25519:
                 result.crypto_us = crypto_us(setup, [m.body for m in backlog[:1000]], devices)
-            await publish_all(ingress, t.inbound_routing_key, backlog)
+            for start in range(0, total, 500):  # with confirms, a window of 500 at a time
+                await asyncio.gather(*(publish(m) for m in backlog[start:start + 500]))
             inbox = topology.business_inbox(t, "acme", secret.opaque_secret)
             workers = Workers([relay_command(setup, "inbound")], setup.env)
             try:
                 count = await measure(name, result, Run(
                     channel, workers, lambda: depth(channel, inbox), [inbox],
                     lambda i, message_id: sealed(total + i, message_id),
-                    lambda m: ingress.publish(m, t.inbound_routing_key), by_message_id),
+                    publish, by_message_id),
                     latency_s)
                 if soak_s:
                     result.soak_rss_mb = await soak(channel, inbox, workers, soak_s, ingress,
@@ -857,8 +875,8 @@ def ratios(results: list[Result]) -> dict[str, float]:
     by = {r.name.split()[0]: r.rate for r in results}
     a = by["a"]
     found = {f"{k}/a": round(v / a, 2) for k, v in by.items() if k != "a"}
-    for other, base in (("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"), ("s2", "s1"),
-                        ("e", "e0")):
+    for other, base in (("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"), ("s1e", "b"),
+                        ("s1e", "s1"), ("s2", "s1"), ("e", "e0")):
         if other in by and base in by:
             found[f"{other}/{base}"] = round(by[other] / by[base], 2)
     return found
@@ -882,6 +900,7 @@ def targets(results: list[Result], r: dict[str, float]) -> dict[str, tuple[bool,
         "c3/a >= 0.3 (outbound, 3 devices per user, one worker)": ratio("c3/a", 0.3),
         "bp/b >= 0.9 (inbound on PostgreSQL / on SQLite)": ratio("bp/b", 0.9),
         "s1/b >= 0.9 (inbound sharded, 4 shards / unsharded)": ratio("s1/b", 0.9),
+        "s1e/b >= 0.9 (the same, as the edge publishes: no router)": ratio("s1e/b", 0.9),
         "CPU per inbound message <= (a)'s + the crypto cost": (
             b is not None, b is not None and b.cpu_us <= a.cpu_us + b.crypto_us),
         "p99 at half saturation <= 2 x (a)'s p99 (every relayd row)": (
@@ -914,6 +933,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # Ordered per device (docs/scaling.md): a router, then shards shared by the workers.
         "s1": lambda: inbound(f"s1 inbound {SHARDS} shards x1", Kem.X25519, 1, total,
                               latency_s, shards=SHARDS),
+        "s1e": lambda: inbound(f"s1e inbound {SHARDS} shards x1 edge", Kem.X25519, 1, total,
+                               latency_s, shards=SHARDS, edge=True),
         "s2": lambda: inbound(f"s2 inbound {SHARDS} shards x2", Kem.X25519, 2, total,
                               latency_s, shards=SHARDS),
         "e": lambda: edge_path(total, latency_s),  # two rows: e and e0

@@ -29,7 +29,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from relayd import amqp, envelope, metrics, topology
+from relayd import amqp, envelope, metrics, shard, topology
 from relayd.config import Settings
 from relayd.errors import RelaydError
 from relayd.keys import KeySource
@@ -237,11 +237,18 @@ class Link:
     # --- up --------------------------------------------------------------------------------
 
     async def publish(self, device: str, kid: str, sealed: bytes) -> None:
-        """Publish one up message and return once the broker confirmed it; Refused if not."""
+        """Publish one up message and return once the broker confirmed it; Refused if not.
+
+        With topology.shards > 1 it goes straight to the device's shard queue, where the
+        router would have put it (relayd.shard.device_shard): no router opens it on the way.
+        The shard's worker still refuses it unless it is sealed by `device`."""
+        exchange, routing_key = self.t.ingress_exchange, self.t.inbound_routing_key
+        if self.t.shards > 1:
+            exchange, routing_key = self.t.shard_exchange, shard.device_shard(self.t, device)
         try:
             await self.publishing.basic_publish(
-                sealed, exchange=self.t.ingress_exchange, routing_key=self.t.inbound_routing_key,
-                mandatory=True, properties=Basic.Properties(
+                sealed, exchange=exchange, routing_key=routing_key, mandatory=True,
+                properties=Basic.Properties(
                     content_type=envelope.CONTENT_TYPE, delivery_mode=2,
                     headers={envelope.KID_HEADER: kid, envelope.DEVICE_HEADER: device}))
         except DeliveryError:

@@ -28,6 +28,21 @@ class TestShardOf:
         assert len(counts) == 8
         assert max(counts.values()) < 1.1 * 10_000 / 8
 
+    @given(st.text(max_size=64), st.integers(min_value=2, max_value=1024))
+    def test_the_edge_picks_the_routers_shard(self, device: str, shards: int) -> None:
+        """The edge's queue for a device (device_shard) is the one the router forwards
+        the device's lane to."""
+        t = Topology(shards=shards)
+        assert shard.device_shard(t, device) == shard.shard_queue(
+            t, "inbound", shard.shard_of(shard.device_lane(device), shards))
+
+    def test_a_devices_shard_never_changes_across_versions(self) -> None:
+        """Pinned: an edge and a router of different relayd versions must agree during an
+        upgrade, so the hash and the lane's form are part of the wire behaviour."""
+        t = Topology(shards=16)
+        assert [shard.device_shard(t, d) for d in ("phone", "dev-0", "laptop")] == [
+            "relayd.inbound.12", "relayd.inbound.6", "relayd.inbound.2"]
+
 
 class TestQueues:
     def test_one_shard_is_the_contract_queue(self) -> None:
