@@ -135,6 +135,36 @@ class TestDirectPath:
             envelope.DEVICE_HEADER: device.device,
         }
 
+    async def test_a_device_split_between_the_paths_loses_nothing(self, sharded: Relay) -> None:
+        """An upgrade: a message an old edge put in relayd.ingress waits for the router
+        while later ones of the same device go straight to its shard. Each path keeps its
+        order; the overtaken message is handled late, not lost (the replay window)."""
+        relay, t = sharded, sharded.settings.topology
+        phone = await relay.add_device("alice", "phone")
+        async with router_held(relay):
+            await relay.start("inbound")
+            async with running(relay) as edge:
+                ws = await edge.login(phone)
+                start = phone.seal(relay.public, phone.payload("acme", "start", {"text": "0"}))
+                assert (await send(ws, 0, start, relay.public.kid))["type"] == "ack"
+                [event] = await relay.events("acme", 1)
+                old = phone.seal(relay.public, phone.payload("acme", "message", {"text": "1"}))
+                ingress = await relay.channel.get_exchange(t.ingress_exchange)
+                await ingress.publish(aio_pika.Message(old, headers={  # as an old edge does
+                    envelope.KID_HEADER: relay.public.kid, envelope.DEVICE_HEADER: "phone"}),
+                    routing_key=t.inbound_routing_key)
+                for n in (2, 3):
+                    sealed = phone.seal(relay.public, phone.payload(
+                        "acme", "message", {"text": str(n)}))
+                    assert (await send(ws, n, sealed, relay.public.kid))["type"] == "ack"
+                direct = await relay.events("acme", 2)
+                assert [e["body"]["text"] for e in direct] == ["2", "3"]
+                await relay.wait_depth(t.inbound_queue, 1)
+        [late] = await relay.events("acme", 1)  # the router runs again
+        assert late["body"] == {"text": "1"}
+        assert {e["conversation"] for e in [event, *direct, late]} == {event["conversation"]}
+        await relay.assert_empty(t.inbound_queue, t.dead_queue)
+
 
 class TestHostileHeaders:
     async def test_an_envelope_of_another_device_is_refused_on_the_direct_path(
