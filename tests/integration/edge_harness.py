@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from relayd import topology
+from relayd import shard, topology
 from relayd.client import DeviceKeys
 from relayd.config import Settings
 from relayd.crypto import b64d, b64e
@@ -85,6 +85,13 @@ class Edge:
         sig = login.sign(device.sign_private, NAME, device_id, signed)
         await put(ws, {"type": "login", "device": device_id, "sig": b64e(sig)})
         return ws, await frame(ws)
+
+
+def up_queue(relay: Relay, device: DeviceKeys) -> str:
+    """Where the edge puts `device`'s up messages: relayd.inbound, or with
+    topology.shards > 1 (RELAYD_TEST_SHARDS) the device's shard queue."""
+    t = relay.settings.topology
+    return shard.device_shard(t, device.device) if t.shards > 1 else t.inbound_queue
 
 
 async def put(ws: ClientConnection, value: dict[str, Any]) -> None:

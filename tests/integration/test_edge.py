@@ -26,6 +26,7 @@ from tests.integration.edge_harness import (
     put_down,
     running,
     send,
+    up_queue,
 )
 from tests.integration.harness import WAIT, Relay, relay_in_vhost
 
@@ -110,13 +111,13 @@ class TestLogin:
 class TestUp:
     async def test_ack_after_the_confirm_with_the_device_stamped(self, relay: Relay,
                                                                   edge: Edge) -> None:
-        """The sealed bytes reach relayd.inbound as sent, with relayd-kid and
-        x-relayd-device, and the ack names the send's ref."""
+        """The sealed bytes reach relayd.inbound (sharded: the device's shard) as sent,
+        with relayd-kid and x-relayd-device, and the ack names the send's ref."""
         phone = await relay.add_device("alice", "phone")
         sealed = phone.seal(relay.public, phone.payload("acme", "start", {"text": "hi"}))
         ws = await edge.login(phone)
         assert await send(ws, 7, sealed, relay.public.kid) == {"type": "ack", "ref": 7}
-        [message] = await relay.take(relay.settings.topology.inbound_queue, 1)
+        [message] = await relay.take(up_queue(relay, phone), 1)
         assert message.body == sealed
         assert message.headers == {"relayd-kid": relay.public.kid, "x-relayd-device": "phone"}
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
@@ -134,7 +135,7 @@ class TestUp:
             assert await send(ws, 1, sealed, relay.public.kid) == {"type": "ack", "ref": 1}
             assert await send(ws, 2, sealed, relay.public.kid) == {
                 "type": "nack", "ref": 2, "code": "broker_full"}
-            assert await relay.depth(relay.settings.topology.inbound_queue) == 1
+            assert await relay.depth(up_queue(relay, phone)) == 1
 
     async def test_too_large_and_bad_kid_are_nacked(self, relay: Relay, edge: Edge) -> None:
         """Over limits.max_envelope_bytes: too_large; a kid the relay does not have:
@@ -146,7 +147,7 @@ class TestUp:
             "type": "nack", "ref": 1, "code": "too_large"}
         assert await send(ws, 2, b"x", "r1999-01") == {
             "type": "nack", "ref": 2, "code": "bad_kid"}
-        await relay.assert_empty(relay.settings.topology.inbound_queue)
+        await relay.assert_empty(up_queue(relay, phone))
 
     async def test_rate_limits_at_the_door(self, tmp_path: Path) -> None:
         """Per device across connections, and per connection: sends past the burst are
@@ -163,7 +164,7 @@ class TestUp:
             again = await edge.login(phone)  # a new connection: its own bucket, same device
             answers = [await send(again, ref, b"x", relay.public.kid) for ref in range(2)]
             assert [a["type"] for a in answers] == ["ack", "nack"]
-            assert await relay.depth(relay.settings.topology.inbound_queue) == 3
+            assert await relay.depth(up_queue(relay, phone)) == 3
 
 
 class TestDown:
