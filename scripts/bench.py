@@ -401,7 +401,7 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
             kind = "start" if i < senders else "message"
             body = device.seal(setup.relay, device.payload(
                 "acme", kind, {"text": text}, message_id=message_id))
-            headers = {envelope.KID_HEADER: setup.relay.kid}
+            headers: dict[str, Any] = {envelope.KID_HEADER: setup.relay.kid}
             if edge:
                 headers[envelope.DEVICE_HEADER] = device.device
             return aio_pika.Message(body, headers=headers,
