@@ -327,7 +327,9 @@ class Publisher:
 
         The copy carries only what relayd set or checked: never a publisher's own headers,
         which may hold values pamqp cannot encode again. content_type, message_id and
-        type were decoded as UTF-8 short strings by relayd.wire, so they encode again."""
+        type were decoded as UTF-8 short strings by relayd.wire, so they encode again.
+        A request of the identity service names an account in clear: its copy keeps the
+        reason and ids, not the body (docs/privacy.md)."""
         original = incoming.headers or {}
         headers: dict[str, Any] = {"x-relayd-reason": reason, "x-relayd-queue": queue}
         kid = original.get(envelope.KID_HEADER)
@@ -342,7 +344,8 @@ class Publisher:
         bad = wire.marker(original)  # relayd.wire's, never a publisher's header
         if bad is not None:
             headers[wire.BAD_PROPERTIES] = str(bad)
-        return self._publish(self._t.dead_exchange, reason, incoming.body, Properties(
+        body = b"" if queue == self._t.gdpr_queue else incoming.body
+        return self._publish(self._t.dead_exchange, reason, body, Properties(
             content_type=incoming.content_type, headers=headers,
             message_id=incoming.message_id, message_type=incoming.type,
             delivery_mode=PERSISTENT))

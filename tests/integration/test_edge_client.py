@@ -75,6 +75,7 @@ class TestEdgeDevice:
             assert (await send(ws, 1, forged, relay.public.kid))["type"] == "ack"
             [dead] = await relay.dead(1)
             assert dead.headers["x-relayd-reason"] == "wrong_device"
+            assert "x-relayd-device" not in dead.headers  # no device id kept in clear
             assert dead.body == forged
             await relay.assert_empty(relay.inbox("acme"))
             await ws.send('{"type":"ping","ref":1}')

@@ -215,6 +215,7 @@ class TestErasure:
                     dead = await relay.dead(4)
                     assert sorted(str(m.headers["x-relayd-reason"]) for m in dead) == [
                         "malformed", "malformed", "unauthenticated", "unauthenticated"]
+                    assert [m.body for m in dead] == [b""] * 4  # the account stays out
                     assert await relay.store.devices_of(ALICE) != []
                     await as_service.publish(aio_pika.Message(request(), user_id=identity), "")
                     [close] = await relay.events("acme", 1)
