@@ -11,7 +11,7 @@ export const BUSINESS_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 export const KID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 export const UUID = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
 export const UP_TYPES = Object.freeze(["start", "message", "typing_start", "typing_end", "read", "close", "response", "reaction"]);
-export const DOWN_TYPES = Object.freeze(["message", "typing_start", "typing_end", "read", "close", "reaction", "echo"]);
+export const DOWN_TYPES = Object.freeze(["message", "typing_start", "typing_end", "read", "close", "reaction", "echo", "error"]);
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
