@@ -121,7 +121,7 @@ def _key(decode: Any, raw: str, name: str) -> bytes:
 def parse_enrolment(data: dict[str, Any]) -> Register | Revoke:
     """A register or revoke request from its decoded JSON; PermanentError otherwise."""
     kind = data.get("type")
-    if (kind not in _FIELDS or data.keys() != _FIELDS[kind]
+    if (not isinstance(kind, str) or kind not in _FIELDS or data.keys() != _FIELDS[kind]
             or not payload.is_version(data["v"])):
         raise PermanentError("malformed", "not a request of the contract")
     user, device, request_id = _text(data, "user"), _text(data, "device"), _text(data, "id")

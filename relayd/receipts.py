@@ -45,9 +45,9 @@ def token(secret: bytes, business: str, conversation: str, message_id: str) -> s
 
 def read(secret: bytes, value: object) -> tuple[str, str, str]:
     """(business, conversation, message id) of a token relayd wrote; bad_receipt else."""
-    parts = value.split(" ") if isinstance(value, str) else []
+    parts = value.split(" ") if isinstance(value, str) and value.isascii() else []
     if len(parts) != 4 or not hmac.compare_digest(
-            opaque.receipt_mac(secret, *parts[:3]), parts[3]):
+            opaque.receipt_mac(secret, *parts[:3]).encode(), parts[3].encode()):
         raise PermanentError("bad_receipt", "not a receipt token of this relay")
     business, conversation, message_id, _ = parts
     return business, conversation, message_id

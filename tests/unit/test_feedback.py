@@ -125,7 +125,8 @@ class TestReceiptsHandler:
         assert events[0][3] == events[1][3]  # the same AMQP message_id
         assert orjson.loads(events[0][2]).keys() == {"v", "type", "ref", "conversation", "ts"}
 
-    @pytest.mark.parametrize("token", [None, "acme c x y", "globex " + "c" * 32 + " m z", ""])
+    @pytest.mark.parametrize("token", [None, "acme c x y", "globex " + "c" * 32 + " m z", "",
+                                       "acme c m \u00e9t\u00e9", "acme c \udcff z"])
     async def test_a_token_relayd_did_not_write_is_bad_receipt(
             self, tmp_path: Path, handler: tuple[Receipts, RecordingSink],
             token: str | None) -> None:

@@ -125,9 +125,9 @@ class TestParse:
         assert refused(register(sign_key=b64e(raw))) == "weak_key"
 
     @pytest.mark.parametrize("change", [
-        {"v": 2}, {"v": True}, {"type": "enrol"}, {"extra": 1}, {"kem": ...},
-        {"kem": "X448"}, {"enc_key": "!!"}, {"enc_key": b64e(bytes(31))}, {"sign_key": 7},
-        {"device": "a b"}, {"device": ""}, {"user": ""}, {"user": "a\x00"},
+        {"v": 2}, {"v": True}, {"type": "enrol"}, {"type": []}, {"type": {}}, {"extra": 1},
+        {"kem": ...}, {"kem": "X448"}, {"enc_key": "!!"}, {"enc_key": b64e(bytes(31))},
+        {"sign_key": 7}, {"device": "a b"}, {"device": ""}, {"user": ""}, {"user": "a\x00"},
         {"user": "u" * 1025}, {"id": "x"}, {"id": str(uuid.uuid4()).upper()[:35] + "!"},
         {"enc_key": PHONE.registration("alice")["sign_key"] + "AA"},
     ])
@@ -138,6 +138,7 @@ class TestParse:
     @FAST
     @given(st.dictionaries(st.sampled_from(sorted(register())), st.none() | st.booleans()
                            | st.integers() | st.text(max_size=60) | st.just("X25519")
+                           | st.lists(st.none(), max_size=2) | st.just({})
                            | st.sampled_from(list(register().values())), max_size=9))
     @example({**register(), "type": "revoke"})
     def test_any_fields_give_a_request_or_a_typed_refusal(self, data: dict[str, Any]) -> None:
