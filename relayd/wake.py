@@ -118,19 +118,21 @@ class Waker:
         self._spawn(notify())
 
     async def _decide(self, message: AbstractIncomingMessage) -> None:
-        """Decide one notice, then ack it. One that comes again was under way when a
-        decider failed: dropped, so that it cannot fail the next one too."""
+        """Decide one notice, then ack it, whatever happened: a wake is a hint, and a
+        notice left unsettled would stall the decider. One that comes again was under way
+        when a decider failed: dropped, so that it cannot fail the next one too."""
         outcome = "dropped"
         try:
             if not message.redelivered:
                 outcome = "failed"
                 notice = orjson.loads(message.body)
                 outcome = await self._wake(str(notice["device"]), str(notice["queue"]))
-            await message.ack()
-        except _ERRORS as exc:
+        except Exception as exc:  # any failure drops the notice; logged by its type only
             _log.warning("wake_failed", error=type(exc).__name__)
         finally:
             metrics.woke(outcome)
+            with contextlib.suppress(*_ERRORS):
+                await message.ack()
 
     async def _wake(self, device: str, queue: str) -> str:
         """Wake `device` unless it is throttled, online or has nothing waiting. The wake

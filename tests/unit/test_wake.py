@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd.wake import Throttle, event
+from relayd.wake import Throttle, Waker, event
 from tests.unit.helpers import FAST
+from tests.unit.test_handlers import settings
 
 
 class TestThrottle:
@@ -49,3 +52,36 @@ def test_the_event_says_who_and_how_many_and_nothing_else() -> None:
     """A wake is the device id and a count."""
     assert orjson.loads(event("alice-phone", 3)) == {"v": 1, "type": "wake",
                                                      "device": "alice-phone", "count": 3}
+
+
+class Notice:
+    """A notice as the decider gets it: it counts its acks."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.redelivered, self.acks = body, False, 0
+
+    async def ack(self) -> None:
+        self.acks += 1
+
+
+class TestDecider:
+    """Every notice is settled, whatever deciding it raised: one left unacked would hold
+    the decider's channel until the broker's consumer timeout closed it."""
+
+    @pytest.mark.parametrize("body", [b"{}", b"[]", b"not json", b'{"device": 1}'])
+    async def test_a_notice_it_cannot_read_is_acked(self, tmp_path: Path, body: bytes) -> None:
+        waker = Waker(settings(tmp_path), None)  # type: ignore[arg-type]
+        notice = Notice(body)
+        await waker._decide(notice)  # type: ignore[arg-type]
+        assert notice.acks == 1
+
+    async def test_a_probe_that_fails_is_acked(self, tmp_path: Path) -> None:
+        waker = Waker(settings(tmp_path), None)  # type: ignore[arg-type]
+
+        async def failing(device: str, queue: str) -> str:
+            raise KeyError(device)
+        waker._probe = failing  # type: ignore[method-assign]
+        notice = Notice(orjson.dumps({"device": "phone", "queue": "q"}))
+        await waker._decide(notice)  # type: ignore[arg-type]
+        assert notice.acks == 1
+        assert waker.throttle.due("phone", waker.clock())  # nothing was sent: due again
