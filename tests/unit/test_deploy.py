@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from relayd import config, metrics
+from relayd import config, consume, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "relayd.service"
@@ -176,3 +176,14 @@ class TestBrokerConfig:
         conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
         [value] = re.findall(r"^channel_max\s*=\s*(\d+)", conf, re.MULTILINE)
         assert int(value) == config.Amqp(url="amqp://x/").channel_max
+
+    def test_the_broker_lets_a_held_message_wait_as_long_as_relayd_holds_it(self) -> None:
+        """A message held in place (relayd.consume.hold_limit) stays unacked that long:
+        the shipped consumer_timeout must outlast it, or the broker closes the channel and
+        the quorum delivery limit dead-letters the message after a few closes."""
+        conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
+        [value] = re.findall(r"^consumer_timeout\s*=\s*(\d+)", conf, re.MULTILINE)
+        settings = config.parse({"amqp": {"url": "amqp://x/"}, "store": {"url": "sqlite:///x"},
+                                 "keys": {"dir": "/x"}})
+        assert int(value) / 1000 > consume.hold_limit(settings)
+        assert int(value) < 2**32  # an Erlang timer's bound
