@@ -38,8 +38,11 @@ from relayd.keys import KeyRing, KeySource
 from relayd.store import Device, Store, UpClaim
 
 # Households (a device's user's devices) kept in the process; Store.accept_up checks a
-# cached one against the store in the transaction that uses it.
+# cached one against the store in the transaction that uses it. They hold account and
+# device ids: all are dropped at the first message after HOUSEHOLDS_SECONDS, so that an
+# erased user's leave this process's memory (docs/privacy.md).
 HOUSEHOLDS_CACHED = 16384
+HOUSEHOLDS_SECONDS = 60.0
 _log = log.get("relayd.inbound")
 DEVICE_ERROR_NAMESPACE = uuid.UUID("0d6b7f9e-3c1a-4f52-8e7d-2a9c5b1e4f60")
 
@@ -105,6 +108,7 @@ class Inbound:
                                                  horizon_s=limits.max_age_seconds,
                                                  skew_s=limits.clock_skew_seconds)
         self._households: OrderedDict[str, tuple[Device, ...]] = OrderedDict()
+        self._households_since = time.monotonic()
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         headers = delivery.headers or {}
@@ -197,6 +201,9 @@ class Inbound:
     async def _household(self, device_id: str, cached: bool) -> tuple[Device, ...]:
         """The devices of `device_id`'s user, from the cache when `cached` and there;
         Store.accept_up tells when a cached one is stale."""
+        if time.monotonic() - self._households_since > HOUSEHOLDS_SECONDS:
+            self._households.clear()
+            self._households_since = time.monotonic()
         if cached and (found := self._households.get(device_id)) is not None:
             self._households.move_to_end(device_id)
             return found

@@ -51,6 +51,7 @@ class Throttle:
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self._woken: dict[str, float] = {}
+        self._pruned = 0.0
 
     def due(self, device: str, now: float) -> bool:
         """Whether `device` may be woken at `now`."""
@@ -60,8 +61,11 @@ class Throttle:
     def woken(self, device: str, now: float) -> None:
         """Count `device` as woken at `now` (taken back by forget)."""
         self._woken[device] = now
-        if len(self._woken) > MAX_REMEMBERED:  # forget whoever may be woken again anyway
+        # Forget whoever may be woken again anyway: when there are too many, and once an
+        # interval, so that no device id stays in memory much longer than its interval.
+        if len(self._woken) > MAX_REMEMBERED or now - self._pruned >= self.interval_s:
             self._woken = {d: t for d, t in self._woken.items() if now - t < self.interval_s}
+            self._pruned = now
 
     def forget(self, device: str) -> None:
         self._woken.pop(device, None)

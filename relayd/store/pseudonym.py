@@ -20,6 +20,7 @@ message), and reads a person again when its key no longer opens a row.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -44,6 +45,10 @@ from relayd.store import (
 
 _NONCE = 12
 _CACHE = 65536
+# How long a process keeps users' keys and opened ids in memory: after an erasure in
+# another process, the erased user's key and ids leave this one's memory at its next read
+# of the store this long after the cache was filled (docs/privacy.md).
+CACHE_SECONDS = 60.0
 _PERSON_GRACE_MS = 86_400_000
 
 
@@ -74,6 +79,7 @@ class Pseudonymous:
         self._secret = secret
         self._people: dict[str, tuple[bytes, str]] = {}  # pseudonym -> key, account id
         self._opened: dict[bytes, str] = {}  # a sealed device id -> the id, once opened
+        self._cached_at = time.monotonic()
 
     def user_pseudonym(self, user: str) -> str:
         return self._pseudonym("user", user)
@@ -113,17 +119,28 @@ class Pseudonymous:
         return await self.vault.add_person(pseudonym, key,
                                            seal(key, "user", pseudonym, user))
 
+    def _expire(self) -> None:
+        """Forget every key and id held in memory, when they have been held CACHE_SECONDS
+        (or there are too many): read again, an erased user's are not found."""
+        now = time.monotonic()
+        if (now - self._cached_at > CACHE_SECONDS or len(self._people) >= _CACHE
+                or len(self._opened) >= _CACHE):
+            self._people.clear()
+            self._opened.clear()
+            self._cached_at = now
+
     async def _readable(self, pseudonyms: Sequence[str],
                         fresh: bool = False) -> dict[str, tuple[bytes, str]]:
         """The key and account id of each pseudonym that has a person, from this process's
         memory unless `fresh` (or not there)."""
+        self._expire()
         wanted = set(pseudonyms)
         asked = sorted(wanted if fresh else wanted - self._people.keys())
         if asked:
-            if len(self._people) >= _CACHE or len(self._opened) >= _CACHE:
-                self._people.clear()
-                self._opened.clear()
-            for pseudonym, (key, sealed) in (await self.vault.people(asked)).items():
+            people = await self.vault.people(asked)
+            for pseudonym in asked:  # a person gone from the vault (erased) goes here too
+                self._people.pop(pseudonym, None)
+            for pseudonym, (key, sealed) in people.items():
                 user = unseal(key, "user", pseudonym, sealed)
                 if user is not None:
                     self._people[pseudonym] = key, user
@@ -133,6 +150,7 @@ class Pseudonymous:
         """The rows with their real ids, leaving out those that no longer open. A key
         held in memory that no longer opens a row (the user was erased and came back) is
         read again."""
+        self._expire()
         opened: dict[int, Device] = {}
         for fresh in (False, True):
             left = [(i, r) for i, r in enumerate(found) if i not in opened and r.sealed]

@@ -820,6 +820,22 @@ class TestPseudonyms:
         await store.add_device(device(PHONE, USER))  # back again: a new key
         assert await other._devices(copy) == []
 
+    async def test_another_process_forgets_an_erased_user(
+            self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A process that read a user's key and ids keeps them no longer than
+        CACHE_SECONDS after another process erased the user: its next read drops them."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        other = Pseudonymous(store.backend, store.vault, SECRET)  # another worker
+        assert [d.id for d in await other.household(PHONE)] == [PHONE]
+        assert store.user_pseudonym(USER) in other._people
+        await store.erase_user(USER)
+        monkeypatch.setattr("relayd.store.pseudonym.CACHE_SECONDS", 0.0)
+        assert await other.household(PHONE) == []
+        assert store.user_pseudonym(USER) not in other._people
+        assert USER not in {user for _, user in other._people.values()}
+        assert PHONE not in other._opened.values()
+
 
 class TestRoundTrips:
     """PostgreSQL: what an inbound message costs in statements, each a round trip."""

@@ -85,3 +85,12 @@ class TestDecider:
         await waker._decide(notice)  # type: ignore[arg-type]
         assert notice.acks == 1
         assert waker.throttle.due("phone", waker.clock())  # nothing was sent: due again
+
+
+def test_a_device_is_forgotten_within_two_intervals() -> None:
+    """The throttle keeps no device id much longer than its interval (an erased device's
+    id leaves memory)."""
+    throttle = Throttle(10.0)
+    throttle.woken("gone", 0.0)
+    throttle.woken("other", 25.0)
+    assert "gone" not in throttle._woken
