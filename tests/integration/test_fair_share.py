@@ -57,7 +57,7 @@ class TestFairShare:
                                              {"text": f"answer {i}"}, user_id=globex_user,
                                              channel=as_globex) for i in range(BURST)]
                     calm_up = relay.send(phone, "globex", "message", {"text": "thanks"})
-                    _, sent_down, answers, thanks = await asyncio.gather(
+                    sent_up, sent_down, answers, thanks = await asyncio.gather(
                         in_order(flood_up), in_order(flood_down), in_order(calm_down), calm_up)
 
                     # the other conversation: every message, both ways
@@ -70,9 +70,14 @@ class TestFairShare:
                 dead = await relay.dead(FLOOD - BURST)
                 assert {m.headers["x-relayd-reason"] for m in dead} == {"rate_limited"}
                 assert {m.headers["x-relayd-queue"] for m in dead} == {"relayd.inbound"}
-                # the flooding business: the first BURST replies delivered, in order...
-                delivered = await relay.received(spam, BURST)
+                # the flooding business: the first BURST replies delivered, in order, and
+                # the flooding device told of each message of its own refused (issue 17)
+                down = await relay.received(spam, BURST + FLOOD - BURST)
+                delivered = [m for m in down if m["type"] == "message"]
                 assert [m["id"] for m in delivered] == sent_down[:BURST]
+                told = [m["body"] for m in down if m["type"] == "error"]
+                assert told == [{"ref": ref, "code": "rate_limited"}
+                                for ref in sent_up[BURST - 1:]]
                 # ...and each of the others answered with a rate_limited error
                 events = await relay.events("acme", FLOOD - 1)
                 accepted = [e for e in events if e["type"] == "message"]
