@@ -423,14 +423,8 @@ class PostgresStore:
             current = Conversation(*(await conn.fetchrow(
                 f"SELECT {_CONVERSATION} FROM conversations WHERE user_id = $1"
                 " AND business_id = $2 FOR UPDATE", user, business) or ()))
-            opened = rules.opening(current, rotate_on_reopen, now_ms, 0)
-            row = await conn.fetchrow(
-                f"UPDATE conversations SET id = $3, state = 'open', epoch = $4, closed_by = NULL,"
-                f" created_ms = $5, updated_ms = $6 WHERE user_id = $1 AND business_id = $2"
-                f" RETURNING {_CONVERSATION}",
-                user, business, make_id(opened.epoch) if opened.new_id else current.id,
-                opened.epoch, opened.created_ms, now_ms)
-        return Conversation(*(row or ()))
+            return await _open(conn, current, user, business, now_ms, rotate_on_reopen,
+                               make_id)
 
     async def close_conversation(self, conversation_id: str, by: Party, now_ms: int) -> bool:
         return await self._execute(_CLOSE, conversation_id, by, now_ms) == 1
