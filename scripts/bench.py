@@ -87,8 +87,9 @@ def ctl(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def vhost() -> Iterator[str]:
-    name = f"relayd-bench-{secrets.token_hex(3)}"
+def vhost(prefix: str = "relayd-bench") -> Iterator[str]:
+    """A vhost of its own on the local RabbitMQ, deleted afterwards."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
     ctl("add_vhost", name)
     ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     try:

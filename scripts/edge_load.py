@@ -25,12 +25,11 @@ import asyncio
 import contextlib
 import os
 import resource
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +40,11 @@ import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench
 
 from relayd import keys, topology
 from relayd.client import DeviceKeys
@@ -82,21 +86,6 @@ def raise_nofile(needed: int) -> int:
     if soft < needed:
         progress(f"RLIMIT_NOFILE is {soft}, {needed} needed: raise the hard limit")
     return soft
-
-
-def ctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
-@contextlib.contextmanager
-def vhost() -> Iterator[str]:
-    name = f"relayd-edge-load-{secrets.token_hex(3)}"
-    ctl("add_vhost", name)
-    ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    try:
-        yield name
-    finally:
-        ctl("delete_vhost", name)
 
 
 def rss_mb(pid: int) -> float:
@@ -295,7 +284,7 @@ async def run(connections: int, window: int = 100, budget_s: float = 600) -> Rep
     """The whole measurement (see the module's docstring), in a vhost of its own."""
     report = Report(connections, nofile=raise_nofile(connections + 256))
     load_before = os.getloadavg()
-    with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
+    with bench.vhost("relayd-edge-load") as vh, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = write_config(root, vh, connections)
         progress(f"registering {connections} devices")
