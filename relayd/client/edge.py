@@ -200,6 +200,13 @@ class EdgeDevice:
             except EdgeClosedError as error:
                 self._end(error)
                 return
+            except (ValueError, LookupError, TypeError, AttributeError):
+                # a frame that is not the contract's (not JSON, a field missing or of
+                # another type): the peer speaks something else, and trying again would
+                # only read it again. End, as the edge's own 4400 would, rather than
+                # leave the task dead and every send and receive waiting for ever.
+                self._end(EdgeClosedError("bad_frame"))
+                return
             finally:
                 self._ready.clear()
             failures += 1

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
 from relayd.client import DeviceKeys, EdgeDevice
+from relayd.client.edge import EdgeClosedError
 from tests.integration.edge_harness import NAME, frame, running, send
 from tests.integration.harness import WAIT, Relay
 
@@ -108,3 +113,27 @@ class TestReconnect:
             await edge.close()
             server.close()
             await server.wait_closed()
+
+    @pytest.mark.parametrize("first", [
+        b"\xff not json", b"[1, 2]",
+        orjson.dumps({"type": "challenge", "edge": NAME}),
+        orjson.dumps({"type": "challenge", "edge": NAME, "nonce": 7})])
+    async def test_a_frame_off_the_contract_ends_the_session(self, relay: Relay,
+                                                            first: bytes) -> None:
+        """A peer whose frames are not the contract's (not JSON, a list, a field missing or
+        of another type) ends the session with bad_frame: connect() raises, instead of the
+        session task dying unseen and leaving connect() waiting for ever."""
+        async def garbles(ws: ServerConnection) -> None:
+            await ws.send(first)
+            await ws.wait_closed()
+
+        async with serve(garbles, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            edge = EdgeDevice(f"ws://127.0.0.1:{port}/v1/device", NAME,
+                              DeviceKeys.generate("phone"), relay.public, max_backoff=0.05)
+            try:
+                with pytest.raises(EdgeClosedError) as ended:
+                    await asyncio.wait_for(edge.connect(), WAIT)
+                assert ended.value.reason == "bad_frame"
+            finally:
+                await edge.close()
