@@ -8,12 +8,11 @@ its calls completes when the broker confirmed the publish (relayd.amqp.Publisher
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from relayd import envelope, log, metrics, payload
+from relayd import envelope, log, metrics, opaque, payload
 from relayd.crypto import Kem, PublicKey
 from relayd.errors import PermanentError
 from relayd.keys import KeyRing
@@ -36,7 +35,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@functools.lru_cache(maxsize=16384)
+@opaque.forgetful(maxsize=16384)
 def _enc_key(kem: Kem, raw: bytes) -> PublicKey:
     return kem.public_key(raw)
 

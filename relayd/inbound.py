@@ -56,7 +56,7 @@ class Opened:
     judged: bool  # it came through the edge, which applied the rate limit on arrival
 
 
-@functools.lru_cache(maxsize=16384)
+@opaque.forgetful(maxsize=16384)
 def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
     """The device's verifying key; None for one that must never verify (a weak key that
     reached the store before relayd checked keys at `device add`). A key of the wrong

@@ -13,6 +13,11 @@ its own so that no two kinds ever coincide.
 - pseudonym: what the store keys a user, a device or a message source by
   (relayd.store.pseudonym), so that its files hold no id.
 - receipt_mac: what makes a receipt token (relayd.receipts) relayd's own.
+
+The names of users and devices are kept in memory once computed (the hot path asks for
+them on every message), but never longer than FORGET_SECONDS: a cache keyed by ids is
+emptied at its first use after that long, so that an erased user's ids leave a worker's
+memory within that bound (docs/privacy.md, "A worker's memory").
 """
 
 from __future__ import annotations
@@ -21,6 +26,30 @@ import base64
 import functools
 import hashlib
 import hmac
+import time
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+FORGET_SECONDS = 60.0
+R = TypeVar("R")
+
+
+def forgetful(maxsize: int) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """functools.lru_cache(maxsize), emptied at its first call once it has been held
+    FORGET_SECONDS: for caches keyed by ids or keys of people."""
+    def wrap(compute: Callable[..., R]) -> Callable[..., R]:
+        cached = functools.lru_cache(maxsize)(compute)
+        since = time.monotonic()
+
+        @functools.wraps(compute)
+        def call(*args: Hashable) -> R:
+            nonlocal since
+            if time.monotonic() - since > FORGET_SECONDS:
+                cached.cache_clear()
+                since = time.monotonic()
+            return cached(*args)
+        return call
+    return wrap
 
 
 def conversation_id(secret: bytes, user: str, business: str, epoch: int) -> str:
@@ -36,7 +65,7 @@ def _token(secret: bytes, label: bytes, value: str) -> str:
     return base64.b32encode(digest).decode("ascii").lower()
 
 
-@functools.lru_cache(maxsize=65536)
+@forgetful(maxsize=65536)
 def device_token(secret: bytes, device: str) -> str:
     """The device's name in the broker."""
     return _token(secret, b"relayd/v1 device queue", device)
@@ -55,12 +84,18 @@ def reference(secret: bytes, kind: str, value: str) -> str:
     return base64.b32encode(digest).decode("ascii").lower().rstrip("=")
 
 
-@functools.lru_cache(maxsize=65536)
 def pseudonym(secret: bytes, kind: str, value: str) -> str:
-    """The store's name for a user, device or source: HMAC-SHA256, 160 bits in base32."""
+    """The store's name for a user, device or source: HMAC-SHA256, 160 bits in base32.
+    Not cached: a source is new with each message (see person_pseudonym)."""
     digest = hmac.new(secret, b"relayd/v1 store " + kind.encode() + b"\0" + value.encode(),
                       hashlib.sha256).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+@forgetful(maxsize=65536)
+def person_pseudonym(secret: bytes, kind: str, value: str) -> str:
+    """pseudonym() of a user or a device, which the hot path asks for again and again."""
+    return pseudonym(secret, kind, value)
 
 
 def receipt_mac(secret: bytes, business: str, conversation: str, message_id: str) -> str:

@@ -88,8 +88,9 @@ class Pseudonymous:
         return self._pseudonym("device", device)
 
     def _pseudonym(self, kind: str, value: str) -> str:
+        name = opaque.pseudonym if kind == "source" else opaque.person_pseudonym
         try:
-            return opaque.pseudonym(self._secret, kind, value)
+            return name(self._secret, kind, value)
         except UnicodeEncodeError:  # as the backends fail on text they cannot encode
             raise StoreError(f"a {kind} id that cannot be encoded") from None
 

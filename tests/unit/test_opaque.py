@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -143,3 +144,31 @@ class TestInboxToken:
         digest = hmac.new(SECRET, b"relayd/v1 device queue\0phone", hashlib.sha256).digest()
         assert opaque.device_token(SECRET, "phone") == \
             base64.b32encode(digest[:20]).decode().lower()
+
+
+class TestForgetful:
+    def test_a_cache_of_ids_is_emptied_once_held_long_enough(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A forgetful cache answers from memory, then, once it has been held
+        FORGET_SECONDS, computes again: the ids it was keyed by are gone from it."""
+        computed: list[str] = []
+
+        @opaque.forgetful(maxsize=16)
+        def name(value: str) -> str:
+            computed.append(value)
+            return value.upper()
+
+        assert name("alice") == name("alice") == "ALICE"
+        assert computed == ["alice"]
+        monkeypatch.setattr(opaque, "FORGET_SECONDS", 0.0)
+        assert name("alice") == "ALICE"
+        assert computed == ["alice", "alice"]
+
+    def test_the_names_of_people_are_forgetful_and_sources_are_not_kept(self) -> None:
+        """pseudonym() is not cached: a message's source is new each time, and a cache of
+        them grew a worker by 20 MB over a soak. The names of people are cached (bounded)
+        through person_pseudonym, with the same answer."""
+        secret = b"k" * 32
+        assert opaque.person_pseudonym(secret, "user", "u") == opaque.pseudonym(
+            secret, "user", "u")
+        assert not hasattr(opaque.pseudonym, "cache_info")
