@@ -144,6 +144,11 @@ _BUSY = ("40", "55P03", "57014")
 # became read-only (25006, a standby or `default_transaction_read_only`), or a session
 # ended while idle in a transaction (25P03).
 _UNAVAILABLE = ("08", "53", "57", "58", "25006", "25P03")
+# The longest one statement may take. A link that hangs half-open (a failover, a cut
+# cable) would otherwise hold the call, and the lane waiting on it, until TCP gives up
+# hours later; past this the call fails as the store unavailable, and is retried.
+CALL_SECONDS = 15.0
+MAINTENANCE_SECONDS = 3600.0  # what may rightly take long: migrations, VACUUM, pruning
 
 
 _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
@@ -262,7 +267,8 @@ class PostgresStore:
         """A pool on `url`; StoreUnavailableError when the server cannot be reached."""
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size,
-                                             reset=_no_reset)
+                                             reset=_no_reset, command_timeout=CALL_SECONDS,
+                                             timeout=CALL_SECONDS)
         except Exception as exc:
             error = _error(exc)
             if isinstance(error, StoreUnavailableError) or isinstance(
@@ -304,14 +310,15 @@ class PostgresStore:
     async def _vacuum(self, tables: str) -> None:
         """VACUUM `tables` (outside any transaction), so deleted rows' space is reused."""
         try:
-            await self.pool.execute(f"VACUUM {tables}")
+            await self.pool.execute(f"VACUUM {tables}", timeout=MAINTENANCE_SECONDS)
         except Exception as exc:
             raise _error(exc) from None
 
     async def migrate(self) -> tuple[int, int]:
         """Apply the migrations the database lacks; return (version before, version now)."""
         async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK,
+                               timeout=MAINTENANCE_SECONDS)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                                " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL"
                                " DEFAULT now())")
@@ -321,7 +328,7 @@ class PostgresStore:
                 raise StoreError(f"the database schema is at version {before}, newer than"
                                  f" this relayd knows ({len(MIGRATIONS)}): upgrade relayd")
             for number, script in enumerate(MIGRATIONS[before:], start=before + 1):
-                await conn.execute(script)
+                await conn.execute(script, timeout=MAINTENANCE_SECONDS)
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
         return before, len(MIGRATIONS)
 
@@ -571,7 +578,7 @@ class PostgresStore:
                     receipts_before_ms: int = 0) -> dict[str, int]:
         async with self._transaction() as conn:
             async def count(sql: str, cutoff: int) -> int:
-                status: str = await conn.execute(sql, cutoff)
+                status: str = await conn.execute(sql, cutoff, timeout=MAINTENANCE_SECONDS)
                 return int(status.rsplit(" ", 1)[-1])
 
             return {
@@ -634,17 +641,20 @@ class PostgresStore:
     async def pseudonymise(self, users: Mapping[str, str],
                            devices: Mapping[str, tuple[str, bytes | None]]) -> None:
         async with self._transaction() as conn:
-            await conn.execute("LOCK TABLE legacy_ids")  # hosts starting together: one does it
+            await conn.execute("LOCK TABLE legacy_ids",  # hosts starting together: one does it
+                               timeout=MAINTENANCE_SECONDS)
             if await conn.fetchval("SELECT pending FROM legacy_ids LIMIT 1") is None:
                 return
             changes = [(new, sealed, old) for old, (new, sealed) in devices.items()]
+            long = MAINTENANCE_SECONDS
             await conn.executemany("UPDATE devices SET id = $1, sealed = $2 WHERE id = $3",
-                                   changes)
+                                   changes, timeout=long)
             await conn.executemany("UPDATE replay SET device_id = $1 WHERE device_id = $2",
-                                   [(new, old) for new, _, old in changes])
+                                   [(new, old) for new, _, old in changes], timeout=long)
             for table in ("devices", "conversations", "replay"):
                 await conn.executemany(f"UPDATE {table} SET user_id = $1 WHERE user_id = $2",
-                                       [(new, old) for old, new in users.items()])
-            await conn.execute("DELETE FROM sent")
+                                       [(new, old) for old, new in users.items()],
+                                       timeout=long)
+            await conn.execute("DELETE FROM sent", timeout=long)
             await conn.execute("DELETE FROM legacy_ids")
         await self._vacuum(_ERASED)

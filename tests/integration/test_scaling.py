@@ -7,6 +7,7 @@ relay's keys, as on separate machines; they share the vhost and the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,8 +23,10 @@ import yaml
 from relayd import shard
 from relayd.client import parse_event
 from relayd.config import Topology
-from relayd.errors import ExitCode
+from relayd.errors import ExitCode, StoreUnavailableError
+from relayd.store.postgres import PostgresStore
 from tests.integration.harness import (
+    WAIT,
     Relay,
     kill_group,
     rabbitmqctl,
@@ -386,6 +389,37 @@ class TestStoreFailover:
             assert codes == [ExitCode.OK]
             assert b'"reason":"store_unavailable"' in log.read_bytes()  # the fault did bite
             assert b'"event":"unfenced"' in log.read_bytes()
+
+    async def test_a_call_over_a_hung_link_fails_in_bounded_time(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The link to PostgreSQL hangs half-open (a frozen forwarder: nothing answers,
+        nothing is closed): a store call fails as the store unavailable within
+        CALL_SECONDS, to be retried in place, instead of waiting until TCP gives up hours
+        later with its lane held; once the link is back, calls succeed again."""
+        monkeypatch.setattr("relayd.store.postgres.CALL_SECONDS", 1.0)
+        async with postgres.database() as url:
+            parts = urllib.parse.urlsplit(url)
+            link = forward("127.0.0.1", parts.port or 5432)
+            try:
+                store = await PostgresStore.connect(
+                    parts._replace(netloc=f"{parts.username}@127.0.0.1:{link.port}").geturl())
+                try:
+                    assert await store.business("acme") is None
+                    link.freeze()
+                    with pytest.raises(StoreUnavailableError):
+                        await asyncio.wait_for(store.business("acme"), WAIT)
+                    link.thaw()
+                    for _ in range(10):  # the timed-out connection is dropped, not reused
+                        with contextlib.suppress(StoreUnavailableError):
+                            assert await asyncio.wait_for(store.business("acme"), WAIT) is None
+                            break
+                    else:
+                        pytest.fail("the store did not come back after the link did")
+                finally:
+                    link.thaw()
+                    await asyncio.wait_for(store.close(), WAIT)
+            finally:
+                link.stop()
 
     async def test_a_host_cut_off_from_the_store_gives_its_shards_up(
             self, tmp_path: Path) -> None:
