@@ -1,7 +1,8 @@
-"""Where an inbound message's CPU goes: relayd's inbound path, with or without the broker.
+"""Where an inbound message's CPU goes: relayd's inbound path, with or without the broker;
+and with --outbound, where a business reply's goes.
 
 Usage: .venv/bin/python scripts/profile_inbound.py [--messages N] [--devices N]
-           [--no-broker] [--py-spy SECONDS] [--out FILE]
+           [--no-broker] [--outbound] [--postgres SERVER_URL] [--py-spy SECONDS] [--out FILE]
 
 The machine is shared and its wall-clock is noisy: CPU µs per message is what to compare.
 
@@ -13,6 +14,10 @@ default      a real `relayd run --role inbound` over a preloaded backlog on the 
              while the backlog drains, and with --py-spy S a py-spy profile of it for S
              seconds (`py-spy record -r 250 -f raw`, pip install py-spy), summarised by
              where the samples fall.
+--outbound   a real `relayd run --role outbound` over a backlog of replies, as
+             scripts/bench.py's c3 (each reply sealed to the 3 devices of its user, of 64
+             users): the worker's CPU time per reply, and the py-spy profile as above.
+--postgres   the store on a fresh database of that server (as bench.py's --postgres).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
 
-from relayd import config, envelope, keys, log, topology
-from relayd.client import DeviceKeys
+from relayd import config, envelope, keys, log, opaque, topology
+from relayd.client import DeviceKeys, reply
 from relayd.consume import Consumer
 from relayd.crypto import Kem, raw_public
 from relayd.inbound import Inbound
@@ -46,13 +53,13 @@ from relayd.keys import KeyRing, RelayKey
 from relayd.store import Business, Device, open_store
 
 # Where py-spy's samples fall: the first pattern found, from the innermost frame out.
-CATEGORIES = [("crypto (HPKE open, Ed25519 verify)", ("relayd/envelope.py",)),
+CATEGORIES = [("crypto (HPKE, Ed25519)", ("relayd/envelope.py", "relayd/crypto.py")),
               ("structlog", ("structlog/", "relayd/log.py")),
               ("prometheus", ("prometheus_client/", "relayd/metrics.py")),
               ("AMQP client (aiormq, pamqp, aio-pika)", ("aiormq/", "pamqp/", "aio_pika/")),
               ("relayd.wire", ("relayd/wire.py",)),
               ("payload validation", ("relayd/payload.py",)),
-              ("store on the loop", ("relayd/store/",)),
+              ("store on the loop", ("relayd/store/", "asyncpg/")),
               ("asyncio scheduling", ("asyncio/", "uvloop"))]
 
 
@@ -113,7 +120,7 @@ async def no_broker(messages: int, senders: int) -> None:
 
 
 async def with_broker(messages: int, senders: int, spy_s: int, out: Path) -> None:
-    async with bench.scenario(False) as (vh, tmp, store_url):
+    async with bench.scenario() as (vh, tmp, store_url):
         setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519)
         t = setup.settings.topology
         secret = keys.load(setup.settings.keys.dir, timedelta(days=1)).opaque_secret
@@ -135,33 +142,80 @@ async def with_broker(messages: int, senders: int, spy_s: int, out: Path) -> Non
             ingress = await channel.get_exchange(t.ingress_exchange)
             await bench.publish_all(ingress, t.inbound_routing_key, backlog)
             inbox = topology.business_inbox(t, "acme", secret)
-            workers = bench.Workers([bench.relay_command(setup, "inbound")], setup.env)
-            try:
-                # polling: a process and a queue depth have no event to wait on
-                while not (children := psutil.Process(workers.procs[0].pid).children()):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-                worker = children[0]
-                while (first := await bench.depth(channel, inbox)) == 0:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                cpu, started = sum(worker.cpu_times()[:2]), time.monotonic()
-                if spy_s:
-                    await asyncio.to_thread(subprocess.run, [
-                        str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
-                        "-d", str(spy_s), "-f", "raw", "-o", str(out), "-p", str(worker.pid)],
-                        capture_output=True, check=True)
-                else:
-                    while await bench.depth(channel, inbox) < messages * 0.95:  # noqa: ASYNC110
-                        await asyncio.sleep(0.02)
-                done = await bench.depth(channel, inbox) - first
-                cpu, elapsed = sum(worker.cpu_times()[:2]) - cpu, time.monotonic() - started
-                print(f"worker: {done} messages from {senders} devices,"
-                      f" {cpu / done * 1e6:.0f} µs CPU per message, {done / elapsed:.0f} msg/s;"
-                      f" load average {os.getloadavg()[0]:.1f}")
-            finally:
-                workers.stop()
+            await measure(setup, "inbound", lambda: bench.depth(channel, inbox), messages,
+                          f"from {senders} devices", spy_s, out)
         await store.close()
     if spy_s:
         print(summary(out))
+
+
+async def with_broker_outbound(replies: int, spy_s: int, out: Path) -> None:
+    per_user, users = 3, bench.OUT_USERS // 3
+    async with bench.scenario() as (vh, tmp, store_url):
+        setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519)
+        t = setup.settings.topology
+        secret = keys.load(setup.settings.keys.dir, timedelta(days=1)).opaque_secret
+        store = await open_store(setup.settings.store.url, secret=secret)
+        await store.add_business(Business("acme", "guest"))
+        specs = topology.core(t) + topology.business(t, "acme", secret)
+        queues, conversations = [], []
+        for u in range(users):
+            for k in range(per_user):
+                device = DeviceKeys.generate(f"dev-{u}-{k}")
+                await store.add_device(Device(device.device, f"user-{u}", Kem.X25519,
+                                              device.enc_public, device.sign_public))
+                specs += topology.device(t, device.device, secret)
+                queues.append(topology.device_queue(t, device.device, secret))
+            conversations.append((await store.open_conversation(
+                f"user-{u}", "acme", int(time.time() * 1000), False, functools.partial(
+                    opaque.conversation_id, secret, f"user-{u}", "acme"))).id)
+        await bench.declare(setup, specs)
+        backlog = [aio_pika.Message(
+            reply(conversations[i % users], "message", {"text": "x" * 250}),
+            content_type="application/json", user_id="guest", delivery_mode=2)
+            for i in range(replies)]
+        connection = await aio_pika.connect(setup.settings.amqp.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(t.replies_exchange)
+            await bench.publish_all(exchange, "acme", backlog)
+
+            async def arrived() -> int:
+                depths = await asyncio.gather(*(bench.depth(channel, q) for q in queues))
+                return sum(depths) // per_user
+
+            await measure(setup, "outbound", arrived, replies, f"{users} users", spy_s, out)
+        await store.close()
+    if spy_s:
+        print(summary(out))
+
+
+async def measure(setup: bench.Setup, role: str, arrived: Callable[[], Awaitable[int]],
+                  total: int, what: str, spy_s: int, out: Path) -> None:
+    """Run a `role` worker over the backlog; print its CPU time per message handled."""
+    workers = bench.Workers([bench.relay_command(setup, role)], setup.env)
+    try:
+        # polling: a process and a queue depth have no event to wait on
+        while not (children := psutil.Process(workers.procs[0].pid).children()):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        worker = children[0]
+        while (first := await arrived()) == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        cpu, started = sum(worker.cpu_times()[:2]), time.monotonic()
+        if spy_s:
+            await asyncio.to_thread(subprocess.run, [
+                str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
+                "-d", str(spy_s), "-f", "raw", "-o", str(out), "-p", str(worker.pid)],
+                capture_output=True, check=True)
+        else:
+            while await arrived() < total * 0.95:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        done = await arrived() - first
+        cpu, elapsed = sum(worker.cpu_times()[:2]) - cpu, time.monotonic() - started
+        print(f"{role} worker: {done} messages ({what}), {cpu / done * 1e6:.0f} µs CPU per"
+              f" message, {done / elapsed:.0f} msg/s; load average {os.getloadavg()[0]:.1f}")
+    finally:
+        workers.stop()
 
 
 def summary(profile: Path) -> str:
@@ -196,10 +250,15 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=bench.USERS)
     parser.add_argument("--no-broker", action="store_true")
+    parser.add_argument("--outbound", action="store_true")
+    parser.add_argument("--postgres", metavar="SERVER_URL", default="")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS")
     parser.add_argument("--out", type=Path, default=Path("inbound-profile.txt"))
     args = parser.parse_args()
-    if args.no_broker:
+    bench.POSTGRES = args.postgres.rstrip("/")
+    if args.outbound:
+        uvloop.run(with_broker_outbound(args.messages, args.py_spy, args.out))
+    elif args.no_broker:
         uvloop.run(no_broker(args.messages, args.devices))
     else:
         uvloop.run(with_broker(args.messages, args.devices, args.py_spy, args.out))
