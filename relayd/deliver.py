@@ -81,16 +81,26 @@ async def fan_out(store: Store, keyring: KeyRing, sink: Sink, devices: list[Devi
     if seqs is None:
         seqs = await store.allocate_seqs(source, [d.id for d in devices], ts)
 
-    async def one(device: Device, seq: int) -> None:
-        if sent is not None and "d:" + device.id in sent:
-            return
+    copies = []
+    for device in devices:
+        target = "d:" + device.id
+        if device.id not in seqs or (sent is not None and target in sent):
+            continue
         try:
             sealed = seal_down(keyring, device, payload.down_payload(
-                device.id, seq, ts, message_id, sender, kind, body))
+                device.id, seqs[device.id], ts, message_id, sender, kind, body))
         except PermanentError as exc:
             _log.warning("device_skipped", reason=exc.reason)
             metrics.skipped(exc.reason)
-            return
-        await once(sent, "d:" + device.id, lambda: sink.to_device(device.id, sealed, receipt))
+            continue
+        copies.append(_copy(sink, sent, target, device.id, sealed, receipt))
+    # every copy published at once; their confirms awaited together
+    await (copies[0] if len(copies) == 1 else asyncio.gather(*copies))
 
-    await asyncio.gather(*(one(d, seqs[d.id]) for d in devices if d.id in seqs))
+
+async def _copy(sink: Sink, sent: set[str] | None, target: str, device: str, sealed: bytes,
+                receipt: str | None) -> None:
+    """Publish one device's copy; once the broker confirmed it, note it in `sent`."""
+    await sink.to_device(device, sealed, receipt)
+    if sent is not None:
+        sent.add(target)

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 import uuid
 from dataclasses import dataclass
 
-from relayd import payload, ratelimit, receipts, rules, shard
+from relayd import payload, ratelimit, receipts, shard
 from relayd.amqp import Delivery
 from relayd.config import Limits, Settings
 from relayd.consume import Work, retried
 from relayd.deliver import Sink, fan_out, now_ms
 from relayd.errors import PermanentError, ReplyError, TransientError
 from relayd.keys import KeySource
-from relayd.store import Business, Store
+from relayd.store import Business, ReplyClaim, ReplyOutcome, Store
 
 ERROR_NAMESPACE = uuid.UUID("5b0f3c4e-8d0a-4a43-9a53-6f1f2f4d7c11")
+# How long the worker keeps the businesses it read by AMQP user. Store.accept_reply checks
+# the business is still as read, so a changed one is read again at once; this bounds how
+# long a removed business's row stays in memory.
+BUSINESSES_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,22 @@ class Outbound:
         self.sink = sink
         self.business_rate = ratelimit.RateLimiter(settings.limits.business_rate,
                                                    settings.limits.business_burst)
+        self._businesses: dict[str, Business] = {}  # by AMQP user
+        self._businesses_since = time.monotonic()
+
+    async def _business(self, amqp_user: str, fresh: bool = False) -> Business:
+        """The business of `amqp_user`, from memory unless `fresh`; PermanentError when
+        there is none."""
+        if fresh or time.monotonic() - self._businesses_since > BUSINESSES_SECONDS:
+            self._businesses.clear()
+            self._businesses_since = time.monotonic()
+        business = self._businesses.get(amqp_user)
+        if business is None:
+            business = await self.store.business_by_amqp_user(amqp_user)
+            if business is None:
+                raise PermanentError("unknown_business", "user_id maps to no business")
+            self._businesses[amqp_user] = business
+        return business
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         t = self.settings.topology
@@ -71,13 +92,18 @@ class Outbound:
         `sent`: what an earlier run of this delivery had confirmed (relayd.deliver.once)."""
         if not incoming.amqp_user:
             raise PermanentError("unauthenticated", "a reply without user_id is not trusted")
-        business = await self.store.business_by_amqp_user(incoming.amqp_user)
-        if business is None:
-            raise PermanentError("unknown_business", "user_id maps to no business")
+        business = await self._business(incoming.amqp_user)
         try:
             self._charge(business, redelivered)
             reply = self._accepted(business, incoming)
-            await self._deliver(business, reply, redelivered, sent)
+            outcome = await self._accept(business, reply, redelivered)
+            if outcome.status == "stale":  # the business changed since it was read
+                business = await self._business(incoming.amqp_user, fresh=True)
+                reply = self._accepted(business, incoming)
+                outcome = await self._accept(business, reply, redelivered)
+                if outcome.status == "stale":
+                    raise TransientError("store_busy", "the business changed meanwhile")
+            await self._deliver(business, reply, outcome, sent)
         except ReplyError as exc:
             try:
                 await self._answer(business, incoming, exc)
@@ -103,22 +129,26 @@ class Outbound:
             raise incoming.rejection or ReplyError("invalid", "unparsable reply")
         return incoming.reply
 
-    async def _deliver(self, business: Business, reply: payload.Reply, redelivered: bool,
+    async def _accept(self, business: Business, reply: payload.Reply,
+                      redelivered: bool) -> ReplyOutcome:
+        """Apply relayd.rules to the reply's conversation and number its copies, in one
+        store transaction (Store.accept_reply); ReplyError if the rules refuse it."""
+        outcome = await self.store.accept_reply(ReplyClaim(
+            business, reply.conversation, reply.type, redelivered,
+            f"reply:{business.id}:{reply.id}", now_ms()))
+        if outcome.refusal is not None:
+            raise ReplyError(*outcome.refusal)
+        return outcome
+
+    async def _deliver(self, business: Business, reply: payload.Reply, outcome: ReplyOutcome,
                        sent: set[str] | None) -> None:
-        """Apply relayd.rules to the reply's conversation, then seal it to every device."""
-        conversation = await self.store.conversation(reply.conversation)
-        decision = rules.reply(conversation, business.id, reply.type, redelivered)
-        if decision.refusal is not None:
-            raise ReplyError(decision.refusal, decision.detail)
-        assert conversation is not None  # rules.reply refuses when there is none
-        if decision.write == "close":
-            await self.store.close_conversation(conversation.id, "business", now_ms())
-        devices = await self.store.devices_of(conversation.user)
-        receipt = (receipts.token(self.keys().opaque_secret, business.id, conversation.id,
+        """Seal the reply to every device of the conversation's user, and publish."""
+        keyring = self.keys()
+        receipt = (receipts.token(keyring.opaque_secret, business.id, reply.conversation,
                                   reply.id) if reply.type == "message" else None)
-        await fan_out(self.store, self.keys(), self.sink, devices,
+        await fan_out(self.store, keyring, self.sink, list(outcome.devices),
                       f"reply:{business.id}:{reply.id}", reply.id, business.id, reply.type,
-                      reply.body, sent=sent, receipt=receipt)
+                      reply.body, seqs=outcome.seqs, sent=sent, receipt=receipt)
 
     async def _answer(self, business: Business, incoming: Incoming, error: ReplyError) -> None:
         ref, conversation = payload.reply_ref(incoming.raw)

@@ -90,6 +90,37 @@ class UpOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyClaim:
+    """A business's reply, as Store.accept_reply applies it in one transaction.
+
+    `business`: as the caller read it (by its AMQP user); the store checks it is still so.
+    `source`: what the copies' down seqs are allocated for (see allocate_seqs)."""
+
+    business: Business
+    conversation: str
+    kind: str
+    redelivered: bool  # the broker marked it a redelivery: our own retry
+    source: str
+    now_ms: int
+
+
+ReplyStatus = Literal["stale", "refused", "accepted"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOutcome:
+    """What Store.accept_reply did: `stale` (the business is not as the caller read it:
+    read it again; nothing written), `refused` (by relayd.rules.reply: nothing written)
+    or `accepted` (the rules' write applied, and a down seq allocated for each of
+    `devices`, the conversation's user's, ordered by id)."""
+
+    status: ReplyStatus
+    refusal: tuple[str, str] | None = None  # (reason, detail) from relayd.rules
+    devices: tuple[Device, ...] = ()
+    seqs: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class UserData:
     """Everything the store holds about one user (message content is never stored)."""
 
@@ -178,6 +209,12 @@ class Store(Protocol):
         relayd.rules.up to the conversation as it is (open, reopen, note activity or
         close it: as open_conversation and close_conversation do) and allocate the echo's
         down seqs (as allocate_seqs does). A crash leaves all of it or none."""
+
+    async def accept_reply(self, claim: ReplyClaim) -> ReplyOutcome:
+        """Apply a business's reply in one transaction: check the business is as the
+        caller read it, apply relayd.rules.reply to the conversation as it is (closing
+        it: as close_conversation does), and allocate a down seq for each device of the
+        conversation's user (as allocate_seqs does). A crash leaves all of it or none."""
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
         """Accept (device, seq) once: True the first time, False for a replay or too old.

@@ -29,6 +29,8 @@ from relayd.store import (
     Conversation,
     Device,
     Party,
+    ReplyClaim,
+    ReplyOutcome,
     UpClaim,
     UpOutcome,
     UserData,
@@ -124,6 +126,80 @@ MIGRATIONS: list[str] = [
         created_ms BIGINT NOT NULL
     );
     CREATE INDEX receipts_created ON receipts (created_ms);
+    """,
+    # 6: a business's reply in one round trip (Store.accept_reply). relayd_reply_rule is
+    # relayd.rules.reply in SQL; a test holds the two to the same answers in every case.
+    """
+    CREATE FUNCTION relayd_reply_rule(p_found BOOLEAN, p_owner TEXT, p_state TEXT,
+                                      p_closed_by TEXT, p_business TEXT, p_kind TEXT,
+                                      p_retry BOOLEAN, OUT write TEXT, OUT refusal TEXT,
+                                      OUT detail TEXT)
+    LANGUAGE plpgsql IMMUTABLE AS $$
+    BEGIN
+        write := 'keep';
+        IF NOT p_found THEN
+            refusal := 'unknown_conversation'; detail := 'no such conversation';
+        ELSIF p_owner IS DISTINCT FROM p_business THEN
+            refusal := 'not_your_conversation'; detail := 'this conversation is not yours';
+        ELSIF p_state = 'closed' THEN
+            IF NOT (p_retry AND p_kind = 'close'
+                    AND p_closed_by IS NOT DISTINCT FROM 'business') THEN
+                refusal := 'conversation_closed'; detail := 'the conversation is closed';
+            END IF;
+        ELSIF p_kind = 'close' THEN
+            write := 'close';
+        END IF;
+    END $$;
+    CREATE FUNCTION relayd_accept_reply(p_business TEXT, p_amqp_user TEXT,
+                                        p_first_party BOOLEAN, p_conversation TEXT,
+                                        p_kind TEXT, p_retry BOOLEAN, p_source TEXT,
+                                        p_now BIGINT)
+    RETURNS TABLE (status TEXT, refusal TEXT, detail TEXT, id TEXT, user_id TEXT,
+                   kem TEXT, enc_key BYTEA, sign_key BYTEA, created_ms BIGINT,
+                   sealed BYTEA, seq BIGINT)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        c conversations%ROWTYPE;
+        rule RECORD;
+    BEGIN
+        PERFORM FROM businesses b WHERE b.id = p_business AND b.amqp_user = p_amqp_user
+            AND b.first_party = p_first_party;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT 'stale', NULL, NULL, NULL, NULL, NULL, NULL::BYTEA,
+                NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+            RETURN;
+        END IF;
+        SELECT * INTO c FROM conversations WHERE id = p_conversation FOR UPDATE;
+        SELECT * INTO rule FROM relayd_reply_rule(FOUND, c.business_id, c.state,
+                                                  c.closed_by, p_business, p_kind, p_retry);
+        IF rule.refusal IS NOT NULL THEN
+            RETURN QUERY SELECT 'refused', rule.refusal, rule.detail, NULL, NULL, NULL,
+                NULL::BYTEA, NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+            RETURN;
+        END IF;
+        IF rule.write = 'close' THEN
+            UPDATE conversations SET state = 'closed', closed_by = 'business',
+                updated_ms = p_now WHERE id = c.id AND state = 'open';
+        END IF;
+        -- the seqs, as Store.allocate_seqs: the devices locked in id order
+        PERFORM FROM devices WHERE user_id = c.user_id ORDER BY id FOR UPDATE;
+        WITH fresh AS (
+            UPDATE devices d SET next_seq = d.next_seq + 1 WHERE d.user_id = c.user_id
+                AND NOT EXISTS (SELECT FROM sent s WHERE s.source = p_source
+                                AND s.device_id = d.id)
+            RETURNING d.id, d.next_seq - 1 AS seq)
+        INSERT INTO sent (source, device_id, seq, created_ms)
+            SELECT p_source, fresh.id, fresh.seq, p_now FROM fresh;
+        RETURN QUERY SELECT 'accepted', NULL, NULL, d.id, d.user_id, d.kem, d.enc_key,
+            d.sign_key, d.created_ms, d.sealed, s.seq FROM devices d
+            JOIN sent s ON s.source = p_source AND s.device_id = d.id
+            WHERE d.user_id = c.user_id ORDER BY d.id;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT 'accepted', NULL, NULL, NULL, NULL, NULL, NULL::BYTEA,
+                NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+        END IF;
+    END $$;
     """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
@@ -502,6 +578,19 @@ class PostgresStore:
             seqs = (await _allocate(conn, claim.source, claim.echo_to, claim.now_ms)
                     if claim.echo_to else {})
         return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
+
+    async def accept_reply(self, claim: ReplyClaim) -> ReplyOutcome:
+        b = claim.business
+        found = await self._fetch(
+            "SELECT * FROM relayd_accept_reply($1, $2, $3, $4, $5, $6, $7, $8)",
+            b.id, b.amqp_user, b.first_party, claim.conversation, claim.kind,
+            claim.redelivered, claim.source, claim.now_ms)
+        status = found[0][0]
+        if status == "refused":
+            return ReplyOutcome("refused", (found[0][1], found[0][2]))
+        devices = tuple(rows.device(tuple(r)[3:10]) for r in found if r[3] is not None)
+        return ReplyOutcome(status, None, devices,
+                            {r[3]: r[10] for r in found if r[3] is not None})
 
     async def claim_receipt(self, key: str, kind: str, now_ms: int) -> tuple[str, bool]:
         # One statement: the row inserted now, or else the one that was there (a row

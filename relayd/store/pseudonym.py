@@ -36,6 +36,8 @@ from relayd.store import (
     Conversation,
     Device,
     Party,
+    ReplyClaim,
+    ReplyOutcome,
     UpClaim,
     UpOutcome,
     UserData,
@@ -148,11 +150,15 @@ class Pseudonymous:
         return {p: self._people[p] for p in wanted if p in self._people}
 
     async def _devices(self, found: Sequence[Device]) -> list[Device]:
-        """The rows with their real ids, leaving out those that no longer open. A key
+        """The rows with their real ids, leaving out those that no longer open."""
+        return [device for _, device in await self._opened_rows(found)]
+
+    async def _opened_rows(self, found: Sequence[Device]) -> list[tuple[str, Device]]:
+        """Each row that opens, as (its pseudonym, the device with its real ids). A key
         held in memory that no longer opens a row (the user was erased and came back) is
         read again."""
         self._expire()
-        opened: dict[int, Device] = {}
+        opened: dict[int, tuple[str, Device]] = {}
         for fresh in (False, True):
             left = [(i, r) for i, r in enumerate(found) if i not in opened and r.sealed]
             if not left:
@@ -165,8 +171,8 @@ class Pseudonymous:
                         key, "device", row.id, row.sealed)
                     if device is not None:
                         self._opened[row.sealed] = device
-                        opened[i] = Device(device, user, row.kem, row.enc_key, row.sign_key,
-                                           row.created_ms)
+                        opened[i] = row.id, Device(device, user, row.kem, row.enc_key,
+                                                   row.sign_key, row.created_ms)
         return [opened[i] for i in sorted(opened)]
 
     async def _conversation(self, row: Conversation | None) -> Conversation | None:
@@ -275,6 +281,15 @@ class Pseudonymous:
             outcome, seqs={names[d]: seq for d, seq in outcome.seqs.items() if d in names},
             conversation=None if conversation is None or user is None else replace(
                 conversation, user=user))
+
+    async def accept_reply(self, claim: ReplyClaim) -> ReplyOutcome:
+        outcome = await self.backend.accept_reply(
+            replace(claim, source=self._pseudonym("source", claim.source)))
+        if outcome.status != "accepted":
+            return outcome
+        opened = sorted(await self._opened_rows(outcome.devices), key=lambda r: r[1].id)
+        return replace(outcome, devices=tuple(device for _, device in opened), seqs={
+            device.id: outcome.seqs[row] for row, device in opened if row in outcome.seqs})
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:
         return await self.backend.claim_seq(self.device_pseudonym(device_id), seq, window)

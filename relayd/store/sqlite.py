@@ -32,6 +32,8 @@ from relayd.store import (
     Conversation,
     Device,
     Party,
+    ReplyClaim,
+    ReplyOutcome,
     UpClaim,
     UpOutcome,
     UserData,
@@ -510,6 +512,30 @@ class SqliteStore:
             return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
 
         outcome: UpOutcome = await self._commit(op)
+        return outcome
+
+    async def accept_reply(self, claim: ReplyClaim) -> ReplyOutcome:
+        def op(db: sqlite3.Connection) -> ReplyOutcome:
+            b = claim.business
+            if db.execute("SELECT 1 FROM businesses WHERE id = ? AND amqp_user = ?"
+                          " AND first_party = ?",
+                          (b.id, b.amqp_user, b.first_party)).fetchone() is None:
+                return ReplyOutcome("stale")
+            current = rows.conversation(db.execute(
+                f"SELECT {_CONVERSATION} FROM conversations WHERE id = ?",
+                (claim.conversation,)).fetchone())
+            decision = rules.reply(current, b.id, claim.kind, claim.redelivered)
+            if decision.refusal is not None or current is None:
+                return ReplyOutcome("refused", (decision.refusal or "", decision.detail))
+            if decision.write == "close":
+                _close(db, current.id, "business", claim.now_ms)
+            devices = tuple(rows.device(r) for r in db.execute(
+                f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id",
+                (current.user,)))
+            seqs = _allocate(db, claim.source, [d.id for d in devices], claim.now_ms)
+            return ReplyOutcome("accepted", None, devices, seqs)
+
+        outcome: ReplyOutcome = await self._commit(op)
         return outcome
 
     async def claim_seq(self, device_id: str, seq: int, window: int) -> bool:

@@ -14,11 +14,21 @@ from typing import Any
 import asyncpg
 import pytest
 
+from relayd import rules
 from relayd.crypto import Kem
 from relayd.errors import StoreError
 from relayd.payload import is_user_id
 from relayd.replay import ReplayWindow
-from relayd.store import AuditRecord, Business, Device, Store, UpClaim, open_store
+from relayd.store import (
+    AuditRecord,
+    Business,
+    Conversation,
+    Device,
+    ReplyClaim,
+    Store,
+    UpClaim,
+    open_store,
+)
 from relayd.store.pseudonym import Pseudonymous
 from relayd.store.sqlite import MIGRATIONS
 from tests.support import postgres
@@ -70,6 +80,13 @@ async def get_version(store_url: str) -> int:
         return int(await conn.fetchval("SELECT max(version) FROM schema_version"))
     finally:
         await conn.close()
+
+
+def latest(store_url: str) -> int:
+    """The schema version this relayd migrates the backend of `store_url` to."""
+    from relayd.store.postgres import MIGRATIONS as PG_MIGRATIONS
+
+    return len(MIGRATIONS if store_url.startswith("sqlite:///") else PG_MIGRATIONS)
 
 
 def make_id(user: str, business: str) -> Callable[[int], str]:
@@ -290,6 +307,97 @@ class TestAcceptUp:
         assert await store.conversation_of("u1", "acme") is None
         outcome = await store.accept_up(up(household, 1, "start", redelivered=True))
         assert (outcome.status, outcome.retry) == ("accepted", False)
+
+
+ACME = Business("acme", "acme-user")
+
+
+def reply_claim(conversation: str, kind: str = "message", *, business: Business = ACME,
+                redelivered: bool = False, source: str = "reply:acme:r1",
+                now_ms: int = 2_000) -> ReplyClaim:
+    """A ReplyClaim as the outbound path makes one."""
+    return ReplyClaim(business, conversation, kind, redelivered, source, now_ms)
+
+
+class TestAcceptReply:
+    """Store.accept_reply: business check, conversation rules and seqs in one transaction."""
+
+    @pytest.fixture
+    async def conversation(self, store: Store) -> Conversation:
+        await store.add_business(ACME)
+        await store.add_business(Business("other", "other-user"))
+        for name in ("d2", "d1"):
+            await store.add_device(device(name, created_ms=1))
+        await store.add_device(device("x1", user="u2", created_ms=1))
+        return await store.open_conversation("u1", "acme", 1_000, False, make_id("u1", "acme"))
+
+    async def test_allocates_a_seq_per_device_of_the_user(
+            self, store: Store, conversation: Conversation) -> None:
+        """Every device of the conversation's user, in id order, gets its next seq; the
+        same source again gets the same seqs (a retry), another source the next ones."""
+        outcome = await store.accept_reply(reply_claim(conversation.id))
+        assert outcome.status == "accepted"
+        assert outcome.refusal is None
+        assert outcome.devices == tuple(await store.devices_of("u1"))
+        assert [d.id for d in outcome.devices] == ["d1", "d2"]
+        assert dict(outcome.seqs) == {"d1": 1, "d2": 1}
+        again = await store.accept_reply(reply_claim(conversation.id, redelivered=True))
+        assert dict(again.seqs) == {"d1": 1, "d2": 1}
+        after = await store.accept_reply(reply_claim(conversation.id, source="reply:acme:r2"))
+        assert dict(after.seqs) == {"d1": 2, "d2": 2}
+        assert await store.allocate_seqs("reply:acme:r1", ["d1", "d2"], 3) == {"d1": 1, "d2": 1}
+
+    async def test_a_close_is_written_and_its_retry_delivered(
+            self, store: Store, conversation: Conversation) -> None:
+        """A close closes the conversation (by the business); its own retry is delivered
+        again with the same seqs, and any other reply after it is refused."""
+        closed = await store.accept_reply(reply_claim(conversation.id, "close"))
+        assert (closed.status, dict(closed.seqs)) == ("accepted", {"d1": 1, "d2": 1})
+        now = await store.conversation(conversation.id)
+        assert now is not None
+        assert (now.state, now.closed_by, now.updated_ms) == ("closed", "business", 2_000)
+        retry = await store.accept_reply(reply_claim(conversation.id, "close",
+                                                     redelivered=True))
+        assert (retry.status, dict(retry.seqs)) == ("accepted", {"d1": 1, "d2": 1})
+        refused = await store.accept_reply(reply_claim(conversation.id,
+                                                       source="reply:acme:r2"))
+        assert (refused.status, refused.refusal) == ("refused", (
+            "conversation_closed", "the conversation is closed"))
+
+    async def test_refusals_write_nothing(self, store: Store,
+                                          conversation: Conversation) -> None:
+        """A reply to no conversation, to another business's, or a close from another
+        business: refused as relayd.rules says, no seq allocated, nothing closed."""
+        unknown = await store.accept_reply(reply_claim("n" * 32))
+        assert (unknown.status, unknown.refusal) == ("refused", (
+            "unknown_conversation", "no such conversation"))
+        theirs = await store.accept_reply(reply_claim(
+            conversation.id, "close", business=Business("other", "other-user")))
+        assert (theirs.status, theirs.refusal) == ("refused", (
+            "not_your_conversation", "this conversation is not yours"))
+        assert (theirs.devices, dict(theirs.seqs)) == ((), {})
+        assert conversation == await store.conversation(conversation.id)
+        assert await store.allocate_seqs("m", ["d1", "d2"], 3) == {"d1": 1, "d2": 1}
+
+    async def test_a_business_not_as_read_is_stale(self, store: Store,
+                                                    conversation: Conversation) -> None:
+        """A business that is gone, or whose AMQP user or first-party flag changed since
+        the caller read it: `stale`, nothing written."""
+        for changed in (Business("acme", "someone-else"), Business("acme", "acme-user", True),
+                        Business("gone", "acme-user")):
+            outcome = await store.accept_reply(reply_claim(conversation.id, "close",
+                                                           business=changed))
+            assert outcome.status == "stale"
+        assert conversation == await store.conversation(conversation.id)
+        assert await store.allocate_seqs("m", ["d1"], 3) == {"d1": 1}
+
+    async def test_a_user_without_devices(self, store: Store) -> None:
+        """Accepted, with nothing to number."""
+        await store.add_business(ACME)
+        conversation = await store.open_conversation("u9", "acme", 1_000, False,
+                                                     make_id("u9", "acme"))
+        outcome = await store.accept_reply(reply_claim(conversation.id))
+        assert (outcome.status, outcome.devices, dict(outcome.seqs)) == ("accepted", (), {})
 
 
 class TestSeqs:
@@ -731,7 +839,7 @@ class TestPseudonyms:
         store = await open_store(store_url, secret=SECRET)
         try:
             assert b"marked" not in await raw_text(store_url)
-            assert await store.migrate() == (5, 5)
+            assert await store.migrate() == (latest(store_url), latest(store_url))
             assert [d.id for d in await store.household("laptop")] == ["laptop", PHONE]
             phone = await store.device(PHONE)
             assert phone is not None
@@ -755,7 +863,7 @@ class TestPseudonyms:
         finally:
             await store.close()
         again = await open_store(store_url, secret=SECRET)
-        assert await again.migrate() == (5, 5)
+        assert await again.migrate() == (latest(store_url), latest(store_url))
         assert [d.id for d in await again.devices()] == ["other"]
         await again.close()
 
@@ -837,8 +945,64 @@ class TestPseudonyms:
         assert PHONE not in other._opened.values()
 
 
+class TestReplyRuleInSql:
+    """relayd_reply_rule, PostgreSQL's copy of relayd.rules.reply, answers as it does."""
+
+    async def test_every_case_agrees_with_rules_reply(self) -> None:
+        """Every state a conversation can be in (none, another business's, open, closed
+        by either party), every reply type, first run or retry: the same write, refusal
+        and detail."""
+        states: list[tuple[str, str, str | None] | None] = [
+            None, *((business, state, by) for business in ("acme", "other")
+                    for state, by in (("open", None), ("closed", "user"),
+                                      ("closed", "business")))]
+        kinds = ["message", "close", "typing", "reaction", "anything"]
+        async with postgres.database() as url:
+            await (await open_store(url, secret=SECRET)).close()  # migrated
+            conn = await asyncpg.connect(url)
+            try:
+                for current in states:
+                    for kind in kinds:
+                        for retry in (False, True):
+                            row = Conversation("c" * 32, "u1", current[0], current[1], 0,
+                                               current[2], 1, 1) if current else None  # type: ignore[arg-type]
+                            want = rules.reply(row, "acme", kind, retry)
+                            got = await conn.fetchrow(
+                                "SELECT * FROM relayd_reply_rule($1, $2, $3, $4, $5, $6, $7)",
+                                current is not None, *(current or (None, None, None)),
+                                "acme", kind, retry)
+                            assert tuple(got) == (want.write, want.refusal,
+                                                  want.detail or None), (current, kind, retry)
+            finally:
+                await conn.close()
+
+
 class TestRoundTrips:
-    """PostgreSQL: what an inbound message costs in statements, each a round trip."""
+    """PostgreSQL: what a message costs in statements, each a round trip."""
+
+    async def test_a_reply_is_one_statement(self) -> None:
+        """Once prepared, a business's reply (business check, conversation rules, the
+        seqs of all the user's devices) is one statement: one round trip."""
+        async with postgres.database() as url:
+            store = await open_store(url, secret=SECRET, pool_size=1)
+            try:
+                await store.add_business(ACME)
+                await store.add_device(device("d1", created_ms=1))
+                await store.add_device(device("d2", created_ms=1))
+                conversation = await store.open_conversation("u1", "acme", 1_000, False,
+                                                             make_id("u1", "acme"))
+                sent: list[str] = []
+                async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
+                    conn.add_query_logger(lambda record: sent.append(record.query))
+                await store.accept_reply(reply_claim(conversation.id))  # prepares it
+                sent.clear()
+                outcome = await store.accept_reply(reply_claim(conversation.id, "close",
+                                                               source="reply:acme:r2"))
+            finally:
+                await store.close()
+        assert (outcome.status, dict(outcome.seqs)) == ("accepted", {"d1": 2, "d2": 2})
+        assert len(sent) == 1, sent
+        assert "relayd_accept_reply" in sent[0]
 
     async def test_an_inbound_message_is_one_transaction(self) -> None:
         """Once its statements are prepared, a message is BEGIN, one read, one write per

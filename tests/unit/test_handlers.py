@@ -234,6 +234,24 @@ class TestOutbound:
         assert sink.sent == []
 
 
+    async def test_a_business_changed_since_it_was_read_is_read_again(
+            self, tmp_path: Path, store: Store) -> None:
+        """The worker keeps businesses in memory; once the AMQP user is another
+        business's (or none's), its replies are refused, though the old one is cached."""
+        outbound, sink, conversation = await self.opened(tmp_path, store)
+        body = reply(conversation, "message", {"text": "yes"})
+        _, work = outbound.prepare(FakeDelivery(body=body, user_id="guest", routing_key="acme"))
+        assert await work() == "message"
+        await store.remove_business("acme")
+        await store.add_business(Business("acme", "someone-else"))
+        _, work = outbound.prepare(FakeDelivery(body=reply(conversation, "message", {"text": "no"}),
+                                                user_id="guest", routing_key="acme"))
+        with pytest.raises(PermanentError) as caught:
+            await work()
+        assert caught.value.reason == "unknown_business"
+        assert len(sink.of("device")) == 1
+
+
 class TestErasure:
     async def test_a_request_erases_the_user(self, tmp_path: Path, store: Store) -> None:
         """An erase request is one lane per user; its work deletes the user's device
