@@ -59,7 +59,7 @@ import yaml
 from relayd import envelope, keys, opaque, shard, topology
 from relayd.client import DeviceKeys, RelayPublic, reply
 from relayd.config import Settings, load
-from relayd.crypto import Kem
+from relayd.crypto import Kem, b64e
 from relayd.store import Business, Device, open_store
 
 HOST = os.environ.get("RELAYD_BENCH_BROKER", "127.0.0.1:5672")
@@ -71,7 +71,7 @@ OUT_USERS = 64  # outbound: users, each with 1 or 3 devices (each device a queue
 SHARDS = 4
 POLL_S = 0.01
 FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
-SCENARIOS = ["aseq", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s1e", "s2",
+SCENARIOS = ["aseq", "ac", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s1e", "s2",
              "e"]  # and a
 QUICK = ["b", "bf", "b2", "c3", "d"]  # --quick's, to stay under two minutes
 POSTGRES = ""  # --postgres: the server to make each scenario's database on
@@ -376,10 +376,12 @@ def crypto_us(setup: Setup, bodies: list[bytes], devices: list[DeviceKeys]) -> f
 
 async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s: float,
                   soak_s: float = 0, shards: int = 0, senders: int = USERS,
-                  postgres: bool | None = None, edge: bool = False) -> Result:
+                  postgres: bool | None = None, edge: bool = False,
+                  floor: bool = False) -> Result:
     """`senders` devices (each its own user) send the backlog, in turn; with `edge`, each
     message is published as relayd's edge publishes it (its device in x-relayd-device,
-    and, sharded, straight to the device's shard queue)."""
+    and, sharded, straight to the device's shard queue); with `floor`, CRYPTO_RELAY
+    relays it instead of relayd."""
     result = Result(name, total)
     async with scenario(postgres) as (vh, tmp, store_url):
         setup = relay_setup(tmp, vh, store_url, kem, worker_count, shards or DEFAULT_SHARDS)
@@ -429,7 +431,14 @@ async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s:
             for start in range(0, total, 500):  # with confirms, a window of 500 at a time
                 await asyncio.gather(*(publish(m) for m in backlog[start:start + 500]))
             inbox = topology.business_inbox(t, "acme", secret.opaque_secret)
-            workers = Workers([relay_command(setup, "inbound")], setup.env)
+            command = relay_command(setup, "inbound")
+            if floor:
+                signers = tmp / "signers.json"
+                signers.write_bytes(orjson.dumps({d.device: b64e(d.sign_public)
+                                                  for d in devices}))
+                command = [sys.executable, "-c", CRYPTO_RELAY, str(setup.config_path),
+                           str(signers), inbox]
+            workers = Workers([command], setup.env)
             try:
                 count = await measure(name, result, Run(
                     channel, workers, lambda: depth(channel, inbox), [inbox],
@@ -569,8 +578,6 @@ class EdgeLane:
                 self.window.release()
 
     async def send(self, ref: int, kid: str, sealed: bytes) -> None:
-        from relayd.crypto import b64e
-
         await self.window.acquire()
         self.sent_at[ref] = time.monotonic()
         await self.ws.send(orjson.dumps({"type": "send", "ref": ref, "kid": kid,
@@ -809,6 +816,37 @@ async def main(url, prefetch):
 uvloop.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
+# (ac), a second row and no baseline: (a) doing the work no relay with relayd's promises
+# can skip, as relayd does it: HPKE open, Ed25519 verify, reading the payload's JSON;
+# no store, no rules, no lanes. It is the floor under relayd's cost on this machine.
+CRYPTO_RELAY = """
+import asyncio, sys, aio_pika, orjson, uvloop
+from datetime import timedelta
+from relayd import envelope, keys
+from relayd.config import load
+from relayd.crypto import b64d, ed25519_public
+from relayd.inbound import open_up
+async def main(config, signers, inbox):
+    settings = load(config)
+    ring = keys.load(settings.keys.dir, timedelta(days=1))
+    sign = {d: ed25519_public(b64d(k)) for d, k in orjson.loads(open(signers, "rb").read()).items()}
+    connection = await aio_pika.connect(settings.amqp.url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=settings.workers.prefetch)
+    queue = await channel.get_queue(settings.topology.inbound_queue)
+    async def relay(message):
+        opened = open_up(message.body, message.headers.get(envelope.KID_HEADER), ring,
+                         settings.limits)
+        envelope.verify(opened.signature, opened.payload, direction="up",
+                        signer=sign[opened.device])
+        await channel.default_exchange.publish(aio_pika.Message(
+            opened.payload, message_id=str(opened.claims["id"]), delivery_mode=2), inbox)
+        await message.ack()
+    await queue.consume(relay)
+    await asyncio.Future()
+uvloop.run(main(*sys.argv[1:]))
+"""
+
 # (aseq), a second row and no baseline: the same, awaiting each confirm before it takes
 # the next delivery (the baseline of this bench before issue 14).
 SEQUENTIAL_RELAY = """
@@ -876,8 +914,8 @@ def ratios(results: list[Result]) -> dict[str, float]:
     by = {r.name.split()[0]: r.rate for r in results}
     a = by["a"]
     found = {f"{k}/a": round(v / a, 2) for k, v in by.items() if k != "a"}
-    for other, base in (("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"), ("s1e", "b"),
-                        ("s1e", "s1"), ("s2", "s1"), ("e", "e0")):
+    for other, base in (("b", "ac"), ("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"),
+                        ("s1e", "b"), ("s1e", "s1"), ("s2", "s1"), ("e", "e0")):
         if other in by and base in by:
             found[f"{other}/{base}"] = round(by[other] / by[base], 2)
     return found
@@ -920,6 +958,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     scenarios: dict[str, Callable[[], Awaitable[Result | list[Result]]]] = {
         "a": lambda: naive("a pipelined relay (baseline)", PIPELINED_RELAY, total, latency_s),
         "aseq": lambda: naive("aseq sequential relay", SEQUENTIAL_RELAY, total, latency_s),
+        "ac": lambda: inbound("ac pipelined relay + crypto", Kem.X25519, 1, total, latency_s,
+                              floor=True),
         "b": lambda: inbound(f"b inbound x1 {USERS} devices", Kem.X25519, 1, total, latency_s,
                              args.soak),
         "bf": lambda: inbound(f"bf inbound x1 {FEW_DEVICES} devices", Kem.X25519, 1, total,
