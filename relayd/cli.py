@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import select
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -36,7 +37,7 @@ from relayd import (
 from relayd.completion import bash_completion
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
-from relayd.store import Business, Device, Store, open_backend, open_store
+from relayd.store import Business, Device, Store, open_backend, open_store, open_vault
 from relayd.worker import ROLES, Role
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
@@ -87,7 +88,8 @@ def _keyring(settings: config.Settings) -> keys.KeyRing:
 async def _store(settings: config.Settings, migrate: bool = True) -> Store:
     """The store, its ids pseudonymised under the relay's opaque secret."""
     return await open_store(settings.store.url, secret=_keyring(settings).opaque_secret,
-                            key_vault=settings.store.key_vault, migrate=migrate)
+                            key_vault=settings.store.key_vault, migrate=migrate,
+                            settings=settings)
 
 
 def cmd_keys_show(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -190,6 +192,50 @@ def cmd_store_migrate(args: argparse.Namespace, settings: config.Settings) -> in
     return ExitCode.OK
 
 
+def cmd_store_move_keys(args: argparse.Namespace, settings: config.Settings) -> int:
+    from relayd.store.pseudonym import move_keys
+
+    if settings.store.key_vault is None:
+        print("store.key_vault must name where the keys go (amqp, or sqlite:///PATH)",
+              file=sys.stderr)
+        return ExitCode.USAGE
+
+    async def move() -> tuple[int, int]:
+        source = await open_backend(settings.store.url)
+        try:
+            vault = await open_vault(str(settings.store.key_vault), settings)
+            try:
+                return await move_keys(source, vault)
+            finally:
+                await vault.close()
+        finally:
+            await source.close()
+
+    moved, refused = _run(move())
+    human = f"moved {moved} user keys out of the store into the key vault"
+    if refused:
+        human += (f"\n{refused} left in the store: the vault holds other keys for them "
+                  "(two stores sharing one vault?)")
+    _print(args, {"moved": moved, "refused": refused}, human)
+    return ExitCode.FAILURE if refused else ExitCode.OK
+
+
+def cmd_vault(args: argparse.Namespace, settings: config.Settings) -> int:
+    """The key vault service in the foreground, until SIGTERM or SIGINT."""
+    from relayd import vault
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await vault.serve(settings, stop)
+        return ExitCode.OK
+
+    structlog.contextvars.bind_contextvars(worker="vault")
+    return _run(serve())
+
+
 def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
     from relayd.store.copy import CopyRefusedError, copy_sqlite
     from relayd.store.postgres import PostgresStore
@@ -210,8 +256,8 @@ def cmd_store_copy(args: argparse.Namespace, settings: config.Settings) -> int:
         secret = _keyring(settings).opaque_secret
         await (await open_store(args.source, secret=secret)).close()  # ids as pseudonyms
         target = await PostgresStore.connect(settings.store.url)
-        vault = None if settings.store.key_vault is None else await open_backend(
-            settings.store.key_vault)
+        vault = None if settings.store.key_vault is None else await open_vault(
+            settings.store.key_vault, settings)
         try:
             return await copy_sqlite(source, target, args.force, vault)
         finally:
@@ -468,6 +514,8 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--name", help="how its log lines name it, e.g. inbound-0")
     one.add_argument("--control-fd", type=int, help="socket to the supervisor (by `run`)")
     command(commands, "edge", cmd_edge, "serve device apps over WebSocket (edge.name needed)")
+    command(commands, "vault", cmd_vault,
+            "serve the user keys of hosts with store.key_vault: amqp (in vault.file)")
     command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
             json_output=True)
 
@@ -498,6 +546,9 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     command(stores, "migrate", cmd_store_migrate, "bring the schema to this version",
             json_output=True)
+    command(stores, "move-keys", cmd_store_move_keys,
+            "move the user keys the store holds into store.key_vault, and destroy them in"
+            " the store", json_output=True)
     copy = command(stores, "copy", cmd_store_copy,
                    "copy a SQLite registry into the configured PostgreSQL store",
                    json_output=True)
@@ -602,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = config.load(Path(args.config))
             # The daemon logs to stdout, for the journal; a command keeps its stdout for
             # its output (--json), so its log lines go to stderr.
-            daemon = args.handler in (cmd_run, cmd_worker, cmd_edge)
+            daemon = args.handler in (cmd_run, cmd_worker, cmd_edge, cmd_vault)
             log.setup(settings.logging, sys.stdout if daemon else sys.stderr)
             code = args.handler(args, settings)
         sys.stdout.flush()  # here, where a closed pipe is still ours to report
@@ -633,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitCode.FAILURE
     except Exception as exc:  # a bug, or a failure nothing above names
-        if args.command in ("run", "worker", "edge"):  # a daemon: type and frames, no text
+        if args.command in ("run", "worker", "edge", "vault"):  # a daemon: type and frames, no text
             log.get("relayd.cli").exception("crashed")
         else:  # an operator's command: the operator needs the message
             _error(f"relayd: {type(exc).__name__}: {exc}")

@@ -85,7 +85,9 @@ class Amqp(Section):
 class Store(Section):
     url: str
     pool_size: Positive = 10
-    key_vault: str | None = None  # None: the per-user keys live in the store itself
+    # None: the per-user keys live in the store itself; sqlite:///PATH: in that file;
+    # amqp: in the vault service (`relayd vault`), asked over the broker (relayd.vault)
+    key_vault: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -97,8 +99,8 @@ class Store(Section):
     @field_validator("key_vault")
     @classmethod
     def _vault(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("sqlite:///"):
-            raise ValueError("must be sqlite:///PATH")
+        if value is not None and value != "amqp" and not value.startswith("sqlite:///"):
+            raise ValueError("must be sqlite:///PATH or amqp")
         return value
 
     @property
@@ -144,6 +146,7 @@ class Topology(Section):
     delivery_limit: Positive = 10
     gdpr_exchange: str = "relayd.gdpr"
     gdpr_queue: str = "relayd.gdpr"
+    vault_queue: str = "relayd.vault"
     shards: Annotated[int, Field(ge=1, le=1024)] = 1
     shard_exchange: str = "relayd.shards"
     shard_member_ttl: Annotated[float, Field(ge=0.3, le=600)] = 6.0
@@ -256,6 +259,20 @@ class Metrics(Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
+class Vault(Section):
+    """The key vault service (`relayd vault`) and how relay hosts ask it."""
+
+    file: Path = Path("/var/lib/relayd/keys.db")  # the service's SQLite file
+    timeout: Seconds = 5.0  # how long a host waits for an answer
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
 class Settings(Section):
     amqp: Amqp
     store: Store
@@ -267,6 +284,7 @@ class Settings(Section):
     retention: Retention = Retention()
     edge: Edge = Edge()
     gdpr: Gdpr = Gdpr()
+    vault: Vault = Vault()
     wake: Wake = Wake()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()

@@ -36,22 +36,19 @@ from relayd.crypto import Kem, WeakKeyError, b64d, ed25519_public
 from relayd.errors import PermanentError, TransientError
 from relayd.gdpr import EraseRequest, Erasure, ErasureSink
 from relayd.keys import KeySource
+from relayd.rpc import Answerer, ReplyTo, reply_to
 from relayd.store import Device, Store
 
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."  # the broker expands amq.rabbitmq.reply-to so
 MAX_REQUEST_BYTES = 16_384  # a hybrid registration is under 2 KiB
 _FIELDS = {"register": {"v", "type", "id", "user", "device", "kem", "enc_key", "sign_key"},
            "revoke": {"v", "type", "id", "user", "device"}}
 
 
-class IdentitySink(ErasureSink, Protocol):
+class IdentitySink(ErasureSink, Answerer, Protocol):
     """What the identity service's requests publish and change on the broker
     (amqp.Publisher is one)."""
 
     def declare_device_queue(self, device: str) -> Awaitable[None]: ...
-
-    def answer(self, reply_to: str, correlation_id: str | None, body: bytes) -> Awaitable[None]:
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,29 +71,10 @@ class Revoke:
 Request = Register | Revoke | EraseRequest
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyTo:
-    """Where a request's answer goes, and what it is matched by."""
-
-    queue: str
-    correlation_id: str | None
-
-
 def answer(accepted: bool, word: str) -> bytes:
     """An answer's body: `word` is the outcome if accepted, else the reason."""
     return orjson.dumps({"v": payload.VERSION, "type": "answer", "accepted": accepted,
                           "outcome" if accepted else "reason": word})
-
-
-def reply_to(delivery: Delivery) -> ReplyTo | None:
-    """Where to answer `delivery`; None if it asks for no answer. PermanentError
-    `bad_reply_to` unless it names a direct reply-to consumer."""
-    queue = delivery.reply_to
-    if queue is None:
-        return None
-    if not queue.startswith(DIRECT_REPLY_TO) or len(queue) == len(DIRECT_REPLY_TO):
-        raise PermanentError("bad_reply_to", "answers go to direct reply-to only")
-    return ReplyTo(queue, delivery.correlation_id)
 
 
 def _text(data: dict[str, Any], key: str) -> str:

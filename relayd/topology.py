@@ -26,6 +26,7 @@ class Exchange:
 class Queue:
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    exclusive: bool = False  # its declaring connection's alone, gone with it (not durable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,22 @@ def receipts(t: Topology) -> list[Spec]:
     ]
 
 
+VAULT_MAX_LENGTH = 10_000
+VAULT_MESSAGE_TTL_MS = 60_000
+
+
+def vault(t: Topology) -> Queue:
+    """The key vault service's requests (relayd.vault). Declared by the service alone, on
+    its own connection: exclusive, so one service answers and no other connection may
+    consume it, and gone with its owner, so that while no service runs a host's request
+    is returned unroutable at once and waits nowhere. Requests carry keys: the queue is
+    not durable, bounded, and what waits in it expires (each request also carries its
+    own, shorter, expiration)."""
+    return Queue(t.vault_queue, {"x-queue-type": "classic", "x-max-length": VAULT_MAX_LENGTH,
+                                 "x-overflow": "reject-publish",
+                                 "x-message-ttl": VAULT_MESSAGE_TTL_MS}, exclusive=True)
+
+
 def router_lock(entry_queue: str) -> str:
     """The exclusive queue whose owner routes `entry_queue` into its shards (relayd.route):
     the broker lets one connection declare it, and deletes it when that connection dies.
@@ -205,7 +222,8 @@ async def declare(channel: AbstractChannel, specs: list[Spec]) -> None:
         if isinstance(spec, Exchange):
             await channel.declare_exchange(spec.name, spec.kind, durable=True)
         elif isinstance(spec, Queue):
-            await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            await channel.declare_queue(spec.name, durable=not spec.exclusive,
+                                        exclusive=spec.exclusive, arguments=spec.arguments)
         elif isinstance(spec, ExchangeBinding):
             destination = await channel.get_exchange(spec.destination, ensure=False)
             await destination.bind(spec.source)

@@ -134,7 +134,7 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
         reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=control_fd))
         listener = asyncio.create_task(obey(reader))
     store = await open_store(settings.store.url, secret=keyring.opaque_secret,
-                             key_vault=settings.store.key_vault,
+                             key_vault=settings.store.key_vault, settings=settings,
                              pool_size=settings.store.pool_size)
     try:
         if role == "retention":

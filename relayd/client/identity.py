@@ -14,7 +14,6 @@ not running), ask again.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import uuid
 from types import TracebackType
@@ -22,11 +21,10 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection
 
 from relayd.client.device import DeviceKeys
-
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+from relayd.rpc import Asker
 
 
 class IdentityService:
@@ -42,14 +40,12 @@ class IdentityService:
         self.exchange_name = exchange
         self.timeout = timeout
         self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._asker: Asker | None = None
 
     async def __aenter__(self) -> IdentityService:
         self._connection = await aio_pika.connect(self.amqp_url, ssl_context=self.ssl_context)
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        replies = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await replies.consume(self._on_answer, no_ack=True)
+        self._asker = Asker(await self._connection.channel(publisher_confirms=True))
+        await self._asker.listen()
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
@@ -57,31 +53,16 @@ class IdentityService:
         if self._connection is not None:
             await self._connection.close()
 
-    async def _on_answer(self, message: AbstractIncomingMessage) -> None:
-        waiter = self._waiting.pop(message.correlation_id or "", None)
-        if waiter is not None and not waiter.done():
-            answer: dict[str, Any] = orjson.loads(message.body)
-            waiter.set_result(answer)
-
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one request (its `v` and `id` are added); return relayd's answer. Raises
         TimeoutError if none came within `timeout` s."""
-        assert self._channel is not None, "use IdentityService in `async with`"
-        correlation = str(uuid.uuid4())
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting[correlation] = waiter
-        try:
-            exchange = await self._channel.get_exchange(self.exchange_name, ensure=False)
-            await exchange.publish(aio_pika.Message(
-                orjson.dumps({"v": 1, "id": str(uuid.uuid4()), **request}),
-                content_type="application/json", user_id=self.user_id,
-                reply_to=DIRECT_REPLY_TO, correlation_id=correlation,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key="")
-            async with asyncio.timeout(self.timeout):
-                answer: dict[str, Any] = await waiter
-            return answer
-        finally:
-            self._waiting.pop(correlation, None)
+        assert self._asker is not None, "use IdentityService in `async with`"
+        body = await self._asker.ask(self.exchange_name, "", aio_pika.Message(
+            orjson.dumps({"v": 1, "id": str(uuid.uuid4()), **request}),
+            content_type="application/json", user_id=self.user_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT), self.timeout)
+        answer: dict[str, Any] = orjson.loads(body)
+        return answer
 
     async def register(self, user: str, device: DeviceKeys) -> dict[str, Any]:
         """Register `device` (its public keys) for `user`."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from relayd.crypto import Kem
 from relayd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relayd.config import Settings
 
 ConversationState = Literal["open", "closed"]
 Party = Literal["user", "business"]
@@ -297,6 +300,8 @@ class Vault(Protocol):
     async def all_people(self, seen_before_ms: int) -> list[str]:
         """Every pseudonym with a key, last added before `seen_before_ms`."""
 
+    async def close(self) -> None: ...
+
 
 class Backend(Store, Vault, Protocol):
     """A database as the pseudonymous layer sees it: user and device ids are pseudonyms,
@@ -317,11 +322,24 @@ class Backend(Store, Vault, Protocol):
         and mark the store converted."""
 
 
+async def open_vault(key_vault: str, settings: Settings | None = None) -> Vault:
+    """The key vault `key_vault` names: a `sqlite:///` file, or `amqp`, the vault service
+    asked over the broker of `settings` (relayd.vault)."""
+    if key_vault.startswith("sqlite:///"):
+        return await open_backend(key_vault, migrate=True)
+    if key_vault == "amqp" and settings is not None:
+        from relayd.vault import AmqpVault
+
+        return AmqpVault(settings)
+    raise ConfigError({"store.key_vault": "must be sqlite:///PATH or amqp"})
+
+
 async def open_store(url: str, *, secret: bytes, key_vault: str | None = None,
-                     migrate: bool = True, pool_size: int = 10) -> Store:
+                     migrate: bool = True, pool_size: int = 10,
+                     settings: Settings | None = None) -> Store:
     """The store that `url` names, its ids pseudonymised under `secret` (the relay's opaque
-    secret) and its per-user keys in `key_vault` (a `sqlite:///` url) or else in the store
-    itself; the schema is migrated on open unless told not to.
+    secret) and its per-user keys in `key_vault` (open_vault; `settings` for `amqp`) or
+    else in the store itself; the schema is migrated on open unless told not to.
 
     Raises StoreUnavailableError when the database cannot be reached or opened,
     StoreError when its schema is newer than this relayd knows.
@@ -331,10 +349,11 @@ async def open_store(url: str, *, secret: bytes, key_vault: str | None = None,
     backend = await open_backend(url, migrate=False, pool_size=pool_size)
     vault: Vault = backend
     if key_vault is not None:
-        if not key_vault.startswith("sqlite:///"):
+        try:
+            vault = await open_vault(key_vault, settings)
+        except BaseException:
             await backend.close()
-            raise ConfigError({"store.key_vault": "must be sqlite:///PATH"})
-        vault = await open_backend(key_vault, migrate=True)
+            raise
     store = Pseudonymous(backend, vault, secret)
     if migrate:
         try:

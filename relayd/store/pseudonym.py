@@ -27,7 +27,7 @@ from dataclasses import replace
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from relayd import opaque
+from relayd import log, opaque
 from relayd.errors import StoreError, TransientError
 from relayd.store import (
     AuditRecord,
@@ -52,6 +52,30 @@ _CACHE = 65536
 # of the store this long after the cache was filled (docs/privacy.md).
 CACHE_SECONDS = 60.0
 _PERSON_GRACE_MS = 86_400_000
+_log = log.get("relayd.store")
+_EVER = 2 ** 62  # a seen_ms after every person's
+_MOVE_CHUNK = 500
+
+
+async def move_keys(source: Vault, target: Vault) -> tuple[int, int]:
+    """Move every person of `source` (a store's own people table) into `target`, and
+    destroy each in `source` once `target` keeps that very key. Return (moved, refused):
+    a person `target` holds under another key stays where it is (what the store sealed
+    under the first would no longer open)."""
+    moved = refused = 0
+    pseudonyms = await source.all_people(_EVER)
+    for start in range(0, len(pseudonyms), _MOVE_CHUNK):
+        held = await source.people(pseudonyms[start:start + _MOVE_CHUNK])
+        done = []
+        for pseudonym, (key, sealed) in held.items():
+            if await target.add_person(pseudonym, key, sealed) == (key, sealed):
+                done.append(pseudonym)
+            else:
+                refused += 1
+        moved += await source.forget_people(done)
+    if refused:
+        _log.warning("keys_not_moved", refused=refused, moved=moved)
+    return moved, refused
 
 
 def seal(key: bytes, kind: str, pseudonym: str, value: str) -> bytes:
@@ -99,12 +123,15 @@ class Pseudonymous:
     async def close(self) -> None:
         await self.backend.close()
         if self.vault is not self.backend:
-            await self.vault.close()  # type: ignore[attr-defined]
+            await self.vault.close()
 
     async def migrate(self) -> tuple[int, int]:
         """Migrate the schema, then (once, for a store written before schema 4) rewrite
-        every id as a pseudonym, giving each user a person."""
+        every id as a pseudonym, giving each user a person; with a key vault apart from
+        the store, move into it the keys the store still holds (move_keys)."""
         versions = await self.backend.migrate()
+        if self.vault is not self.backend and await self.backend.all_people(_EVER):
+            await move_keys(self.backend, self.vault)
         legacy = await self.backend.legacy_ids()
         if legacy is None:
             return versions

@@ -676,6 +676,12 @@ class SqliteStore:
         return [row[0] for row in self._all(
             "SELECT id FROM people WHERE seen_ms < ? ORDER BY id", seen_before_ms)]
 
+    async def people_page(self, seen_before_ms: int, after: str, limit: int) -> list[str]:
+        """all_people a page at a time: at most `limit` pseudonyms, those after `after`."""
+        return [row[0] for row in self._all(
+            "SELECT id FROM people WHERE seen_ms < ? AND id > ? ORDER BY id LIMIT ?",
+            seen_before_ms, after, limit)]
+
     async def held_people(self) -> set[str]:
         return {row[0] for row in self._all(_HELD)}
 

@@ -285,7 +285,7 @@ async def relay_in_vhost(root: Path, kem: Kem = Kem.X25519,
         keys.generate(settings.keys.dir, "test-1", kem)
         keyring = keys.load(settings.keys.dir, timedelta(days=1))
         registry = await open_store(settings.store.url, secret=keyring.opaque_secret,
-                                    key_vault=settings.store.key_vault)
+                                    key_vault=settings.store.key_vault, settings=settings)
         stack.push_async_callback(registry.close)
         connection = await aio_pika.connect(settings.amqp.url)
         stack.push_async_callback(connection.close)

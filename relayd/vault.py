@@ -1,0 +1,318 @@
+"""The key vault service: the per-user keys of several relay hosts, in one SQLite file that
+erasure really empties, asked over the relay's broker (docs/privacy.md, "Where the user
+keys live").
+
+`relayd vault` owns the file (`vault.file`: relayd.store.sqlite, whose deleted rows are
+overwritten and whose WAL is truncated when keys are forgotten) and answers the Vault
+operations of relayd.store: add_person, people, forget_people and all_people. A host with
+`store.key_vault: amqp` asks it through AmqpVault, over its own connection:
+
+- a request goes through the default exchange to `topology.vault_queue`, non-persistent,
+  expiring after `vault.timeout`, mandatory; the queue is the service's own (exclusive to
+  its connection, not durable, bounded: relayd.topology.vault), so while no service
+  runs a request is returned at once and waits nowhere, and two services never share it;
+- the answer comes back on direct reply-to (relayd.rpc), which the broker never stores;
+- no answer within `vault.timeout`, or no service running, is StoreUnavailableError: a
+  worker holds its message and tries it again in place (relayd.consume), nothing lost.
+
+Who may ask: whoever may write the default exchange (`amq.default`), which the broker
+grants relayd alone (deploy/rabbitmq/README.md); nobody else may read the queue, and
+being exclusive, no other connection may consume it at all.
+
+The door checks, in this order and in one guard (VaultDoor.on_message): the delivery's
+properties (relayd.wire), where the answer goes (`bad_reply_to`: direct reply-to only, and
+a request without one is dropped), then by the pure parse() its size (`too_large`) and
+shape (`malformed`). A refusal is answered with its reason; every delivery is acked once.
+No pseudonym, key or id reaches a log line: the operation and the reason only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import AbstractConnection
+from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+
+from relayd import amqp, log, payload, rpc, topology, wire
+from relayd.amqp import Delivery
+from relayd.config import Settings
+from relayd.crypto import b64d, b64e
+from relayd.errors import (
+    PermanentError,
+    RelaydError,
+    StoreError,
+    StoreUnavailableError,
+    TransientError,
+)
+from relayd.store.sqlite import SqliteStore
+
+_log = log.get("relayd.vault")
+MAX_REQUEST_BYTES = 262_144
+CHUNK = 500  # pseudonyms per request: an answer stays far below the broker's 2 MiB
+PAGE = 5_000  # pseudonyms per all_people answer
+KEY_BYTES = 32
+MAX_SEALED = 12 + 16 + 4 * payload.MAX_USER_ID  # nonce, tag, an account id in UTF-8
+PREFETCH = 64
+PSEUDONYM = re.compile(r"[a-z2-7]{32}")  # relayd.opaque.pseudonym
+_FIELDS = {"add_person": {"v", "op", "user", "key", "sealed"},
+           "people": {"v", "op", "users"},
+           "forget_people": {"v", "op", "users"},
+           "all_people": {"v", "op", "seen_before_ms", "after", "limit"}}
+
+
+# --- requests, as the pure door sees them ---------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    users: tuple[str, ...] = ()  # add_person: one
+    key: bytes = b""
+    sealed: bytes = b""
+    seen_before_ms: int = 0
+    after: str = ""
+    limit: int = 0
+
+
+def _pseudonyms(value: Any, most: int) -> tuple[str, ...]:
+    if (not isinstance(value, list) or len(value) > most
+            or not all(isinstance(v, str) and PSEUDONYM.fullmatch(v) for v in value)):
+        raise PermanentError("malformed", f"users: at most {most} pseudonyms")
+    return tuple(value)
+
+
+def _blob(value: Any, name: str, least: int, most: int) -> bytes:
+    try:
+        raw = b64d(value) if isinstance(value, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or not least <= len(raw) <= most:
+        raise PermanentError("malformed", f"{name}: base64url of {least} to {most} bytes")
+    return raw
+
+
+def _int(value: Any, name: str, least: int, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        raise PermanentError("malformed", f"{name}: an integer from {least} to {most}")
+    return value
+
+
+def parse(body: bytes) -> Request:
+    """A request from its body; PermanentError `too_large` or `malformed`."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise PermanentError("too_large", f"a request is at most {MAX_REQUEST_BYTES} bytes")
+    try:
+        data = payload.loads(body)
+    except ValueError as exc:
+        raise PermanentError("malformed", str(exc)) from None
+    op = data.get("op") if isinstance(data, dict) else None
+    if (not isinstance(op, str) or op not in _FIELDS or data.keys() != _FIELDS[op]
+            or not payload.is_version(data["v"])):
+        raise PermanentError("malformed", "not a request of the vault")
+    if op == "add_person":
+        return Request(op, _pseudonyms([data["user"]], 1),
+                       _blob(data["key"], "key", KEY_BYTES, KEY_BYTES),
+                       _blob(data["sealed"], "sealed", 29, MAX_SEALED))
+    if op == "all_people":
+        after = data["after"]
+        if not isinstance(after, str) or (after and not PSEUDONYM.fullmatch(after)):
+            raise PermanentError("malformed", "after: a pseudonym, or empty")
+        return Request(op, seen_before_ms=_int(data["seen_before_ms"], "seen_before_ms", 0,
+                                               2 ** 62),
+                       after=after, limit=_int(data["limit"], "limit", 1, PAGE))
+    return Request(op, _pseudonyms(data["users"], CHUNK))
+
+
+def request(op: str, **fields: Any) -> bytes:
+    return orjson.dumps({"v": payload.VERSION, "op": op, **fields})
+
+
+def answer(ok: bool, value: Any) -> bytes:
+    """An answer: {"ok": true, "result": ...} or {"ok": false, "reason": ...}."""
+    return orjson.dumps({"v": payload.VERSION, "ok": ok, "result" if ok else "reason": value})
+
+
+# --- the service ----------------------------------------------------------------------
+
+class VaultDoor:
+    """Applies each request to the vault file and answers it (see the module docstring)."""
+
+    def __init__(self, keys: SqliteStore, sink: rpc.Answerer) -> None:
+        self.keys = keys
+        self.sink = sink
+        self._one_at_a_time = asyncio.Lock()  # requests applied in the order they came
+
+    async def apply(self, req: Request) -> Any:
+        if req.op == "add_person":
+            key, sealed = await self.keys.add_person(req.users[0], req.key, req.sealed)
+            return [b64e(key), b64e(sealed)]
+        if req.op == "people":
+            found = await self.keys.people(list(req.users))
+            return {p: [b64e(k), b64e(s)] for p, (k, s) in found.items()}
+        if req.op == "forget_people":
+            return await self.keys.forget_people(list(req.users))
+        return await self.keys.people_page(req.seen_before_ms, req.after, req.limit)
+
+    async def on_message(self, delivery: Delivery) -> None:
+        """The one guard: whatever happens below, the delivery is acked once."""
+        op, outcome = "", "failed"
+        try:
+            async with self._one_at_a_time:
+                op, outcome = await self._handle(delivery)
+        except Exception as exc:  # a bug, or the answer's publish: the asker asks again
+            _log.error("vault_failed", error=type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await delivery.ack()
+        if outcome != "answered":
+            _log.info("vault_refused", op=op, reason=outcome)
+
+    async def _handle(self, delivery: Delivery) -> tuple[str, str]:
+        """Answer one delivery where it may be answered; return (op, outcome)."""
+        try:
+            wire.check(delivery.headers)
+            to = rpc.reply_to(delivery)
+        except PermanentError as exc:  # refused unanswered: nowhere it may go
+            return "", exc.reason
+        if to is None:
+            return "", "bad_reply_to"
+        op, outcome, body = await self._answer(delivery.body)
+        await self.sink.answer(to.queue, to.correlation_id, body)
+        return op, outcome
+
+    async def _answer(self, body: bytes) -> tuple[str, str, bytes]:
+        """(op, outcome, the answer's body) of one request."""
+        op = ""
+        try:
+            req = parse(body)
+            op = req.op
+            return op, "answered", answer(True, await self.apply(req))
+        except PermanentError as exc:
+            return op, exc.reason, answer(False, exc.reason)
+        except (TransientError, StoreUnavailableError):
+            return op, "busy", answer(False, "busy")
+        except RelaydError:
+            return op, "store_failed", answer(False, "store_failed")
+
+
+async def serve(settings: Settings, stop: asyncio.Event,
+                ready: asyncio.Event | None = None) -> None:
+    """Answer the vault's requests until `stop` is set, reconnecting when the link is
+    lost; `ready` is set each time the queue is consumed."""
+    keys = SqliteStore(settings.vault.file)
+    spec = topology.vault(settings.topology)
+
+    async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
+        channel = await amqp.open_channel(connection, PREFETCH)
+        try:
+            await topology.declare(channel, [spec])
+        except aiormq.exceptions.ChannelLockedResource:  # another service holds it
+            _log.warning("vault_standby", reason="another vault service holds the queue")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(amqp.wait_any(stop, lost),
+                                       settings.amqp.reconnect_max_backoff)
+            return
+        channel.close_callbacks.add(lambda *_: lost.set())
+        # answers on a channel of their own: the broker may close a publisher's
+        door = VaultDoor(keys, amqp.Publisher(await amqp.open_channel(connection), settings,
+                                              b""))  # no secret: it names no device queue
+        queue = await channel.get_queue(spec.name, ensure=False)
+        await queue.consume(door.on_message)
+        _log.info("vault_serving", file=str(settings.vault.file))
+        if ready is not None:
+            ready.set()
+        await amqp.wait_any(stop, lost)
+
+    try:
+        await amqp.keep_connected(settings, "relayd-vault", "vault", stop, session,
+                                  ready.clear if ready is not None else None)
+    finally:
+        await keys.close()
+
+
+# --- a relay host's side --------------------------------------------------------------
+
+class AmqpVault:
+    """The Vault of relayd.store, asked of the vault service over the broker; every
+    failure is the store's error (StoreUnavailableError when it may pass)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._connection: AbstractConnection | None = None
+        self._asker: rpc.Asker | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _ready(self) -> rpc.Asker:
+        async with self._connecting:
+            if (self._asker is None or self._connection is None
+                    or self._connection.is_closed or self._asker.channel.is_closed):
+                await self.close()
+                self._connection = await amqp.connect(self.settings, "relayd-vault-client")
+                self._asker = rpc.Asker(await amqp.open_channel(self._connection))
+                await self._asker.listen()
+            return self._asker
+
+    async def _ask(self, op: str, **fields: Any) -> Any:
+        timeout = self.settings.vault.timeout
+        try:
+            asker = await self._ready()
+            body = await asker.ask("", self.settings.topology.vault_queue, aio_pika.Message(
+                request(op, **fields), content_type=amqp.JSON,
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                expiration=timeout), timeout, mandatory=True)
+        except TimeoutError:
+            raise StoreUnavailableError("the key vault did not answer in time") from None
+        except (PublishError, DeliveryError):
+            raise StoreUnavailableError("no key vault service is running") from None
+        except (*amqp.CONNECT_ERRORS, ChannelInvalidStateError, RuntimeError) as exc:
+            await self.close()
+            raise StoreUnavailableError(f"key vault: {type(exc).__name__}") from None
+        try:
+            got = orjson.loads(body)
+            ok, value = got["ok"], got["result" if got["ok"] else "reason"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise StoreError("the key vault's answer is not one") from None
+        if ok:
+            return value
+        if value == "busy":
+            raise StoreUnavailableError("the key vault is busy")
+        raise StoreError(f"the key vault refused a request: {value}")
+
+    async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
+        kept = await self._ask("add_person", user=user, key=b64e(key), sealed=b64e(sealed))
+        return b64d(kept[0]), b64d(kept[1])
+
+    async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
+        found: dict[str, tuple[bytes, bytes]] = {}
+        for start in range(0, len(users), CHUNK):
+            got = await self._ask("people", users=list(users[start:start + CHUNK]))
+            found.update((p, (b64d(k), b64d(s))) for p, (k, s) in got.items())
+        return found
+
+    async def forget_people(self, users: Sequence[str]) -> int:
+        gone = 0
+        for start in range(0, len(users), CHUNK):
+            gone += int(await self._ask("forget_people", users=list(users[start:start + CHUNK])))
+        return gone
+
+    async def all_people(self, seen_before_ms: int) -> list[str]:
+        found: list[str] = []
+        while True:
+            page = await self._ask("all_people", seen_before_ms=seen_before_ms,
+                                   after=found[-1] if found else "", limit=PAGE)
+            found += page
+            if len(page) < PAGE:
+                return found
+
+    async def close(self) -> None:
+        connection, self._connection, self._asker = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
+                await connection.close()

@@ -1,0 +1,135 @@
+"""The key vault's door (relayd.vault): parse() and VaultDoor without a broker, over a
+SQLite vault file in the test's directory, fake deliveries and a recording sink."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from relayd import opaque
+from relayd.crypto import b64e
+from relayd.errors import PermanentError
+from relayd.store.sqlite import SqliteStore
+from relayd.vault import _FIELDS as OPS
+from relayd.vault import CHUNK, MAX_REQUEST_BYTES, VaultDoor, parse, request
+from tests.unit.fakes import FakeDelivery, RecordingSink
+from tests.unit.helpers import FAST
+
+TO = "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADtAAAAABrDY8v.zcicA0lbFTzSfuO6cWE8Tw=="
+ALICE = opaque.pseudonym(b"s" * 32, "user", "alice@example.org")
+KEY, SEALED = bytes(range(32)), b"\x01" * 40
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12)
+ops = st.sampled_from(["add_person", "people", "forget_people", "all_people", "nope", ""])
+near_requests = st.builds(
+    lambda op, extra: orjson.dumps({"v": 1, "op": op, **extra}), ops,
+    st.dictionaries(st.sampled_from(["user", "users", "key", "sealed", "seen_before_ms",
+                                     "after", "limit", "x"]), json_values, max_size=6))
+bodies = st.one_of(st.binary(max_size=300), near_requests,
+                   st.builds(orjson.dumps, json_values))
+
+
+class TestParse:
+    @FAST
+    @given(body=bodies)
+    @example(body=b'{"v":1,"op":"people","users":[],"users":["x"]}')
+    @example(body=request("add_person", user=ALICE, key=b64e(KEY[:31]), sealed=b64e(SEALED)))
+    @example(body=request("people", users=[ALICE.upper()]))
+    @example(body=request("all_people", seen_before_ms=True, after="", limit=1))
+    def test_anything_parses_or_is_refused_with_a_reason(self, body: bytes) -> None:
+        """Any body is a request of the vault or a PermanentError malformed/too_large,
+        never another exception."""
+        try:
+            parse(body)
+        except PermanentError as exc:
+            assert exc.reason in {"malformed", "too_large"}
+
+    def test_each_operation_parses(self) -> None:
+        """The four operations, as AmqpVault sends them, parse to what they carry."""
+        added = parse(request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(SEALED)))
+        assert (added.users, added.key, added.sealed) == ((ALICE,), KEY, SEALED)
+        assert parse(request("people", users=[ALICE])).users == (ALICE,)
+        assert parse(request("forget_people", users=[])).users == ()
+        page = parse(request("all_people", seen_before_ms=5, after=ALICE, limit=10))
+        assert (page.seen_before_ms, page.after, page.limit) == (5, ALICE, 10)
+
+    @pytest.mark.parametrize(("body", "reason"), [
+        (b"x" * (MAX_REQUEST_BYTES + 1), "too_large"),
+        (request("people", users=[ALICE] * (CHUNK + 1)), "malformed"),
+        (request("people", users=["alice@example.org"]), "malformed"),  # an id, not a pseudonym
+        (request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(b"")), "malformed"),
+        (request("people", users=[ALICE], extra=1), "malformed"),
+        (b"[]", "malformed"),
+    ])
+    def test_refusals(self, body: bytes, reason: str) -> None:
+        """Each kind of bad request is refused with its reason."""
+        with pytest.raises(PermanentError) as refused:
+            parse(body)
+        assert refused.value.reason == reason
+
+
+@pytest.fixture
+async def door(tmp_path: Path) -> AsyncIterator[tuple[VaultDoor, RecordingSink]]:
+    keys = SqliteStore(tmp_path / "keys.db")
+    sink = RecordingSink()
+    yield VaultDoor(keys, sink), sink
+    await keys.close()
+
+
+async def ask(door: VaultDoor, sink: RecordingSink, body: bytes,
+              reply_to: str | None = TO) -> tuple[FakeDelivery, Any]:
+    delivery = FakeDelivery(body=body, reply_to=reply_to, correlation_id="c1")
+    before = len(sink.sent)
+    await door.on_message(delivery)
+    answers = sink.sent[before:]
+    return delivery, (orjson.loads(answers[0][3]) if answers else None)
+
+
+class TestDoor:
+    async def test_keys_are_kept_found_and_forgotten(
+            self, door: tuple[VaultDoor, RecordingSink]) -> None:
+        """add_person keeps the first key, people finds it, forget_people destroys it;
+        every request is answered and acked once."""
+        d, sink = door
+        add = request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(SEALED))
+        delivery, got = await ask(d, sink, add)
+        assert got == {"v": 1, "ok": True, "result": [b64e(KEY), b64e(SEALED)]}
+        assert delivery.settled == ["ack"]
+        other = request("add_person", user=ALICE, key=b64e(b"\x02" * 32), sealed=b64e(SEALED))
+        assert (await ask(d, sink, other))[1]["result"] == [b64e(KEY), b64e(SEALED)]
+        assert (await ask(d, sink, request("all_people", seen_before_ms=2 ** 62, after="",
+                                           limit=10)))[1]["result"] == [ALICE]
+        assert (await ask(d, sink, request("forget_people", users=[ALICE])))[1]["result"] == 1
+        assert (await ask(d, sink, request("people", users=[ALICE])))[1]["result"] == {}
+
+    @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(body=bodies, reply_to=st.sampled_from([TO, None, "relayd.inbound",
+                                                  "amq.rabbitmq.reply-to."]))
+    async def test_hostile_requests_are_refused_by_type(
+            self, door: tuple[VaultDoor, RecordingSink], body: bytes,
+            reply_to: str | None) -> None:
+        """Whatever the body and reply_to, the delivery is acked once; it is answered
+        only to a direct reply-to name, with a typed refusal unless it is a request; no
+        log line holds the body."""
+        with capture_logs() as logs:
+            delivery, got = await ask(*door, body, reply_to)
+        assert delivery.settled == ["ack"]
+        if reply_to != TO:
+            assert got is None
+        else:
+            assert got["ok"] or got["reason"] in {"malformed", "too_large"}
+        # what a log line may say: fixed words only, never from the request
+        assert all(set(line) <= {"event", "log_level", "op", "reason"} for line in logs)
+        assert {line.get("op", "") for line in logs} <= {"", *OPS}
+        assert {line.get("reason") for line in logs} <= {"malformed", "too_large",
+                                                         "bad_reply_to", None}
