@@ -61,6 +61,7 @@ PAGE = 5_000  # pseudonyms per all_people answer
 KEY_BYTES = 32
 MAX_SEALED = 12 + 16 + 4 * payload.MAX_USER_ID  # nonce, tag, an account id in UTF-8
 PREFETCH = 64
+STANDBY_S = 1.0  # how often a standby service tries to take the queue over
 PSEUDONYM = re.compile(r"[a-z2-7]{32}")  # relayd.opaque.pseudonym
 _FIELDS = {"add_person": {"v", "op", "user", "key", "sealed"},
            "people": {"v", "op", "users"},
@@ -216,8 +217,7 @@ async def serve(settings: Settings, stop: asyncio.Event,
         except aiormq.exceptions.ChannelLockedResource:  # another service holds it
             _log.warning("vault_standby", reason="another vault service holds the queue")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(amqp.wait_any(stop, lost),
-                                       settings.amqp.reconnect_max_backoff)
+                await asyncio.wait_for(amqp.wait_any(stop, lost), STANDBY_S)
             return
         channel.close_callbacks.add(lambda *_: lost.set())
         # answers on a channel of their own: the broker may close a publisher's

@@ -245,6 +245,47 @@ class Relay:
 
 
 # What a relay under test runs with, before a test's own sections.
+class VaultProcess:
+    """`relayd vault` as a real process on a relay's config (store.key_vault: amqp):
+    start() returns once it serves; `lines` collects everything it logs."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.process: asyncio.subprocess.Process | None = None
+        self.lines: list[bytes] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        serving = asyncio.Event()
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", "vault", "--config", str(self.config_path),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "RELAYD_LOGGING__LEVEL": "info"})
+
+        async def read(stream: asyncio.StreamReader) -> None:
+            async for line in stream:
+                self.lines.append(line)
+                if b"vault_serving" in line:
+                    serving.set()
+
+        assert self.process.stdout is not None
+        self._reader = asyncio.create_task(read(self.process.stdout))
+        done, _ = await asyncio.wait([self._reader, asyncio.create_task(serving.wait())],
+                                     timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        assert serving.is_set(), b"".join(self.lines[-20:]).decode(errors="replace")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal it (SIGKILL: killed) and return its exit code (None: never started)."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), WAIT)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, WAIT)
+        return code
+
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "workers": {"retry_initial_backoff": 0.05, "retry_max_backoff": 0.2,
                 "shutdown_timeout": 5},

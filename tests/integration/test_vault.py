@@ -1,0 +1,161 @@
+"""The key vault service (relayd.vault) on the machine's RabbitMQ: relay hosts with
+`store.key_vault: amqp` keep their per-user keys in it, it survives being killed, and a
+host's work waits for it, in place, while it is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from relayd.errors import StoreUnavailableError
+from relayd.store import Store, open_store
+from relayd.vault import request
+from tests.integration.harness import WAIT, Relay, VaultProcess, relay_in_vhost
+
+USER, OTHER = "vault-user-5e1f@example.org", "vault-other-a93c@example.org"
+
+
+@contextlib.asynccontextmanager
+async def vaulted(tmp_path: Path) -> AsyncIterator[tuple[Relay, VaultProcess]]:
+    """A relay whose keys live in a vault service (a process of its own)."""
+    sections: dict[str, Any] = {"vault": {"file": str(tmp_path / "vault" / "keys.db"),
+                                          "timeout": 2.0}}
+    async with relay_in_vhost(tmp_path, store={"url": f"sqlite:///{tmp_path}/relayd.db",
+                                               "key_vault": "amqp"}, **sections) as relay:
+        vault = VaultProcess(relay.config_path)
+        await vault.start()
+        try:
+            yield relay, vault
+        finally:
+            await vault.stop()
+
+
+async def other_host(relay: Relay) -> Store:
+    """A second host's store: the same database and vault service, its own memory."""
+    return await open_store(relay.settings.store.url, secret=relay.keyring.opaque_secret,
+                            key_vault="amqp", settings=relay.settings)
+
+
+class TestVaultService:
+    async def test_keys_survive_a_kill_and_a_host_waits_while_it_is_down(
+            self, tmp_path: Path) -> None:
+        """A device registered on one host is read on another through the vault; the
+        vault killed (SIGKILL), a host's read is StoreUnavailableError, and a message of a
+        user no worker holds in memory waits, in place, until the vault is back: then it
+        is delivered, and the keys the vault held before the kill open the rows still."""
+        async with vaulted(tmp_path) as (relay, vault):
+            await relay.add_business("acme")
+            second = await other_host(relay)
+            try:
+                phone = await relay.add_device(USER, "vault-phone")
+                assert (await second.device("vault-phone")) is not None  # through the vault
+                await relay.start()
+                assert await vault.stop(signal.SIGKILL) == -signal.SIGKILL
+                third = await other_host(relay)  # a fresh memory: it must ask the vault
+                with pytest.raises(StoreUnavailableError):
+                    await third.device("vault-phone")
+                relay.store._people.clear()  # type: ignore[attr-defined]  # a minute on
+                await relay.send(phone, "acme", "start", {"text": "while the vault is down"})
+                await vault.start()  # the same file: the keys are still there
+                [start] = await relay.events("acme", 1)
+                assert start["type"] == "start"
+                assert (await third.device("vault-phone")) is not None
+                await third.close()
+                await relay.assert_empty(relay.settings.topology.dead_queue)
+            finally:
+                await second.close()
+            assert not [line for line in vault.lines if b"vault-phone" in line
+                        or USER.encode() in line]
+
+    async def test_erase_destroys_the_key_in_the_vault(self, tmp_path: Path) -> None:
+        """`relayd gdpr erase` on a host asks the vault to forget the key: the vault file
+        holds no copy of it, and another host no longer opens the device."""
+        async with vaulted(tmp_path) as (relay, vault):
+            await relay.add_device(USER, "erased-phone")
+            await relay.add_device(OTHER, "kept-phone")
+            second = await other_host(relay)
+            try:
+                pseudonym = second.user_pseudonym(USER)  # type: ignore[attr-defined]
+                [(key, _)] = (await second.vault.people([pseudonym])).values()  # type: ignore[attr-defined]
+                code, out = await relay.cli("gdpr", "erase", "--user", USER, "--json")
+                assert code == 0, out
+                second._people.clear()  # type: ignore[attr-defined]  # a minute on
+                assert await second.device("erased-phone") is None
+                assert (await second.device("kept-phone")) is not None
+            finally:
+                await second.close()
+            await vault.stop()
+            held = b"".join(p.read_bytes() for p in (tmp_path / "vault").iterdir()
+                            if p.is_file())
+            assert key not in held
+            assert pseudonym.encode() not in held
+
+    async def test_one_service_at_a_time(self, tmp_path: Path) -> None:
+        """A second vault service on the same vhost stands by: the queue is the first's
+        alone; once the first stops, the second takes over and answers."""
+        async with vaulted(tmp_path) as (relay, vault):
+            await relay.add_device(USER, "phone")
+            path = tmp_path / "standby.yaml"
+            path.write_text(relay.config_path.read_text())
+            standby = VaultProcess(path)
+            starting = asyncio.create_task(standby.start())
+            await asyncio.wait([starting], timeout=1)
+            assert not starting.done()  # it does not serve while the first does
+            assert await vault.stop() == 0
+            try:
+                await asyncio.wait_for(starting, WAIT * 3)
+                second = await other_host(relay)
+                assert (await second.device("phone")) is not None
+                await second.close()
+            finally:
+                starting.cancel()
+                await standby.stop()
+
+    @pytest.mark.parametrize(("reply_to", "body", "answer"), [
+        ("amq.rabbitmq.reply-to", b"\xff{", {"ok": False, "reason": "malformed"}),
+        ("amq.rabbitmq.reply-to", request("people", users=["not-a-pseudonym"]),
+         {"ok": False, "reason": "malformed"}),
+        ("amq.rabbitmq.reply-to", b"{" * 300_000, {"ok": False, "reason": "too_large"}),
+        ("relayd.inbound", request("people", users=[]), None),
+        (None, request("people", users=[]), None),
+    ])
+    async def test_hostile_requests_are_refused_by_type(
+            self, tmp_path: Path, reply_to: str | None, body: bytes,
+            answer: dict[str, Any] | None) -> None:
+        """A hostile request is answered with its typed refusal where it may be answered
+        at all, and never anywhere else; the valid request behind it is answered."""
+        async with vaulted(tmp_path) as (relay, vault):
+            got: dict[str, Any] = {}
+            arrived = asyncio.Event()
+
+            async def on_answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                got[message.correlation_id or ""] = orjson.loads(message.body)
+                arrived.set()
+
+            channel = relay.channel
+            replies = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+            await replies.consume(on_answer, no_ack=True)
+            hostile, valid = str(uuid.uuid4()), str(uuid.uuid4())
+            for correlation, to, data in ((hostile, reply_to, body),
+                                          (valid, "amq.rabbitmq.reply-to",
+                                           request("people", users=[]))):
+                await channel.default_exchange.publish(aio_pika.Message(
+                    data, reply_to=to, correlation_id=correlation),
+                    routing_key=relay.settings.topology.vault_queue, mandatory=True)
+            async with asyncio.timeout(WAIT):
+                while valid not in got:
+                    arrived.clear()
+                    await arrived.wait()
+            assert got[valid] == {"v": 1, "ok": True, "result": {}}
+            assert got.get(hostile) == (None if answer is None else {"v": 1, **answer})
+            await vault.stop()
+            assert [line for line in vault.lines if b"vault_refused" in line]
