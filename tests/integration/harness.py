@@ -270,8 +270,10 @@ class VaultProcess:
 
         assert self.process.stdout is not None
         self._reader = asyncio.create_task(read(self.process.stdout))
-        done, _ = await asyncio.wait([self._reader, asyncio.create_task(serving.wait())],
-                                     timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        waiter = asyncio.create_task(serving.wait())
+        await asyncio.wait([self._reader, waiter], timeout=WAIT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
         assert serving.is_set(), b"".join(self.lines[-20:]).decode(errors="replace")
 
     async def stop(self, sig: int = signal.SIGTERM) -> int | None:
