@@ -126,5 +126,6 @@ def files_holding(root: Path, needles: list[bytes]) -> list[tuple[str, str]]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             content = path.read_bytes()
-            found += [(str(path.relative_to(root)), n.decode()) for n in needles if n in content]
+            found += [(str(path.relative_to(root)), n.decode(errors="backslashreplace"))
+                      for n in needles if n in content]
     return found
