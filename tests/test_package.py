@@ -145,6 +145,7 @@ class TestInstalled:
         the bash completion are where the docs say."""
         pairs = {
             unit_path(): "deploy/relayd.service",
+            unit_path().with_name("relayd-vault.service"): "deploy/relayd-vault.service",
             Path("/etc/relayd/relayd.example.yaml"): "config/relayd.example.yaml",
             Path("/usr/share/relayd/grafana/relayd.json"): "deploy/grafana/relayd.json",
             Path("/usr/share/relayd/prometheus/relayd-alerts.yml"):

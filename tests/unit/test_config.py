@@ -270,3 +270,19 @@ class TestFrozen:
         with pytest.raises(ValidationError):
             settings.workers.prefetch = 1  # type: ignore[misc]
         assert settings.workers.prefetch == 256
+
+
+class TestKeyVault:
+    def test_amqp_names_the_vault_service(self) -> None:
+        """store.key_vault: amqp is accepted, with the vault section's defaults."""
+        settings = config.parse(_with("store", key_vault="amqp"), environ={})
+        assert settings.store.key_vault == "amqp"
+        assert settings.vault.file == Path("/var/lib/relayd/keys.db")
+        assert settings.topology.vault_queue == "relayd.vault"
+
+    def test_anything_else_is_refused_by_its_dotted_key(self) -> None:
+        """A key_vault that is neither sqlite:/// nor amqp, and a relative vault.file, are
+        refused naming the key."""
+        assert "must be sqlite:///PATH or amqp" in _problems(
+            _with("store", key_vault="redis://vault"))["store.key_vault"]
+        assert "absolute" in _problems(_with("vault", file="keys.db"))["vault.file"]

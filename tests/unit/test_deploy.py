@@ -19,6 +19,7 @@ from relayd import config, consume, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "relayd.service"
+VAULT_UNIT = ROOT / "deploy" / "relayd-vault.service"
 OPERATIONS = ROOT / "docs" / "operations.md"
 METRIC = re.compile(r"\brelayd_[a-z_]+")
 
@@ -101,6 +102,26 @@ class TestSystemdUnit:
             assert unit[key] == [value], key
         assert "@system-service" in unit["SystemCallFilter"]
         assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+
+    def test_the_vault_unit_is_hardened_alike(self, tmp_path: Path) -> None:
+        """deploy/relayd-vault.service runs `relayd vault` on the same config, as the same
+        user with the same state directory and hardening, and systemd-analyze verify
+        accepts it."""
+        relay, vault = unit_settings(UNIT.read_text()), unit_settings(VAULT_UNIT.read_text())
+        assert vault["ExecStart"] == [
+            "/opt/relayd/bin/relayd vault --config /etc/relayd/relayd.yaml"]
+        same = ["User", "Group", "StateDirectory", "UMask", "ProtectSystem",
+                "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
+                "MemoryDenyWriteExecute", "RestrictAddressFamilies", "IPAddressDeny"]
+        assert {k: vault[k] for k in same} == {k: relay[k] for k in same}
+        assert "LoadCredential" not in vault  # it reads no relay key
+        relayd = Path(sys.executable).parent / "relayd"
+        unit = tmp_path / "relayd-vault.service"
+        unit.write_text(VAULT_UNIT.read_text().replace("/opt/relayd/bin/relayd", str(relayd)))
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, [line for line in result.stderr.splitlines()
+                                    if "relayd" in line]) == (0, [])
 
 
 @pytest.fixture(scope="module")
