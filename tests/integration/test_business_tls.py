@@ -31,9 +31,10 @@ import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd import admin, amqp, config, keys, provision, topology
+from relayd import admin, amqp, config, keys, provision, topology, vault
 from relayd.client import DeviceKeys, IdentityService, RelayPublic, reply
 from relayd.store import Business, open_store
+from relayd.vault import AmqpVault
 from tests.integration.harness import WAIT, Relay, documented_permissions, kill_group, stop_process
 from tests.support.broker import TestBroker
 
@@ -471,14 +472,28 @@ class TestWhoMayPublishWhere:
     refused."""
 
     @pytest.fixture
-    async def relay_side(self, env: Env) -> list[Any]:
-        """The core topology with erase requests, a business and a device: what nobody
-        but relayd (or its owner) may touch."""
+    async def vault_service(self, env: Env) -> AsyncIterator[config.Settings]:
+        """The key vault service, connected as relayd with the README's permissions (its
+        certificate); yields the settings a relay host asks it with."""
+        settings = env.relay.settings.model_copy(update={
+            "vault": config.Vault(file=env.relay.root / "vault" / "keys.db")})
+        stop, ready = asyncio.Event(), asyncio.Event()
+        serving = asyncio.create_task(vault.serve(settings, stop, ready))
+        await asyncio.wait_for(ready.wait(), WAIT)
+        yield settings
+        stop.set()
+        await asyncio.wait_for(serving, WAIT)
+
+    @pytest.fixture
+    async def relay_side(self, env: Env, vault_service: config.Settings) -> list[Any]:
+        """The core topology with erase requests, a business and a device, and the key
+        vault's queue: what nobody but relayd (or its owner) may touch."""
         await env.add_with_password("acme", "acme-user")
         phone = await env.relay.add_device(USER, "phone")
         t, secret = env.relay.settings.topology, env.relay.keyring.opaque_secret
         await topology.declare(env.relay.channel, topology.core(t, identity_service=True))
-        return [publisher(t.ingress_exchange, "inbound"), publisher(t.replies_exchange, "acme"),
+        return [publisher("", t.vault_queue), consumer(t.vault_queue),
+                publisher(t.ingress_exchange, "inbound"), publisher(t.replies_exchange, "acme"),
                 publisher(t.devices_exchange, topology.device_routing_key("phone", secret)),
                 publisher(t.dead_exchange),
                 publisher(t.gdpr_exchange), publisher(t.shard_exchange, "relayd.inbound.0"),
@@ -507,6 +522,19 @@ class TestWhoMayPublishWhere:
             else:
                 assert (await refusal(connection, action)).startswith("ACCESS_REFUSED"), \
                     action.__name__
+
+    async def test_relay_hosts_reach_the_vault(self, vault_service: config.Settings) -> None:
+        """relayd, with the README's permissions, keeps a key in the vault service and
+        reads it back; a business, as test_business shows, may neither ask nor listen."""
+        asking = AmqpVault(vault_service)
+        try:
+            key, sealed = bytes(range(32)), b"s" * 40
+            pseudonym = "a" * 32
+            assert await asking.add_person(pseudonym, key, sealed) == (key, sealed)
+            assert await asking.people([pseudonym]) == {pseudonym: (key, sealed)}
+            assert await asking.forget_people([pseudonym]) == 1
+        finally:
+            await asking.close()
 
     async def test_the_readme_names_every_party(self) -> None:
         """The README's commands cover relayd, the edge, the identity service, the push
