@@ -27,7 +27,8 @@ ALICE = opaque.pseudonym(b"s" * 32, "user", "alice@example.org")
 KEY, SEALED = bytes(range(32)), b"\x01" * 40
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
+    | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12)
 ops = st.sampled_from(["add_person", "people", "forget_people", "all_people", "nope", ""])
@@ -45,6 +46,9 @@ class TestParse:
     @example(body=b'{"v":1,"op":"people","users":[],"users":["x"]}')
     @example(body=request("add_person", user=ALICE, key=b64e(KEY[:31]), sealed=b64e(SEALED)))
     @example(body=request("people", users=[ALICE.upper()]))
+    @example(body=b'{"v":1,"op":"all_people","seen_before_ms":1e400,"after":"","limit":1}')
+    @example(body=b'{"v":1,"op":"all_people","seen_before_ms":99999999999999999999999,'
+                  b'"after":"","limit":1}')
     @example(body=request("all_people", seen_before_ms=True, after="", limit=1))
     def test_anything_parses_or_is_refused_with_a_reason(self, body: bytes) -> None:
         """Any body is a request of the vault or a PermanentError malformed/too_large,
