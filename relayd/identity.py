@@ -36,7 +36,7 @@ from relayd.crypto import Kem, WeakKeyError, b64d, ed25519_public
 from relayd.errors import PermanentError, TransientError
 from relayd.gdpr import EraseRequest, Erasure, ErasureSink
 from relayd.keys import KeySource
-from relayd.rpc import Answerer, ReplyTo, reply_to
+from relayd.rpc import Answerer, ReplyTo, reply_to, request_object
 from relayd.store import Device, Store
 
 MAX_REQUEST_BYTES = 16_384  # a hybrid registration is under 2 KiB
@@ -139,14 +139,7 @@ class Identity:
 
     def parse(self, body: bytes, amqp_user: str) -> Request:
         """A request from the identity service (authenticated already); PermanentError."""
-        if len(body) > MAX_REQUEST_BYTES:
-            raise PermanentError("too_large", f"a request is at most {MAX_REQUEST_BYTES} bytes")
-        try:
-            data = payload.loads(body)
-        except ValueError as exc:
-            raise PermanentError("malformed", str(exc)) from None
-        if not isinstance(data, dict):
-            raise PermanentError("malformed", "a request is a JSON object")
+        data = request_object(body, MAX_REQUEST_BYTES)
         if data.get("type") == "erase":
             return self.erasure.parse(body, amqp_user)
         return parse_enrolment(data)

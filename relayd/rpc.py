@@ -14,11 +14,12 @@ import asyncio
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from relayd import payload
 from relayd.errors import PermanentError
 
 if TYPE_CHECKING:  # relayd.client imports this module: it stays light
@@ -53,6 +54,20 @@ def reply_to(delivery: Delivery) -> ReplyTo | None:
     if not queue.startswith(ANSWER_PREFIX) or len(queue) == len(ANSWER_PREFIX):
         raise PermanentError("bad_reply_to", "answers go to direct reply-to only")
     return ReplyTo(queue, delivery.correlation_id)
+
+
+def request_object(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """A request body as a JSON object; PermanentError `too_large` over `max_bytes`, or
+    `malformed` (not JSON, a key twice, not an object)."""
+    if len(body) > max_bytes:
+        raise PermanentError("too_large", f"a request is at most {max_bytes} bytes")
+    try:
+        data = payload.loads(body)
+    except ValueError as exc:
+        raise PermanentError("malformed", str(exc)) from None
+    if not isinstance(data, dict):
+        raise PermanentError("malformed", "a request is a JSON object")
+    return data
 
 
 class Asker:

@@ -107,13 +107,8 @@ def _int(value: Any, name: str, least: int, most: int) -> int:
 
 def parse(body: bytes) -> Request:
     """A request from its body; PermanentError `too_large` or `malformed`."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise PermanentError("too_large", f"a request is at most {MAX_REQUEST_BYTES} bytes")
-    try:
-        data = payload.loads(body)
-    except ValueError as exc:
-        raise PermanentError("malformed", str(exc)) from None
-    op = data.get("op") if isinstance(data, dict) else None
+    data = rpc.request_object(body, MAX_REQUEST_BYTES)
+    op = data.get("op")
     if (not isinstance(op, str) or op not in _FIELDS or data.keys() != _FIELDS[op]
             or not payload.is_version(data["v"])):
         raise PermanentError("malformed", "not a request of the vault")

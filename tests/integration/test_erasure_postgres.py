@@ -20,7 +20,7 @@ from relayd.client import DeviceKeys
 from relayd.store import Device, open_backend, open_store
 from relayd.store.pseudonym import Pseudonymous
 from relayd.vault import AmqpVault
-from tests.integration.harness import VaultProcess, relay_in_vhost
+from tests.integration.harness import Relay, VaultProcess, relay_in_vhost
 from tests.support import pgcluster, postgres
 
 USER = "marked-account-4b1d9e@example.org"
@@ -44,6 +44,27 @@ async def caught_up(primary: str, replica: str) -> None:
         await target.close()
 
 
+async def relayd_database(pg: pgcluster.Cluster) -> str:
+    """Create the database `relayd` on the cluster's primary; its URL."""
+    conn = await asyncpg.connect(f"{pg.primary.url}/postgres")
+    await conn.execute("CREATE DATABASE relayd")
+    await conn.close()
+    return f"{pg.primary.url}/relayd"
+
+
+async def converse(relay: Relay, phone: DeviceKeys, laptop: DeviceKeys) -> None:
+    """With the relay running: the phone starts a conversation with the business (the
+    laptop gets the echo), the business replies to both: replay state, sent rows and a
+    conversation in the store."""
+    await relay.start()
+    await relay.send(phone, BUSINESS, "start", {"text": "hello"})
+    [start] = await relay.events(BUSINESS, 1)
+    await relay.received(laptop, 1)  # the echo
+    await relay.reply(BUSINESS, str(start["conversation"]), "message", {"text": "hi"})
+    await relay.received(phone, 1)
+    await relay.received(laptop, 1)
+
+
 class TestEveryCopy:
     async def test_no_id_in_any_file_and_no_copy_opens(self, tmp_path: Path) -> None:
         """While relayd runs on the cluster: two devices of a marked account talk to a
@@ -55,23 +76,13 @@ class TestEveryCopy:
         vault = f"sqlite:///{tmp_path}/vault/keys.db"
         needles = [USER.encode(), PHONE.encode(), LAPTOP.encode()]
         with pgcluster.cluster() as pg:
-            admin = await asyncpg.connect(f"{pg.primary.url}/postgres")
-            await admin.execute("CREATE DATABASE relayd")
-            await admin.close()
-            url = f"{pg.primary.url}/relayd"
+            url = await relayd_database(pg)
             replica = pg.base_backup("replica", replica=True)
             async with relay_in_vhost(tmp_path, store={"url": url, "key_vault": vault}) as relay:
                 await relay.add_business(BUSINESS)
                 phone = await relay.add_device(USER, PHONE)
                 laptop = await relay.add_device(USER, LAPTOP)
-                await relay.start()
-                await relay.send(phone, BUSINESS, "start", {"text": "hello"})
-                [start] = await relay.events(BUSINESS, 1)
-                await relay.received(laptop, 1)  # the echo
-                await relay.reply(BUSINESS, str(start["conversation"]), "message",
-                                  {"text": "hi"})
-                await relay.received(phone, 1)
-                await relay.received(laptop, 1)
+                await converse(relay, phone, laptop)
                 assert (await relay.store.export_user(USER)).devices  # held, before
                 backup = pg.base_backup("backup")  # taken before the erase
                 code, out = await relay.cli("gdpr", "erase", "--user", USER, "--json")
@@ -119,10 +130,7 @@ class TestSeveralHostsOneVault:
         needles = [USER.encode(), PHONE.encode(), LAPTOP.encode()]
         vault_dir = tmp_path / "vault"
         with pgcluster.cluster() as pg:
-            admin_conn = await asyncpg.connect(f"{pg.primary.url}/postgres")
-            await admin_conn.execute("CREATE DATABASE relayd")
-            await admin_conn.close()
-            url = f"{pg.primary.url}/relayd"
+            url = await relayd_database(pg)
             replica = pg.base_backup("replica", replica=True)
             async with relay_in_vhost(
                     tmp_path, store={"url": url, "key_vault": "amqp"},
@@ -138,14 +146,7 @@ class TestSeveralHostsOneVault:
                     await admin.add_device(relay.settings, host_b, Device(
                         LAPTOP, USER, laptop.kem, laptop.enc_public, laptop.sign_public),
                         relay.keyring.opaque_secret)
-                    await relay.start()
-                    await relay.send(phone, BUSINESS, "start", {"text": "hello"})
-                    [start] = await relay.events(BUSINESS, 1)
-                    await relay.received(laptop, 1)  # the echo
-                    await relay.reply(BUSINESS, str(start["conversation"]), "message",
-                                      {"text": "hi"})
-                    await relay.received(phone, 1)
-                    await relay.received(laptop, 1)
+                    await converse(relay, phone, laptop)
                     before = await gdpr.export(host_b, USER)
                     assert sorted(d["device"] for d in before["devices"]) == [LAPTOP, PHONE]
                     assert len(before["conversations"]) == 1
