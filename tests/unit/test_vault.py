@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from relayd import opaque
+from relayd import opaque, wire
 from relayd.crypto import b64e
 from relayd.errors import PermanentError
 from relayd.store.sqlite import SqliteStore
@@ -92,9 +92,9 @@ async def door(tmp_path: Path) -> AsyncIterator[tuple[VaultDoor, RecordingSink]]
     await keys.close()
 
 
-async def ask(door: VaultDoor, sink: RecordingSink, body: bytes,
-              reply_to: str | None = TO) -> tuple[FakeDelivery, Any]:
-    delivery = FakeDelivery(body=body, reply_to=reply_to, correlation_id="c1")
+async def ask(door: VaultDoor, sink: RecordingSink, body: bytes, reply_to: str | None = TO,
+              headers: dict[str, Any] | None = None) -> tuple[FakeDelivery, Any]:
+    delivery = FakeDelivery(body=body, reply_to=reply_to, correlation_id="c1", headers=headers)
     before = len(sink.sent)
     await door.on_message(delivery)
     answers = sink.sent[before:]
@@ -120,17 +120,19 @@ class TestDoor:
 
     @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(body=bodies, reply_to=st.sampled_from([TO, None, "relayd.inbound",
-                                                  "amq.rabbitmq.reply-to."]))
+                                                  "amq.rabbitmq.reply-to."]),
+           headers=st.none() | st.dictionaries(st.text(max_size=12), json_values, max_size=3)
+           | st.just({wire.BAD_PROPERTIES: wire.Undecoded("reply_to")}))
     async def test_hostile_requests_are_refused_by_type(
             self, door: tuple[VaultDoor, RecordingSink], body: bytes,
-            reply_to: str | None) -> None:
-        """Whatever the body and reply_to, the delivery is acked once; it is answered
-        only to a direct reply-to name, with a typed refusal unless it is a request; no
-        log line holds the body."""
+            reply_to: str | None, headers: dict[str, Any] | None) -> None:
+        """Whatever the body, headers and reply_to, the delivery is acked once; it is
+        answered only to a direct reply-to name and when its properties decoded, with a
+        typed refusal unless it is a request; no log line holds what it carried."""
         with capture_logs() as logs:
-            delivery, got = await ask(*door, body, reply_to)
+            delivery, got = await ask(*door, body, reply_to, headers)
         assert delivery.settled == ["ack"]
-        if reply_to != TO:
+        if reply_to != TO or wire.marker(headers) is not None:
             assert got is None
         else:
             assert got["ok"] or got["reason"] in {"malformed", "too_large"}
@@ -138,4 +140,5 @@ class TestDoor:
         assert all(set(line) <= {"event", "log_level", "op", "reason"} for line in logs)
         assert {line.get("op", "") for line in logs} <= {"", *OPS}
         assert {line.get("reason") for line in logs} <= {"malformed", "too_large",
-                                                         "bad_reply_to", None}
+                                                         "bad_reply_to", "bad_properties",
+                                                         None}
