@@ -29,6 +29,7 @@ something else to clear, leave room for everyone else's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -103,29 +104,50 @@ def verdict(error: Exception, attempts: int, max_attempts: int, held_s: float = 
 
 
 class Lanes:
-    """Runs the jobs of one key one after another, and different keys concurrently."""
+    """Runs the jobs of one key one after another, and different keys concurrently.
+
+    A busy key has one runner task that takes its jobs in turn, as they are submitted:
+    no task, future or wait per job behind it (a job with no key gets a task of its own).
+    """
 
     def __init__(self) -> None:
-        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._queued: dict[str, collections.deque[Callable[[], Awaitable[None]]]] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0  # jobs never started: their runner was cancelled first
 
     def submit(self, key: str | None, job: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        previous = self._tails.get(key) if key is not None else None
-        task = asyncio.create_task(self._after(previous, job))
+        """Queue `job` on `key`'s lane; the task returned ends once it has run (and,
+        for a key, whatever was queued on the lane after it)."""
+        if key is not None and (runner := self._runners.get(key)) is not None:
+            self._queued[key].append(job)
+            return runner
+        if key is None:
+            task = asyncio.create_task(self._one(job))
+        else:
+            self._queued[key] = collections.deque((job,))
+            task = asyncio.create_task(self._run(key))
+            self._runners[key] = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        if key is not None:
-            self._tails[key] = task
-            task.add_done_callback(lambda t: self._tails.pop(key, None)
-                                   if self._tails.get(key) is t else None)
         return task
 
     @staticmethod
-    async def _after(previous: asyncio.Task[None] | None,
-                     job: Callable[[], Awaitable[None]]) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
+    async def _one(job: Callable[[], Awaitable[None]]) -> None:
         await job()
+
+    async def _run(self, key: str) -> None:
+        queued = self._queued[key]
+        try:
+            while queued:
+                job = queued.popleft()
+                try:
+                    await job()
+                except Exception as exc:  # a bug in a job: the next one still runs
+                    _log.error("lane_job_failed", error=type(exc).__name__)
+        finally:  # done, or cancelled (drain): what was not started is left to the broker
+            self.dropped += len(queued)
+            del self._queued[key], self._runners[key]
 
 
 class Consumer:
@@ -156,8 +178,13 @@ class Consumer:
             lane, work = self.handler.prepare(delivery)
         except Exception as exc:  # settled below like any failure of the work
             lane, work = None, self._prepared_later(delivery, exc)
-        task = self.lanes.submit(lane, lambda: self.settle(delivery, work, started))
-        task.add_done_callback(lambda _: metrics.settled(self.stage))
+        self.lanes.submit(lane, lambda: self._settled(delivery, work, started))
+
+    async def _settled(self, delivery: Delivery, work: Work, started: float) -> None:
+        try:
+            await self.settle(delivery, work, started)
+        finally:
+            metrics.settled(self.stage)
 
     def _prepared_later(self, delivery: Delivery, failed: Exception) -> Work:
         """The work of a delivery whose prepare raised `failed`: it raises that, then, if
@@ -298,7 +325,12 @@ class Consumer:
         _, pending = await asyncio.wait(set(self.lanes.tasks), timeout=deadline_s)
         for task in pending:
             task.cancel()
-        return len(pending)
+        if pending:  # let them unwind, so that what each dropped is counted
+            await asyncio.wait(pending, timeout=1.0)
+        dropped, self.lanes.dropped = self.lanes.dropped, 0
+        for _ in range(dropped):
+            metrics.settled(self.stage)  # never started: their `received` is let go here
+        return len(pending) + dropped
 
 
 def _delivered_before(delivery: Delivery) -> int:

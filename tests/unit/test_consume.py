@@ -316,3 +316,41 @@ class TestLanes:
         gate.set()
         await asyncio.wait_for(asyncio.gather(*lanes.tasks), 5)
         assert events == ["b1", "a1", "a2"]
+
+    async def test_a_failing_job_does_not_stop_its_lane(self) -> None:
+        """A job that raises (a bug) is logged; the next job of its lane still runs, on the
+        same runner task."""
+        lanes, events = Lanes(), []
+
+        async def broken() -> None:
+            raise ValueError("bug")
+
+        async def after() -> None:
+            events.append("after")
+
+        with capture_logs() as logs:
+            first = lanes.submit("a", broken)
+            second = lanes.submit("a", after)
+            await asyncio.wait_for(first, 5)
+        assert second is first
+        assert events == ["after"]
+        assert [line["event"] for line in logs] == ["lane_job_failed"]
+
+    async def test_drain_counts_jobs_never_started(self) -> None:
+        """Jobs queued behind one that outlives the drain's deadline are abandoned, and
+        counted, with the one cancelled."""
+        gate = asyncio.Event()
+
+        class Stuck:
+            def prepare(self, delivery: Any) -> tuple[str | None, Work]:
+                async def work() -> str:
+                    await gate.wait()
+                    return "message"
+                return "l", work
+
+        consumer = Consumer("inbound", WORKERS, Stuck(), FakeSink(), "relayd.inbound")
+        deliveries = [FakeDelivery() for _ in range(3)]
+        for delivery in deliveries:
+            await consumer.on_message(delivery)
+        assert await consumer.drain(0.01) == 3
+        assert [d.settled for d in deliveries] == [[], [], []]
