@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aio_pika
 import aiormq
@@ -251,10 +251,16 @@ class Publisher:
                        properties: Properties, mandatory: bool = True) -> None:
         started = time.monotonic()
         try:
-            # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we use
-            underlay = await (await self._live()).get_underlay_channel()
+            # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we
+            # use. wait=False: no future for the socket's drain, as the broker's confirm,
+            # awaited, comes after the frame was written.
+            channel = self._channel
+            if channel.is_closed:
+                channel = await self._live()
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                         properties=properties, mandatory=mandatory)
+                                         properties=properties, mandatory=mandatory,
+                                         wait=False)
         except PublishError:
             raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
@@ -349,3 +355,194 @@ class Publisher:
             content_type=incoming.content_type, headers=headers,
             message_id=incoming.message_id, message_type=incoming.type,
             delivery_mode=PERSISTENT))
+
+
+# --- consuming: deliveries as aiormq hands them, acks coalesced ---------------------------
+
+class AckWindow:
+    """Which acks to send for one channel's deliveries (pure: relayd.amqp.Acks sends them).
+
+    Delivery tags are told in delivery order (received); a tag is then either acked
+    (acked: its ack waits for take()) or settled otherwise (settling, then settled:
+    a nack or a reject, sent at once). take() returns the frames to send, as
+    (tag, multiple): one ack with multiple=True up to the last tag of the longest run of
+    acked tags from the oldest one still open, and a single ack for each other acked tag.
+    An ack with multiple=True covers only tags that were acked, or whose other settle
+    was sent before it; a single ack's tag is never covered by an earlier frame.
+    """
+
+    OPEN, ACKED, SETTLING = 0, 1, 2
+
+    def __init__(self) -> None:
+        self._open: dict[int, int] = {}  # tag -> state, in delivery order
+        self._acked = 0  # how many of _open are ACKED
+
+    def received(self, tag: int) -> None:
+        self._open[tag] = self.OPEN
+
+    def acked(self, tag: int) -> None:
+        if self._open.get(tag) == self.OPEN:
+            self._open[tag] = self.ACKED
+            self._acked += 1
+
+    def settling(self, tag: int) -> None:
+        """A nack or reject of `tag` is about to be sent: no ack covers it until settled."""
+        if self._open.get(tag) == self.OPEN:
+            self._open[tag] = self.SETTLING
+
+    def settled(self, tag: int) -> None:
+        """The nack or reject of `tag` is in the write queue, ahead of any later ack."""
+        if self._open.get(tag) == self.SETTLING:
+            del self._open[tag]
+
+    def take(self) -> list[tuple[int, bool]]:
+        if not self._acked:
+            return []
+        frames: list[tuple[int, bool]] = []
+        run: list[int] = []
+        for tag, state in self._open.items():
+            if state != self.ACKED:
+                break
+            run.append(tag)
+        if run:
+            frames.append((run[-1], len(run) > 1))
+            for tag in run:
+                del self._open[tag]
+            self._acked -= len(run)
+        if self._acked:
+            single = [tag for tag, state in self._open.items() if state == self.ACKED]
+            for tag in single:
+                del self._open[tag]
+                frames.append((tag, False))
+            self._acked = 0
+        return frames
+
+
+class Acks:
+    """Sends one channel's settles. Acks are coalesced: the acks asked for in one turn of
+    the event loop go out together, by one task, as AckWindow.take() says. The channel
+    must carry no consumer but the one consume() gives these deliveries to."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self.window = AckWindow()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _check(self) -> None:
+        if self.channel.is_closed:  # the broker delivers it again
+            raise ConnectionError("the delivery's channel is closed")
+
+    async def ack(self, tag: int) -> None:
+        self._check()
+        self.window.acked(tag)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """One flusher at a time: a single ack sent after a multiple one covering its tag
+        would close the channel."""
+        try:
+            while frames := self.window.take():
+                for tag, multiple in frames:
+                    await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+        except (*CONNECT_ERRORS, RuntimeError):  # ChannelInvalidStateError is one
+            pass  # the channel is gone: the broker delivers what it held again
+        finally:
+            self._flusher = None
+
+    async def nack(self, tag: int, requeue: bool) -> None:
+        self._check()
+        self.window.settling(tag)
+        try:
+            await self.channel.basic_nack(tag, requeue=requeue, wait=False)
+        finally:
+            self.window.settled(tag)
+
+    async def reject(self, tag: int, requeue: bool) -> None:
+        self._check()
+        self.window.settling(tag)
+        try:
+            await self.channel.basic_reject(tag, requeue=requeue, wait=False)
+        finally:
+            self.window.settled(tag)
+
+
+class Received:
+    """A delivery as aiormq hands it (a relayd.amqp.Delivery), settled through Acks:
+    none of aio-pika's per-delivery message object and task."""
+
+    __slots__ = ("_acks", "_properties", "body", "delivery_tag", "exchange", "headers",
+                 "redelivered", "routing_key")
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage, acks: Acks) -> None:
+        delivery = message.delivery
+        assert isinstance(delivery, Basic.Deliver)
+        self.body: bytes = message.body
+        assert delivery.delivery_tag is not None  # a consumer's delivery has one
+        self.delivery_tag: int = delivery.delivery_tag
+        self.redelivered: bool | None = delivery.redelivered
+        self.exchange: str | None = delivery.exchange
+        self.routing_key: str | None = delivery.routing_key
+        self._properties = message.header.properties
+        self.headers: Mapping[str, Any] | None = self._properties.headers or {}
+        self._acks = acks
+
+    @property
+    def user_id(self) -> str | None:
+        return self._properties.user_id
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self._properties.timestamp
+
+    @property
+    def content_type(self) -> str | None:
+        return self._properties.content_type
+
+    @property
+    def message_id(self) -> str | None:
+        return self._properties.message_id
+
+    @property
+    def type(self) -> str | None:
+        return self._properties.message_type
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._properties.reply_to
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._properties.correlation_id
+
+    def ack(self) -> Awaitable[None]:
+        return self._acks.ack(self.delivery_tag)
+
+    def nack(self, *, requeue: bool) -> Awaitable[None]:
+        return self._acks.nack(self.delivery_tag, requeue)
+
+    def reject(self, *, requeue: bool) -> Awaitable[None]:
+        return self._acks.reject(self.delivery_tag, requeue)
+
+
+async def consume(channel: AbstractChannel, queue: str,
+                  on_message: Callable[[Delivery], Awaitable[None]],
+                  ) -> Callable[[], Awaitable[None]]:
+    """Consume `queue` on `channel`, which must carry no other consumer (see Acks): each
+    delivery, a Received, to `on_message`, in delivery order. Returns the cancel."""
+    underlay = await channel.get_underlay_channel()
+    acks = Acks(underlay)
+    window = acks.window
+
+    async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
+        delivery = Received(message, acks)
+        window.received(delivery.delivery_tag)
+        await on_message(delivery)
+
+    ok = await underlay.basic_consume(queue, deliver)
+    tag = ok.consumer_tag
+    assert tag is not None
+
+    async def cancel() -> None:
+        await underlay.basic_cancel(tag)
+    return cancel

@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ from relayd.wake import Waker
 _log = log.get("relayd.worker")
 QueueRole = Literal["inbound", "outbound", "gdpr"]
 Role = QueueRole | Literal["edge", "retention"]
+SWITCH_INTERVAL_S = 0.0005
 ROLES: tuple[Role, ...] = ("inbound", "outbound", "gdpr", "edge", "retention")
 
 
@@ -71,6 +73,10 @@ async def work(settings: config.Settings, config_path: Path, role: Role,
                control_fd: int | None = None, name: str | None = None) -> int:
     if role == "edge":
         config.require_edge(settings)
+    # The SQLite store's commit thread gives up the GIL at each statement and waits for
+    # it back; at the default 5 ms the busy event loop keeps it that long each time,
+    # holding the cross-process write lock (relayd.store.sqlite) meanwhile.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     keyring = keys.from_settings(settings.keys)
     log.set_reference_secret(keyring.opaque_secret)
     loop = asyncio.get_running_loop()
@@ -222,8 +228,7 @@ async def _receipts(connection: AbstractConnection, settings: Settings, role: Qu
     channel.close_callbacks.add(lambda *_: lost.set())
     consumer = Consumer("receipts", settings.workers, Receipts(settings, store, keys, sink),
                         sink, settings.topology.receipts_queue)
-    queue = await channel.get_queue(consumer.queue, ensure=False)
-    tag = await queue.consume(consumer.on_message)
+    cancel = await amqp.consume(channel, consumer.queue, consumer.on_message)
     try:
         yield
     finally:
@@ -231,7 +236,7 @@ async def _receipts(connection: AbstractConnection, settings: Settings, role: Qu
             await consumer.drain(0)
         else:
             with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
-                await queue.cancel(tag)
+                await cancel()
             await consumer.drain(settings.workers.shutdown_timeout)
 
 
@@ -262,8 +267,7 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
     # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
     # nothing more: start again on a new connection rather than wait on it forever.
     channel.close_callbacks.add(lambda *_: lost.set())
-    queue = await channel.get_queue(consumer.queue, ensure=False)
-    tag = await queue.consume(consumer.on_message)
+    cancel = await amqp.consume(channel, consumer.queue, consumer.on_message)
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()
@@ -276,6 +280,6 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
         await consumer.drain(0)
     else:
         with contextlib.suppress(*amqp.CONNECT_ERRORS):
-            await queue.cancel(tag)
+            await cancel()
         abandoned = await consumer.drain(settings.workers.shutdown_timeout)
         _log.info("drained", stage=role, abandoned=abandoned)
