@@ -3,6 +3,7 @@ and with --outbound, where a business reply's goes.
 
 Usage: .venv/bin/python scripts/profile_inbound.py [--messages N] [--devices N]
            [--no-broker] [--outbound] [--postgres SERVER_URL] [--py-spy SECONDS] [--out FILE]
+           [--workers N]
 
 The machine is shared and its wall-clock is noisy: CPU µs per message is what to compare.
 
@@ -60,7 +61,7 @@ CATEGORIES = [("crypto (HPKE, Ed25519)", ("relayd/envelope.py", "relayd/crypto.p
               ("relayd.wire", ("relayd/wire.py",)),
               ("payload validation", ("relayd/payload.py",)),
               ("store on the loop", ("relayd/store/", "asyncpg/")),
-              ("asyncio scheduling", ("asyncio/", "uvloop"))]
+              ("asyncio in Python (tasks, futures, locks, streams)", ("asyncio/",))]
 
 
 DEVNULL = Path(os.devnull).open("w")  # noqa: SIM115 - the log stream, for the process's life
@@ -119,9 +120,10 @@ async def no_broker(messages: int, senders: int) -> None:
     await store.close()
 
 
-async def with_broker(messages: int, senders: int, spy_s: int, out: Path) -> None:
+async def with_broker(messages: int, senders: int, spy_s: int, out: Path,
+                      processes: int = 1) -> None:
     async with bench.scenario() as (vh, tmp, store_url):
-        setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519)
+        setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519, processes)
         t = setup.settings.topology
         secret = keys.load(setup.settings.keys.dir, timedelta(days=1)).opaque_secret
         store = await open_store(setup.settings.store.url, secret=secret)
@@ -143,7 +145,7 @@ async def with_broker(messages: int, senders: int, spy_s: int, out: Path) -> Non
             await bench.publish_all(ingress, t.inbound_routing_key, backlog)
             inbox = topology.business_inbox(t, "acme", secret)
             await measure(setup, "inbound", lambda: bench.depth(channel, inbox), messages,
-                          f"from {senders} devices", spy_s, out)
+                          f"from {senders} devices", spy_s, out, processes)
         await store.close()
     if spy_s:
         print(summary(out))
@@ -191,17 +193,22 @@ async def with_broker_outbound(replies: int, spy_s: int, out: Path) -> None:
 
 
 async def measure(setup: bench.Setup, role: str, arrived: Callable[[], Awaitable[int]],
-                  total: int, what: str, spy_s: int, out: Path) -> None:
-    """Run a `role` worker over the backlog; print its CPU time per message handled."""
+                  total: int, what: str, spy_s: int, out: Path, processes: int = 1) -> None:
+    """Run `processes` `role` workers over the backlog; print their CPU time per message
+    handled (py-spy profiles the first)."""
     workers = bench.Workers([bench.relay_command(setup, role)], setup.env)
     try:
         # polling: a process and a queue depth have no event to wait on
-        while not (children := psutil.Process(workers.procs[0].pid).children()):  # noqa: ASYNC110
+        supervisor = psutil.Process(workers.procs[0].pid)
+        while len(children := supervisor.children()) < processes:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         worker = children[0]
+
+        def cpu_s() -> float:
+            return sum(sum(child.cpu_times()[:2]) for child in children)
         while (first := await arrived()) == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        cpu, started = sum(worker.cpu_times()[:2]), time.monotonic()
+        cpu, started = cpu_s(), time.monotonic()
         if spy_s:
             await asyncio.to_thread(subprocess.run, [
                 str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
@@ -211,9 +218,10 @@ async def measure(setup: bench.Setup, role: str, arrived: Callable[[], Awaitable
             while await arrived() < total * 0.95:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         done = await arrived() - first
-        cpu, elapsed = sum(worker.cpu_times()[:2]) - cpu, time.monotonic() - started
-        print(f"{role} worker: {done} messages ({what}), {cpu / done * 1e6:.0f} µs CPU per"
-              f" message, {done / elapsed:.0f} msg/s; load average {os.getloadavg()[0]:.1f}")
+        cpu, elapsed = cpu_s() - cpu, time.monotonic() - started
+        print(f"{processes} {role} worker(s): {done} messages ({what}),"
+              f" {cpu / done * 1e6:.0f} µs CPU per message, {done / elapsed:.0f} msg/s;"
+              f" load average {os.getloadavg()[0]:.1f}")
     finally:
         workers.stop()
 
@@ -229,10 +237,13 @@ def summary(profile: Path) -> str:
                    else "idle"] += int(count)
             continue
         if frames[-1].startswith(("Runner.run", "run (uvloop")):
-            shares["idle"] += int(count)
+            # py-spy leaves out a thread waiting in epoll: this is the loop's own C code
+            shares["event loop in C (uvloop: sockets, callbacks, task steps)"] += int(count)
             continue
-        found = "relayd, the rest"
+        found = "relayd, the rest (lanes, handlers, glue)"
         for frame in reversed(frames):
+            if frame.startswith(("Runner.run", "run (uvloop", "_run (relayd/cli.py")):
+                break  # the root of every stack on the loop: not a category
             hit = next((name for name, where in CATEGORIES if any(w in frame for w in where)),
                        None)
             if hit is not None:
@@ -254,6 +265,8 @@ def main() -> int:
     parser.add_argument("--postgres", metavar="SERVER_URL", default="")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS")
     parser.add_argument("--out", type=Path, default=Path("inbound-profile.txt"))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="inbound worker processes (py-spy profiles the first)")
     args = parser.parse_args()
     bench.POSTGRES = args.postgres.rstrip("/")
     if args.outbound:
@@ -261,7 +274,8 @@ def main() -> int:
     elif args.no_broker:
         uvloop.run(no_broker(args.messages, args.devices))
     else:
-        uvloop.run(with_broker(args.messages, args.devices, args.py_spy, args.out))
+        uvloop.run(with_broker(args.messages, args.devices, args.py_spy, args.out,
+                               args.workers))
     return 0
 
 
