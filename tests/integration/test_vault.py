@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import aio_pika
 import orjson
 import pytest
 
+from relayd import vault as vault_module
 from relayd.errors import StoreUnavailableError
 from relayd.store import Store, open_store
 from relayd.vault import request
@@ -159,3 +161,30 @@ class TestVaultService:
             assert got.get(hostile) == (None if answer is None else {"v": 1, **answer})
             await vault.stop()
             assert [line for line in vault.lines if b"vault_refused" in line]
+
+    async def test_retention_forgets_the_keys_no_row_names(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A retention pass on a host destroys, in the vault, the keys that no row names
+        any longer and that were last added more than a day ago, reading the vault's
+        pseudonyms a page at a time; a key a device still uses stays."""
+        monkeypatch.setattr(vault_module, "PAGE", 2)  # pages of 2: several of them
+        async with vaulted(tmp_path) as (relay, _):
+            await relay.add_device(USER, "kept-phone")
+            host = await other_host(relay)
+            try:
+                orphans = [letter * 32 for letter in "bcdef"]
+                for pseudonym in orphans:  # people whose rows are gone
+                    await host.vault.add_person(  # type: ignore[attr-defined]
+                        pseudonym, bytes(32), b"s" * 40)
+                file = sqlite3.connect(tmp_path / "vault" / "keys.db")
+                with file:  # a day and more ago, for all of them
+                    file.execute("UPDATE people SET seen_ms = 0")
+                file.close()
+                await host.prune(conversations_before_ms=0, replay_before_ms=0,
+                                 sent_before_ms=0, audit_before_ms=0)
+                kept = host.user_pseudonym(USER)  # type: ignore[attr-defined]
+                assert await host.vault.all_people(2 ** 62) == [kept]  # type: ignore[attr-defined]
+                host._people.clear()  # type: ignore[attr-defined]
+                assert (await host.device("kept-phone")) is not None
+            finally:
+                await host.close()
