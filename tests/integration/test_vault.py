@@ -18,10 +18,17 @@ import orjson
 import pytest
 
 from relayd import vault as vault_module
-from relayd.errors import StoreUnavailableError
+from relayd.errors import ExitCode, StoreUnavailableError
 from relayd.store import Store, open_store
 from relayd.vault import request
-from tests.integration.harness import WAIT, Relay, VaultProcess, relay_in_vhost
+from tests.integration.harness import (
+    WAIT,
+    Relay,
+    VaultProcess,
+    relay_in_vhost,
+    stop_process,
+)
+from tests.support import postgres
 
 USER, OTHER = "vault-user-5e1f@example.org", "vault-other-a93c@example.org"
 
@@ -39,6 +46,11 @@ async def vaulted(tmp_path: Path) -> AsyncIterator[tuple[Relay, VaultProcess]]:
             yield relay, vault
         finally:
             await vault.stop()
+
+
+def logs_under(root: Path) -> bytes:
+    """Every relayd.log under `root`: what spawned hosts wrote."""
+    return b"".join(p.read_bytes() for p in root.rglob("relayd.log"))
 
 
 async def other_host(relay: Relay) -> Store:
@@ -188,3 +200,35 @@ class TestVaultService:
                 assert (await host.device("kept-phone")) is not None
             finally:
                 await host.close()
+
+    async def test_two_relayd_run_hosts_on_postgresql_share_it(self, tmp_path: Path) -> None:
+        """Two `relayd run` hosts on one PostgreSQL database, each with its own config
+        and `store.key_vault: amqp`, carry conversations both ways through the vault
+        service; neither host nor the vault logs an account id or device id."""
+        async with postgres.database() as url, relay_in_vhost(
+                tmp_path, store={"url": url, "key_vault": "amqp"},
+                vault={"file": str(tmp_path / "vault" / "keys.db")}) as relay:
+            vault = VaultProcess(relay.config_path)
+            await vault.start()
+            hosts = [relay.spawn(), relay.spawn(config_path=relay.other_host("host-b"))]
+            try:
+                await relay.add_business("acme")
+                devices = [await relay.add_device(f"run-user-{i}@example.org", f"run-dev-{i}")
+                           for i in range(4)]
+                for device in devices:
+                    await relay.send(device, "acme", "start", {"text": "hello"})
+                starts = await relay.events("acme", len(devices), wait=WAIT * 2)
+                for start in starts:
+                    await relay.reply("acme", str(start["conversation"]), "message",
+                                      {"text": "hi"})
+                for device in devices:
+                    [got] = await relay.received(device, 1, wait=WAIT * 2)
+                    assert got["type"] == "message"
+            finally:
+                codes = [stop_process(host) for host in hosts]
+                await vault.stop()
+            assert codes == [ExitCode.OK, ExitCode.OK]
+            logged = logs_under(tmp_path) + b"".join(vault.lines)
+            assert logged  # there is something to look into
+            assert b"run-user-" not in logged
+            assert b"run-dev-" not in logged
