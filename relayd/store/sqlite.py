@@ -319,6 +319,22 @@ class SqliteStore:
 
     @staticmethod
     def _run(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
+        """One transaction. The ops run one after another; should one raise, all is rolled
+        back and run again, each op in a savepoint, so that a failing op undoes only
+        itself. Ops fail rarely, and a savepoint costs two statements per op, each a
+        wait for the GIL the event loop holds. (An op may run twice: it reads and writes
+        the database only, and the first run is rolled back.)"""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes: list[Outcome] = [(True, op(db)) for op in ops]
+        except Exception:
+            db.execute("ROLLBACK")
+            return SqliteStore._run_isolated(db, ops)
+        db.execute("COMMIT")
+        return outcomes
+
+    @staticmethod
+    def _run_isolated(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
         """One transaction; each op in a savepoint, so one failing op undoes only itself."""
         outcomes: list[Outcome] = []
         db.execute("BEGIN IMMEDIATE")
