@@ -37,6 +37,7 @@ RECEIPT_HEADER = "x-relayd-receipt"  # on a business message's copies: relayd.re
 Properties = Basic.Properties
 CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 RECONNECT_INITIAL_S = 0.5
+WRITE_QUEUE_FRAMES = 1024  # frames queued for aiormq's writer (see connect)
 _log = log.get("relayd.amqp")
 
 
@@ -109,6 +110,11 @@ async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnect
     """One plain (non-robust) connection: a worker reconnects by itself, from scratch.
     Its deliveries are decoded by relayd.wire, whatever a publisher put in them."""
     wire.install()
+    # aiormq queues at most 10 frames for its writer: past that, every publish and ack
+    # waits for a slot (a future and a wake-up each), holding its channel's publish lock
+    # meanwhile. What is in flight is bounded anyway, by the prefetch and the confirms.
+    aiormq.Connection.FRAME_BUFFER_SIZE = max(aiormq.Connection.FRAME_BUFFER_SIZE,
+                                              WRITE_QUEUE_FRAMES)
     context = ssl_context(settings)
     kwargs: dict[str, Any] = {"client_properties": {"connection_name": name},
                               "heartbeat": settings.amqp.heartbeat,
