@@ -4,14 +4,19 @@ keys live").
 
 `relayd vault` owns the file (`vault.file`: relayd.store.sqlite, whose deleted rows are
 overwritten and whose WAL is truncated when keys are forgotten) and answers the Vault
-operations of relayd.store: add_person, people, forget_people and all_people. A host with
-`store.key_vault: amqp` asks it through AmqpVault, over its own connection:
+operations of relayd.store: add_person, import_person, people, forget_people and
+all_people. A host with `store.key_vault: amqp` asks it through AmqpVault, over its own
+connection:
 
 - a request goes through the default exchange to `topology.vault_queue`, non-persistent,
   expiring after `vault.timeout`, mandatory; the queue is the service's own (exclusive to
   its connection, not durable, bounded: relayd.topology.vault), so while no service
   runs a request is returned at once and waits nowhere, and two services never share it;
 - the answer comes back on direct reply-to (relayd.rpc), which the broker never stores;
+- a new user's key is made by the service (`person`) and reaches the host only in an
+  answer; the host then sends the account id sealed under it (`seal`). So no request
+  carries a key, except `import_person`, which moves keys a store held before
+  (relayd.store.pseudonym.move_keys);
 - no answer within `vault.timeout`, or no service running, is StoreUnavailableError: a
   worker holds its message and tries it again in place (relayd.consume), nothing lost.
 
@@ -40,6 +45,7 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from relayd import amqp, log, payload, rpc, topology, wire
 from relayd.amqp import Delivery
@@ -52,6 +58,7 @@ from relayd.errors import (
     StoreUnavailableError,
     TransientError,
 )
+from relayd.store.pseudonym import seal, unseal
 from relayd.store.sqlite import SqliteStore
 
 _log = log.get("relayd.vault")
@@ -63,7 +70,9 @@ MAX_SEALED = 12 + 16 + 4 * payload.MAX_USER_ID  # nonce, tag, an account id in U
 PREFETCH = 64
 STANDBY_S = 1.0  # how often a standby service tries to take the queue over
 PSEUDONYM = re.compile(r"[a-z2-7]{32}")  # relayd.opaque.pseudonym
-_FIELDS = {"add_person": {"v", "op", "user", "key", "sealed"},
+_FIELDS = {"person": {"v", "op", "user"},
+           "seal": {"v", "op", "user", "sealed"},
+           "import_person": {"v", "op", "user", "key", "sealed"},
            "people": {"v", "op", "users"},
            "forget_people": {"v", "op", "users"},
            "all_people": {"v", "op", "seen_before_ms", "after", "limit"}}
@@ -74,7 +83,7 @@ _FIELDS = {"add_person": {"v", "op", "user", "key", "sealed"},
 @dataclass(frozen=True, slots=True)
 class Request:
     op: str
-    users: tuple[str, ...] = ()  # add_person: one
+    users: tuple[str, ...] = ()  # person, seal, import_person: one
     key: bytes = b""
     sealed: bytes = b""
     seen_before_ms: int = 0
@@ -112,10 +121,11 @@ def parse(body: bytes) -> Request:
     if (not isinstance(op, str) or op not in _FIELDS or data.keys() != _FIELDS[op]
             or not payload.is_version(data["v"])):
         raise PermanentError("malformed", "not a request of the vault")
-    if op == "add_person":
+    if op in ("person", "seal", "import_person"):
         return Request(op, _pseudonyms([data["user"]], 1),
-                       _blob(data["key"], "key", KEY_BYTES, KEY_BYTES),
-                       _blob(data["sealed"], "sealed", 29, MAX_SEALED))
+                       _blob(data["key"], "key", KEY_BYTES, KEY_BYTES) if "key" in data else b"",
+                       _blob(data["sealed"], "sealed", 29, MAX_SEALED) if "sealed" in data
+                       else b"")
     if op == "all_people":
         after = data["after"]
         if not isinstance(after, str) or (after and not PSEUDONYM.fullmatch(after)):
@@ -146,9 +156,19 @@ class VaultDoor:
         self._one_at_a_time = asyncio.Lock()  # requests applied in the order they came
 
     async def apply(self, req: Request) -> Any:
-        if req.op == "add_person":
-            key, sealed = await self.keys.add_person(req.users[0], req.key, req.sealed)
-            return [b64e(key), b64e(sealed)]
+        kept: tuple[bytes, bytes] | None
+        if req.op == "person":  # a key of our making, unless the person has one
+            kept = await self.keys.add_person(req.users[0], ChaCha20Poly1305.generate_key(),
+                                              b"")
+        elif req.op == "seal":
+            kept = await self.keys.seal_person(req.users[0], req.sealed)
+        elif req.op == "import_person":
+            kept = await self.keys.import_person(req.users[0], req.key, req.sealed)
+        else:
+            return await self._read(req)
+        return None if kept is None else [b64e(kept[0]), b64e(kept[1])]
+
+    async def _read(self, req: Request) -> Any:
         if req.op == "people":
             found = await self.keys.people(list(req.users))
             return {p: [b64e(k), b64e(s)] for p, (k, s) in found.items()}
@@ -281,7 +301,24 @@ class AmqpVault:
         raise StoreError(f"the key vault refused a request: {value}")
 
     async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
-        kept = await self._ask("add_person", user=user, key=b64e(key), sealed=b64e(sealed))
+        """The person of `user`, its key made by the service (so that no request carries
+        a key): `key` only opens `sealed`, to seal the account id again under that one."""
+        account = unseal(key, "user", user, sealed)
+        if account is None:
+            raise StoreError("add_person: the account id does not open under its key")
+        kept = await self._ask("person", user=user)
+        if not kept[1]:  # made now (or by a host that has not sealed yet): seal it
+            made = b64d(kept[0])
+            kept = await self._ask("seal", user=user,
+                                   sealed=b64e(seal(made, "user", user, account)))
+            if kept is None:
+                raise TransientError("store_busy", "the person was forgotten meanwhile")
+        return b64d(kept[0]), b64d(kept[1])
+
+    async def import_person(self, user: str, key: bytes,
+                            sealed: bytes) -> tuple[bytes, bytes]:
+        kept = await self._ask("import_person", user=user, key=b64e(key),
+                               sealed=b64e(sealed))
         return b64d(kept[0]), b64d(kept[1])
 
     async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:

@@ -288,8 +288,15 @@ class Vault(Protocol):
     """
 
     async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
-        """Keep (key, sealed) for the pseudonym `user` unless it has them already, and mark
-        it seen now; return what is kept."""
+        """Give the pseudonym `user` a person unless it has one, and mark it seen now;
+        return what is kept, which callers use: (key, sealed) as given, or the person it
+        had, or (the vault service, relayd.vault) a key of the vault's own making with the
+        same account id sealed under it."""
+
+    async def import_person(self, user: str, key: bytes,
+                            sealed: bytes) -> tuple[bytes, bytes]:
+        """Keep this very (key, sealed) for `user` unless it has a person already; return
+        what is kept. For moving keys between vaults (relayd.store.pseudonym.move_keys)."""
 
     async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
         """The (key, sealed) of each pseudonym in `users` that has them."""

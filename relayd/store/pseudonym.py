@@ -68,7 +68,7 @@ async def move_keys(source: Vault, target: Vault) -> tuple[int, int]:
         held = await source.people(pseudonyms[start:start + _MOVE_CHUNK])
         done = []
         for pseudonym, (key, sealed) in held.items():
-            if await target.add_person(pseudonym, key, sealed) == (key, sealed):
+            if await target.import_person(pseudonym, key, sealed) == (key, sealed):
                 done.append(pseudonym)
             else:
                 refused += 1

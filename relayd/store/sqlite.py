@@ -669,6 +669,8 @@ class SqliteStore:
                 (user, key, sealed, rows.now_ms())).fetchone()
         return kept[0], kept[1]
 
+    import_person = add_person  # it keeps what it is given, always
+
     async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
         found: dict[str, tuple[bytes, bytes]] = {}
         for start in range(0, len(users), 500):
@@ -691,6 +693,15 @@ class SqliteStore:
     async def all_people(self, seen_before_ms: int) -> list[str]:
         return [row[0] for row in self._all(
             "SELECT id FROM people WHERE seen_ms < ? ORDER BY id", seen_before_ms)]
+
+    async def seal_person(self, user: str, sealed: bytes) -> tuple[bytes, bytes] | None:
+        """Set the sealed account id of a person that has none yet (the vault service made
+        its key); return the person as kept, None if there is none."""
+        with self._write() as db:
+            db.execute("UPDATE people SET sealed = ? WHERE id = ? AND length(sealed) = 0",
+                       (sealed, user))
+            kept = db.execute("SELECT key, sealed FROM people WHERE id = ?", (user,)).fetchone()
+        return None if kept is None else (kept[0], kept[1])
 
     async def people_page(self, seen_before_ms: int, after: str, limit: int) -> list[str]:
         """all_people a page at a time: at most `limit` pseudonyms, those after `after`."""

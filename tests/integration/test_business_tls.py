@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relayd import admin, amqp, config, keys, provision, topology, vault
 from relayd.client import DeviceKeys, IdentityService, RelayPublic, reply
 from relayd.store import Business, open_store
+from relayd.store.pseudonym import seal, unseal
 from relayd.vault import AmqpVault
 from tests.integration.harness import WAIT, Relay, documented_permissions, kill_group, stop_process
 from tests.support.broker import TestBroker
@@ -528,9 +529,10 @@ class TestWhoMayPublishWhere:
         reads it back; a business, as test_business shows, may neither ask nor listen."""
         asking = AmqpVault(vault_service)
         try:
-            key, sealed = bytes(range(32)), b"s" * 40
-            pseudonym = "a" * 32
-            assert await asking.add_person(pseudonym, key, sealed) == (key, sealed)
+            own, pseudonym = bytes(range(32)), "a" * 32
+            key, sealed = await asking.add_person(pseudonym, own, seal(own, "user", pseudonym,
+                                                                       USER))
+            assert unseal(key, "user", pseudonym, sealed) == USER
             assert await asking.people([pseudonym]) == {pseudonym: (key, sealed)}
             assert await asking.forget_people([pseudonym]) == 1
         finally:

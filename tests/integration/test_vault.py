@@ -186,7 +186,7 @@ class TestVaultService:
             try:
                 orphans = [letter * 32 for letter in "bcdef"]
                 for pseudonym in orphans:  # people whose rows are gone
-                    await host.vault.add_person(  # type: ignore[attr-defined]
+                    await host.vault.import_person(  # type: ignore[attr-defined]
                         pseudonym, bytes(32), b"s" * 40)
                 file = sqlite3.connect(tmp_path / "vault" / "keys.db")
                 with file:  # a day and more ago, for all of them

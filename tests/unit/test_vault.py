@@ -14,16 +14,18 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from relayd import opaque, wire
-from relayd.crypto import b64e
+from relayd.crypto import b64d, b64e
 from relayd.errors import PermanentError
+from relayd.store.pseudonym import seal, unseal
 from relayd.store.sqlite import SqliteStore
 from relayd.vault import _FIELDS as OPS
-from relayd.vault import CHUNK, MAX_REQUEST_BYTES, VaultDoor, parse, request
+from relayd.vault import CHUNK, MAX_REQUEST_BYTES, AmqpVault, VaultDoor, parse, request
 from tests.unit.fakes import FakeDelivery, RecordingSink
 from tests.unit.helpers import FAST
 
 TO = "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADtAAAAABrDY8v.zcicA0lbFTzSfuO6cWE8Tw=="
 ALICE = opaque.pseudonym(b"s" * 32, "user", "alice@example.org")
+BOB = opaque.pseudonym(b"s" * 32, "user", "bob@example.org")
 KEY, SEALED = bytes(range(32)), b"\x01" * 40
 
 json_values = st.recursive(
@@ -31,7 +33,8 @@ json_values = st.recursive(
     | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12)
-ops = st.sampled_from(["add_person", "people", "forget_people", "all_people", "nope", ""])
+ops = st.sampled_from(["person", "seal", "import_person", "people", "forget_people",
+                       "all_people", "add_person", ""])
 near_requests = st.builds(
     lambda op, extra: orjson.dumps({"v": 1, "op": op, **extra}), ops,
     st.dictionaries(st.sampled_from(["user", "users", "key", "sealed", "seen_before_ms",
@@ -44,7 +47,8 @@ class TestParse:
     @FAST
     @given(body=bodies)
     @example(body=b'{"v":1,"op":"people","users":[],"users":["x"]}')
-    @example(body=request("add_person", user=ALICE, key=b64e(KEY[:31]), sealed=b64e(SEALED)))
+    @example(body=request("import_person", user=ALICE, key=b64e(KEY[:31]),
+                          sealed=b64e(SEALED)))
     @example(body=request("people", users=[ALICE.upper()]))
     @example(body=b'{"v":1,"op":"all_people","seen_before_ms":1e400,"after":"","limit":1}')
     @example(body=b'{"v":1,"op":"all_people","seen_before_ms":99999999999999999999999,'
@@ -61,9 +65,11 @@ class TestParse:
         assert reason in {None, "malformed", "too_large"}
 
     def test_each_operation_parses(self) -> None:
-        """The four operations, as AmqpVault sends them, parse to what they carry."""
-        added = parse(request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(SEALED)))
+        """The operations, as AmqpVault sends them, parse to what they carry."""
+        added = parse(request("import_person", user=ALICE, key=b64e(KEY), sealed=b64e(SEALED)))
         assert (added.users, added.key, added.sealed) == ((ALICE,), KEY, SEALED)
+        assert parse(request("person", user=ALICE)).users == (ALICE,)
+        assert parse(request("seal", user=ALICE, sealed=b64e(SEALED))).sealed == SEALED
         assert parse(request("people", users=[ALICE])).users == (ALICE,)
         assert parse(request("forget_people", users=[])).users == ()
         page = parse(request("all_people", seen_before_ms=5, after=ALICE, limit=10))
@@ -73,7 +79,8 @@ class TestParse:
         (b"x" * (MAX_REQUEST_BYTES + 1), "too_large"),
         (request("people", users=[ALICE] * (CHUNK + 1)), "malformed"),
         (request("people", users=["alice@example.org"]), "malformed"),  # an id, not a pseudonym
-        (request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(b"")), "malformed"),
+        (request("import_person", user=ALICE, key=b64e(KEY), sealed=b64e(b"")), "malformed"),
+        (request("person", user=ALICE, key=b64e(KEY)), "malformed"),  # no key goes in
         (request("people", users=[ALICE], extra=1), "malformed"),
         (b"[]", "malformed"),
     ])
@@ -102,21 +109,62 @@ async def ask(door: VaultDoor, sink: RecordingSink, body: bytes, reply_to: str |
 
 
 class TestDoor:
-    async def test_keys_are_kept_found_and_forgotten(
+    async def test_keys_are_made_sealed_found_and_forgotten(
             self, door: tuple[VaultDoor, RecordingSink]) -> None:
-        """add_person keeps the first key, people finds it, forget_people destroys it;
-        every request is answered and acked once."""
+        """`person` makes a key (and gives the same one again), `seal` sets the account
+        id once, people finds them, forget_people destroys them; import_person keeps the
+        key it is given; every request is answered and acked once."""
         d, sink = door
-        add = request("add_person", user=ALICE, key=b64e(KEY), sealed=b64e(SEALED))
-        delivery, got = await ask(d, sink, add)
-        assert got == {"v": 1, "ok": True, "result": [b64e(KEY), b64e(SEALED)]}
+        delivery, got = await ask(d, sink, request("person", user=ALICE))
         assert delivery.settled == ["ack"]
-        other = request("add_person", user=ALICE, key=b64e(b"\x02" * 32), sealed=b64e(SEALED))
-        assert (await ask(d, sink, other))[1]["result"] == [b64e(KEY), b64e(SEALED)]
+        made, empty = got["result"]
+        assert (len(b64d(made)), empty) == (32, "")
+        assert (await ask(d, sink, request("person", user=ALICE)))[1]["result"] == [made, ""]
+        sealed = b64e(SEALED)
+        assert (await ask(d, sink, request("seal", user=ALICE, sealed=sealed)))[1][
+            "result"] == [made, sealed]
+        again = request("seal", user=ALICE, sealed=b64e(b"\x02" * 40))
+        assert (await ask(d, sink, again))[1]["result"] == [made, sealed]  # once only
         assert (await ask(d, sink, request("all_people", seen_before_ms=2 ** 62, after="",
                                            limit=10)))[1]["result"] == [ALICE]
         assert (await ask(d, sink, request("forget_people", users=[ALICE])))[1]["result"] == 1
         assert (await ask(d, sink, request("people", users=[ALICE])))[1]["result"] == {}
+        assert (await ask(d, sink, request("seal", user=ALICE, sealed=sealed)))[1][
+            "result"] is None
+        imported = request("import_person", user=ALICE, key=b64e(KEY), sealed=sealed)
+        assert (await ask(d, sink, imported))[1]["result"] == [b64e(KEY), sealed]
+
+
+class Recorded(AmqpVault):
+    """AmqpVault whose requests are recorded and answered by a door, without a broker."""
+
+    def __init__(self, door: VaultDoor) -> None:
+        self.door = door
+        self.sent: list[dict[str, Any]] = []
+
+    async def _ask(self, op: str, **fields: Any) -> Any:
+        self.sent.append({"op": op, **fields})
+        return await self.door.apply(parse(request(op, **fields)))
+
+
+class TestClient:
+    async def test_no_request_carries_a_key_but_an_import(
+            self, door: tuple[VaultDoor, RecordingSink]) -> None:
+        """add_person sends the pseudonym, then the account id sealed under the key the
+        vault made: never a key (the host's own one only opens what it sealed); the key
+        it returns opens the account id; import_person alone sends a key."""
+        client = Recorded(door[0])
+        own = bytes(range(32))
+        key, sealed = await client.add_person(ALICE, own, seal(own, "user", ALICE, "alice"))
+        assert key != own
+        assert unseal(key, "user", ALICE, sealed) == "alice"
+        assert [r["op"] for r in client.sent] == ["person", "seal"]
+        assert not [r for r in client.sent if "key" in r or b64e(key) in repr(r)]
+        assert await client.add_person(ALICE, own, seal(own, "user", ALICE, "alice")) == (
+            key, sealed)  # it has one already: that one
+        await client.import_person(BOB, own, seal(own, "user", BOB, "bob"))
+        assert client.sent[-1]["key"] == b64e(own)
+
 
     @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(body=bodies, reply_to=st.sampled_from([TO, None, "relayd.inbound",
