@@ -14,6 +14,7 @@ vacuums the tables it touched.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -201,6 +202,174 @@ MIGRATIONS: list[str] = [
         END IF;
     END $$;
     """,
+    # 7: a user's message in one round trip (Store.accept_up). relayd_up_rule and
+    # relayd_opening are relayd.rules.up and relayd.rules.opening in SQL, held to the same
+    # answers in every case by a test. The replay window is decided by the caller, on the
+    # row as it last saw it, and written only if the row is still that (compare-and-set):
+    # else the row comes back, nothing written, and the caller decides again.
+    """
+    CREATE FUNCTION relayd_up_rule(p_found BOOLEAN, p_state TEXT, p_closed_by TEXT,
+                                   p_updated_ms BIGINT, p_kind TEXT, p_retry BOOLEAN,
+                                   p_now BIGINT, OUT write TEXT, OUT refusal TEXT,
+                                   OUT detail TEXT)
+    LANGUAGE plpgsql IMMUTABLE AS $$
+    BEGIN
+        write := 'keep';
+        IF p_kind IN ('start', 'message') THEN
+            IF p_found AND p_state = 'closed' AND p_retry THEN
+                RETURN;
+            END IF;
+            IF p_found AND p_state = 'open' AND p_now - p_updated_ms < 60000 THEN
+                RETURN;
+            END IF;
+            write := 'open';
+        ELSIF NOT p_found THEN
+            refusal := 'unknown_conversation'; detail := 'the user has no such conversation';
+        ELSIF p_state = 'open' THEN
+            IF p_kind = 'close' THEN
+                write := 'close';
+            END IF;
+        ELSIF NOT (p_retry AND p_kind = 'close' AND p_closed_by IS NOT DISTINCT FROM 'user')
+        THEN
+            refusal := 'conversation_closed'; detail := 'the conversation is closed';
+        END IF;
+    END $$;
+    CREATE FUNCTION relayd_opening(p_found BOOLEAN, p_state TEXT, p_closed_by TEXT,
+                                   p_epoch BIGINT, p_created_ms BIGINT, p_rotate BOOLEAN,
+                                   p_now BIGINT, p_fresh BIGINT, OUT epoch BIGINT,
+                                   OUT created_ms BIGINT, OUT new_id BOOLEAN)
+    LANGUAGE plpgsql IMMUTABLE AS $$
+    BEGIN
+        IF NOT p_found THEN
+            epoch := CASE WHEN p_rotate THEN p_fresh ELSE 0 END;
+            created_ms := p_now; new_id := TRUE;
+        ELSIF p_state = 'closed' AND p_rotate AND p_closed_by IS NOT DISTINCT FROM 'user' THEN
+            epoch := p_epoch + 1; created_ms := p_now; new_id := TRUE;
+        ELSE
+            epoch := p_epoch; created_ms := p_created_ms; new_id := FALSE;
+        END IF;
+    END $$;
+    CREATE FUNCTION relayd_accept_up(
+        p_device TEXT, p_business TEXT, p_user TEXT, p_ids TEXT[], p_users TEXT[],
+        p_kems TEXT[], p_enc BYTEA[], p_sign BYTEA[],
+        p_known BOOLEAN, p_exists BOOLEAN, p_high BIGINT, p_bits BYTEA,
+        p_first BOOLEAN, p_new_high BIGINT, p_new_bits BYTEA, p_stamp BIGINT,
+        p_redelivered BOOLEAN, p_kind TEXT, p_now BIGINT, p_rotate BOOLEAN,
+        p_fresh BIGINT, p_id_epoch BIGINT, p_id TEXT, p_echo TEXT[], p_source TEXT)
+    RETURNS TABLE (o_status TEXT, o_exists BOOLEAN, o_high BIGINT, o_bits BYTEA,
+                   o_epoch BIGINT, o_business TEXT, o_amqp_user TEXT, o_first_party BOOLEAN,
+                   o_id TEXT, o_user TEXT, o_business_id TEXT, o_state TEXT,
+                   o_conv_epoch BIGINT, o_closed_by TEXT, o_created_ms BIGINT,
+                   o_updated_ms BIGINT, o_refusal TEXT, o_detail TEXT,
+                   o_seq_ids TEXT[], o_seqs BIGINT[])
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        b businesses%ROWTYPE;
+        c conversations%ROWTYPE;
+        found_c BOOLEAN;
+        rule RECORD;
+        opening RECORD;
+        v_ids TEXT[]; v_users TEXT[]; v_kems TEXT[]; v_enc BYTEA[]; v_sign BYTEA[];
+    BEGIN
+        SELECT array_agg(d.id ORDER BY d.id), array_agg(d.user_id ORDER BY d.id),
+               array_agg(d.kem ORDER BY d.id), array_agg(d.enc_key ORDER BY d.id),
+               array_agg(d.sign_key ORDER BY d.id)
+            INTO v_ids, v_users, v_kems, v_enc, v_sign FROM devices d
+            WHERE d.user_id = (SELECT d2.user_id FROM devices d2 WHERE d2.id = p_device);
+        IF v_ids IS DISTINCT FROM p_ids OR v_users IS DISTINCT FROM p_users
+                OR v_kems IS DISTINCT FROM p_kems OR v_enc IS DISTINCT FROM p_enc
+                OR v_sign IS DISTINCT FROM p_sign THEN
+            o_status := 'stale'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO b FROM businesses WHERE businesses.id = p_business;
+        IF NOT FOUND THEN
+            o_status := 'unknown_business'; RETURN NEXT; RETURN;
+        END IF;
+        o_business := b.id; o_amqp_user := b.amqp_user; o_first_party := b.first_party;
+        SELECT r.high, r.bits INTO o_high, o_bits FROM replay r
+            WHERE r.device_id = p_device FOR UPDATE;
+        o_exists := FOUND;
+        IF NOT p_known OR o_exists IS DISTINCT FROM p_exists OR (o_exists AND (
+                o_high IS DISTINCT FROM p_high OR o_bits IS DISTINCT FROM p_bits)) THEN
+            o_status := 'window'; RETURN NEXT; RETURN;  -- decide again on this row
+        END IF;
+        IF NOT p_first AND NOT p_redelivered THEN
+            o_status := 'replayed'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO c FROM conversations cv WHERE cv.user_id = p_user
+            AND cv.business_id = p_business FOR UPDATE;
+        found_c := FOUND;
+        SELECT * INTO rule FROM relayd_up_rule(found_c, c.state, c.closed_by, c.updated_ms,
+                                               p_kind, NOT p_first, p_now);
+        IF rule.write = 'open' THEN
+            SELECT * INTO opening FROM relayd_opening(found_c, c.state, c.closed_by, c.epoch,
+                                                      c.created_ms, p_rotate, p_now, p_fresh);
+            IF opening.new_id AND p_id_epoch IS DISTINCT FROM opening.epoch THEN
+                o_status := 'need_id'; o_epoch := opening.epoch;  -- nothing written yet
+                RETURN NEXT; RETURN;
+            END IF;
+        END IF;
+        IF p_first THEN  -- the claim, stamped with the device's user
+            IF o_exists THEN
+                UPDATE replay SET high = p_new_high, bits = p_new_bits, updated_ms = p_stamp,
+                    user_id = (SELECT d.user_id FROM devices d WHERE d.id = p_device)
+                    WHERE device_id = p_device;
+            ELSE
+                INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES
+                    (p_device, p_new_high, p_new_bits, p_stamp,
+                     (SELECT d.user_id FROM devices d WHERE d.id = p_device))
+                    ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a first claim raced another' USING ERRCODE = '40001';
+                END IF;
+            END IF;
+        END IF;
+        IF rule.refusal IS NOT NULL THEN
+            o_status := 'refused'; o_refusal := rule.refusal; o_detail := rule.detail;
+        ELSE
+            o_status := 'accepted';
+            IF rule.write = 'open' AND NOT found_c THEN
+                INSERT INTO conversations (id, user_id, business_id, state, epoch, closed_by,
+                                           created_ms, updated_ms)
+                    VALUES (p_id, p_user, p_business, 'open', opening.epoch, NULL,
+                            opening.created_ms, p_now)
+                    ON CONFLICT DO NOTHING RETURNING * INTO c;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a conversation''s creation raced another'
+                        USING ERRCODE = '40001';
+                END IF;
+                found_c := TRUE;
+            ELSIF rule.write = 'open' THEN
+                UPDATE conversations cv SET id = CASE WHEN opening.new_id THEN p_id
+                        ELSE cv.id END, state = 'open', epoch = opening.epoch,
+                    closed_by = NULL, created_ms = opening.created_ms, updated_ms = p_now
+                    WHERE cv.user_id = p_user AND cv.business_id = p_business
+                    RETURNING * INTO c;
+            ELSIF rule.write = 'close' THEN  -- the conversation comes back as it was
+                UPDATE conversations cv SET state = 'closed', closed_by = 'user',
+                    updated_ms = p_now WHERE cv.id = c.id AND cv.state = 'open';
+            END IF;
+            IF cardinality(p_echo) > 0 THEN  -- the echo's seqs, as Store.allocate_seqs
+                PERFORM FROM devices d WHERE d.id = ANY(p_echo) ORDER BY d.id FOR UPDATE;
+                WITH fresh AS (
+                    UPDATE devices d SET next_seq = d.next_seq + 1 WHERE d.id = ANY(p_echo)
+                        AND NOT EXISTS (SELECT FROM sent s WHERE s.source = p_source
+                                        AND s.device_id = d.id)
+                    RETURNING d.id, d.next_seq - 1 AS seq)
+                INSERT INTO sent (source, device_id, seq, created_ms)
+                    SELECT p_source, fresh.id, fresh.seq, p_now FROM fresh;
+                SELECT array_agg(s.device_id), array_agg(s.seq) INTO o_seq_ids, o_seqs
+                    FROM sent s WHERE s.source = p_source AND s.device_id = ANY(p_echo);
+            END IF;
+        END IF;
+        IF found_c THEN
+            o_id := c.id; o_user := c.user_id; o_business_id := c.business_id;
+            o_state := c.state; o_conv_epoch := c.epoch; o_closed_by := c.closed_by;
+            o_created_ms := c.created_ms; o_updated_ms := c.updated_ms;
+        END IF;
+        RETURN NEXT;
+    END $$;
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
@@ -229,38 +398,13 @@ MAINTENANCE_SECONDS = 3600.0  # what may rightly take long: migrations, VACUUM, 
 
 _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
               " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id")
-# Store.accept_up's read ($1 device, $2 business, $3 the device's user): the household,
-# the business, and, locked, the device's replay window and the conversation.
-_UP_READ = (
-    f"SELECT ARRAY(SELECT ROW({_DEVICE}) FROM devices WHERE user_id ="
-    "   (SELECT user_id FROM devices WHERE id = $1) ORDER BY id),"
-    f" (SELECT ROW({_BUSINESS}) FROM businesses WHERE id = $2),"
-    " (SELECT ROW(high, bits) FROM replay WHERE device_id = $1 FOR UPDATE),"
-    f" (SELECT ROW({_CONVERSATION}) FROM conversations WHERE user_id = $3"
-    "   AND business_id = $2 FOR UPDATE)")
+_UP = ("SELECT * FROM relayd_accept_up($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+       " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)")
+# How long, and for how many devices, a process keeps the replay rows it saw.
+CACHE_SECONDS = 60.0
+_WINDOWS = 65536
 _CLOSE = ("UPDATE conversations SET state = 'closed', closed_by = $2, updated_ms = $3"
           " WHERE id = $1 AND state = 'open'")
-
-
-async def _write_claim(conn: Any, device_id: str, replay: ReplayWindow, new: bool) -> None:
-    """Store the window of a claim accepted on the row read and locked in this
-    transaction (`new`: there was none; another transaction inserting one first is
-    store_busy, to be tried again)."""
-    # The claim stamps the window with the store's clock and the device's user, so
-    # retention and erasure find it after the device is gone.
-    if new:
-        status = await conn.execute(
-            "INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES"
-            " ($1, $2, $3, $4, (SELECT user_id FROM devices WHERE id = $1))"
-            " ON CONFLICT DO NOTHING", device_id, replay.high, replay.to_bytes(),
-            rows.now_ms())
-        if status != "INSERT 0 1":
-            raise TransientError("store_busy", "a first claim raced another")
-        return
-    await conn.execute(
-        "UPDATE replay SET high = $2, bits = $3, updated_ms = $4,"
-        " user_id = (SELECT user_id FROM devices WHERE id = $1) WHERE device_id = $1",
-        device_id, replay.high, replay.to_bytes(), rows.now_ms())
 
 
 async def _open(conn: Any, current: Conversation | None, user: str, business: str,
@@ -336,6 +480,9 @@ def _error(exc: Exception) -> RelaydError:
 class PostgresStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # device -> its replay row as this process last saw it: (exists, high, bits)
+        self._windows: dict[str, tuple[bool, int | None, bytes | None]] = {}
+        self._windows_since = time.monotonic()
 
     @classmethod
     async def connect(cls, url: str, *, migrate: bool = True,
@@ -546,38 +693,62 @@ class PostgresStore:
             return await _allocate(conn, source, device_ids, now_ms)
 
     async def accept_up(self, claim: UpClaim) -> UpOutcome:
-        user = next((d.user for d in claim.household if d.id == claim.device), "")
-        async with self._transaction() as conn:
-            # One read: the household, the business, and the rows this message changes,
-            # locked until the commit.
-            found = await conn.fetchrow(_UP_READ, claim.device, claim.business, user)
-            household = tuple(rows.device(r) for r in found[0])
-            if household != claim.household:
-                return UpOutcome("stale")
-            if found[1] is None:
-                return UpOutcome("unknown_business")
-            business = rows.business(found[1])
-            replay = ReplayWindow(claim.window) if found[2] is None else (
-                ReplayWindow.from_bytes(claim.window, *found[2]))
-            first_time = replay.accept(claim.seq)
-            if first_time:
-                await _write_claim(conn, claim.device, replay, found[2] is None)
-            elif not claim.redelivered:
-                return UpOutcome("replayed", business)
-            current = rows.conversation(found[3])
-            decision = rules.up(current, claim.kind, not first_time, claim.now_ms)
-            if decision.refusal is not None:
-                return UpOutcome("refused", business, current, not first_time,
-                                 (decision.refusal, decision.detail))
-            conversation = current
-            if decision.write == "open":
-                conversation = await _open(conn, current, user, claim.business, claim.now_ms,
-                                           claim.rotate_on_reopen, claim.make_id)
-            elif decision.write == "close" and current is not None:
-                await conn.execute(_CLOSE, current.id, "user", claim.now_ms)
-            seqs = (await _allocate(conn, claim.source, claim.echo_to, claim.now_ms)
-                    if claim.echo_to else {})
-        return UpOutcome("accepted", business, conversation, not first_time, None, seqs)
+        # One statement, relayd_accept_up (migration 7), in the common case. The replay
+        # window is decided here on the row as this process last saw it; when the row is
+        # another (another process claimed, or this one never read it) it comes back and
+        # the claim is decided again; a new conversation id is made once asked for.
+        household = claim.household
+        user = next((d.user for d in household if d.id == claim.device), "")
+        fresh = secrets.randbits(62)
+        made: tuple[int | None, str | None] = (None, None)
+        try:
+            for _ in range(8):
+                window = self._windows.get(claim.device)
+                replay = ReplayWindow(claim.window)
+                if window is not None and window[1] is not None and window[2] is not None:
+                    replay = ReplayWindow.from_bytes(claim.window, window[1], window[2])
+                first = replay.accept(claim.seq)
+                row: Any = await self.pool.fetchrow(
+                    _UP, claim.device, claim.business, user, [d.id for d in household],
+                    [d.user for d in household], [d.kem.value for d in household],
+                    [d.enc_key for d in household], [d.sign_key for d in household],
+                    window is not None, bool(window and window[0]),
+                    window[1] if window else None, window[2] if window else None,
+                    first, replay.high, replay.to_bytes(), rows.now_ms(), claim.redelivered,
+                    claim.kind, claim.now_ms, claim.rotate_on_reopen, fresh, made[0], made[1],
+                    list(claim.echo_to), claim.source)
+                status = row[0]
+                if status == "window":
+                    self._remember(claim.device, (row[1], row[2], row[3]))
+                    continue
+                if status == "need_id":
+                    made = row[4], claim.make_id(row[4])
+                    continue
+                if status in ("stale", "unknown_business"):
+                    return UpOutcome(status)
+                business = Business(row[5], row[6], row[7])
+                if status == "replayed":
+                    return UpOutcome("replayed", business)
+                if first:
+                    self._remember(claim.device, (True, replay.high, replay.to_bytes()))
+                conversation = None if row[8] is None else Conversation(*row[8:16])
+                if status == "refused":
+                    return UpOutcome("refused", business, conversation, not first,
+                                     (row[16], row[17]))
+                return UpOutcome("accepted", business, conversation, not first, None,
+                                 dict(zip(row[18] or (), row[19] or (), strict=True)))
+        except Exception as exc:
+            raise _error(exc) from None
+        raise TransientError("store_busy", "the replay window kept changing")
+
+    def _remember(self, device: str, window: tuple[bool, int | None, bytes | None]) -> None:
+        """Keep the replay row of `device` as last seen (held by pseudonym, forgotten
+        after CACHE_SECONDS, as the ids' caches are)."""
+        now = time.monotonic()
+        if now - self._windows_since > CACHE_SECONDS or len(self._windows) >= _WINDOWS:
+            self._windows.clear()
+            self._windows_since = now
+        self._windows[device] = window
 
     async def accept_reply(self, claim: ReplyClaim) -> ReplyOutcome:
         b = claim.business

@@ -977,6 +977,50 @@ class TestReplyRuleInSql:
                 await conn.close()
 
 
+class TestUpRulesInSql:
+    """relayd_up_rule and relayd_opening, PostgreSQL's copies of relayd.rules.up and
+    relayd.rules.opening, answer as they do."""
+
+    @staticmethod
+    def row(state: tuple[str, str | None, int] | None) -> Conversation | None:
+        return None if state is None else Conversation(
+            "c" * 32, "u1", "acme", state[0], 7, state[1], 500, state[2])  # type: ignore[arg-type]
+
+    async def test_every_case_agrees_with_rules(self) -> None:
+        """Every conversation state (none; open with old or fresh activity; closed by
+        either party), every message type, first time or retry; every opening under
+        either id policy: the same answers."""
+        now = 100_500
+        states: list[tuple[str, str | None, int] | None] = [
+            None, ("open", None, 1_000), ("open", None, 100_000), ("closed", "user", 1_000),
+            ("closed", "business", 1_000)]
+        async with postgres.database() as url:
+            await (await open_store(url, secret=SECRET)).close()  # migrated
+            conn = await asyncpg.connect(url)
+            try:
+                for state in states:
+                    current = self.row(state)
+                    found, st, by, updated = (current is not None, *(state or (None,) * 3))
+                    for kind in ["start", "message", "close", "typing", "reaction"]:
+                        for retry in (False, True):
+                            want = rules.up(current, kind, retry, now)
+                            got = await conn.fetchrow(
+                                "SELECT * FROM relayd_up_rule($1, $2, $3, $4, $5, $6, $7)",
+                                found, st, by, updated, kind, retry, now)
+                            assert tuple(got) == (want.write, want.refusal,
+                                                  want.detail or None), (state, kind, retry)
+                    for rotate in (False, True):
+                        opened = rules.opening(current, rotate, now, 12345)
+                        got = await conn.fetchrow(
+                            "SELECT * FROM relayd_opening($1, $2, $3, $4, $5, $6, $7, $8)",
+                            found, st, by, 7 if current else None,
+                            500 if current else None, rotate, now, 12345)
+                        assert tuple(got) == (opened.epoch, opened.created_ms,
+                                              opened.new_id), (state, rotate)
+            finally:
+                await conn.close()
+
+
 class TestRoundTrips:
     """PostgreSQL: what a message costs in statements, each a round trip."""
 
@@ -1004,11 +1048,14 @@ class TestRoundTrips:
         assert len(sent) == 1, sent
         assert "relayd_accept_reply" in sent[0]
 
-    async def test_an_inbound_message_is_one_transaction(self) -> None:
-        """Once its statements are prepared, a message is BEGIN, one read, one write per
-        row it changes and COMMIT; the pool runs no reset query on release."""
+    async def test_an_inbound_message_is_one_statement(self) -> None:
+        """Once prepared, a user's message is one statement (relayd_accept_up): household
+        check, business, claim, conversation rules and the echo's seqs; with no reset
+        query on release. A first message of a device in this process reads its replay
+        row first (a second statement); another process's claim in between does too."""
         async with postgres.database() as url:
             store = await open_store(url, secret=SECRET, pool_size=1)
+            other = await open_store(url, secret=SECRET, pool_size=1)
             try:
                 await store.add_business(Business("acme", "acme-user"))
                 await store.add_device(device("d1", created_ms=1))
@@ -1017,21 +1064,31 @@ class TestRoundTrips:
                 sent: list[str] = []
                 async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
                     conn.add_query_logger(lambda record: sent.append(record.query))
-                for seq in (1, 2):  # the first prepares the statements
-                    await store.accept_up(up(household, seq, "start", echo_to=("d2",)))
+                first = await store.accept_up(up(household, 1, "start", echo_to=("d2",)))
+                first_statements = list(sent)
                 sent.clear()
-                quiet = await store.accept_up(up(household, 3))
+                quiet = await store.accept_up(up(household, 2))
                 quiet_statements = list(sent)
                 sent.clear()
-                echoed = await store.accept_up(up(household, 4, "start", echo_to=("d2",)))
+                echoed = await store.accept_up(up(household, 3, "start", echo_to=("d2",)))
+                echoed_statements = list(sent)
+                assert (await other.accept_up(up(household, 4))).status == "accepted"
+                sent.clear()
+                after = await store.accept_up(up(household, 5))
+                after_statements = list(sent)
+                replayed = await store.accept_up(up(household, 4))
             finally:
                 await store.close()
-        assert (quiet.status, echoed.status) == ("accepted", "accepted")
-        # BEGIN, the read, the claim's UPDATE, COMMIT: the conversation is open and its
-        # activity time fresh, so it is not written.
-        assert len(quiet_statements) == 4, quiet_statements
-        assert quiet_statements[0].startswith("BEGIN")
-        assert quiet_statements[-1].startswith("COMMIT")
-        # and the echo's seq: lock the device, look for the source, allocate, record
-        assert len(sent) == 8, sent
-        assert not any("RESET" in q or "advisory_unlock" in q for q in quiet_statements + sent)
+                await other.close()
+        assert [o.status for o in (first, quiet, echoed, after, replayed)] == [
+            "accepted", "accepted", "accepted", "accepted", "replayed"]
+        assert dict(echoed.seqs) == {"d2": 2}
+        # (with asyncpg's type introspection, once) the replay row read; the
+        # conversation's id asked for; the message
+        assert sum("relayd_accept_up" in q for q in first_statements) == 3, first_statements
+        assert len(quiet_statements) == 1, quiet_statements
+        assert "relayd_accept_up" in quiet_statements[0]
+        assert len(echoed_statements) == 1, echoed_statements
+        assert len(after_statements) == 2, after_statements  # the row another wrote
+        assert not any("RESET" in q or "advisory_unlock" in q
+                       for q in first_statements + quiet_statements + after_statements)
