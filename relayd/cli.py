@@ -221,8 +221,25 @@ def cmd_store_move_keys(args: argparse.Namespace, settings: config.Settings) -> 
 
 
 def cmd_vault(args: argparse.Namespace, settings: config.Settings) -> int:
-    """The key vault service in the foreground, until SIGTERM or SIGINT."""
+    """The key vault service in the foreground, until SIGTERM or SIGINT; with --create,
+    make vault.file once, and exit. The service never makes the file itself: one started
+    on a host without it (a second host's standby, a lost disk) would answer every host
+    that no user has a key, and every user would read as erased."""
     from relayd import vault
+    from relayd.store.sqlite import SqliteStore
+
+    if args.create:
+        if settings.vault.file.exists():
+            print(f"{settings.vault.file} exists: nothing to do")
+            return ExitCode.OK
+        _run(SqliteStore(settings.vault.file).close())
+        print(f"created {settings.vault.file}: back it up (docs/operations.md)")
+        return ExitCode.OK
+    if not settings.vault.file.exists():
+        print(f"vault.file: {settings.vault.file} does not exist. Restore it from its"
+              " backup; for a new deployment only, run `relayd vault --create` once",
+              file=sys.stderr)
+        return ExitCode.CONFIG
 
     async def serve() -> int:
         stop = asyncio.Event()
@@ -514,8 +531,10 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--name", help="how its log lines name it, e.g. inbound-0")
     one.add_argument("--control-fd", type=int, help="socket to the supervisor (by `run`)")
     command(commands, "edge", cmd_edge, "serve device apps over WebSocket (edge.name needed)")
-    command(commands, "vault", cmd_vault,
-            "serve the user keys of hosts with store.key_vault: amqp (in vault.file)")
+    keeper = command(commands, "vault", cmd_vault,
+                     "serve the user keys of hosts with store.key_vault: amqp (in vault.file)")
+    keeper.add_argument("--create", action="store_true",
+                        help="make vault.file, for a new deployment only, and exit")
     command(commands, "status", cmd_status, "workers, queues, rates and keys of a relay",
             json_output=True)
 

@@ -256,6 +256,11 @@ class VaultProcess:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Serve vault.file, made first (`relayd vault --create`) if it does not exist."""
+        create = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relayd", "vault", "--create", "--config",
+            str(self.config_path), stdout=subprocess.DEVNULL)
+        assert await asyncio.wait_for(create.wait(), WAIT) == 0
         serving = asyncio.Event()
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relayd", "vault", "--config", str(self.config_path),

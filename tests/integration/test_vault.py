@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,6 +63,30 @@ async def other_host(relay: Relay) -> Store:
 
 
 class TestVaultService:
+    async def test_the_service_never_makes_its_file(self, tmp_path: Path) -> None:
+        """`relayd vault` on a host without vault.file (a second host's standby, a lost
+        disk) refuses to start (exit 78) and makes no file: an empty vault taking over
+        would tell every host that no user has a key. `--create` makes it, once."""
+        async with relay_in_vhost(tmp_path) as relay:
+            file = tmp_path / "elsewhere" / "keys.db"
+            env = {**os.environ, "RELAYD_VAULT__FILE": str(file)}
+
+            async def vault(*flags: str) -> tuple[int, bytes]:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "relayd", "vault", *flags, "--config",
+                    str(relay.config_path), env=env, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+                _, err = await asyncio.wait_for(process.communicate(), WAIT)
+                return process.returncode or 0, err
+
+            code, err = await vault()
+            assert code == ExitCode.CONFIG
+            assert b"--create" in err
+            assert not file.exists()
+            assert (await vault("--create"))[0] == ExitCode.OK
+            assert file.exists()
+            assert (await vault("--create"))[0] == ExitCode.OK  # an existing file: kept
+
     async def test_keys_survive_a_kill_and_a_host_waits_while_it_is_down(
             self, tmp_path: Path) -> None:
         """A device registered on one host is read on another through the vault; the
