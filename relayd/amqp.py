@@ -446,15 +446,25 @@ class Acks:
 
     async def _flush(self) -> None:
         """One flusher at a time: a single ack sent after a multiple one covering its tag
-        would close the channel."""
+        would close the channel. The last frame of each batch waits until the
+        connection's writer has taken it (and so every frame before it)."""
         try:
             while frames := self.window.take():
-                for tag, multiple in frames:
-                    await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+                last = len(frames) - 1
+                for i, (tag, multiple) in enumerate(frames):
+                    await self.channel.basic_ack(tag, multiple=multiple, wait=i == last)
         except (*CONNECT_ERRORS, RuntimeError):  # ChannelInvalidStateError is one
             pass  # the channel is gone: the broker delivers what it held again
         finally:
             self._flusher = None
+
+    async def flushed(self, deadline_s: float) -> None:
+        """Until every ack asked for so far is written, or `deadline_s` passed (a blocked
+        connection writes nothing): before the connection closes, so that a delivery
+        settled before a clean stop is not delivered again after it."""
+        until = time.monotonic() + deadline_s
+        while (flusher := self._flusher) is not None and (left := until - time.monotonic()) > 0:
+            await asyncio.wait([flusher], timeout=left)
 
     async def nack(self, tag: int, requeue: bool) -> None:
         self._check()
@@ -531,11 +541,24 @@ class Received:
         return self._acks.reject(self.delivery_tag, requeue)
 
 
+class Consuming:
+    """A consumer that consume() started: cancel() stops the deliveries, flushed() waits
+    until the acks asked for are written."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, tag: str, acks: Acks) -> None:
+        self._channel, self._tag, self._acks = channel, tag, acks
+
+    async def cancel(self) -> None:
+        await self._channel.basic_cancel(self._tag)
+
+    async def flushed(self, deadline_s: float) -> None:
+        await self._acks.flushed(deadline_s)
+
+
 async def consume(channel: AbstractChannel, queue: str,
-                  on_message: Callable[[Delivery], Awaitable[None]],
-                  ) -> Callable[[], Awaitable[None]]:
+                  on_message: Callable[[Delivery], Awaitable[None]]) -> Consuming:
     """Consume `queue` on `channel`, which must carry no other consumer (see Acks): each
-    delivery, a Received, to `on_message`, in delivery order. Returns the cancel."""
+    delivery, a Received, to `on_message`, in delivery order."""
     underlay = await channel.get_underlay_channel()
     acks = Acks(underlay)
     window = acks.window
@@ -546,9 +569,5 @@ async def consume(channel: AbstractChannel, queue: str,
         await on_message(delivery)
 
     ok = await underlay.basic_consume(queue, deliver)
-    tag = ok.consumer_tag
-    assert tag is not None
-
-    async def cancel() -> None:
-        await underlay.basic_cancel(tag)
-    return cancel
+    assert ok.consumer_tag is not None
+    return Consuming(underlay, ok.consumer_tag, acks)

@@ -228,7 +228,7 @@ async def _receipts(connection: AbstractConnection, settings: Settings, role: Qu
     channel.close_callbacks.add(lambda *_: lost.set())
     consumer = Consumer("receipts", settings.workers, Receipts(settings, store, keys, sink),
                         sink, settings.topology.receipts_queue)
-    cancel = await amqp.consume(channel, consumer.queue, consumer.on_message)
+    subscription = await amqp.consume(channel, consumer.queue, consumer.on_message)
     try:
         yield
     finally:
@@ -236,8 +236,9 @@ async def _receipts(connection: AbstractConnection, settings: Settings, role: Qu
             await consumer.drain(0)
         else:
             with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
-                await cancel()
+                await subscription.cancel()
             await consumer.drain(settings.workers.shutdown_timeout)
+            await subscription.flushed(settings.workers.shutdown_timeout)
 
 
 async def _run(connection: AbstractConnection, settings: Settings, role: QueueRole,
@@ -267,7 +268,7 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
     # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
     # nothing more: start again on a new connection rather than wait on it forever.
     channel.close_callbacks.add(lambda *_: lost.set())
-    cancel = await amqp.consume(channel, consumer.queue, consumer.on_message)
+    subscription = await amqp.consume(channel, consumer.queue, consumer.on_message)
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()
@@ -280,6 +281,7 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
         await consumer.drain(0)
     else:
         with contextlib.suppress(*amqp.CONNECT_ERRORS):
-            await cancel()
+            await subscription.cancel()
         abandoned = await consumer.drain(settings.workers.shutdown_timeout)
+        await subscription.flushed(settings.workers.shutdown_timeout)
         _log.info("drained", stage=role, abandoned=abandoned)

@@ -146,10 +146,14 @@ class FakeChannel:
 
     def __init__(self) -> None:
         self.frames: list[tuple[Any, ...]] = []
+        self.waited: list[int] = []  # the tags of the acks sent with wait=True
         self.is_closed = False
 
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.frames.append(("ack", tag, multiple))
+        if wait:
+            await asyncio.sleep(0)  # the writer takes the frame
+            self.waited.append(tag)
 
     async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
         self.frames.append(("reject", tag, requeue))
@@ -191,6 +195,20 @@ class TestAcks:
         await acks.ack(2)
         await asyncio.wait_for(_flushed(acks), 5)
         assert channel.frames == [("reject", 1, False), ("ack", 2, False)]
+
+
+    async def test_flushed_waits_for_the_writer(self) -> None:
+        """flushed() returns once the last ack asked for was taken by the writer (waited
+        on): what is settled before a clean stop is not delivered again after it."""
+        channel = FakeChannel()
+        acks = Acks(channel)  # type: ignore[arg-type]
+        for tag in (1, 2, 3):
+            acks.window.received(tag)
+        await acks.ack(1)
+        await acks.ack(3)
+        await acks.flushed(5)
+        assert channel.frames == [("ack", 1, False), ("ack", 3, False)]
+        assert channel.waited == [3]
 
 
 async def _flushed(acks: Acks) -> None:
