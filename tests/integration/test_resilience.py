@@ -189,7 +189,8 @@ class TestBrokerClosesAChannel:
             def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
                 if not AcksOnce.closed_one:
                     AcksOnce.closed_one = True
-                    underlay = delivery.channel  # type: ignore[attr-defined]
+                    # the aiormq channel the delivery came on (relayd.amqp.Received)
+                    underlay = delivery._acks.channel  # type: ignore[attr-defined]
                     asyncio.get_running_loop().create_task(underlay.basic_ack(2**40))
                 return super().prepare(delivery)
 
