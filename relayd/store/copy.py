@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd.store import Vault
-from relayd.store.postgres import PostgresStore
+from relayd.store.postgres import MAINTENANCE_SECONDS, PostgresStore
 from relayd.store.sqlite import SqliteStore
 
 
@@ -67,21 +67,24 @@ async def copy_sqlite(path: Path, target: PostgresStore, force: bool = False,
             if busy and not force:
                 raise CopyRefusedError(f"the target holds data already ({', '.join(busy)}):"
                                   " use --force to replace it")
+            long = MAINTENANCE_SECONDS  # a whole store, not one message's statement
             if busy:
-                await conn.execute(f"TRUNCATE {', '.join(tables)}")
+                await conn.execute(f"TRUNCATE {', '.join(tables)}", timeout=long)
             for table in tables:
                 columns = list(types[table])
                 booleans = {c for c, kind in types[table].items() if kind == "boolean"}
                 await conn.copy_records_to_table(
-                    table, columns=columns, records=_records(source, table, columns, booleans))
-                copied[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
+                    table, columns=columns, records=_records(source, table, columns, booleans),
+                    timeout=long)
+                copied[table] = await conn.fetchval(f"SELECT count(*) FROM {table}",
+                                                    timeout=long)
                 for column in columns:  # ids were copied as they were: move counters past them
                     counter = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)",
                                                   table, column)
                     if counter is not None:
                         await conn.execute(
                             f"SELECT setval($1, coalesce(max({column}), 0) + 1, false)"
-                            f" FROM {table}", counter)
+                            f" FROM {table}", counter, timeout=long)
         if vault is not None:
             people = source.execute("SELECT id, key, sealed FROM people").fetchall()
             for user, key, sealed in people:

@@ -614,7 +614,9 @@ class PostgresStore:
 
     async def remove_device(self, device_id: str) -> bool:
         async with self._transaction() as conn:
-            await conn.execute("DELETE FROM sent WHERE device_id = $1", device_id)
+            # `sent` has no index by device: on a large table this reads it all
+            await conn.execute("DELETE FROM sent WHERE device_id = $1", device_id,
+                               timeout=MAINTENANCE_SECONDS)
             status = await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
         return bool(status == "DELETE 1")
 
@@ -812,7 +814,8 @@ class PostgresStore:
         mine = "(SELECT id FROM devices WHERE user_id = $1)"
         async with self._transaction() as conn:
             async def count(sql: str) -> int:
-                status: str = await conn.execute(sql, user)
+                # erasure must finish however large `sent` is (it has no index by device)
+                status: str = await conn.execute(sql, user, timeout=MAINTENANCE_SECONDS)
                 return int(status.rsplit(" ", 1)[-1])
 
             counts = {
@@ -890,15 +893,19 @@ class PostgresStore:
             "SELECT id FROM people WHERE seen_ms < $1 ORDER BY id", seen_before_ms)]
 
     async def held_people(self) -> set[str]:
-        return {row[0] for row in await self._fetch(_HELD)}
+        try:  # three whole tables: retention's, not the hot path's
+            return {row[0] for row in await self.pool.fetch(_HELD, timeout=MAINTENANCE_SECONDS)}
+        except Exception as exc:
+            raise _error(exc) from None
 
     async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
         async with self._transaction() as conn:
             if await conn.fetchval("SELECT pending FROM legacy_ids LIMIT 1") is None:
                 return None
-            return rows.legacy_ids(await conn.fetch(_HELD), await conn.fetch(
-                "SELECT id, user_id FROM devices"), await conn.fetch(
-                "SELECT device_id FROM replay"))
+            long = MAINTENANCE_SECONDS
+            return rows.legacy_ids(await conn.fetch(_HELD, timeout=long), await conn.fetch(
+                "SELECT id, user_id FROM devices", timeout=long), await conn.fetch(
+                "SELECT device_id FROM replay", timeout=long))
 
     async def pseudonymise(self, users: Mapping[str, str],
                            devices: Mapping[str, tuple[str, bytes | None]]) -> None:
