@@ -11,7 +11,15 @@ Callers see the Store interface with real ids; the backend below never holds one
 - the sources of sent rows (a message id, or a device and its seq) are pseudonyms too.
 Erasure deletes the rows and then the person: every copy of them anywhere (dead tuples,
 WAL, replicas, backups) is then pseudonyms and ciphertext whose key no longer exists.
-A row whose person is gone reads as absent.
+
+Since erasure deletes the rows before the person, a row whose person the vault does not
+hold is not a state the store is ever left in: it means the vault is not the one that
+sealed the row (restored from an older backup, a stale copy, keys still being moved). So
+a read that meets one raises StoreUnavailableError (a worker holds its message and tries
+it again, reading the rows again: a reader that raced an erasure then finds no row), and
+no new person is made for a user whose device rows are sealed under a key the vault lacks
+(it would seal new rows under a new key, and the old ones would never open again). A row
+whose person exists but whose key does not open it (damage) reads as absent.
 
 Each process keeps the people it has read in memory (the hot path reads devices on every
 message), and reads a person again when its key no longer opens a row.
@@ -28,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from relayd import log, opaque
-from relayd.errors import StoreError, TransientError
+from relayd.errors import StoreError, StoreUnavailableError, TransientError
 from relayd.store import (
     AuditRecord,
     Backend,
@@ -96,6 +104,17 @@ def _aad(kind: str, pseudonym: str) -> bytes:
     return b"relayd/v1 sealed " + kind.encode() + b"\0" + pseudonym.encode()
 
 
+def _held(keyless: set[str], kind: str, strict: bool) -> None:
+    """StoreUnavailableError if rows were read whose person the vault does not hold (a
+    listing of every row, not `strict`, leaves them out: one user's missing key must not
+    stop it for everyone)."""
+    if keyless:
+        _log.warning("key_missing", rows=kind, users=len(keyless))
+        if strict:
+            raise StoreUnavailableError(
+                "the key vault has no key for rows the store holds (docs/scaling.md)")
+
+
 class Pseudonymous:
     """A Store over a Backend and a Vault (often the same database)."""
 
@@ -145,6 +164,16 @@ class Pseudonymous:
         return versions
 
     async def _person(self, user: str, pseudonym: str) -> tuple[bytes, bytes]:
+        """The user's person, made now if the vault has none, unless the user has device
+        rows sealed already: then the vault lacks their key (see the module docstring), and
+        a new one would leave them sealed for good. StoreUnavailableError, rather than
+        StoreError: the request is right, the vault is not (yet); a worker holds it until
+        the operator gives the store its vault back, and `relayd device add` says so."""
+        if pseudonym not in await self.vault.people([pseudonym]) and any(
+                row.sealed for row in await self.backend.devices_of(pseudonym)):
+            _log.warning("key_missing", rows="devices", op="add_person")
+            raise StoreUnavailableError(
+                "the key vault has no key for a user whose rows exist (docs/scaling.md)")
         key = ChaCha20Poly1305.generate_key()
         return await self.vault.add_person(pseudonym, key,
                                            seal(key, "user", pseudonym, user))
@@ -176,21 +205,26 @@ class Pseudonymous:
                     self._people[pseudonym] = key, user
         return {p: self._people[p] for p in wanted if p in self._people}
 
-    async def _devices(self, found: Sequence[Device]) -> list[Device]:
+    async def _devices(self, found: Sequence[Device], strict: bool = True) -> list[Device]:
         """The rows with their real ids, leaving out those that no longer open."""
-        return [device for _, device in await self._opened_rows(found)]
+        return [device for _, device in await self._opened_rows(found, strict)]
 
-    async def _opened_rows(self, found: Sequence[Device]) -> list[tuple[str, Device]]:
-        """Each row that opens, as (its pseudonym, the device with its real ids). A key
-        held in memory that no longer opens a row (the user was erased and came back) is
-        read again."""
+    async def _opened_rows(self, found: Sequence[Device],
+                           strict: bool = True) -> list[tuple[str, Device]]:
+        """Each row that opens, as (its pseudonym, the device with its real ids); a row
+        whose person the vault lacks raises StoreUnavailableError (_held). A key held in
+        memory that no longer opens a row (the user was erased and came back) is read
+        again."""
         self._expire()
         opened: dict[int, tuple[str, Device]] = {}
+        keyless: set[str] = set()
         for fresh in (False, True):
             left = [(i, r) for i, r in enumerate(found) if i not in opened and r.sealed]
             if not left:
+                keyless = set()
                 break
             people = await self._readable([r.user for _, r in left], fresh)
+            keyless = {row.user for _, row in left} - people.keys()
             for i, row in left:
                 if row.user in people and row.sealed is not None:
                     key, user = people[row.user]
@@ -200,16 +234,21 @@ class Pseudonymous:
                         self._opened[row.sealed] = device
                         opened[i] = row.id, Device(device, user, row.kem, row.enc_key,
                                                    row.sign_key, row.created_ms)
+        _held(keyless, "devices", strict)
         return [opened[i] for i in sorted(opened)]
 
     async def _conversation(self, row: Conversation | None) -> Conversation | None:
         if row is None:
             return None
-        people = await self._readable([row.user])
-        return replace(row, user=people[row.user][1]) if row.user in people else None
+        return (await self._conversations([row]))[0]
 
-    async def _conversations(self, found: Sequence[Conversation]) -> list[Conversation]:
-        people = await self._readable([c.user for c in found])
+    async def _conversations(self, found: Sequence[Conversation],
+                             strict: bool = True) -> list[Conversation]:
+        wanted = [c.user for c in found]
+        people = await self._readable(wanted)
+        if people.keys() < set(wanted):  # read again, not from memory: then it is missing
+            people = await self._readable(wanted, fresh=True)
+        _held(set(wanted) - people.keys(), "conversations", strict)
         return [replace(c, user=people[c.user][1]) for c in found if c.user in people]
 
     # Businesses hold no personal data: passed through as they are.
@@ -260,7 +299,7 @@ class Pseudonymous:
         return sorted(found, key=lambda d: d.id)
 
     async def devices(self) -> list[Device]:
-        found = await self._devices(await self.backend.devices())
+        found = await self._devices(await self.backend.devices(), strict=False)
         return sorted(found, key=lambda d: (d.user, d.id))
 
     async def remove_device(self, device_id: str) -> bool:
@@ -340,7 +379,9 @@ class Pseudonymous:
 
     async def export_user(self, user: str) -> UserData:
         held = await self.backend.export_user(self.user_pseudonym(user))
-        devices = await self._devices(held.devices)
+        # what opens: a row whose key the vault lacks names no id anyone can read, and
+        # erasure (relayd.gdpr, which reads this first) must delete such rows too
+        devices = await self._devices(held.devices, strict=False)
         names = {self.device_pseudonym(d.id): d.id for d in devices}
         return UserData(
             sorted(devices, key=lambda d: d.id),
@@ -360,7 +401,8 @@ class Pseudonymous:
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
-        return await self._conversations(await self.backend.stale_conversations(before_ms))
+        return await self._conversations(await self.backend.stale_conversations(before_ms),
+                                         strict=False)
 
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int,

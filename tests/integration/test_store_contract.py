@@ -16,7 +16,7 @@ import pytest
 
 from relayd import rules
 from relayd.crypto import Kem
-from relayd.errors import StoreError
+from relayd.errors import StoreError, StoreUnavailableError
 from relayd.payload import is_user_id
 from relayd.replay import ReplayWindow
 from relayd.store import (
@@ -916,17 +916,78 @@ class TestPseudonyms:
 
     async def test_erased_rows_no_longer_open(self, store: Store) -> None:
         """After erasure, a copy of the user's device row taken before it (as in a backup)
-        does not open with the store's own code: the user's key is gone."""
+        does not open with the store's own code: the user's key is gone (the read is held:
+        a row without its key is what a wrong vault looks like), and a new one does not
+        open it either."""
         assert isinstance(store, Pseudonymous)
         await store.add_device(device(PHONE, USER))
         copy = await store.backend.devices()
         assert [d.id for d in await store._devices(copy)] == [PHONE]
         await store.erase_user(USER)
-        assert await store._devices(copy) == []
+        with pytest.raises(StoreUnavailableError):
+            await store._devices(copy)
         other = Pseudonymous(store.backend, store.vault, SECRET)  # no memory of the user
-        assert await other._devices(copy) == []
+        with pytest.raises(StoreUnavailableError):
+            await other._devices(copy)
         await store.add_device(device(PHONE, USER))  # back again: a new key
         assert await other._devices(copy) == []
+
+    async def test_rows_whose_key_the_vault_lacks_are_held_not_absent(
+            self, store: Store) -> None:
+        """A vault without the key of a user whose rows exist (an older backup, a stale
+        copy) makes the hot path's reads raise StoreUnavailableError, and makes no new key
+        for the user; given its key back, the rows open again as they were."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        opened = await store.open_conversation(USER, "acme", 1, False, make_id(USER, "acme"))
+        pseudonym = store.user_pseudonym(USER)
+        kept = (await store.vault.people([pseudonym]))[pseudonym]
+        await store.vault.forget_people([pseudonym])  # as a vault restored from before it
+        other = Pseudonymous(store.backend, store.vault, SECRET)  # no memory of the user
+        for read in (other.device(PHONE), other.household(PHONE), other.devices_of(USER),
+                     other.conversation(opened.id),
+                     other.conversation_of(USER, "acme"),
+                     other.add_device(device("tablet", USER)),
+                     other.open_conversation(USER, "other", 2, False, make_id(USER, "o"))):
+            with pytest.raises(StoreUnavailableError):
+                await read
+        assert await store.vault.people([pseudonym]) == {}  # no new key was made
+        # listings of every row leave them out, rather than stop for everyone
+        assert await other.devices() == []
+        assert await other.stale_conversations(2**62) == []
+        assert (await other.export_user(USER)).devices == []  # nothing opens to export
+        assert await store.backend.device(other.device_pseudonym("tablet")) is None
+        await store.vault.import_person(pseudonym, *kept)  # the right vault, back
+        assert await other.household(PHONE) == [device(PHONE, USER)]
+        assert await other.conversation(opened.id) == opened
+        assert await other.add_device(device("tablet", USER))
+        assert [d.id for d in await other.devices_of(USER)] == [PHONE, "tablet"]
+
+    async def test_a_user_whose_key_is_lost_for_good_is_erased_and_registers_again(
+            self, store: Store) -> None:
+        """When the key is lost for good, erasing the user deletes the rows nothing opens,
+        and the user then registers again under a new key."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        await store.vault.forget_people([store.user_pseudonym(USER)])
+        other = Pseudonymous(store.backend, store.vault, SECRET)
+        assert (await other.erase_user(USER))["devices"] == 1
+        assert await other.add_device(device(PHONE, USER))
+        assert await other.household(PHONE) == [device(PHONE, USER)]
+
+    async def test_a_read_that_raced_an_erasure_finds_nothing_when_tried_again(
+            self, store: Store) -> None:
+        """A reader that read a user's row just before another process erased the user
+        finds no key: it is held (StoreUnavailableError), and read again it finds no row."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        other = Pseudonymous(store.backend, store.vault, SECRET)
+        read = await store.backend.household(other.device_pseudonym(PHONE))
+        await store.erase_user(USER)
+        with pytest.raises(StoreUnavailableError):
+            await other._devices(read)
+        assert await other.household(PHONE) == []
+        assert await other.device(PHONE) is None
 
     async def test_another_process_forgets_an_erased_user(
             self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,6 +117,36 @@ class TestVaultService:
             assert not [line for line in vault.lines if b"vault-phone" in line
                         or USER.encode() in line]
 
+    async def test_a_user_whose_key_the_vault_lacks_is_held_not_refused(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A vault that lacks the key of a user whose rows exist (restored from a backup
+        older than the key) holds the user's message in place, rather than refusing it as
+        from an unknown device; given the key back, it is delivered, nothing dead-lettered."""
+        async with vaulted(tmp_path) as (relay, _):
+            await relay.add_business("acme")
+            phone = await relay.add_device(USER, "held-phone")
+            store: Any = relay.store
+            pseudonym = store.user_pseudonym(USER)
+            kept = (await store.vault.people([pseudonym]))[pseudonym]
+            await store.vault.forget_people([pseudonym])
+            store._people.clear()  # a minute on
+            missed, people = asyncio.Event(), store.vault.people
+
+            async def watched(users: list[str]) -> dict[str, tuple[bytes, bytes]]:
+                found: dict[str, tuple[bytes, bytes]] = await people(users)
+                if pseudonym in users and pseudonym not in found:
+                    missed.set()
+                return found
+
+            monkeypatch.setattr(store.vault, "people", watched)
+            await relay.start()
+            await relay.send(phone, "acme", "start", {"text": "while the key is missing"})
+            await asyncio.wait_for(missed.wait(), WAIT)  # the worker met the missing key
+            await store.vault.import_person(pseudonym, *kept)  # the right vault, back
+            [start] = await relay.events("acme", 1)
+            assert start["type"] == "start"
+            await relay.assert_empty(relay.settings.topology.dead_queue)
+
     async def test_erase_destroys_the_key_in_the_vault(self, tmp_path: Path) -> None:
         """`relayd gdpr erase` on a host asks the vault to forget the key: the vault file
         holds no copy of it, and another host no longer opens the device."""
