@@ -74,8 +74,12 @@ _FIELDS = {"person": {"v", "op", "user"},
            "seal": {"v", "op", "user", "sealed"},
            "import_person": {"v", "op", "user", "key", "sealed"},
            "people": {"v", "op", "users"},
-           "forget_people": {"v", "op", "users"},
+           "forget_people": {"v", "op", "users"},  # and seen_before_ms, if given
            "all_people": {"v", "op", "seen_before_ms", "after", "limit"}}
+# Fields a request may leave out. A service older than a field refuses a request that has
+# it (malformed): so a host sends it only when it is needed, and never gets less than it
+# asked for (retention's forget, refused, forgets nothing).
+_OPTIONAL = {"forget_people": {"seen_before_ms"}}
 
 
 # --- requests, as the pure door sees them ---------------------------------------------
@@ -86,7 +90,7 @@ class Request:
     users: tuple[str, ...] = ()  # person, seal, import_person: one
     key: bytes = b""
     sealed: bytes = b""
-    seen_before_ms: int = 0
+    seen_before_ms: int | None = None  # all_people: always; forget_people: if given
     after: str = ""
     limit: int = 0
 
@@ -118,7 +122,8 @@ def parse(body: bytes) -> Request:
     """A request from its body; PermanentError `too_large` or `malformed`."""
     data = rpc.request_object(body, MAX_REQUEST_BYTES)
     op = data.get("op")
-    if (not isinstance(op, str) or op not in _FIELDS or data.keys() != _FIELDS[op]
+    if (not isinstance(op, str) or op not in _FIELDS
+            or data.keys() - _OPTIONAL.get(op, set()) != _FIELDS[op]
             or not payload.is_version(data["v"])):
         raise PermanentError("malformed", "not a request of the vault")
     if op in ("person", "seal", "import_person"):
@@ -133,6 +138,9 @@ def parse(body: bytes) -> Request:
         return Request(op, seen_before_ms=_int(data["seen_before_ms"], "seen_before_ms", 0,
                                                2 ** 62),
                        after=after, limit=_int(data["limit"], "limit", 1, PAGE))
+    if "seen_before_ms" in data:  # forget_people: only those not seen since
+        return Request(op, _pseudonyms(data["users"], CHUNK), seen_before_ms=_int(
+            data["seen_before_ms"], "seen_before_ms", 0, 2 ** 62))
     return Request(op, _pseudonyms(data["users"], CHUNK))
 
 
@@ -173,8 +181,9 @@ class VaultDoor:
             found = await self.keys.people(list(req.users))
             return {p: [b64e(k), b64e(s)] for p, (k, s) in found.items()}
         if req.op == "forget_people":
-            return await self.keys.forget_people(list(req.users))
-        return await self.keys.people_page(req.seen_before_ms, req.after, req.limit)
+            return await self.keys.forget_people(list(req.users),
+                                                 seen_before_ms=req.seen_before_ms)
+        return await self.keys.people_page(req.seen_before_ms or 0, req.after, req.limit)
 
     async def on_message(self, delivery: Delivery) -> None:
         """The one guard: whatever happens below, the delivery is acked once."""
@@ -328,10 +337,13 @@ class AmqpVault:
             found.update((p, (b64d(k), b64d(s))) for p, (k, s) in got.items())
         return found
 
-    async def forget_people(self, users: Sequence[str]) -> int:
+    async def forget_people(self, users: Sequence[str], *,
+                            seen_before_ms: int | None = None) -> int:
+        since = {} if seen_before_ms is None else {"seen_before_ms": seen_before_ms}
         gone = 0
         for start in range(0, len(users), CHUNK):
-            gone += int(await self._ask("forget_people", users=list(users[start:start + CHUNK])))
+            gone += int(await self._ask("forget_people", users=list(users[start:start + CHUNK]),
+                                        **since))
         return gone
 
     async def all_people(self, seen_before_ms: int) -> list[str]:

@@ -301,8 +301,11 @@ class Vault(Protocol):
     async def people(self, users: Sequence[str]) -> dict[str, tuple[bytes, bytes]]:
         """The (key, sealed) of each pseudonym in `users` that has them."""
 
-    async def forget_people(self, users: Sequence[str]) -> int:
-        """Destroy the keys of `users`, so that nothing sealed under them opens again."""
+    async def forget_people(self, users: Sequence[str], *,
+                            seen_before_ms: int | None = None) -> int:
+        """Destroy the keys of `users`, so that nothing sealed under them opens again; with
+        `seen_before_ms`, only those last added (add_person) before it (retention: a user
+        who registers again meanwhile keeps the key). Return how many were destroyed."""
 
     async def all_people(self, seen_before_ms: int) -> list[str]:
         """Every pseudonym with a key, last added before `seen_before_ms`."""

@@ -879,12 +879,15 @@ class PostgresStore:
         return {r[0]: (r[1], r[2]) for r in await self._fetch(
             "SELECT id, key, sealed FROM people WHERE id = ANY($1::text[])", list(users))}
 
-    async def forget_people(self, users: Sequence[str]) -> int:
+    async def forget_people(self, users: Sequence[str], *,
+                            seen_before_ms: int | None = None) -> int:
         """Delete the keys, then vacuum, so their space is reused; the copies in WAL,
         replicas and backups are what docs/privacy.md says they are."""
         if not users:
             return 0
-        gone = await self._execute("DELETE FROM people WHERE id = ANY($1::text[])", list(users))
+        gone = await self._execute(
+            "DELETE FROM people WHERE id = ANY($1::text[]) AND ($2::bigint IS NULL"
+            " OR seen_ms < $2::bigint)", list(users), seen_before_ms)
         await self._vacuum("people")
         return gone
 

@@ -408,7 +408,8 @@ class Pseudonymous:
                     sent_before_ms: int, audit_before_ms: int,
                     receipts_before_ms: int = 0) -> dict[str, int]:
         """Also destroy the keys of people no row names any longer, except those added in
-        the last day: a device being registered has its person before its row."""
+        the last day: a device being registered has its person before its row (and one
+        added during the pass is not forgotten: forget_people's seen_before_ms)."""
         counts = await self.backend.prune(
             conversations_before_ms=conversations_before_ms, replay_before_ms=replay_before_ms,
             sent_before_ms=sent_before_ms, audit_before_ms=audit_before_ms,
@@ -416,7 +417,9 @@ class Pseudonymous:
         held = await self.backend.held_people()
         recent = rows.now_ms() - _PERSON_GRACE_MS
         gone = [p for p in await self.vault.all_people(recent) if p not in held]
-        await self.vault.forget_people(gone)
+        # only those still not seen since: one who registers meanwhile (add_person marks
+        # the old key seen, and it is reused) keeps the key the new rows are sealed under
+        await self.vault.forget_people(gone, seen_before_ms=recent)
         for pseudonym in gone:
             self._people.pop(pseudonym, None)
         if gone:

@@ -680,13 +680,15 @@ class SqliteStore:
                 *chunk))
         return found
 
-    async def forget_people(self, users: Sequence[str]) -> int:
+    async def forget_people(self, users: Sequence[str], *,
+                            seen_before_ms: int | None = None) -> int:
         """Delete the keys; secure_delete overwrites them, the checkpoint empties the WAL."""
         if not users:
             return 0
+        before = 2 ** 63 - 1 if seen_before_ms is None else seen_before_ms  # or: every one
         with self._write() as db:
-            gone = sum(db.execute("DELETE FROM people WHERE id = ?", (user,)).rowcount
-                       for user in users)
+            gone = sum(db.execute("DELETE FROM people WHERE id = ? AND seen_ms < ?",
+                                  (user, before)).rowcount for user in users)
         self._scrub()
         return gone
 

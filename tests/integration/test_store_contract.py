@@ -989,6 +989,39 @@ class TestPseudonyms:
         assert await other.household(PHONE) == []
         assert await other.device(PHONE) is None
 
+    async def test_retention_keeps_a_key_reused_by_a_registration_meanwhile(
+            self, store: Store, store_url: str) -> None:
+        """A user with no rows and an old key who registers a device between retention's
+        listing of the vault and its forget keeps the key the new row is sealed under."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        await store.remove_device(PHONE)
+        await set_seen(store_url, 0)  # an old key, no row
+        vault = store.vault
+
+        class RegisteredMeanwhile:
+            """The store's vault, but the user registers once the vault has been listed."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(vault, name)
+
+            async def all_people(self, seen_before_ms: int) -> list[str]:
+                listed = await vault.all_people(seen_before_ms)
+                await store.add_device(device(PHONE, USER))
+                return listed
+
+        racing = Pseudonymous(store.backend, RegisteredMeanwhile(), SECRET)  # type: ignore[arg-type]
+        await racing.prune(conversations_before_ms=0, replay_before_ms=0, sent_before_ms=0,
+                           audit_before_ms=0)
+        assert await vault.all_people(2**62) == [store.user_pseudonym(USER)]
+        other = Pseudonymous(store.backend, vault, SECRET)
+        assert await other.device(PHONE) == device(PHONE, USER)
+        await set_seen(store_url, 0)  # and with no row and an old key, it goes
+        await store.remove_device(PHONE)
+        await store.prune(conversations_before_ms=0, replay_before_ms=0, sent_before_ms=0,
+                          audit_before_ms=0)
+        assert await vault.all_people(2**62) == []
+
     async def test_another_process_forgets_an_erased_user(
             self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         """A process that read a user's key and ids keeps them no longer than

@@ -54,6 +54,9 @@ class TestParse:
     @example(body=b'{"v":1,"op":"all_people","seen_before_ms":99999999999999999999999,'
                   b'"after":"","limit":1}')
     @example(body=request("all_people", seen_before_ms=True, after="", limit=1))
+    @example(body=request("forget_people", users=[ALICE], seen_before_ms=True))
+    @example(body=request("forget_people", users=[ALICE], seen_before_ms=-1))
+    @example(body=request("people", users=[ALICE], seen_before_ms=1))
     def test_anything_parses_or_is_refused_with_a_reason(self, body: bytes) -> None:
         """Any body is a request of the vault or a PermanentError malformed/too_large,
         never another exception."""
@@ -72,6 +75,9 @@ class TestParse:
         assert parse(request("seal", user=ALICE, sealed=b64e(SEALED))).sealed == SEALED
         assert parse(request("people", users=[ALICE])).users == (ALICE,)
         assert parse(request("forget_people", users=[])).users == ()
+        assert parse(request("forget_people", users=[ALICE])).seen_before_ms is None
+        since = parse(request("forget_people", users=[ALICE], seen_before_ms=5))
+        assert (since.users, since.seen_before_ms) == ((ALICE,), 5)
         page = parse(request("all_people", seen_before_ms=5, after=ALICE, limit=10))
         assert (page.seen_before_ms, page.after, page.limit) == (5, ALICE, 10)
 
@@ -82,6 +88,9 @@ class TestParse:
         (request("import_person", user=ALICE, key=b64e(KEY), sealed=b64e(b"")), "malformed"),
         (request("person", user=ALICE, key=b64e(KEY)), "malformed"),  # no key goes in
         (request("people", users=[ALICE], extra=1), "malformed"),
+        (request("people", users=[ALICE], seen_before_ms=1), "malformed"),  # forget's only
+        (request("forget_people", users=[ALICE], seen_before_ms="1"), "malformed"),
+        (request("forget_people", users=[ALICE], seen_before_ms=2 ** 62 + 1), "malformed"),
         (b"[]", "malformed"),
     ])
     def test_refusals(self, body: bytes, reason: str) -> None:
@@ -89,6 +98,19 @@ class TestParse:
         with pytest.raises(PermanentError) as refused:
             parse(body)
         assert refused.value.reason == reason
+
+
+    @FAST
+    @given(users=st.lists(st.sampled_from([ALICE, BOB]), max_size=3),
+           since=st.none() | st.integers(0, 2 ** 62))
+    def test_forget_people_carries_its_cutoff_or_none(
+            self, users: list[str], since: int | None) -> None:
+        """forget_people parses with its optional seen_before_ms as sent, and without it
+        as an unconditional forget (a host older than the field asks so)."""
+        fields: dict[str, Any] = {} if since is None else {"seen_before_ms": since}
+        got = parse(request("forget_people", users=users, **fields))
+        assert (got.op, got.users, got.seen_before_ms) == ("forget_people", tuple(users),
+                                                           since)
 
 
 @pytest.fixture
@@ -134,6 +156,22 @@ class TestDoor:
         imported = request("import_person", user=ALICE, key=b64e(KEY), sealed=sealed)
         assert (await ask(d, sink, imported))[1]["result"] == [b64e(KEY), sealed]
 
+    async def test_forget_people_with_a_cutoff_spares_who_was_seen_since(
+            self, door: tuple[VaultDoor, RecordingSink]) -> None:
+        """forget_people with seen_before_ms forgets only people last added before it
+        (retention: one who registered meanwhile keeps the key); without it, every one."""
+        d, sink = door
+        await ask(d, sink, request("person", user=ALICE))
+        await ask(d, sink, request("person", user=BOB))
+        spared = request("forget_people", users=[ALICE, BOB], seen_before_ms=0)
+        assert (await ask(d, sink, spared))[1]["result"] == 0
+        both = request("people", users=[ALICE, BOB])
+        assert set((await ask(d, sink, both))[1]["result"]) == {ALICE, BOB}
+        gone = request("forget_people", users=[ALICE], seen_before_ms=2 ** 62)
+        assert (await ask(d, sink, gone))[1]["result"] == 1
+        assert (await ask(d, sink, request("forget_people", users=[BOB])))[1]["result"] == 1
+        assert (await ask(d, sink, both))[1]["result"] == {}
+
 
 class Recorded(AmqpVault):
     """AmqpVault whose requests are recorded and answered by a door, without a broker."""
@@ -164,6 +202,17 @@ class TestClient:
             key, sealed)  # it has one already: that one
         await client.import_person(BOB, own, seal(own, "user", BOB, "bob"))
         assert client.sent[-1]["key"] == b64e(own)
+
+    async def test_forget_people_sends_a_cutoff_only_when_given(
+            self, door: tuple[VaultDoor, RecordingSink]) -> None:
+        """An unconditional forget (erasure) is the request a service older than the
+        cutoff knows; retention's carries seen_before_ms."""
+        client = Recorded(door[0])
+        await client.forget_people([ALICE])
+        await client.forget_people([ALICE], seen_before_ms=7)
+        assert client.sent == [{"op": "forget_people", "users": [ALICE]},
+                               {"op": "forget_people", "users": [ALICE],
+                                "seen_before_ms": 7}]
 
 
     @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
