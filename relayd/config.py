@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -264,6 +265,19 @@ class Vault(Section):
 
     file: Path = Path("/var/lib/relayd/keys.db")  # the service's SQLite file
     timeout: Seconds = 5.0  # how long a host waits for an answer
+    # The broker login of the vault's traffic, on the service and on every asker: None is
+    # amqp.url (one host); a user of its own keeps the edge, which logs in as relayd, out
+    url: str | None = None  # with amqp.tls (a password login: a certificate is relayd's)
+    # The broker user whose requests the service answers (the broker-validated user_id),
+    # which askers set; None: the user name in vault.url (or amqp.url)
+    user: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
 
     @field_validator("file")
     @classmethod
@@ -317,6 +331,29 @@ def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return data
 
 
+def vault_login(settings: Settings) -> Settings:
+    """`settings` with amqp.url that of the vault's traffic (vault.url), for the service
+    and its askers to connect with."""
+    return settings.model_copy(update={"amqp": settings.amqp.model_copy(update={
+        "url": settings.vault.url or settings.amqp.url})})
+
+
+def vault_user(settings: Settings) -> str:
+    """The broker user the vault answers and its askers publish as: vault.user, else the
+    user name its URL logs in with. ConfigError when neither names one (a certificate
+    login), or when they differ (the broker would refuse every request)."""
+    url = settings.vault.url or settings.amqp.url
+    key = "vault.url" if settings.vault.url else "amqp.url"
+    named = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
+    user = settings.vault.user or named
+    if not user:
+        raise ConfigError({"vault.user": f"must be set: {key} names no user (with a"
+                           " certificate login, the certificate's CN)"})
+    if named and named != user:
+        raise ConfigError({"vault.user": f"must be the user {key} logs in as"})
+    return user
+
+
 def require_edge(settings: Settings) -> None:
     """What running the edge needs beyond a valid config: its name, which devices sign."""
     if settings.edge.name is None:
@@ -357,6 +394,8 @@ def parse(data: Any, environ: Mapping[str, str] | None = None) -> Settings:
             " process may hold every shard when the others are gone), more than"
             f" amqp.channel_max ({settings.amqp.channel_max}): lower topology.shards, or"
             " raise channel_max on the broker and amqp.channel_max with it")})
+    if settings.store.key_vault == "amqp" or settings.vault.url or settings.vault.user:
+        vault_user(settings)
     if settings.retention.replay_state_days * 86400 < settings.limits.max_age_seconds:
         # Until a message is too old to accept, a re-added device id must not be replayable.
         raise ConfigError({"retention.replay_state_days":

@@ -20,14 +20,19 @@ connection:
 - no answer within `vault.timeout`, or no service running, is StoreUnavailableError: a
   worker holds its message and tries it again in place (relayd.consume), nothing lost.
 
-Who may ask: whoever may write the default exchange (`amq.default`), which the broker
-grants relayd alone (deploy/rabbitmq/README.md); nobody else may read the queue, and
-being exclusive, no other connection may consume it at all.
+Who may ask: the vault's own broker user alone (`vault.user`; the service and its askers
+log in with `vault.url`, config.vault_login). The broker refuses a publish whose
+`user_id` is not the publisher's own, askers set it, and the door answers no other
+(`not_allowed`): the edge, which logs in as relayd, may write the default exchange but
+gets no key. Only that user may declare or read `relayd.vault` (deploy/rabbitmq/README.md),
+so no one else can take the queue over while the service restarts and answer hosts in
+its place; and being exclusive, no other connection may consume it at all.
 
 The door checks, in this order and in one guard (VaultDoor.on_message): the delivery's
 properties (relayd.wire), where the answer goes (`bad_reply_to`: direct reply-to only, and
-a request without one is dropped), then by the pure parse() its size (`too_large`) and
-shape (`malformed`). A refusal is answered with its reason; every delivery is acked once.
+a request without one is dropped), who asks (the pure asker_allowed(), `not_allowed`),
+then by the pure parse() its size (`too_large`) and shape (`malformed`). A refusal is
+answered with its reason; every delivery is acked once.
 No pseudonym, key or id reaches a log line: the operation and the reason only.
 """
 
@@ -47,7 +52,7 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from relayd import amqp, log, payload, rpc, topology, wire
+from relayd import amqp, config, log, payload, rpc, topology, wire
 from relayd.amqp import Delivery
 from relayd.config import Settings
 from relayd.crypto import b64d, b64e
@@ -144,6 +149,11 @@ def parse(body: bytes) -> Request:
     return Request(op, _pseudonyms(data["users"], CHUNK))
 
 
+def asker_allowed(user_id: str | None, vault_user: str) -> bool:
+    """May the sender of a request with this (broker-validated) user_id ask the vault?"""
+    return user_id is not None and user_id == vault_user
+
+
 def request(op: str, **fields: Any) -> bytes:
     return orjson.dumps({"v": payload.VERSION, "op": op, **fields})
 
@@ -158,9 +168,10 @@ def answer(ok: bool, value: Any) -> bytes:
 class VaultDoor:
     """Applies each request to the vault file and answers it (see the module docstring)."""
 
-    def __init__(self, keys: SqliteStore, sink: rpc.Answerer) -> None:
+    def __init__(self, keys: SqliteStore, sink: rpc.Answerer, user: str) -> None:
         self.keys = keys
         self.sink = sink
+        self.user = user  # vault.user: whose requests are answered
         self._one_at_a_time = asyncio.Lock()  # requests applied in the order they came
 
     async def apply(self, req: Request) -> Any:
@@ -208,7 +219,10 @@ class VaultDoor:
             return "", exc.reason
         if to is None:
             return "", "bad_reply_to"
-        op, outcome, body = await self._answer(delivery.body)
+        if not asker_allowed(delivery.user_id, self.user):
+            op, outcome, body = "", "not_allowed", answer(False, "not_allowed")
+        else:
+            op, outcome, body = await self._answer(delivery.body)
         await self.sink.answer(to.queue, to.correlation_id, body)
         return op, outcome
 
@@ -231,6 +245,7 @@ async def serve(settings: Settings, stop: asyncio.Event,
                 ready: asyncio.Event | None = None) -> None:
     """Answer the vault's requests until `stop` is set, reconnecting when the link is
     lost; `ready` is set each time the queue is consumed."""
+    user, login = config.vault_user(settings), config.vault_login(settings)
     keys = SqliteStore(settings.vault.file)
     spec = topology.vault(settings.topology)
 
@@ -246,7 +261,8 @@ async def serve(settings: Settings, stop: asyncio.Event,
         channel.close_callbacks.add(lambda *_: lost.set())
         # answers on a channel of their own: the broker may close a publisher's
         door = VaultDoor(keys, amqp.Publisher(await amqp.open_channel(connection), settings,
-                                              b""))  # no secret: it names no device queue
+                                              b""),  # no secret: it names no device queue
+                         user)
         queue = await channel.get_queue(spec.name, ensure=False)
         await queue.consume(door.on_message)
         _log.info("vault_serving", file=str(settings.vault.file))
@@ -255,7 +271,7 @@ async def serve(settings: Settings, stop: asyncio.Event,
         await amqp.wait_any(stop, lost)
 
     try:
-        await amqp.keep_connected(settings, "relayd-vault", "vault", stop, session,
+        await amqp.keep_connected(login, "relayd-vault", "vault", stop, session,
                                   ready.clear if ready is not None else None)
     finally:
         await keys.close()
@@ -269,6 +285,8 @@ class AmqpVault:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._user = config.vault_user(settings)  # set on each request, as the broker checks
+        self._login = config.vault_login(settings)
         self._connection: AbstractConnection | None = None
         self._asker: rpc.Asker | None = None
         self._connecting = asyncio.Lock()
@@ -278,7 +296,7 @@ class AmqpVault:
             if (self._asker is None or self._connection is None
                     or self._connection.is_closed or self._asker.channel.is_closed):
                 await self.close()
-                self._connection = await amqp.connect(self.settings, "relayd-vault-client")
+                self._connection = await amqp.connect(self._login, "relayd-vault-client")
                 self._asker = rpc.Asker(await amqp.open_channel(self._connection))
                 await self._asker.listen()
             return self._asker
@@ -290,7 +308,7 @@ class AmqpVault:
             body = await asker.ask("", self.settings.topology.vault_queue, aio_pika.Message(
                 request(op, **fields), content_type=amqp.JSON,
                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-                expiration=timeout), timeout, mandatory=True)
+                expiration=timeout, user_id=self._user), timeout, mandatory=True)
         except TimeoutError:
             raise StoreUnavailableError("the key vault did not answer in time") from None
         except (PublishError, DeliveryError):

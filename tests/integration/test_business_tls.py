@@ -31,8 +31,9 @@ import yaml
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd import admin, amqp, config, keys, provision, topology, vault
+from relayd import admin, amqp, config, keys, provision, rpc, topology, vault
 from relayd.client import DeviceKeys, IdentityService, RelayPublic, reply
+from relayd.crypto import b64e
 from relayd.store import Business, open_store
 from relayd.store.pseudonym import seal, unseal
 from relayd.vault import AmqpVault
@@ -472,12 +473,23 @@ class TestWhoMayPublishWhere:
     add`) gives it: what the README says it may do works; the rest of the relay is
     refused."""
 
+    @staticmethod
+    def vault_settings(env: Env) -> config.Settings:
+        """relayd's settings with the key vault's own login: a `relayd-vault` user with
+        the README's permissions, by password (vault.url)."""
+        user, password = f"relayd-vault-{secrets.token_hex(3)}", secrets.token_hex(12)
+        env.admin.api.put_user(user, [], password)
+        env.admin.api.call("PUT", "permissions", env.vhost, user,
+                           body=documented_permissions()["relayd-vault"])
+        return env.relay.settings.model_copy(update={"vault": config.Vault(
+            file=env.relay.root / "vault" / "keys.db", url=env.url(user, password),
+            user=user)})
+
     @pytest.fixture
     async def vault_service(self, env: Env) -> AsyncIterator[config.Settings]:
-        """The key vault service, connected as relayd with the README's permissions (its
-        certificate); yields the settings a relay host asks it with."""
-        settings = env.relay.settings.model_copy(update={
-            "vault": config.Vault(file=env.relay.root / "vault" / "keys.db")})
+        """The key vault service, logged in as its own user with the README's permissions;
+        yields the settings a relay host asks it with."""
+        settings = self.vault_settings(env)
         stop, ready = asyncio.Event(), asyncio.Event()
         serving = asyncio.create_task(vault.serve(settings, stop, ready))
         await asyncio.wait_for(ready.wait(), WAIT)
@@ -538,11 +550,73 @@ class TestWhoMayPublishWhere:
         finally:
             await asking.close()
 
+    async def test_only_the_vault_user_is_answered(
+            self, env: Env, vault_service: config.Settings) -> None:
+        """A key request from relayd's own user, which the edge logs in as (with or
+        without user_id), is refused `not_allowed` and carries no key back, while the
+        vault's user reads the key; relayd cannot pass itself off as the vault's user."""
+        asking = AmqpVault(vault_service)
+        pseudonym = "b" * 32
+        try:
+            own = bytes(range(32))
+            key, sealed = await asking.add_person(pseudonym, own, seal(own, "user", pseudonym,
+                                                                       USER))
+        finally:
+            await asking.close()
+        as_relayd = await amqp.connect(env.relay.settings, "edge-like")
+        async with as_relayd:
+            asker = rpc.Asker(await as_relayd.channel())
+            await asker.listen()
+            requests: list[tuple[str, dict[str, Any]]] = [
+                ("people", {"users": [pseudonym]}),
+                ("all_people", {"seen_before_ms": 2 ** 62, "after": "", "limit": 10}),
+                ("person", {"user": "c" * 32})]
+            for op, fields in requests:
+                for user_id in ("relayd", None):
+                    body = await asker.ask("", vault_service.topology.vault_queue,
+                                           aio_pika.Message(vault.request(op, **fields),
+                                                            user_id=user_id), WAIT)
+                    assert orjson.loads(body) == {"v": 1, "ok": False, "reason": "not_allowed"}
+                    assert b64e(key) not in body.decode()
+            spoofed = publisher("", vault_service.topology.vault_queue,
+                                user_id=vault_service.vault.user)
+            assert (await refusal(as_relayd, spoofed)).startswith("PRECONDITION_FAILED")
+        asking = AmqpVault(vault_service)
+        try:
+            assert await asking.people([pseudonym, "c" * 32]) == {pseudonym: (key, sealed)}
+        finally:
+            await asking.close()
+
+    async def test_only_the_vault_user_may_hold_the_vault_queue(self, env: Env) -> None:
+        """With no vault service running, relayd's user (and so the edge) may neither
+        declare relayd.vault nor consume it: nobody but the vault's user can stand in for
+        the service and answer hosts; the vault's user may."""
+        settings = self.vault_settings(env)
+        spec = topology.vault(settings.topology)
+
+        async def declare(ch: AbstractChannel) -> None:
+            await topology.declare(ch, [spec])
+
+        as_relayd = await amqp.connect(env.relay.settings, "edge-like")
+        async with as_relayd:
+            assert (await refusal(as_relayd, declare)).startswith("ACCESS_REFUSED")
+            assert (await refusal(as_relayd, consumer(spec.name))).startswith(
+                "ACCESS_REFUSED")
+        as_vault = await amqp.connect(config.vault_login(settings), "vault-like")
+        async with as_vault:
+            channel = await as_vault.channel()
+            await declare(channel)
+            await consumer(spec.name)(channel)
+            as_relayd = await amqp.connect(env.relay.settings, "edge-like")
+            async with as_relayd:  # refused for want of rights, not because it is taken
+                assert (await refusal(as_relayd, consumer(spec.name))).startswith(
+                    "ACCESS_REFUSED")
+
     async def test_the_readme_names_every_party(self) -> None:
-        """The README's commands cover relayd, the edge, the identity service, the push
-        service and an operator."""
-        assert set(documented_permissions()) == {"relayd", "edge", "identity", "push",
-                                                 "operator"}
+        """The README's commands cover relayd, the key vault, the edge, the identity
+        service, the push service and an operator."""
+        assert set(documented_permissions()) == {"relayd", "relayd-vault", "edge", "identity",
+                                                 "push", "operator"}
 
     async def test_edge(self, env: Env, relay_side: list[Any]) -> None:
         """The edge publishes to relayd.ingress and consumes device queues, nothing else."""

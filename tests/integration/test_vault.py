@@ -20,6 +20,7 @@ import aio_pika
 import orjson
 import pytest
 
+from relayd import config
 from relayd import vault as vault_module
 from relayd.errors import ExitCode, StoreUnavailableError
 from relayd.store import Store, open_store
@@ -198,12 +199,15 @@ class TestVaultService:
         ("amq.rabbitmq.reply-to", b"{" * 300_000, {"ok": False, "reason": "too_large"}),
         ("relayd.inbound", request("people", users=[]), None),
         (None, request("people", users=[]), None),
+        ("amq.rabbitmq.reply-to", b"not the vault's user", {"ok": False,
+                                                           "reason": "not_allowed"}),
     ])
     async def test_hostile_requests_are_refused_by_type(
             self, tmp_path: Path, reply_to: str | None, body: bytes,
             answer: dict[str, Any] | None) -> None:
         """A hostile request is answered with its typed refusal where it may be answered
-        at all, and never anywhere else; the valid request behind it is answered."""
+        at all, and never anywhere else; the valid request behind it is answered. A
+        request without the vault's user as user_id is refused whatever it asks."""
         async with vaulted(tmp_path) as (relay, vault):
             got: dict[str, Any] = {}
             arrived = asyncio.Event()
@@ -216,11 +220,14 @@ class TestVaultService:
             replies = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
             await replies.consume(on_answer, no_ack=True)
             hostile, valid = str(uuid.uuid4()), str(uuid.uuid4())
-            for correlation, to, data in ((hostile, reply_to, body),
-                                          (valid, "amq.rabbitmq.reply-to",
-                                           request("people", users=[]))):
+            user = config.vault_user(relay.settings)
+            anonymous = body == b"not the vault's user"
+            for correlation, to, data, user_id in (
+                    (hostile, reply_to, request("people", users=[]) if anonymous else body,
+                     None if anonymous else user),
+                    (valid, "amq.rabbitmq.reply-to", request("people", users=[]), user)):
                 await channel.default_exchange.publish(aio_pika.Message(
-                    data, reply_to=to, correlation_id=correlation),
+                    data, reply_to=to, correlation_id=correlation, user_id=user_id),
                     routing_key=relay.settings.topology.vault_queue, mandatory=True)
             async with asyncio.timeout(WAIT):
                 while valid not in got:

@@ -286,3 +286,30 @@ class TestKeyVault:
         assert "must be sqlite:///PATH or amqp" in _problems(
             _with("store", key_vault="redis://vault"))["store.key_vault"]
         assert "absolute" in _problems(_with("vault", file="keys.db"))["vault.file"]
+
+    def test_the_vault_logs_in_as_its_own_user(self) -> None:
+        """vault.url (default amqp.url) is the login of the vault's traffic, over
+        amqp.tls; vault.user defaults to the user name in that URL."""
+        alone = config.parse(_with("store", key_vault="amqp"), environ={})
+        assert config.vault_user(alone) == "relay"
+        assert config.vault_login(alone).amqp == alone.amqp
+        data = _with("vault", url="amqps://keys:pw@broker.example:5671/relayd")
+        data["store"]["key_vault"] = "amqp"
+        own = config.parse(data, environ={})
+        assert config.vault_user(own) == "keys"
+        login = config.vault_login(own)
+        assert login.amqp.url == "amqps://keys:pw@broker.example:5671/relayd"
+        assert (login.amqp.tls, login.amqp.heartbeat) == (own.amqp.tls, own.amqp.heartbeat)
+
+    def test_a_vault_user_that_cannot_be_is_refused(self) -> None:
+        """A certificate login without vault.user, a vault.user other than the URL's, and a
+        vault.url that is not AMQP are refused by their dotted keys."""
+        cert = _with("vault", url="amqps://broker.example:5671/relayd?auth=external")
+        cert["store"]["key_vault"] = "amqp"
+        assert "names no user" in _problems(cert)["vault.user"]
+        cert["vault"]["user"] = "keys"
+        assert config.vault_user(config.parse(cert, environ={})) == "keys"
+        assert "vault.url" in _problems(_with("vault", url="amqps://a:pw@b/relayd",
+                                              user="keys"))["vault.user"]
+        assert "amqp.url" in _problems(_with("vault", user="keys"))["vault.user"]
+        assert "amqp" in _problems(_with("vault", url="https://b/"))["vault.url"]

@@ -19,7 +19,15 @@ from relayd.errors import PermanentError
 from relayd.store.pseudonym import seal, unseal
 from relayd.store.sqlite import SqliteStore
 from relayd.vault import _FIELDS as OPS
-from relayd.vault import CHUNK, MAX_REQUEST_BYTES, AmqpVault, VaultDoor, parse, request
+from relayd.vault import (
+    CHUNK,
+    MAX_REQUEST_BYTES,
+    AmqpVault,
+    VaultDoor,
+    asker_allowed,
+    parse,
+    request,
+)
 from tests.unit.fakes import FakeDelivery, RecordingSink
 from tests.unit.helpers import FAST
 
@@ -27,6 +35,7 @@ TO = "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADtAAAAABrDY8v.zcicA0lbFTz
 ALICE = opaque.pseudonym(b"s" * 32, "user", "alice@example.org")
 BOB = opaque.pseudonym(b"s" * 32, "user", "bob@example.org")
 KEY, SEALED = bytes(range(32)), b"\x01" * 40
+VAULT_USER = "relayd-vault"
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
@@ -117,13 +126,15 @@ class TestParse:
 async def door(tmp_path: Path) -> AsyncIterator[tuple[VaultDoor, RecordingSink]]:
     keys = SqliteStore(tmp_path / "keys.db")
     sink = RecordingSink()
-    yield VaultDoor(keys, sink), sink
+    yield VaultDoor(keys, sink, VAULT_USER), sink
     await keys.close()
 
 
 async def ask(door: VaultDoor, sink: RecordingSink, body: bytes, reply_to: str | None = TO,
-              headers: dict[str, Any] | None = None) -> tuple[FakeDelivery, Any]:
-    delivery = FakeDelivery(body=body, reply_to=reply_to, correlation_id="c1", headers=headers)
+              headers: dict[str, Any] | None = None,
+              user_id: str | None = VAULT_USER) -> tuple[FakeDelivery, Any]:
+    delivery = FakeDelivery(body=body, reply_to=reply_to, correlation_id="c1", headers=headers,
+                            user_id=user_id)
     before = len(sink.sent)
     await door.on_message(delivery)
     answers = sink.sent[before:]
@@ -173,6 +184,49 @@ class TestDoor:
         assert (await ask(d, sink, both))[1]["result"] == {}
 
 
+class TestWhoMayAsk:
+    @FAST
+    @given(user_id=st.none() | st.text(max_size=20), vault_user=st.text(min_size=1, max_size=20))
+    @example(user_id=None, vault_user=VAULT_USER)
+    @example(user_id="", vault_user=VAULT_USER)
+    @example(user_id=VAULT_USER.upper(), vault_user=VAULT_USER)
+    @example(user_id=VAULT_USER + " ", vault_user=VAULT_USER)
+    def test_only_the_vault_user_may_ask(self, user_id: str | None, vault_user: str) -> None:
+        """A request is allowed exactly when its user_id is vault.user, character for
+        character; none, or any other, is not."""
+        assert asker_allowed(user_id, vault_user) == (user_id == vault_user)
+
+    @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(user_id=st.none() | st.sampled_from(["relayd", "edge", "", "relayd-vault2",
+                                                "Relayd-Vault"]) | st.text(max_size=12),
+           op=st.sampled_from([request("people", users=[ALICE]),
+                               request("all_people", seen_before_ms=2 ** 62, after="",
+                                       limit=10),
+                               request("person", user=BOB),
+                               request("import_person", user=BOB, key=b64e(KEY),
+                                       sealed=b64e(SEALED))]))
+    async def test_anyone_else_gets_no_key(
+            self, door: tuple[VaultDoor, RecordingSink], user_id: str | None,
+            op: bytes) -> None:
+        """A request from another broker user (the edge's, relayd's) is acked and answered
+        `not_allowed`, changes nothing and reveals nothing; the log line says why and
+        names no one."""
+        d, sink = door
+        await d.keys.add_person(ALICE, KEY, SEALED)
+        if user_id == VAULT_USER:
+            user_id = None
+        with capture_logs() as logs:
+            delivery, got = await ask(d, sink, op, user_id=user_id)
+        assert delivery.settled == ["ack"]
+        assert got == {"v": 1, "ok": False, "reason": "not_allowed"}
+        assert await d.keys.people([BOB]) == {}
+        assert logs == [{"event": "vault_refused", "log_level": "info", "op": "",
+                         "reason": "not_allowed"}]
+        # the vault user itself is answered
+        assert (await ask(d, sink, request("people", users=[ALICE])))[1]["result"] == {
+            ALICE: [b64e(KEY), b64e(SEALED)]}
+
+
 class Recorded(AmqpVault):
     """AmqpVault whose requests are recorded and answered by a door, without a broker."""
 
@@ -219,18 +273,22 @@ class TestClient:
     @given(body=bodies, reply_to=st.sampled_from([TO, None, "relayd.inbound",
                                                   "amq.rabbitmq.reply-to."]),
            headers=st.none() | st.dictionaries(st.text(max_size=12), json_values, max_size=3)
-           | st.just({wire.BAD_PROPERTIES: wire.Undecoded("reply_to")}))
+           | st.just({wire.BAD_PROPERTIES: wire.Undecoded("reply_to")}),
+           user_id=st.just(VAULT_USER) | st.none() | st.text(max_size=12))
     async def test_hostile_requests_are_refused_by_type(
             self, door: tuple[VaultDoor, RecordingSink], body: bytes,
-            reply_to: str | None, headers: dict[str, Any] | None) -> None:
+            reply_to: str | None, headers: dict[str, Any] | None,
+            user_id: str | None) -> None:
         """Whatever the body, headers and reply_to, the delivery is acked once; it is
         answered only to a direct reply-to name and when its properties decoded, with a
         typed refusal unless it is a request; no log line holds what it carried."""
         with capture_logs() as logs:
-            delivery, got = await ask(*door, body, reply_to, headers)
+            delivery, got = await ask(*door, body, reply_to, headers, user_id)
         assert delivery.settled == ["ack"]
         if reply_to != TO or wire.marker(headers) is not None:
             assert got is None
+        elif user_id != VAULT_USER:
+            assert got["reason"] == "not_allowed"
         else:
             assert got["ok"] or got["reason"] in {"malformed", "too_large"}
         # what a log line may say: fixed words only, never from the request
@@ -238,4 +296,4 @@ class TestClient:
         assert {line.get("op", "") for line in logs} <= {"", *OPS}
         assert {line.get("reason") for line in logs} <= {"malformed", "too_large",
                                                          "bad_reply_to", "bad_properties",
-                                                         None}
+                                                         "not_allowed", None}
