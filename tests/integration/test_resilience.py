@@ -209,7 +209,12 @@ class TestBrokerClosesAChannel:
                 await asyncio.sleep(0.05)
         assert reconnects() == before + 1
         after = await relay.send(phone, "acme", "message", {"text": "after"})
+        # the first message's ack may have been queued behind the close: then it comes
+        # once more, with its id (a duplicate the contract lets a business drop), before
+        # the message sent after
         [event] = await relay.events("acme", 1)
+        if event["id"] == first:
+            [event] = await relay.events("acme", 1)
         assert event["id"] == after
 
 
