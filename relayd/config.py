@@ -267,7 +267,11 @@ class Vault(Section):
     timeout: Seconds = 5.0  # how long a host waits for an answer
     # The broker login of the vault's traffic, on the service and on every asker: None is
     # amqp.url (one host); a user of its own keeps the edge, which logs in as relayd, out
-    url: str | None = None  # with amqp.tls (a password login: a certificate is relayd's)
+    url: str | None = None
+    # How vault.url's TLS is checked and which client certificate it presents (with
+    # ?auth=external, the certificate's CN is vault.user); None: amqp.tls, whose
+    # certificate is relayd's own, so a vault user of its own logs in by password there
+    tls: TLS | None = None
     # The broker user whose requests the service answers (the broker-validated user_id),
     # which askers set; None: the user name in vault.url (or amqp.url)
     user: str | None = None
@@ -332,10 +336,11 @@ def _with_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
 
 
 def vault_login(settings: Settings) -> Settings:
-    """`settings` with amqp.url that of the vault's traffic (vault.url), for the service
-    and its askers to connect with."""
+    """`settings` with amqp.url and amqp.tls those of the vault's traffic (vault.url,
+    vault.tls), for the service and its askers to connect with."""
     return settings.model_copy(update={"amqp": settings.amqp.model_copy(update={
-        "url": settings.vault.url or settings.amqp.url})})
+        "url": settings.vault.url or settings.amqp.url,
+        "tls": settings.vault.tls or settings.amqp.tls})})
 
 
 def vault_user(settings: Settings) -> str:

@@ -474,22 +474,29 @@ class TestWhoMayPublishWhere:
     refused."""
 
     @staticmethod
-    def vault_settings(env: Env) -> config.Settings:
+    def vault_settings(env: Env, *, certificate: bool = False) -> config.Settings:
         """relayd's settings with the key vault's own login: a `relayd-vault` user with
-        the README's permissions, by password (vault.url)."""
+        the README's permissions, by password (vault.url), or by a client certificate of
+        its own (vault.url with ?auth=external, vault.tls)."""
         user, password = f"relayd-vault-{secrets.token_hex(3)}", secrets.token_hex(12)
-        env.admin.api.put_user(user, [], password)
+        env.admin.api.put_user(user, [], None if certificate else password)
         env.admin.api.call("PUT", "permissions", env.vhost, user,
                            body=documented_permissions()["relayd-vault"])
-        return env.relay.settings.model_copy(update={"vault": config.Vault(
-            file=env.relay.root / "vault" / "keys.db", url=env.url(user, password),
-            user=user)})
+        vault = config.Vault(file=env.relay.root / "vault" / "keys.db",
+                             url=env.url(user, password), user=user)
+        if certificate:
+            cert, key = env.node.make_client_cert(user)
+            vault = vault.model_copy(update={"url": env.url(), "tls": config.TLS(
+                ca_file=env.node.ca_cert, cert_file=cert, key_file=key)})
+        return env.relay.settings.model_copy(update={"vault": vault})
 
-    @pytest.fixture
-    async def vault_service(self, env: Env) -> AsyncIterator[config.Settings]:
-        """The key vault service, logged in as its own user with the README's permissions;
-        yields the settings a relay host asks it with."""
-        settings = self.vault_settings(env)
+    @pytest.fixture(params=["password", "certificate"])
+    async def vault_service(self, env: Env,
+                            request: pytest.FixtureRequest) -> AsyncIterator[config.Settings]:
+        """The key vault service, logged in as its own user with the README's permissions,
+        by password or by its own certificate; yields the settings a relay host asks it
+        with."""
+        settings = self.vault_settings(env, certificate=request.param == "certificate")
         stop, ready = asyncio.Event(), asyncio.Event()
         serving = asyncio.create_task(vault.serve(settings, stop, ready))
         await asyncio.wait_for(ready.wait(), WAIT)

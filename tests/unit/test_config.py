@@ -301,6 +301,21 @@ class TestKeyVault:
         assert login.amqp.url == "amqps://keys:pw@broker.example:5671/relayd"
         assert (login.amqp.tls, login.amqp.heartbeat) == (own.amqp.tls, own.amqp.heartbeat)
 
+    def test_the_vault_may_log_in_with_a_certificate_of_its_own(self) -> None:
+        """vault.tls, where set, is the TLS of the vault's traffic in place of amqp.tls
+        (whose certificate is relayd's); the rest of amqp stays."""
+        data = _with("vault", url="amqps://broker.example:5671/relayd?auth=external",
+                     user="relayd-vault", tls={"ca_file": "/etc/relayd/ca.pem",
+                                               "cert_file": "/etc/relayd/vault.pem",
+                                               "key_file": "/etc/relayd/vault.key"})
+        data["amqp"]["tls"] = {"cert_file": "/etc/relayd/relayd.pem"}
+        settings = config.parse(data, environ={})
+        login = config.vault_login(settings)
+        assert login.amqp.tls.cert_file == Path("/etc/relayd/vault.pem")
+        assert login.amqp.tls.ca_file == Path("/etc/relayd/ca.pem")
+        assert settings.amqp.tls.cert_file == Path("/etc/relayd/relayd.pem")
+        assert config.vault_user(settings) == "relayd-vault"
+
     def test_a_vault_user_that_cannot_be_is_refused(self) -> None:
         """A certificate login without vault.user, a vault.user other than the URL's, and a
         vault.url that is not AMQP are refused by their dotted keys."""
