@@ -37,6 +37,7 @@ from relayd import (
 from relayd.completion import bash_completion
 from relayd.crypto import Kem, b64d, ed25519_public, fingerprint
 from relayd.errors import ConfigError, ExitCode, StoreUnavailableError, TransientError
+from relayd.sdnotify import Notifier
 from relayd.store import Business, Device, Store, open_backend, open_store, open_vault
 from relayd.worker import ROLES, Role
 
@@ -220,6 +221,15 @@ def cmd_store_move_keys(args: argparse.Namespace, settings: config.Settings) -> 
     return ExitCode.FAILURE if refused else ExitCode.OK
 
 
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 at half of systemd's WatchdogSec, for as long as the event loop runs."""
+    if notifier.watchdog_s is None:
+        return
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(notifier.watchdog_s)
+
+
 def cmd_vault(args: argparse.Namespace, settings: config.Settings) -> int:
     """The key vault service in the foreground, until SIGTERM or SIGINT; with --create,
     make vault.file once, and exit. The service never makes the file itself: one started
@@ -246,7 +256,12 @@ def cmd_vault(args: argparse.Namespace, settings: config.Settings) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await vault.serve(settings, stop)
+        notifier = Notifier()
+        watchdog = asyncio.create_task(_watchdog(notifier))
+        try:
+            await vault.serve(settings, stop, notifier=notifier)
+        finally:
+            watchdog.cancel()
         return ExitCode.OK
 
     structlog.contextvars.bind_contextvars(worker="vault")

@@ -63,6 +63,7 @@ from relayd.errors import (
     StoreUnavailableError,
     TransientError,
 )
+from relayd.sdnotify import Notifier
 from relayd.store.pseudonym import seal, unseal
 from relayd.store.sqlite import SqliteStore
 
@@ -242,12 +243,21 @@ class VaultDoor:
 
 
 async def serve(settings: Settings, stop: asyncio.Event,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None, notifier: Notifier | None = None) -> None:
     """Answer the vault's requests until `stop` is set, reconnecting when the link is
-    lost; `ready` is set each time the queue is consumed."""
+    lost; `ready` is set each time the queue is consumed. `notifier` tells systemd READY
+    once the service serves or stands by (another service holds the queue: it takes
+    over when that one goes), and in STATUS which of the two, or that the broker is
+    out of reach."""
     user, login = config.vault_user(settings), config.vault_login(settings)
     keys = SqliteStore(settings.vault.file)
     spec = topology.vault(settings.topology)
+    notifier = notifier or Notifier({})
+
+    def down() -> None:
+        notifier.status("waiting for the broker")
+        if ready is not None:
+            ready.clear()
 
     async def session(connection: AbstractConnection, lost: asyncio.Event) -> None:
         channel = await amqp.open_channel(connection, PREFETCH)
@@ -255,6 +265,7 @@ async def serve(settings: Settings, stop: asyncio.Event,
             await topology.declare(channel, [spec])
         except aiormq.exceptions.ChannelLockedResource:  # another service holds it
             _log.warning("vault_standby", reason="another vault service holds the queue")
+            notifier.ready("standby: another vault service holds the queue")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(amqp.wait_any(stop, lost), STANDBY_S)
             return
@@ -266,14 +277,15 @@ async def serve(settings: Settings, stop: asyncio.Event,
         queue = await channel.get_queue(spec.name, ensure=False)
         await queue.consume(door.on_message)
         _log.info("vault_serving", file=str(settings.vault.file))
+        notifier.ready("serving")
         if ready is not None:
             ready.set()
         await amqp.wait_any(stop, lost)
 
     try:
-        await amqp.keep_connected(login, "relayd-vault", "vault", stop, session,
-                                  ready.clear if ready is not None else None)
+        await amqp.keep_connected(login, "relayd-vault", "vault", stop, session, down)
     finally:
+        notifier.stopping("stopping")
         await keys.close()
 
 

@@ -249,8 +249,10 @@ class VaultProcess:
     """`relayd vault` as a real process on a relay's config (store.key_vault: amqp):
     start() returns once it serves; `lines` collects everything it logs."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, environ: dict[str, str] | None = None) -> None:
+        """`environ`: added to the process's environment (a FakeSystemd's, say)."""
         self.config_path = config_path
+        self.environ = environ or {}
         self.process: asyncio.subprocess.Process | None = None
         self.lines: list[bytes] = []
         self._reader: asyncio.Task[None] | None = None
@@ -265,7 +267,7 @@ class VaultProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relayd", "vault", "--config", str(self.config_path),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "RELAYD_LOGGING__LEVEL": "info"})
+            env={**os.environ, "RELAYD_LOGGING__LEVEL": "info", **self.environ})
 
         async def read(stream: asyncio.StreamReader) -> None:
             async for line in stream:

@@ -43,6 +43,7 @@ from tests.integration.harness import (
     write_config,
 )
 from tests.integration.test_resilience import collect, send_numbered
+from tests.support.systemd import FakeSystemd
 
 T = TypeVar("T")
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
@@ -117,43 +118,6 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
            **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-class FakeSystemd:
-    """The service manager's side of the notify protocol, on an abstract socket."""
-
-    def __init__(self) -> None:
-        self.name = f"@relayd-test-{secrets.token_hex(6)}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        self.sock.bind("\0" + self.name[1:])
-        self.received: list[dict[str, str]] = []
-
-    def environment(self, watchdog_usec: int = 300_000) -> dict[str, str]:
-        return {"NOTIFY_SOCKET": self.name, "WATCHDOG_USEC": str(watchdog_usec)}
-
-    async def until(self, key: str, wait: float = WAIT) -> dict[str, str]:
-        """The next datagram that sets `key`."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(wait):
-            while True:
-                data = await loop.sock_recv(self.sock, 65536)
-                message = dict(line.split("=", 1) for line in data.decode().splitlines())
-                self.received.append(message)
-                if key in message:
-                    return message
-
-    def pending(self) -> list[dict[str, str]]:
-        """What arrived and was not read yet."""
-        messages = []
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return messages
-            messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

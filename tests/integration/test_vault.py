@@ -33,18 +33,21 @@ from tests.integration.harness import (
     stop_process,
 )
 from tests.support import postgres
+from tests.support.systemd import FakeSystemd
 
 USER, OTHER = "vault-user-5e1f@example.org", "vault-other-a93c@example.org"
 
 
 @contextlib.asynccontextmanager
-async def vaulted(tmp_path: Path) -> AsyncIterator[tuple[Relay, VaultProcess]]:
-    """A relay whose keys live in a vault service (a process of its own)."""
+async def vaulted(tmp_path: Path, environ: dict[str, str] | None = None
+                  ) -> AsyncIterator[tuple[Relay, VaultProcess]]:
+    """A relay whose keys live in a vault service (a process of its own, with `environ`
+    added to its environment)."""
     sections: dict[str, Any] = {"vault": {"file": str(tmp_path / "vault" / "keys.db"),
                                           "timeout": 2.0}}
     async with relay_in_vhost(tmp_path, store={"url": f"sqlite:///{tmp_path}/relayd.db",
                                                "key_vault": "amqp"}, **sections) as relay:
-        vault = VaultProcess(relay.config_path)
+        vault = VaultProcess(relay.config_path, environ)
         await vault.start()
         try:
             yield relay, vault
@@ -173,24 +176,34 @@ class TestVaultService:
 
     async def test_one_service_at_a_time(self, tmp_path: Path) -> None:
         """A second vault service on the same vhost stands by: the queue is the first's
-        alone; once the first stops, the second takes over and answers."""
-        async with vaulted(tmp_path) as (relay, vault):
-            await relay.add_device(USER, "phone")
-            path = tmp_path / "standby.yaml"
-            path.write_text(relay.config_path.read_text())
-            standby = VaultProcess(path)
-            starting = asyncio.create_task(standby.start())
-            await asyncio.wait([starting], timeout=1)
-            assert not starting.done()  # it does not serve while the first does
-            assert await vault.stop() == 0
-            try:
-                await asyncio.wait_for(starting, WAIT * 3)
-                second = await other_host(relay)
-                assert (await second.device("phone")) is not None
-                await second.close()
-            finally:
-                starting.cancel()
-                await standby.stop()
+        alone; once the first stops, the second takes over and answers. Each tells
+        systemd (Type=notify) READY when it serves or stands by, which in STATUS, pets the
+        watchdog, and STOPPING when it stops."""
+        with FakeSystemd() as first, FakeSystemd() as second:
+            # a watchdog of a minute: a ping at once, then none the test leaves unread
+            # (a datagram socket queues 10; a sender's next ones wait, and die with it)
+            watchdog = 60_000_000
+            async with vaulted(tmp_path, first.environment(watchdog)) as (relay, vault):
+                assert (await first.until("READY"))["STATUS"] == "serving"
+                assert {"WATCHDOG": "1"} in first.received  # pinged from the start
+                await relay.add_device(USER, "phone")
+                path = tmp_path / "standby.yaml"
+                path.write_text(relay.config_path.read_text())
+                standby = VaultProcess(path, second.environment(watchdog))
+                starting = asyncio.create_task(standby.start())
+                assert (await second.until("READY"))["STATUS"].startswith("standby")
+                assert not starting.done()  # it does not serve while the first does
+                assert await vault.stop() == 0
+                assert "STOPPING" in await first.until("STOPPING")
+                try:
+                    await asyncio.wait_for(starting, WAIT * 3)
+                    assert (await second.until("READY"))["STATUS"] == "serving"
+                    host = await other_host(relay)
+                    assert (await host.device("phone")) is not None
+                    await host.close()
+                finally:
+                    starting.cancel()
+                    await standby.stop()
 
     @pytest.mark.parametrize(("reply_to", "body", "answer"), [
         ("amq.rabbitmq.reply-to", b"\xff{", {"ok": False, "reason": "malformed"}),
