@@ -34,6 +34,10 @@ JSON = "application/json"
 PERSISTENT = 2  # delivery_mode
 FORWARDED_USER_HEADER = "x-relayd-amqp-user"  # a reply's broker-validated user_id
 RECEIPT_HEADER = "x-relayd-receipt"  # on a business message's copies: relayd.receipts
+# Dead-letter reasons whose copy keeps no body (Publisher.dead_letter, protocol.md section 8)
+UNPROVEN = frozenset({"unauthenticated", "unknown_business", "bad_kid", "decrypt_failed",
+                      "bad_signature", "unknown_device", "wrong_device", "too_large",
+                      "bad_receipt", "bad_properties"})
 Properties = Basic.Properties
 CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 RECONNECT_INITIAL_S = 0.5
@@ -341,7 +345,9 @@ class Publisher:
         which may hold values pamqp cannot encode again. content_type, message_id and
         type were decoded as UTF-8 short strings by relayd.wire, so they encode again.
         A request of the identity service names an account in clear: its copy keeps the
-        reason and ids, not the body (docs/privacy.md)."""
+        reason and ids, not the body (docs/privacy.md); nor does input refused before
+        relayd knew its sender, or refused because what it names does not exist
+        (UNPROVEN): anyone who may publish can make those, before any rate limit."""
         original = incoming.headers or {}
         headers: dict[str, Any] = {"x-relayd-reason": reason, "x-relayd-queue": queue}
         kid = original.get(envelope.KID_HEADER)
@@ -356,7 +362,7 @@ class Publisher:
         bad = wire.marker(original)  # relayd.wire's, never a publisher's header
         if bad is not None:
             headers[wire.BAD_PROPERTIES] = str(bad)
-        body = b"" if queue == self._t.gdpr_queue else incoming.body
+        body = b"" if queue == self._t.gdpr_queue or reason in UNPROVEN else incoming.body
         return self._publish(self._t.dead_exchange, reason, body, Properties(
             content_type=incoming.content_type, headers=headers,
             message_id=incoming.message_id, message_type=incoming.type,

@@ -144,6 +144,8 @@ class Topology(Section):
     device_queue_max_length: Positive = 10_000
     device_message_ttl_days: Annotated[float, Field(gt=0)] = 30.0
     dead_message_ttl_days: Annotated[float, Field(gt=0)] = 14.0
+    dead_queue_max_length: Positive = 100_000
+    dead_queue_max_bytes: Positive = 256 * 1024 * 1024
     delivery_limit: Positive = 10
     gdpr_exchange: str = "relayd.gdpr"
     gdpr_queue: str = "relayd.gdpr"

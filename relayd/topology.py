@@ -87,7 +87,11 @@ def core(t: Topology, identity_service: bool = False, push_wake: bool = False) -
     return [
         Exchange(t.dead_exchange, ExchangeType.FANOUT),
         Queue(t.dead_queue, {"x-queue-type": t.queue_type,
-                             "x-message-ttl": int(t.dead_message_ttl_days * DAY_MS)}),
+                             "x-message-ttl": int(t.dead_message_ttl_days * DAY_MS),
+                             # the oldest goes: refusing would stop the relay's work
+                             "x-max-length": t.dead_queue_max_length,
+                             "x-max-length-bytes": t.dead_queue_max_bytes,
+                             "x-overflow": "drop-head"}),
         Binding(t.dead_queue, t.dead_exchange),
         Exchange(t.ingress_exchange, ExchangeType.DIRECT),
         _work_queue(t, t.inbound_queue),

@@ -492,6 +492,8 @@ class Rig:
 
     def _id_of(self, message: AbstractIncomingMessage) -> str | None:
         """The message id inside a dead-lettered message: sealed up, or a JSON reply."""
+        if not message.body:  # kept without it (docs/protocol.md section 8)
+            return None
         if message.content_type != envelope.CONTENT_TYPE:
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                 return str(orjson.loads(message.body).get("id"))

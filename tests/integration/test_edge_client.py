@@ -81,7 +81,7 @@ class TestEdgeDevice:
             [dead] = await relay.dead(1)
             assert dead.headers["x-relayd-reason"] == "wrong_device"
             assert "x-relayd-device" not in dead.headers  # no device id kept in clear
-            assert dead.body == forged
+            assert dead.body == b""  # sent by whom it must not be: no body kept
             await relay.assert_empty(relay.inbox("acme"))
             await ws.send('{"type":"ping","ref":1}')
             assert await frame(ws) == {"type": "pong", "ref": 1}

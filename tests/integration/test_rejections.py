@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aio_pika
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
 from relayd import envelope, topology
@@ -234,3 +235,46 @@ class TestWeakKeys:
         [event] = await relay.events("acme", 1)
         assert event["id"] == start_id
         await relay.assert_empty(relay.inbox("acme"), relay.settings.topology.dead_queue)
+
+
+class TestDeadLetterBounds:
+    """What one party can put in relayd.dead is bounded (docs/reliability.md, "Dead
+    letters")."""
+
+    async def test_input_of_no_established_sender_keeps_no_body(
+            self, tmp_path: Path) -> None:
+        """Replies without user_id (2 MiB each, more than the business's rate allows),
+        an envelope of an unknown device and one for an unknown business are
+        dead-lettered with their reason and ids but without their bodies."""
+        async with relay_in_vhost(tmp_path, limits={"business_rate": 1,
+                                                     "business_burst": 1}) as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device(USER, "phone")
+            await relay.start()
+            junk = orjson.dumps({"junk": "x" * (2 * 1024 * 1024 - 100)})
+            for _ in range(3):
+                await relay.reply("acme", "a" * 32, "message", raw=junk, user_id=None)
+            ghost = DeviceKeys.generate("ghost")
+            await relay.publish_up(ghost.seal(relay.public, ghost.payload("acme", "start")))
+            await relay.publish_up(phone.seal(relay.public, phone.payload("nobody", "start")))
+            dead = await relay.dead(5)
+            assert reasons(dead) == ["unauthenticated"] * 3 + ["unknown_business",
+                                                                 "unknown_device"]
+            assert [m.body for m in dead] == [b""] * 5
+
+    @pytest.mark.parametrize(("bound", "sizes", "kept"), [
+        ({"dead_queue_max_length": 3}, [10] * 5, 3),
+        ({"dead_queue_max_bytes": 1000}, [600] * 3, 1)])
+    async def test_relayd_dead_drops_its_oldest_beyond_its_bounds(
+            self, tmp_path: Path, bound: dict[str, int], sizes: list[int], kept: int) -> None:
+        """Past topology.dead_queue_max_length or dead_queue_max_bytes, relayd.dead drops
+        its oldest dead letters: it keeps the newest, and accepts every new one."""
+        async with relay_in_vhost(tmp_path, topology=bound) as relay:
+            t = relay.settings.topology
+            dead = await relay.channel.get_exchange(t.dead_exchange)
+            for i, size in enumerate(sizes):
+                await dead.publish(aio_pika.Message(b"x" * size, message_id=str(i)),
+                                   routing_key="test")  # confirmed: in the queue, or dropped
+            assert await relay.depth(t.dead_queue) == kept
+            newest = [str(i) for i in range(len(sizes) - kept, len(sizes))]
+            assert [m.message_id for m in await relay.dead(kept)] == newest
