@@ -14,12 +14,14 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from relayd import amqp, gdpr, opaque, retention
 from relayd.client import DeviceKeys
 from relayd.crypto import fingerprint
 from relayd.deliver import now_ms
 from relayd.store import Store
+from tests.integration.edge_harness import closed, running
 from tests.integration.harness import (
     WAIT,
     Relay,
@@ -167,6 +169,27 @@ class TestErasure:
         assert [m.message_id for m in again] == [first.message_id] * resent
         assert await relay.store.export_user(ALICE) == await relay.store.export_user("nobody")
         await relay.assert_empty(relay.inbox("acme"))
+
+    async def test_a_device_that_logs_in_during_erasure_is_cut_off(self, relay: Relay) -> None:
+        """A device that logs in at the edge while its user is erased, after its queue was
+        deleted and before the store forgot it (the edge declares the queue again), is
+        closed with 4401, and no queue of it is left."""
+        phone = await relay.add_device(ALICE, "alice-phone")
+        async with running(relay) as edge, amqp.publisher(
+                relay.settings, "relayd-gdpr", relay.keyring.opaque_secret) as sink:
+            sessions: list[ClientConnection] = []
+            delete = sink.delete_device_queue
+
+            async def delete_then_login(device: str) -> None:
+                await delete(device)
+                if not sessions:
+                    sessions.append(await edge.login(phone))
+
+            sink.delete_device_queue = delete_then_login  # type: ignore[method-assign]
+            await gdpr.erase(relay.store, relay.keyring, sink, ALICE, via="cli")
+            assert await relay.store.device("alice-phone") is None
+            assert not await relay.exists(relay.device_queue(phone))
+            assert await closed(sessions[0]) == 4401
 
     async def test_a_business_gone_from_the_registry_is_not_waited_for(
             self, relay: Relay) -> None:
