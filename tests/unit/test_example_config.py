@@ -20,7 +20,10 @@ from relayd.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "relayd.example.yaml"
 REQUIRED = {"amqp.url", "store.url", "keys.dir"}
-COMMENTED_SECTION = "management"  # optional, and its password must not be a placeholder
+# optional blocks, commented out: amqp.management (its password must not be a
+# placeholder) and vault.tls (set, it replaces amqp.tls for the vault)
+COMMENTED_SECTION = "(?:management|tls)"
+COMMENTED = ("amqp.management.", "vault.tls.")
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -127,7 +130,7 @@ class TestExampleConfig:
         for key, field in _leaves(config.Settings):
             if field.is_required():
                 continue
-            if key.startswith(f"amqp.{COMMENTED_SECTION}."):
+            if key.startswith(COMMENTED):
                 shown = _lookup(full, key)  # not loaded: the block is commented out
             else:
                 shown = _lookup(settings.model_dump(), key)
