@@ -297,9 +297,9 @@ class Publisher:
 
     async def to_device(self, device: str, sealed: bytes, receipt: str | None = None) -> None:
         routing_key = topology.device_routing_key(device, self._secret)
-        headers: dict[str, Any] = {envelope.KID_HEADER: device}
-        if receipt is not None:
-            headers[RECEIPT_HEADER] = receipt
+        # No device id: the broker dead-letters an expired copy with its headers, and the
+        # device knows its own (docs/privacy.md). The receipt token is sealed.
+        headers: dict[str, Any] | None = {RECEIPT_HEADER: receipt} if receipt else None
         await self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
             content_type=envelope.CONTENT_TYPE, headers=headers, delivery_mode=PERSISTENT))
         if self._waker is not None:

@@ -528,9 +528,12 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
                     counts = await asyncio.gather(*(depth(channel, q) for q in device_queues))
                     return sum(counts) // per_user
 
+                by_key = {topology.device_routing_key(d, secret.opaque_secret): d
+                          for d in devices}  # a copy names no device: its routing key does
+
                 def reply_id(m: aio_pika.abc.AbstractIncomingMessage) -> str:
-                    kid = str(m.headers["relayd-kid"])
-                    return str(devices[kid].open(setup.relay, m.body)["id"])
+                    device = devices[by_key[str(m.routing_key)]]
+                    return str(device.open(setup.relay, m.body)["id"])
 
                 await measure(name, result, Run(
                     channel, workers, arrived, device_queues, message,

@@ -247,24 +247,40 @@ class TestReceipts:
             assert laptop is not None
 
 
+    async def test_an_expired_copy_in_relayd_dead_links_nothing(self, tmp_path: Path) -> None:
+        """A copy that expired into relayd.dead carries no device id, business,
+        conversation or message id in clear (docs/privacy.md), yet its receipt token
+        still tells the business `expired`."""
+        async with relay_in_vhost(tmp_path, topology={"device_message_ttl_days": 1 / 86_400}
+                                  ) as relay, running(relay) as edge:
+            phone, laptop, conversation = await opened(relay, edge)
+            lost = await relay.reply("acme", conversation, "message", {"text": "Anyone?"})
+            [event] = await relay.events("acme", 1)
+            assert (event["type"], event["ref"]) == ("expired", lost)
+            copies = await relay.dead(2)
+            assert {m.headers["x-first-death-reason"] for m in copies} == {"expired"}
+            in_clear = str([(m.headers, m.message_id, m.type, m.app_id) for m in copies])
+            needles = [phone.device, laptop.device, "acme", conversation, lost]
+            assert [n for n in needles if n in in_clear] == []
+
+
 class TestReceiptsHostile:
     async def test_a_forged_or_replayed_receipt_tells_no_business(self, relay: Relay,
                                                                    edge: Edge) -> None:
-        """Receipts that relayd did not write (a wrong MAC, another business's name over a
-        real token, no token) are dead-lettered as bad_receipt; a real token published
-        again is no second event."""
+        """Receipts that relayd did not write (a token changed, one in the form of
+        contract 1.4 with a wrong MAC, no token) are dead-lettered as bad_receipt; a real
+        token published again is no second event."""
         phone, _, conversation = await opened(relay, edge)
         await relay.add_business("globex")
         reply_id = await relay.reply("acme", conversation, "message", {"text": "Hi"})
         [copy] = await relay.take(relay.device_queue(phone), 1)
         token = copy.headers[receipts.HEADER]
         assert isinstance(token, str)
-        _, conv, message_id, mac = token.split(" ")
         exchange = await relay.channel.get_exchange(relay.settings.topology.ingress_exchange)
         key = relay.settings.topology.receipts_routing_key
         before = receipts_handled()
-        forged = [f"acme {conv} {message_id} {'a' * len(mac)}",
-                  f"globex {conv} {message_id} {mac}", None]
+        changed = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
+        forged = [changed, f"globex {conversation} {reply_id} {'a' * 26}", None]
         for value in [*forged, token, token]:
             headers = {} if value is None else {receipts.HEADER: value}
             await exchange.publish(aio_pika.Message(b"", headers=headers), routing_key=key)

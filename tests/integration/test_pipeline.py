@@ -73,7 +73,7 @@ class TestConversation:
         await relay.reply("acme", start["conversation"], "message", {"text": "x"})
         [for_phone] = await relay.take(relay.device_queue(phone), 1)
         [for_laptop] = await relay.take(relay.device_queue(laptop), 1)
-        assert for_phone.headers["relayd-kid"] == "phone"
+        assert envelope.KID_HEADER not in for_phone.headers  # the device knows its own id
         assert for_phone.content_type == envelope.CONTENT_TYPE
         assert phone.open(relay.public, for_phone.body)["device"] == "phone"
         assert laptop.open(relay.public, for_laptop.body)["device"] == "laptop"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayd import payload, receipts
+from relayd import opaque, payload, receipts
 from relayd.client import RECEIPTS, parse_event
 from relayd.errors import PermanentError, TransientError
 from relayd.receipts import Receipts
@@ -83,6 +83,51 @@ class TestContractExamples:
                 event["type"], event["ref"], event["conversation"],
                 receipts.coarse(event["ts"] + 59_999))) == event
             assert parse_event(orjson.dumps(event)) == event
+
+
+class TestReceiptToken:
+    """relayd.receipts.token and read: the ids a copy's token carries, sealed."""
+
+    SECRET = KEYRING.opaque_secret
+    IDS = ("acme", "c" * 32, "0b3a4c1e-59a2-4d7f-8e1b-2c3d4e5f6a7b")
+
+    def test_read_gives_back_the_ids_and_the_token_names_none(self) -> None:
+        """What relayd reads back is what it sealed; the token itself holds none of it
+        (a copy that expires into relayd.dead links nothing), and two tokens of one
+        message differ."""
+        first = receipts.token(self.SECRET, *self.IDS)
+        second = receipts.token(self.SECRET, *self.IDS)
+        assert receipts.read(self.SECRET, first) == self.IDS
+        assert [n for n in self.IDS if n in first] == []
+        assert first != second
+        assert first.isascii()
+        assert " " not in first
+
+    @FAST
+    @given(at=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=5))
+    def test_any_change_to_a_token_is_bad_receipt(self, at: int, bit: int) -> None:
+        """A token with any base64url character changed, or cut short, does not open."""
+        token = receipts.token(self.SECRET, *self.IDS)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        at %= len(token.rstrip("="))
+        changed = alphabet[alphabet.index(token[at]) ^ (1 << bit)]
+        for forged in (token[:at] + changed + token[at + 1:], token[:at]):
+            with pytest.raises(PermanentError) as refused:
+                receipts.read(self.SECRET, forged)
+            assert refused.value.reason == "bad_receipt"
+
+    def test_another_relays_token_is_bad_receipt(self) -> None:
+        """A token sealed under another opaque secret does not open."""
+        with pytest.raises(PermanentError):
+            receipts.read(self.SECRET, receipts.token(b"\x01" * 32, *self.IDS))
+
+    def test_a_token_of_contract_1_4_still_reads(self) -> None:
+        """A copy queued before the upgrade carries the ids in clear with a MAC: its
+        receipt still counts; a wrong MAC is bad_receipt."""
+        mac = opaque.receipt_mac(self.SECRET, *self.IDS)
+        assert receipts.read(self.SECRET, " ".join((*self.IDS, mac))) == self.IDS
+        with pytest.raises(PermanentError):
+            receipts.read(self.SECRET, " ".join((*self.IDS, "a" * len(mac))))
 
 
 class TestReceiptsHandler:
