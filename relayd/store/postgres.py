@@ -370,6 +370,189 @@ MIGRATIONS: list[str] = [
         RETURN NEXT;
     END $$;
     """,
+    # 8: a user's message and the erasure of the user (or the removal of a device) never
+    # interleave: relayd_accept_up holds its household's devices FOR KEY SHARE from its
+    # check to its end, and erase_user takes them FOR UPDATE before it deletes anything.
+    # The seqs' allocations lock devices FOR NO KEY UPDATE, as their UPDATE does, which
+    # does not wait for a message's FOR KEY SHARE: two messages of one household, or a
+    # message and a reply, would otherwise deadlock.
+    """
+    CREATE OR REPLACE FUNCTION relayd_accept_reply(p_business TEXT, p_amqp_user TEXT,
+                                                   p_first_party BOOLEAN, p_conversation TEXT,
+                                                   p_kind TEXT, p_retry BOOLEAN,
+                                                   p_source TEXT, p_now BIGINT)
+    RETURNS TABLE (status TEXT, refusal TEXT, detail TEXT, id TEXT, user_id TEXT,
+                   kem TEXT, enc_key BYTEA, sign_key BYTEA, created_ms BIGINT,
+                   sealed BYTEA, seq BIGINT)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        c conversations%ROWTYPE;
+        rule RECORD;
+    BEGIN
+        PERFORM FROM businesses b WHERE b.id = p_business AND b.amqp_user = p_amqp_user
+            AND b.first_party = p_first_party;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT 'stale', NULL, NULL, NULL, NULL, NULL, NULL::BYTEA,
+                NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+            RETURN;
+        END IF;
+        SELECT * INTO c FROM conversations WHERE id = p_conversation FOR UPDATE;
+        SELECT * INTO rule FROM relayd_reply_rule(FOUND, c.business_id, c.state,
+                                                  c.closed_by, p_business, p_kind, p_retry);
+        IF rule.refusal IS NOT NULL THEN
+            RETURN QUERY SELECT 'refused', rule.refusal, rule.detail, NULL, NULL, NULL,
+                NULL::BYTEA, NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+            RETURN;
+        END IF;
+        IF rule.write = 'close' THEN
+            UPDATE conversations SET state = 'closed', closed_by = 'business',
+                updated_ms = p_now WHERE id = c.id AND state = 'open';
+        END IF;
+        -- the seqs, as Store.allocate_seqs: the devices locked in id order
+        PERFORM FROM devices WHERE user_id = c.user_id ORDER BY id FOR NO KEY UPDATE;
+        WITH fresh AS (
+            UPDATE devices d SET next_seq = d.next_seq + 1 WHERE d.user_id = c.user_id
+                AND NOT EXISTS (SELECT FROM sent s WHERE s.source = p_source
+                                AND s.device_id = d.id)
+            RETURNING d.id, d.next_seq - 1 AS seq)
+        INSERT INTO sent (source, device_id, seq, created_ms)
+            SELECT p_source, fresh.id, fresh.seq, p_now FROM fresh;
+        RETURN QUERY SELECT 'accepted', NULL, NULL, d.id, d.user_id, d.kem, d.enc_key,
+            d.sign_key, d.created_ms, d.sealed, s.seq FROM devices d
+            JOIN sent s ON s.source = p_source AND s.device_id = d.id
+            WHERE d.user_id = c.user_id ORDER BY d.id;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT 'accepted', NULL, NULL, NULL, NULL, NULL, NULL::BYTEA,
+                NULL::BYTEA, NULL::BIGINT, NULL::BYTEA, NULL::BIGINT;
+        END IF;
+    END $$;
+    CREATE OR REPLACE FUNCTION relayd_accept_up(
+        p_device TEXT, p_business TEXT, p_user TEXT, p_ids TEXT[], p_users TEXT[],
+        p_kems TEXT[], p_enc BYTEA[], p_sign BYTEA[],
+        p_known BOOLEAN, p_exists BOOLEAN, p_high BIGINT, p_bits BYTEA,
+        p_first BOOLEAN, p_new_high BIGINT, p_new_bits BYTEA, p_stamp BIGINT,
+        p_redelivered BOOLEAN, p_kind TEXT, p_now BIGINT, p_rotate BOOLEAN,
+        p_fresh BIGINT, p_id_epoch BIGINT, p_id TEXT, p_echo TEXT[], p_source TEXT)
+    RETURNS TABLE (o_status TEXT, o_exists BOOLEAN, o_high BIGINT, o_bits BYTEA,
+                   o_epoch BIGINT, o_business TEXT, o_amqp_user TEXT, o_first_party BOOLEAN,
+                   o_id TEXT, o_user TEXT, o_business_id TEXT, o_state TEXT,
+                   o_conv_epoch BIGINT, o_closed_by TEXT, o_created_ms BIGINT,
+                   o_updated_ms BIGINT, o_refusal TEXT, o_detail TEXT,
+                   o_seq_ids TEXT[], o_seqs BIGINT[])
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        b businesses%ROWTYPE;
+        c conversations%ROWTYPE;
+        found_c BOOLEAN;
+        rule RECORD;
+        opening RECORD;
+        v_ids TEXT[]; v_users TEXT[]; v_kems TEXT[]; v_enc BYTEA[]; v_sign BYTEA[];
+    BEGIN
+        -- the household, held until the end: it is not erased (nor a device removed)
+        -- between this check and the writes, which an erasure after them then deletes
+        PERFORM FROM devices d WHERE d.user_id = (SELECT d2.user_id FROM devices d2
+            WHERE d2.id = p_device) ORDER BY d.id FOR KEY SHARE;
+        SELECT array_agg(d.id ORDER BY d.id), array_agg(d.user_id ORDER BY d.id),
+               array_agg(d.kem ORDER BY d.id), array_agg(d.enc_key ORDER BY d.id),
+               array_agg(d.sign_key ORDER BY d.id)
+            INTO v_ids, v_users, v_kems, v_enc, v_sign FROM devices d
+            WHERE d.user_id = (SELECT d2.user_id FROM devices d2 WHERE d2.id = p_device);
+        IF v_ids IS DISTINCT FROM p_ids OR v_users IS DISTINCT FROM p_users
+                OR v_kems IS DISTINCT FROM p_kems OR v_enc IS DISTINCT FROM p_enc
+                OR v_sign IS DISTINCT FROM p_sign THEN
+            o_status := 'stale'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO b FROM businesses WHERE businesses.id = p_business;
+        IF NOT FOUND THEN
+            o_status := 'unknown_business'; RETURN NEXT; RETURN;
+        END IF;
+        o_business := b.id; o_amqp_user := b.amqp_user; o_first_party := b.first_party;
+        SELECT r.high, r.bits INTO o_high, o_bits FROM replay r
+            WHERE r.device_id = p_device FOR UPDATE;
+        o_exists := FOUND;
+        IF NOT p_known OR o_exists IS DISTINCT FROM p_exists OR (o_exists AND (
+                o_high IS DISTINCT FROM p_high OR o_bits IS DISTINCT FROM p_bits)) THEN
+            o_status := 'window'; RETURN NEXT; RETURN;  -- decide again on this row
+        END IF;
+        IF NOT p_first AND NOT p_redelivered THEN
+            o_status := 'replayed'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO c FROM conversations cv WHERE cv.user_id = p_user
+            AND cv.business_id = p_business FOR UPDATE;
+        found_c := FOUND;
+        SELECT * INTO rule FROM relayd_up_rule(found_c, c.state, c.closed_by, c.updated_ms,
+                                               p_kind, NOT p_first, p_now);
+        IF rule.write = 'open' THEN
+            SELECT * INTO opening FROM relayd_opening(found_c, c.state, c.closed_by, c.epoch,
+                                                      c.created_ms, p_rotate, p_now, p_fresh);
+            IF opening.new_id AND p_id_epoch IS DISTINCT FROM opening.epoch THEN
+                o_status := 'need_id'; o_epoch := opening.epoch;  -- nothing written yet
+                RETURN NEXT; RETURN;
+            END IF;
+        END IF;
+        IF p_first THEN  -- the claim, stamped with the device's user
+            IF o_exists THEN
+                UPDATE replay SET high = p_new_high, bits = p_new_bits, updated_ms = p_stamp,
+                    user_id = (SELECT d.user_id FROM devices d WHERE d.id = p_device)
+                    WHERE device_id = p_device;
+            ELSE
+                INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES
+                    (p_device, p_new_high, p_new_bits, p_stamp,
+                     (SELECT d.user_id FROM devices d WHERE d.id = p_device))
+                    ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a first claim raced another' USING ERRCODE = '40001';
+                END IF;
+            END IF;
+        END IF;
+        IF rule.refusal IS NOT NULL THEN
+            o_status := 'refused'; o_refusal := rule.refusal; o_detail := rule.detail;
+        ELSE
+            o_status := 'accepted';
+            IF rule.write = 'open' AND NOT found_c THEN
+                INSERT INTO conversations (id, user_id, business_id, state, epoch, closed_by,
+                                           created_ms, updated_ms)
+                    VALUES (p_id, p_user, p_business, 'open', opening.epoch, NULL,
+                            opening.created_ms, p_now)
+                    ON CONFLICT DO NOTHING RETURNING * INTO c;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a conversation''s creation raced another'
+                        USING ERRCODE = '40001';
+                END IF;
+                found_c := TRUE;
+            ELSIF rule.write = 'open' THEN
+                UPDATE conversations cv SET id = CASE WHEN opening.new_id THEN p_id
+                        ELSE cv.id END, state = 'open', epoch = opening.epoch,
+                    closed_by = NULL, created_ms = opening.created_ms, updated_ms = p_now
+                    WHERE cv.user_id = p_user AND cv.business_id = p_business
+                    RETURNING * INTO c;
+            ELSIF rule.write = 'close' THEN  -- the conversation comes back as it was
+                UPDATE conversations cv SET state = 'closed', closed_by = 'user',
+                    updated_ms = p_now WHERE cv.id = c.id AND cv.state = 'open';
+            END IF;
+            IF cardinality(p_echo) > 0 THEN  -- the echo's seqs, as Store.allocate_seqs
+                PERFORM FROM devices d WHERE d.id = ANY(p_echo) ORDER BY d.id
+                    FOR NO KEY UPDATE;
+                WITH fresh AS (
+                    UPDATE devices d SET next_seq = d.next_seq + 1 WHERE d.id = ANY(p_echo)
+                        AND NOT EXISTS (SELECT FROM sent s WHERE s.source = p_source
+                                        AND s.device_id = d.id)
+                    RETURNING d.id, d.next_seq - 1 AS seq)
+                INSERT INTO sent (source, device_id, seq, created_ms)
+                    SELECT p_source, fresh.id, fresh.seq, p_now FROM fresh;
+                SELECT array_agg(s.device_id), array_agg(s.seq) INTO o_seq_ids, o_seqs
+                    FROM sent s WHERE s.source = p_source AND s.device_id = ANY(p_echo);
+            END IF;
+        END IF;
+        IF found_c THEN
+            o_id := c.id; o_user := c.user_id; o_business_id := c.business_id;
+            o_state := c.state; o_conv_epoch := c.epoch; o_closed_by := c.closed_by;
+            o_created_ms := c.created_ms; o_updated_ms := c.updated_ms;
+        END IF;
+        RETURN NEXT;
+    END $$;
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
@@ -435,7 +618,7 @@ async def _allocate(conn: Any, source: str, device_ids: Sequence[str],
     """Store.allocate_seqs in the transaction of `conn`."""
     ids = list(device_ids)
     present = await conn.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])"
-                               " ORDER BY id FOR UPDATE", ids)
+                               " ORDER BY id FOR NO KEY UPDATE", ids)  # see migration 8
     seqs: dict[str, int] = dict(map(tuple, await conn.fetch(
         "SELECT device_id, seq FROM sent WHERE source = $1"
         " AND device_id = ANY($2::text[])", source, ids)))
@@ -614,10 +797,12 @@ class PostgresStore:
 
     async def remove_device(self, device_id: str) -> bool:
         async with self._transaction() as conn:
+            # The device first: a message or reply numbering it meanwhile ends before this
+            # (and its sent row is deleted below) or finds it gone.
+            status = await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
             # `sent` has no index by device: on a large table this reads it all
             await conn.execute("DELETE FROM sent WHERE device_id = $1", device_id,
                                timeout=MAINTENANCE_SECONDS)
-            status = await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
         return bool(status == "DELETE 1")
 
     async def conversation(self, conversation_id: str) -> Conversation | None:
@@ -695,7 +880,7 @@ class PostgresStore:
             return await _allocate(conn, source, device_ids, now_ms)
 
     async def accept_up(self, claim: UpClaim) -> UpOutcome:
-        # One statement, relayd_accept_up (migration 7), in the common case. The replay
+        # One statement, relayd_accept_up (migrations 7 and 8), in the common case. The replay
         # window is decided here on the row as this process last saw it; when the row is
         # another (another process claimed, or this one never read it) it comes back and
         # the claim is decided again; a new conversation id is made once asked for.
@@ -818,6 +1003,10 @@ class PostgresStore:
                 status: str = await conn.execute(sql, user, timeout=MAINTENANCE_SECONDS)
                 return int(status.rsplit(" ", 1)[-1])
 
+            # The devices first, in id order as every writer takes them: a message of the
+            # user in flight (it holds them FOR KEY SHARE) ends before this, and what it
+            # wrote is deleted below; one after it finds its device gone (migration 8).
+            await count("SELECT FROM devices WHERE user_id = $1 ORDER BY id FOR UPDATE")
             counts = {
                 "sent": await count(f"DELETE FROM sent WHERE device_id IN {mine}"),
                 "replay": await count(
