@@ -245,3 +245,34 @@ class TestTwoHosts:
         assert {d: sorted(s) for d, s in seqs.items()} == {
             "d1": list(range(1, 31)), "d2": list(range(1, 62)), "d3": list(range(1, 62))}
         assert await sql.fetchval("SELECT count(*) FROM conversations") == 1
+
+
+class TestSentByDevice:
+    async def test_a_devices_sent_rows_are_deleted_by_the_key(
+            self, url: str, sql: asyncpg.Connection) -> None:
+        """Among many sent rows, a device's removal and an erasure delete the sent rows
+        of their devices by the table's key: the statements they sent, explained, read
+        no whole table."""
+        store = await open_store(url, secret=SECRET, pool_size=1)  # one connection: logged
+        try:
+            for name in ("d1", "d2"):
+                await store.add_device(Device(name, USER, Kem.X25519, b"e" * 32, b"s" * 32))
+            await store.allocate_seqs("m1", ["d1", "d2"], 1)
+            await sql.execute(  # the copies of 20000 messages to 2000 other devices
+                "INSERT INTO sent (source, device_id, seq, created_ms) SELECT md5('m' || n),"
+                " md5('d' || n % 2000), n, n FROM generate_series(1, 20000) AS n;"
+                " ANALYZE sent")
+            sent: list[Any] = []
+            async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
+                conn.add_query_logger(sent.append)
+            assert await store.remove_device("d1")
+            assert (await store.erase_user(USER))["sent"] == 1
+        finally:
+            await store.close()
+        deletes = [q for q in sent if q.query.startswith("DELETE FROM sent")]
+        assert len(deletes) == 2, [q.query for q in sent]
+        for query in deletes:
+            plan = "\n".join(r[0] for r in await sql.fetch(f"EXPLAIN {query.query}", *query.args))
+            assert "sent_pkey" in plan, plan
+            assert "Seq Scan on sent" not in plan, plan
+        assert await sql.fetchval("SELECT count(*) FROM sent") == 20000
