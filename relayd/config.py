@@ -345,6 +345,12 @@ def vault_login(settings: Settings) -> Settings:
         "tls": settings.vault.tls or settings.amqp.tls})})
 
 
+def relay_user(settings: Settings) -> str | None:
+    """The broker user relayd, and the edge, which logs in as relayd, publish as: the user
+    name in amqp.url; None when it names none (a certificate login)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp.url).username or "") or None
+
+
 def vault_user(settings: Settings) -> str:
     """The broker user the vault answers and its askers publish as: vault.user, else the
     user name its URL logs in with. ConfigError when neither names one (a certificate

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relayd import envelope, log, metrics, opaque, payload, ratelimit, shard
 from relayd.amqp import Delivery
-from relayd.config import Limits, Settings
+from relayd.config import Limits, Settings, Topology, relay_user
 from relayd.consume import Work, retried
 from relayd.crypto import WeakKeyError, ed25519_public
 from relayd.deliver import Sink, fan_out, now_ms, once
@@ -53,7 +53,7 @@ class Opened:
     signature: bytes
     payload: bytes
     claims: dict[str, Any]
-    judged: bool  # it came through the edge, which applied the rate limit on arrival
+    judged: bool  # the edge, which applied the rate limit on arrival, published it
 
 
 @opaque.forgetful(maxsize=16384)
@@ -67,12 +67,23 @@ def _sign_key(raw: bytes) -> ed25519.Ed25519PublicKey | None:
         return None
 
 
+def from_relayd(delivery: Delivery, t: Topology, user: str | None) -> bool:
+    """Whether relayd published `delivery` (the edge, or the router forwarding the edge's):
+    through relayd.shards, which only relayd may write, or with the broker-validated
+    user_id of relayd's own broker user (`user`: config.relay_user). Anyone who may write
+    relayd.ingress can set x-relayd-device; only relayd's is believed to say that the
+    edge judged the message against the device's rate limit."""
+    return ((t.shards > 1 and delivery.exchange == t.shard_exchange)
+            or (user is not None and delivery.user_id == user))
+
+
 def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits,
-            edge_device: object = None) -> Opened:
+            edge_device: object = None, stamped: bool = False) -> Opened:
     """Open an up envelope far enough to name its device; EnvelopeError when it is too
-    large, for no key of ours, does not decrypt, names no device, or came through the
-    edge (`edge_device`: its x-relayd-device header, None when absent) from another
-    device than it names."""
+    large, for no key of ours, does not decrypt, names no device, or says it came
+    through the edge (`edge_device`: its x-relayd-device header, None when absent) from
+    another device than it names. It was judged against the rate limit already when
+    relayd set that header (`stamped`: from_relayd)."""
     if len(body) > limits.max_envelope_bytes:
         raise EnvelopeError("too_large", "envelope exceeds limits.max_envelope_bytes")
     key = keyring.hpke.get(kid) if isinstance(kid, str) else None
@@ -83,7 +94,7 @@ def open_up(body: bytes, kid: object, keyring: KeyRing, limits: Limits,
     claims, device = payload.peek_device(plain)
     if edge_device is not None and edge_device != device:
         raise EnvelopeError("wrong_device", "sealed by another device than logged in")
-    return Opened(device, signature, plain, claims, edge_device is not None)
+    return Opened(device, signature, plain, claims, stamped and edge_device is not None)
 
 
 def lane(opened: Opened) -> str:
@@ -108,17 +119,20 @@ class Inbound:
                                                  horizon_s=limits.max_age_seconds,
                                                  skew_s=limits.clock_skew_seconds)
         self._households: OrderedDict[str, tuple[Device, ...]] = OrderedDict()
+        self._relay_user = relay_user(settings)
         self._households_since = time.monotonic()
 
     def prepare(self, delivery: Delivery) -> tuple[str | None, Work]:
         headers = delivery.headers or {}
         opened = self.open(delivery.body, headers.get(envelope.KID_HEADER),
-                           headers.get(envelope.DEVICE_HEADER))
+                           headers.get(envelope.DEVICE_HEADER),
+                           from_relayd(delivery, self.settings.topology, self._relay_user))
         again = shard.redelivered(delivery, self.settings.topology)
         return lane(opened), retried(functools.partial(self.handle, opened), again)
 
-    def open(self, body: bytes, kid: object, edge_device: object = None) -> Opened:
-        return open_up(body, kid, self.keys(), self.settings.limits, edge_device)
+    def open(self, body: bytes, kid: object, edge_device: object = None,
+             stamped: bool = False) -> Opened:
+        return open_up(body, kid, self.keys(), self.settings.limits, edge_device, stamped)
 
     async def handle(self, opened: Opened, redelivered: bool,
                      sent: set[str] | None = None) -> str:

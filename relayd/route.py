@@ -23,10 +23,10 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relayd import amqp, envelope, log, outbound, shard, topology
 from relayd.amqp import Delivery
-from relayd.config import Settings
+from relayd.config import Settings, relay_user
 from relayd.consume import Consumer, Work, hold_limit, window
 from relayd.errors import StoreError, StoreUnavailableError, TransientError
-from relayd.inbound import open_up
+from relayd.inbound import from_relayd, open_up
 from relayd.keys import KeySource
 from relayd.store import Store
 
@@ -61,10 +61,13 @@ class Router:
 
 def inbound_router(settings: Settings, keys: KeySource, publisher: amqp.Publisher) -> Router:
     """Opens an envelope only to learn its device; forwards it still sealed, with its kid."""
+    user = relay_user(settings)
+
     def read(delivery: Delivery) -> tuple[str, dict[str, Any]]:
         kid = (delivery.headers or {}).get(envelope.KID_HEADER)
         device = (delivery.headers or {}).get(envelope.DEVICE_HEADER)
-        opened = open_up(delivery.body, kid, keys(), settings.limits, device)
+        opened = open_up(delivery.body, kid, keys(), settings.limits, device,
+                         from_relayd(delivery, settings.topology, user))
         headers = {envelope.KID_HEADER: kid}  # a str: open_up refused others
         if opened.judged:  # the edge's: checked against the envelope, the same device
             headers[envelope.DEVICE_HEADER] = device

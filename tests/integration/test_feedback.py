@@ -19,11 +19,11 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from relayd import receipts
+from relayd import envelope, receipts
 from relayd.client import DeviceKeys
 from relayd.crypto import b64d
 from tests.integration.edge_harness import Edge, closed, frame, put, running, send
-from tests.integration.harness import WAIT, Relay, amqp_url, relay_in_vhost
+from tests.integration.harness import WAIT, Relay, add_amqp_user, amqp_url, relay_in_vhost
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "business_echo.py"
 
@@ -152,6 +152,43 @@ class TestDeviceErrors:
             [error] = await relay.received(phone, 1)
             assert (error["type"], error["body"]) == ("error", {"ref": late,
                                                                "code": "rate_limited"})
+
+
+async def up_as(channel: aio_pika.abc.AbstractChannel, relay: Relay, sealed: bytes,
+                user_id: str | None) -> None:
+    """Publish `sealed` to relayd.ingress as the edge would, x-relayd-device and all."""
+    ingress = await channel.get_exchange(relay.settings.topology.ingress_exchange)
+    await ingress.publish(aio_pika.Message(sealed, user_id=user_id, headers={
+        envelope.KID_HEADER: relay.public.kid, envelope.DEVICE_HEADER: "phone"}),
+        routing_key=relay.settings.topology.inbound_routing_key)
+
+
+class TestEdgeHeader:
+    async def test_only_relayds_own_user_skips_the_rate_limit(self, tmp_path: Path) -> None:
+        """x-relayd-device tells relayd the edge judged a message already, but anyone
+        who may write relayd.ingress can set it: from another broker user (with its
+        user_id, or none) a message over the rate is still refused rate_limited; with
+        relayd's own user_id, as the edge publishes, it is not judged again."""
+        async with relay_in_vhost(tmp_path, limits={"device_rate": 0.001,
+                                                    "device_burst": 1}) as relay:
+            await relay.add_business("acme")
+            phone = await relay.add_device("alice", "phone")
+            await relay.start()
+            await relay.send(phone, "acme", "start")  # the burst
+            await relay.events("acme", 1)
+            other = f"{relay.vhost}-gateway"
+            password = add_amqp_user(relay.vhost, other)
+            async with await aio_pika.connect(amqp_url(other, password, relay.vhost)) as conn:
+                channel = await conn.channel(publisher_confirms=True)
+                for user_id in (other, None):
+                    await up_as(channel, relay, phone.seal(relay.public, phone.payload(
+                        "acme", "message", {"text": "forged"})), user_id)
+                    [dead] = await relay.dead(1)
+                    assert dead.headers["x-relayd-reason"] == "rate_limited"
+            await up_as(relay.channel, relay, phone.seal(relay.public, phone.payload(
+                "acme", "message", {"text": "judged"})), "guest")  # relayd's user, the edge's
+            [event] = await relay.events("acme", 1)
+            assert event["body"] == {"text": "judged"}
 
 
 def receipts_handled() -> float:

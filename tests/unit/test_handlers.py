@@ -35,7 +35,7 @@ KEYRING = KeyRing({RELAY.kid: RelayKey(RELAY.kid, RELAY.kem, datetime.now(UTC), 
 
 
 def settings(tmp_path: Path, shards: int = 1) -> config.Settings:
-    return config.parse({"amqp": {"url": "amqp://localhost"},
+    return config.parse({"amqp": {"url": "amqp://relayd@localhost"},
                          "store": {"url": f"sqlite:///{tmp_path}/relayd.db"},
                          "keys": {"dir": str(tmp_path / "keys")},
                          "gdpr": {"identity_user": "identity"},
@@ -142,14 +142,16 @@ class TestCachedHouseholds:
 
 
 class TestThroughTheEdge:
-    """Messages the edge published carry x-relayd-device, the device it logged in."""
+    """Messages the edge published carry x-relayd-device, the device it logged in, and
+    the user_id of relayd's broker user (amqp.url's), which the edge logs in as."""
 
     @staticmethod
-    def via_edge(device: DeviceKeys, logged_in: str, ts: int, seq: int) -> FakeDelivery:
+    def via_edge(device: DeviceKeys, logged_in: str, ts: int, seq: int,
+                 user_id: str | None = "relayd") -> FakeDelivery:
         body = device.seal(RELAY.public, device.payload("acme", "message", {"text": "hi"},
                                                         seq=seq, ts=ts))
-        return FakeDelivery(body=body, headers={envelope.KID_HEADER: RELAY.kid,
-                                                envelope.DEVICE_HEADER: logged_in})
+        return FakeDelivery(body=body, user_id=user_id, headers={
+            envelope.KID_HEADER: RELAY.kid, envelope.DEVICE_HEADER: logged_in})
 
     async def test_another_devices_envelope_is_wrong_device(self, tmp_path: Path,
                                                             store: Store) -> None:
@@ -185,6 +187,29 @@ class TestThroughTheEdge:
         with pytest.raises(PermanentError) as caught:
             await direct.prepare(delivery)[1]()
         assert caught.value.reason == "rate_limited"
+
+    @pytest.mark.parametrize("user_id", ["gateway", None])
+    async def test_the_header_from_anyone_else_is_judged(self, tmp_path: Path, store: Store,
+                                                         user_id: str | None) -> None:
+        """x-relayd-device published by another broker user than relayd's (or with no
+        user_id), as anyone who may write relayd.ingress can: the message is judged
+        against the rate like any other, and the router does not pass the header on."""
+        phone = await add(store, "alice", "phone")
+        s = settings(tmp_path)
+        await Inbound(s, store, lambda: KEYRING, RecordingSink()).prepare(
+            up(phone, "start"))[1]()
+        inbound = Inbound(s, store, lambda: KEYRING, RecordingSink())
+        burst, ts = s.limits.device_burst, now_ms()
+        for seq in range(100, 100 + burst):
+            assert await inbound.prepare(self.via_edge(phone, "phone", ts, seq, user_id))[1]()
+        with pytest.raises(PermanentError) as caught:
+            await inbound.prepare(self.via_edge(phone, "phone", ts, 100 + burst, user_id))[1]()
+        assert caught.value.reason == "rate_limited"
+        sink = RecordingSink()
+        router = inbound_router(settings(tmp_path, shards=4), lambda: KEYRING, sink)  # type: ignore[arg-type]
+        await router.prepare(self.via_edge(phone, "phone", ts, 1, user_id))[1]()
+        [(_, _, _, headers, _)] = sink.sent
+        assert envelope.DEVICE_HEADER not in headers
 
 
 class TestOutbound:
