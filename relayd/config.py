@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relayd.errors import ConfigError
@@ -347,8 +348,18 @@ def vault_login(settings: Settings) -> Settings:
 
 def relay_user(settings: Settings) -> str | None:
     """The broker user relayd, and the edge, which logs in as relayd, publish as: the user
-    name in amqp.url; None when it names none (a certificate login)."""
-    return urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp.url).username or "") or None
+    name in amqp.url, else the CN of amqp.tls.cert_file (a certificate login, where the
+    broker takes the CN as the user name: deploy/rabbitmq's ssl_cert_login_from); None
+    when neither names one."""
+    named = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp.url).username or "")
+    if named or settings.amqp.tls.cert_file is None:
+        return named or None
+    try:
+        cert = x509.load_pem_x509_certificate(settings.amqp.tls.cert_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 def vault_user(settings: Settings) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from relayd import config
@@ -315,6 +319,28 @@ class TestKeyVault:
         assert login.amqp.tls.ca_file == Path("/etc/relayd/ca.pem")
         assert settings.amqp.tls.cert_file == Path("/etc/relayd/relayd.pem")
         assert config.vault_user(settings) == "relayd-vault"
+
+    def test_relayd_publishes_as_the_user_it_logs_in_as(self, tmp_path: Path) -> None:
+        """relay_user: the user name in amqp.url, else the CN of amqp.tls.cert_file (the
+        broker's user name for a certificate login), else None."""
+        assert config.relay_user(config.parse(_minimal(), environ={})) == "relay"
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "relayd-host-1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .sign(key, hashes.SHA256()))
+        pem = tmp_path / "client.pem"
+        pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        data = _with("amqp", url="amqps://broker.example/relayd?auth=external",
+                     tls={"cert_file": str(pem)})
+        assert config.relay_user(config.parse(data, environ={})) == "relayd-host-1"
+        data["amqp"]["tls"] = {}
+        assert config.relay_user(config.parse(data, environ={})) is None
+        pem.write_bytes(b"not a certificate")
+        data["amqp"]["tls"] = {"cert_file": str(pem)}
+        assert config.relay_user(config.parse(data, environ={})) is None
 
     def test_a_vault_user_that_cannot_be_is_refused(self) -> None:
         """A certificate login without vault.user, a vault.user other than the URL's, and a
