@@ -6,11 +6,16 @@ confirms (and carries this process's `relayd.edge` control queue), one declares,
 of its queue name). Each channel's prefetch is per consumer, so each device has at most
 `edge.max_unacked` messages out at a time.
 
-A device queue has at most one consumer, an exclusive one. A device's stream is taken
-over from an older connection in order: the older one cancels its consumer, gives back
-every unacknowledged delivery one by one (requeued to its place), waits for the broker
-to have read that, and only then does the new one consume. Across processes, a takeover
-is asked for on the `relayd.edge` fanout exchange and answered to the asker's own queue.
+A device queue has at most one consumer, an exclusive one. Before it consumes, a process
+claims the device: it declares the device's claim queue, exclusive to its connection, on
+its control channel, which the broker lets one connection hold at a time. So two
+processes never race for the exclusive consume, whose refusal would close a shared
+channel and cut off every other device on it. A device's stream is taken over from an
+older connection in order: the older one cancels its consumer, gives back every
+unacknowledged delivery one by one (requeued to its place), waits for the broker to have
+read that, lets go of its claim, and only then does the new one claim and consume.
+Across processes, a takeover is asked for on the `relayd.edge` fanout exchange and
+answered to the asker's own queue.
 """
 
 from __future__ import annotations
@@ -57,9 +62,11 @@ class Stream:
     """One connection's consumer of its device's queue; what it received and not yet
     had acknowledged, in delivery order."""
 
-    def __init__(self, slot: Slot, queue: str, on_end: Callable[[Ending], None]) -> None:
+    def __init__(self, slot: Slot, queue: str, claim: str,
+                 on_end: Callable[[Ending], None]) -> None:
         self.slot = slot
         self.queue = queue
+        self.claim = claim
         self.tag = f"edge.{uuid.uuid4().hex}"
         self.waiting: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         self.out: dict[int, int] = {}  # connection tag -> AMQP delivery tag, not yet acked
@@ -276,46 +283,85 @@ class Link:
 
     async def attach(self, device: str, on_end: Callable[[Ending], None],
                      release: Callable[[], Awaitable[None]]) -> Stream:
-        """Consume `device`'s queue for one connection, once no one else does; `release`
-        is what a takeover asks of this connection later. Unavailable if the queue stays
-        taken for `edge.takeover_timeout` s or the broker fails."""
+        """Claim `device` and consume its queue for one connection, once no one else
+        does; `release` is what a takeover asks of this connection later. Unavailable if
+        the device stays taken for `edge.takeover_timeout` s or the broker fails."""
         secret = self.keys().opaque_secret
         queue = topology.device_queue(self.t, device, secret)
+        claim = f"{self.t.edge_exchange}.claim.{topology.device_routing_key(device, secret)}"
         deadline = time.monotonic() + self.settings.edge.takeover_timeout
-        asked = False
+        claimed = False
         try:
-            while await self._consumers(device, queue, secret) > 0:
-                if time.monotonic() >= deadline:
-                    raise UnavailableError("the device's queue stayed taken")
-                if not asked:
-                    await self._ask_release(queue)
-                    asked = True
-                answer = self.answers.setdefault(queue, asyncio.Event())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answer.wait(), POLL_S)
-                answer.clear()
-            stream = Stream(self.slot_of(queue), queue, on_end)
+            await self._until(lambda: self._claim(claim), queue, deadline)
+            claimed = True
+            # claimed, the queue may still have a consumer a moment: a connection that
+            # died, or an edge process from before claims
+            await self._until(lambda: self._free(device, queue, secret), queue, deadline)
+            stream = Stream(self.slot_of(queue), queue, claim, on_end)
             await stream.slot.consume(stream)
-        except _AMQP_ERRORS as exc:
-            raise UnavailableError(type(exc).__name__) from None
+        except BaseException as exc:
+            if claimed:
+                self.spawn(self._unclaim(claim))
+            if isinstance(exc, _AMQP_ERRORS):
+                raise UnavailableError(type(exc).__name__) from None
+            raise
         finally:
             self.answers.pop(queue, None)
         self.held[queue] = release
         return stream
 
-    def detach(self, stream: Stream) -> None:
-        self.held.pop(stream.queue, None)
+    async def _until(self, done: Callable[[], Awaitable[bool]], queue: str,
+                     deadline: float) -> None:
+        """Ask whoever holds the device to let go until `done()`; Unavailable at the
+        deadline. Asked again each time: the holder may not have held it yet."""
+        while not await done():
+            if time.monotonic() >= deadline:
+                raise UnavailableError("the device's queue stayed taken")
+            await self._ask_release(queue)
+            answer = self.answers.setdefault(queue, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answer.wait(), POLL_S)
+            answer.clear()
 
-    async def _consumers(self, device: str, queue: str, secret: bytes) -> int:
-        """How many consumers the device's queue has; declared first if it is missing."""
+    async def detach(self, stream: Stream) -> None:
+        """Let go of the device: after its stream's release, so that whoever claims it
+        next finds its queue free."""
+        self.held.pop(stream.queue, None)
+        with contextlib.suppress(*_AMQP_ERRORS):
+            await self._unclaim(stream.claim)
+
+    async def _control_channel(self) -> AbstractChannel:
+        """The control channel, opened again if a refusal closed it (a passive declare of
+        a missing queue, a claim held by another process). Hold _control_lock."""
+        if self.control.is_closed:
+            self.control = await self.connection.channel()
+        return self.control
+
+    async def _claim(self, claim: str) -> bool:
+        """Whether this connection holds the device's claim now. The broker lets one
+        connection declare an exclusive queue, and deletes it with that connection."""
         async with self._control_lock:
             try:
-                declared = await self.control.declare_queue(queue, passive=True)
+                await (await self._control_channel()).declare_queue(claim, exclusive=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                return False
+            return True
+
+    async def _unclaim(self, claim: str) -> None:
+        async with self._control_lock:
+            await (await self._control_channel()).queue_delete(claim)
+
+    async def _free(self, device: str, queue: str, secret: bytes) -> bool:
+        """Whether the device's queue has no consumer; declared first if it is missing."""
+        async with self._control_lock:
+            try:
+                declared = await (await self._control_channel()).declare_queue(queue,
+                                                                                passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                self.control = await self.connection.channel()  # a failed passive kills it
-                await topology.declare(self.control, topology.device(self.t, device, secret))
-                return 0
-            return int(declared.declaration_result.consumer_count or 0)
+                await topology.declare(await self._control_channel(),
+                                       topology.device(self.t, device, secret))
+                return True
+            return not declared.declaration_result.consumer_count
 
     async def _ask_release(self, queue: str) -> None:
         await self.publishing.basic_publish(
@@ -331,7 +377,8 @@ class Link:
                 answer.set()
             return
         release = self.held.get(queue)
-        if properties.message_type != "release" or release is None or not properties.reply_to:
+        if (properties.message_type != "release" or release is None
+                or properties.reply_to in ("", None, self.inbox)):  # ours: asked before we held
             return
         await release()
         await self.publishing.basic_publish(b"", routing_key=properties.reply_to,

@@ -302,8 +302,7 @@ class Door:
         try:
             if session.stream is not None:
                 await session.stream.release()
-                if self.link is not None:
-                    self.link.detach(session.stream)
+                await session.stream.slot.link.detach(session.stream)
         finally:
             if self.sessions.get(session.device) is session:
                 del self.sessions[session.device]

@@ -31,6 +31,8 @@ from tests.integration.edge_harness import (
 from tests.integration.harness import WAIT, Relay, relay_in_vhost
 
 REFUSED = {"type": "refused", "code": "login_failed"}
+READY = {"type": "ready", "v": 1}
+RACES = 20  # logins at two edge processes at once
 
 
 @pytest.fixture
@@ -240,6 +242,34 @@ class TestDown:
             assert await closed(first) == 4409
             assert [(await frame(second))["sealed"] for _ in range(2)] == [b64e(b"a"),
                                                                            b64e(b"b")]
+
+    async def test_a_login_race_across_processes_cuts_no_one_else_off(
+            self, relay: Relay) -> None:
+        """The same device logging in at two edge processes at once, again and again:
+        one of them gets its stream, and the bystanders on each one's only consumer
+        channel keep their connections and are not sent their unanswered message again."""
+        racer = await relay.add_device("mallory", "mallory-phone")
+        async with running(relay, channels=1) as one, running(relay, channels=1) as two:
+            bystanders = []
+            for edge, user in ((one, "bob"), (two, "carol")):
+                device = await relay.add_device(user, f"{user}-phone")
+                await put_down(relay, device, [b"unanswered"])
+                bystanders.append(ws := await edge.login(device))
+                assert (await frame(ws))["tag"] == 1
+            for ref in range(RACES):
+                answers = await asyncio.gather(one.try_login(racer), two.try_login(racer),
+                                               return_exceptions=True)
+                logged_in = [a for a in answers if not isinstance(a, BaseException)]
+                assert any(answer == READY for _, answer in logged_in), answers
+                for ws, _ in logged_in:
+                    await ws.close()
+                for ws in bystanders:
+                    await put(ws, {"type": "ping", "ref": ref})
+                    assert await frame(ws) == {"type": "pong", "ref": ref}
+            for ws in bystanders:
+                await put(ws, {"type": "received", "tag": 1})
+                await put(ws, {"type": "ping", "ref": RACES})
+                assert await frame(ws) == {"type": "pong", "ref": RACES}
 
     async def test_a_removed_device_is_cut_off(self, relay: Relay, edge: Edge) -> None:
         """`device remove` deletes the queue: the connected device is closed with 4401."""
