@@ -95,15 +95,20 @@ class Stream:
 
     async def acknowledge(self, tag: int) -> bool:
         """The device stored delivery `tag`: remove it from the queue. False if no such
-        delivery is out (never sent, or acknowledged already)."""
-        delivery_tag = self.out.pop(tag, None)
-        receipt = self.receipts.pop(tag, None)
+        delivery is out (never sent, or acknowledged already).
+
+        The tag stays out until the ack is written: a session cancelled while the ack
+        waits for room in the connection's write queue (a blocked broker) still holds
+        the delivery, and its release gives it back."""
+        delivery_tag = self.out.get(tag)
         if delivery_tag is None:
             return False
         if not self.released:
             await self.slot.ack(delivery_tag)
-            if receipt is not None:  # relayd tells the business, once per message
-                self.slot.link.spawn(self.slot.link.receipt(receipt))
+        del self.out[tag]
+        receipt = self.receipts.pop(tag, None)
+        if receipt is not None and not self.released:  # relayd tells the business, once
+            self.slot.link.spawn(self.slot.link.receipt(receipt))
         return True
 
     async def release(self) -> None:
@@ -169,6 +174,8 @@ class Slot:
             stream.on_end("lost")
 
     async def ack(self, delivery_tag: int) -> None:
+        """Written to the connection's write queue when this returns; not at all if it is
+        cancelled before (aiormq puts the frame in the queue, or does not)."""
         if self.outer is not None:
             with contextlib.suppress(*_AMQP_ERRORS):
                 await self.channel.basic_ack(delivery_tag, wait=False)
