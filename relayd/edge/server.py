@@ -196,7 +196,8 @@ class Door:
         self.sessions: dict[str, Session] = {}
         self.locks = KeyedLocks()
         self.link: Link | None = None
-        self.connections = 0
+        self.waiting: dict[ServerConnection, None] = {}  # no login frame yet, oldest first
+        self.logging_in: set[ServerConnection] = set()  # sent one: logged in, or deciding
         self.handlers: set[asyncio.Task[Any]] = set()
 
     # --- the handshake and the login -------------------------------------------------------
@@ -204,12 +205,23 @@ class Door:
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path != frames.PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "no such path\n")
-        if self.link is None or self.connections >= self.settings.edge.max_connections:
+        if self.link is None or len(self.logging_in) >= self.settings.edge.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "try again later\n")
         return None
 
+    def _make_room(self) -> None:
+        """Beyond edge.max_connections, close the connections that have waited longest
+        without logging in (1013): sockets that never log in cannot lock devices out,
+        they only make each other wait."""
+        while (len(self.waiting) + len(self.logging_in) > self.settings.edge.max_connections
+               and self.waiting):
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            _hang_up(oldest, Close.TRY_AGAIN_LATER)
+
     async def handle(self, ws: ServerConnection) -> None:
-        self.connections += 1
+        self.waiting[ws] = None
+        self._make_room()
         metrics.edge_connections(1)
         task = asyncio.current_task()
         if task is not None:
@@ -222,7 +234,8 @@ class Door:
         except (ConnectionClosed, _EndedError):
             code = None
         finally:
-            self.connections -= 1
+            self.waiting.pop(ws, None)
+            self.logging_in.discard(ws)
             metrics.edge_connections(-1)
             if task is not None:
                 self.handlers.discard(task)
@@ -235,10 +248,7 @@ class Door:
         device's answer: a device that sent frames ahead may have our reading paused
         (websockets' flow control), and would hold its connection until close_timeout.
         What the device does not read within edge.send_timeout is cut off."""
-        with contextlib.suppress(Exception):  # the library's state error: closing already
-            ws.protocol.send_close(code)
-            ws.send_data()
-        ws.transport.close()
+        _hang_up(ws, code)
         try:
             async with asyncio.timeout(self.settings.edge.send_timeout):
                 await ws.wait_closed()
@@ -255,6 +265,10 @@ class Door:
                 data = await ws.recv()
         except TimeoutError:
             return Close.LOGIN_TIMEOUT
+        if ws not in self.waiting:
+            return None  # closed by _make_room meanwhile
+        del self.waiting[ws]
+        self.logging_in.add(ws)
         frame = frames.parse(data)
         if not isinstance(frame, frames.Login):
             raise FrameError("log in first")
@@ -335,6 +349,14 @@ class Door:
     def end_all(self, code: Close) -> None:
         for session in list(self.sessions.values()):
             session.end(code)
+
+
+def _hang_up(ws: ServerConnection, code: Close) -> None:
+    """Send the close frame and close the transport, without waiting for an answer."""
+    with contextlib.suppress(Exception):  # the library's state error: closing already
+        ws.protocol.send_close(code)
+        ws.send_data()
+    ws.transport.close()
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:

@@ -317,6 +317,22 @@ class TestBounds:
             await ws.send("x" * (relay.settings.edge.max_frame_bytes + 1))
             assert await closed(ws) == 1009
 
+    async def test_sockets_that_never_log_in_do_not_lock_devices_out(
+            self, relay: Relay) -> None:
+        """At edge.max_connections, a new connection closes the one that has waited
+        longest without logging in (1013); only logged-in connections fill the edge up,
+        and then a handshake gets 503."""
+        async with running(relay, max_connections=3) as edge:
+            idle = [await edge.raw() for _ in range(3)]
+            for ws in idle:  # each one's handler runs: it sent the challenge
+                assert (await frame(ws))["type"] == "challenge"
+            for i, ws in enumerate(idle):
+                await edge.login(await relay.add_device(f"user{i}", f"phone{i}"))
+                assert await closed(ws) == 1013
+            with pytest.raises(InvalidStatus) as full:
+                await edge.raw()
+            assert full.value.response.status_code == 503
+
     async def test_a_slow_reader_is_dropped_and_its_messages_kept(self, relay: Relay) -> None:
         """A device that reads nothing while its queue pours out is dropped (4429) after
         edge.send_timeout, not buffered for; everything it was sent goes back to the
