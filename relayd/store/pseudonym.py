@@ -54,6 +54,7 @@ from relayd.store import (
 )
 
 _NONCE = 12
+_NOBODY_KEY, _NOBODY_SEALED = bytes(32), bytes(_NONCE + 16 + 32)  # the key does not open it
 _CACHE = 65536
 # How long a process keeps users' keys and opened ids in memory: after an erasure in
 # another process, the erased user's key and ids leave this one's memory at its next read
@@ -124,6 +125,7 @@ class Pseudonymous:
         self._secret = secret
         self._people: dict[str, tuple[bytes, str]] = {}  # pseudonym -> key, account id
         self._opened: dict[bytes, str] = {}  # a sealed device id -> the id, once opened
+        self._absent: set[str] = set()  # pseudonyms of device ids looked up and not found
         self._cached_at = time.monotonic()
 
     def user_pseudonym(self, user: str) -> str:
@@ -183,9 +185,10 @@ class Pseudonymous:
         (or there are too many): read again, an erased user's are not found."""
         now = time.monotonic()
         if (now - self._cached_at > CACHE_SECONDS or len(self._people) >= _CACHE
-                or len(self._opened) >= _CACHE):
+                or len(self._opened) >= _CACHE or len(self._absent) >= _CACHE):
             self._people.clear()
             self._opened.clear()
+            self._absent.clear()
             self._cached_at = now
 
     async def _readable(self, pseudonyms: Sequence[str],
@@ -285,9 +288,26 @@ class Pseudonymous:
         raise TransientError("store_busy", "the user was erased at each try to add a device")
 
     async def device(self, device_id: str) -> Device | None:
-        row = await self.backend.device(self.device_pseudonym(device_id))
-        opened = await self._devices([] if row is None else [row])
+        pseudonym = self.device_pseudonym(device_id)
+        row = await self.backend.device(pseudonym)
+        if row is None:
+            await self._as_if_found(pseudonym)
+            return None
+        opened = await self._devices([row])
         return opened[0] if opened else None
+
+    async def _as_if_found(self, pseudonym: str) -> None:
+        """For a device id no row has, the work that reading a registered one does, and
+        remembered as long: the vault asked for a person (none has a device's pseudonym),
+        a sealed account id and a sealed device id opened. So the edge's login takes as
+        long for an unknown device as for a registered one (docs/protocol.md section 12)."""
+        self._expire()
+        if pseudonym in self._absent:
+            return
+        await self.vault.people([pseudonym])
+        for kind in ("user", "device"):
+            unseal(_NOBODY_KEY, kind, pseudonym, _NOBODY_SEALED)
+        self._absent.add(pseudonym)
 
     async def devices_of(self, user: str) -> list[Device]:
         found = await self._devices(await self.backend.devices_of(self.user_pseudonym(user)))

@@ -28,6 +28,7 @@ from relayd.store import (
     Store,
     UpClaim,
     open_store,
+    pseudonym,
 )
 from relayd.store.pseudonym import Pseudonymous
 from relayd.store.sqlite import MIGRATIONS
@@ -913,6 +914,45 @@ class TestPseudonyms:
         assert erasures == [store.user_pseudonym(USER)]
         assert await store.device(PHONE) == device(PHONE, USER)
         assert [d.id for d in await racing.devices()] == [PHONE]
+
+    async def test_an_unknown_device_costs_the_reads_of_a_registered_one(
+            self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Looking up an id no device has takes as many backend and vault calls, and
+        opens as many sealed values, as looking up a registered one, in a fresh process
+        and then from its memory: the edge's login does the same work for both
+        (docs/protocol.md section 12)."""
+        assert isinstance(store, Pseudonymous)
+        await store.add_device(device(PHONE, USER))
+        calls: list[str] = []
+        opening = pseudonym.unseal
+
+        def unseal(*args: Any) -> str | None:
+            calls.append("unseal")
+            return opening(*args)
+
+        class Counted:
+            def __init__(self, part: object) -> None:
+                self.part = part
+
+            def __getattr__(self, name: str) -> Any:
+                calls.append(name)
+                return getattr(self.part, name)
+
+        monkeypatch.setattr(pseudonym, "unseal", unseal)
+
+        async def work(device_id: str) -> list[list[str]]:
+            fresh = Pseudonymous(Counted(store.backend), Counted(store.vault),  # type: ignore[arg-type]
+                                 SECRET)
+            done = []
+            for _ in range(2):
+                calls.clear()
+                await fresh.device(device_id)
+                done.append(list(calls))
+            return done
+
+        registered = await work(PHONE)
+        assert registered[0] == ["device", "people", "unseal", "unseal"]
+        assert await work("nobody") == registered
 
     async def test_erased_rows_no_longer_open(self, store: Store) -> None:
         """After erasure, a copy of the user's device row taken before it (as in a backup)
