@@ -223,7 +223,9 @@ class Link:
         self.answers: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._control_lock = asyncio.Lock()
-        self.inbox = ""
+        # this process's queue on relayd.edge: named by relayd, not the broker, so that
+        # relayd's own permissions (deploy/rabbitmq/README.md) cover it
+        self.inbox = f"{self.t.edge_exchange}.{uuid.uuid4().hex}"
 
     async def open(self) -> None:
         publishing = await self.connection.channel(publisher_confirms=True,
@@ -231,8 +233,7 @@ class Link:
         self.publishing = await publishing.get_underlay_channel()
         self.control = await self.connection.channel()
         await topology.declare(self.control, topology.edge(self.t))
-        declared = await self.publishing.queue_declare(exclusive=True, auto_delete=True)
-        self.inbox = declared.queue or ""
+        await self.publishing.queue_declare(self.inbox, exclusive=True, auto_delete=True)
         await self.publishing.queue_bind(self.inbox, self.t.edge_exchange)
         await self.publishing.basic_consume(self.inbox, self._on_control, no_ack=True)
         for slot in self.slots:

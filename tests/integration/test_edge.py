@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import ssl
 from pathlib import Path
 
@@ -28,7 +29,15 @@ from tests.integration.edge_harness import (
     send,
     up_queue,
 )
-from tests.integration.harness import WAIT, Relay, relay_in_vhost
+from tests.integration.harness import (
+    WAIT,
+    Relay,
+    add_amqp_user,
+    amqp_url,
+    documented_permissions,
+    rabbitmqctl,
+    relay_in_vhost,
+)
 
 REFUSED = {"type": "refused", "code": "login_failed"}
 READY = {"type": "ready", "v": 1}
@@ -355,6 +364,37 @@ class TestBounds:
                         "relayd_edge_closes_total", {"code": "4429"}) != before + 1:
                     await asyncio.sleep(0.02)
             ws.transport.abort()
+
+
+class TestPermissions:
+    async def test_the_edge_runs_with_relayds_documented_rights(self, relay: Relay) -> None:
+        """`relayd edge` logs in as relayd: with exactly the rights deploy/rabbitmq/README.md
+        gives relayd's user, it gets ready, declares a device queue that is missing, takes
+        a send up, delivers down and takes a device over from another edge process."""
+        user = f"relayd-{secrets.token_hex(4)}"
+        password = add_amqp_user(relay.vhost, user)
+        own = relay.settings
+        try:
+            rights = documented_permissions()["relayd"]
+            rabbitmqctl("set_permissions", "-p", relay.vhost, user, rights["configure"],
+                        rights["write"], rights["read"])
+            relay.settings = own.model_copy(update={"amqp": own.amqp.model_copy(
+                update={"url": amqp_url(user, password, relay.vhost)})})
+            phone = await relay.add_device("alice", "phone")
+            await relay.channel.queue_delete(relay.device_queue(phone))
+            async with running(relay) as one, running(relay) as two:
+                first = await one.login(phone)
+                sealed = phone.seal(relay.public, phone.payload("acme", "start", {}))
+                assert await send(first, 1, sealed, relay.public.kid) == {"type": "ack",
+                                                                           "ref": 1}
+                await put_down(relay, phone, [b"down"])
+                assert (await frame(first))["sealed"] == b64e(b"down")
+                second = await two.login(phone)
+                assert await closed(first) == 4409
+                assert (await frame(second))["sealed"] == b64e(b"down")
+        finally:
+            relay.settings = own
+            rabbitmqctl("delete_user", user)
 
 
 class TestTls:
