@@ -620,14 +620,15 @@ class TestWhoMayPublishWhere:
                     "ACCESS_REFUSED")
 
     async def test_the_readme_names_every_party(self) -> None:
-        """The README's commands cover relayd, the key vault, the edge, the identity
-        service, the push service and an operator."""
-        assert set(documented_permissions()) == {"relayd", "relayd-vault", "edge", "identity",
+        """The README's commands cover relayd, the key vault, a gateway of one's own, the
+        identity service, the push service and an operator."""
+        assert set(documented_permissions()) == {"relayd", "relayd-vault", "gateway", "identity",
                                                  "push", "operator"}
 
-    async def test_edge(self, env: Env, relay_side: list[Any]) -> None:
-        """The edge publishes to relayd.ingress and consumes device queues, nothing else."""
-        _, connection = await self.party(env, "edge")
+    async def test_gateway(self, env: Env, relay_side: list[Any]) -> None:
+        """A gateway of one's own publishes to relayd.ingress and consumes device queues,
+        nothing else."""
+        _, connection = await self.party(env, "gateway")
         async with connection:
             phone = next(a.__name__ for a in relay_side
                          if a.__name__.startswith("consume relayd.device."))

@@ -213,13 +213,13 @@ class TestHostileHeaders:
         assert dead.headers["x-relayd-queue"] == t.inbound_queue  # the router's refusal
         await relay.assert_empty(relay.inbox("acme"))
 
-    @pytest.mark.parametrize("party", ["business", "edge"])
+    @pytest.mark.parametrize("party", ["business", "gateway"])
     @pytest.mark.parametrize("via", ["shard_exchange", "default_exchange"])
     async def test_only_relayd_may_write_to_a_shard(
         self, sharded: Relay, party: str, via: str
     ) -> None:
         """A business (with `business add`'s rights) and a gateway of the operator's own
-        (the edge row of deploy/rabbitmq/README.md) are refused by the broker when they
+        (the gateway row of deploy/rabbitmq/README.md) are refused by the broker when they
         publish to relayd.shards or straight into a shard queue; nothing arrives."""
         relay, t = sharded, sharded.settings.topology
         if party == "business":
@@ -227,7 +227,7 @@ class TestHostileHeaders:
         else:
             user = f"edge-{relay.vhost}"
             password = add_amqp_user(relay.vhost, user)
-            grant = documented_permissions()["edge"]
+            grant = documented_permissions()["gateway"]
             rabbitmqctl(
                 "set_permissions",
                 "-p",

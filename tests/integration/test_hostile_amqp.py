@@ -172,7 +172,8 @@ def unacked(vhost: str) -> dict[str, int]:
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     """A relay in its own vhost: acme (the hostile business) and globex, each with a broker
     user confined as `business add` confines one; an edge user with the permissions
-    deploy/rabbitmq/README.md gives the edge; bob's phone in a conversation with globex."""
+    deploy/rabbitmq/README.md gives a gateway of one's own; bob's phone in a
+    conversation with globex."""
     async with relay_in_vhost(tmp_path) as relay:
         users: list[str] = []
         try:
@@ -181,7 +182,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             edge_user = f"edge-{secrets.token_hex(4)}"
             edge_password = add_amqp_user(relay.vhost, edge_user)
             users += [acme_user, globex_user, edge_user]
-            rights = documented_permissions()["edge"]  # deploy/rabbitmq/README.md's
+            rights = documented_permissions()["gateway"]  # deploy/rabbitmq/README.md's
             rabbitmqctl("set_permissions", "-p", relay.vhost, edge_user, rights["configure"],
                         rights["write"], rights["read"])
             await relay.add_business("acme", amqp_user=acme_user)
