@@ -49,7 +49,7 @@ class Verifier:
         if not EDGE_NAME.fullmatch(edge):
             raise ValueError("not an edge name")
         self.edge = edge
-        self._dummy = ed25519.Ed25519PrivateKey.generate().public_key()
+        self._dummy = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
 
     def verify(self, sign_key: bytes | None, device: str, sig: str, challenge: bytes) -> bool:
         """Whether `sig` (base64url) is `device`'s signature over `challenge`; `sign_key`
@@ -61,10 +61,11 @@ class Verifier:
             raw = b""
         well_formed = len(raw) == SIGNATURE_BYTES
         try:  # relayd.crypto's check, as at the inbound worker: a weak key registered
-            # before relayd checked keys verifies forgeries made without any secret
-            key = ed25519_public(sign_key) if known and sign_key is not None else self._dummy
+            # before relayd checked keys verifies forgeries made without any secret. The
+            # dummy key is checked too: the check costs more than the signature's.
+            key = ed25519_public(sign_key if known and sign_key is not None else self._dummy)
         except ValueError:  # a wrong length, or a WeakKeyError: never trust it blindly
-            key, known = self._dummy, False
+            key, known = ed25519_public(self._dummy), False
         try:
             key.verify(raw if well_formed else bytes(SIGNATURE_BYTES),
                        message(self.edge, device if known else "-", challenge))
