@@ -151,8 +151,9 @@ def router_lock(entry_queue: str) -> str:
 
 
 def edge(t: Topology) -> list[Spec]:
-    """What edge processes talk over: each binds a queue of its own (exclusive, named by
-    the broker) to this exchange, to be asked to hand a device's queue back."""
+    """What edge processes talk over: each binds a queue of its own (exclusive, named
+    relayd.edge.<random>, which relayd's rights cover) to this exchange, to be asked to
+    hand a device's queue back."""
     return [Exchange(t.edge_exchange, ExchangeType.FANOUT)]
 
 

@@ -34,7 +34,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from relayd import amqp, envelope, metrics, shard, topology
+from relayd import amqp, config, envelope, metrics, shard, topology
 from relayd.config import Settings
 from relayd.errors import RelaydError
 from relayd.keys import KeySource
@@ -218,6 +218,9 @@ class Link:
         self.connection = connection
         self.keys = keys  # read at each attach: the device queues are named by a keyed token
         self.t = settings.topology
+        # set on each up message, as the broker checks: the workers believe x-relayd-device
+        # (the edge judged the rate limit) only from relayd's own user (inbound.from_relayd)
+        self.user = config.relay_user(settings)
         self.slots = [Slot(self, i) for i in range(settings.edge.channels)]
         self.held: dict[str, Callable[[], Awaitable[None]]] = {}  # queue -> let it go
         self.answers: dict[str, asyncio.Event] = {}
@@ -264,7 +267,7 @@ class Link:
             await self.publishing.basic_publish(
                 sealed, exchange=exchange, routing_key=routing_key, mandatory=True,
                 properties=Basic.Properties(
-                    content_type=envelope.CONTENT_TYPE, delivery_mode=2,
+                    content_type=envelope.CONTENT_TYPE, delivery_mode=2, user_id=self.user,
                     headers={envelope.KID_HEADER: kid, envelope.DEVICE_HEADER: device}))
         except DeliveryError:
             raise RefusedError("broker_full") from None  # nacked: the queue is at its limit

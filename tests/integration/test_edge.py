@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from relayd import admin
+from relayd import admin, config
 from relayd.client import DeviceKeys
 from relayd.crypto import b64d, b64e
 from relayd.edge.server import serve_edge
@@ -123,7 +123,9 @@ class TestUp:
     async def test_ack_after_the_confirm_with_the_device_stamped(self, relay: Relay,
                                                                   edge: Edge) -> None:
         """The sealed bytes reach relayd.inbound (sharded: the device's shard) as sent,
-        with relayd-kid and x-relayd-device, and the ack names the send's ref."""
+        with relayd-kid and x-relayd-device, as relayd's own broker user (so that the
+        workers believe the header: inbound.from_relayd), and the ack names the send's
+        ref."""
         phone = await relay.add_device("alice", "phone")
         sealed = phone.seal(relay.public, phone.payload("acme", "start", {"text": "hi"}))
         ws = await edge.login(phone)
@@ -132,6 +134,7 @@ class TestUp:
         assert message.body == sealed
         assert message.headers == {"relayd-kid": relay.public.kid, "x-relayd-device": "phone"}
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.user_id == config.relay_user(relay.settings) == "guest"
 
     async def test_a_full_ingress_is_nacked_broker_full(self, tmp_path: Path) -> None:
         """relayd.inbound at its length limit: the broker nacks, the device gets
