@@ -11,19 +11,27 @@ CONNECT_ERRORS are the failures that mean "the broker or the link", never the in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import random
 import ssl
+import struct
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol, cast
+from uuid import UUID
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
+from aiormq.abc import ChannelFrame
+from aiormq.channel import Returning
+from pamqp import encode
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from relayd import envelope, keys, log, metrics, topology, wire
 from relayd.config import Settings
@@ -38,11 +46,11 @@ RECEIPT_HEADER = "x-relayd-receipt"  # on a business message's copies: relayd.re
 UNPROVEN = frozenset({"unauthenticated", "unknown_business", "bad_kid", "decrypt_failed",
                       "bad_signature", "unknown_device", "wrong_device", "too_large",
                       "bad_receipt", "bad_properties"})
-Properties = Basic.Properties
 CONNECT_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
 RECONNECT_INITIAL_S = 0.5
 WRITE_QUEUE_FRAMES = 1024  # frames queued for aiormq's writer (see connect)
 _log = log.get("relayd.amqp")
+_U16, _U32 = struct.Struct(">H"), struct.Struct(">I")
 
 
 class Delivery(Protocol):
@@ -231,13 +239,190 @@ def refused(url: str, exc: Exception) -> Exception:
     return exc
 
 
+# --- publishing: a publish's frames handed straight to aiormq's writer ---------------------
+#
+# aiormq's Channel.basic_publish cost ~80 µs of CPU a publish in a worker (py-spy, issue
+# #14): it builds pamqp objects for the method, the content header and the body, marshals
+# them through a BytesIO, and takes the channel's lock, an asyncio.timeout, a context
+# manager and a future in the channel's FutureStore (three done-callbacks) for each. The
+# Outlet writes the same frames, with the same bookkeeping aiormq's channel reader uses
+# to settle confirms, for a fraction of that. What it relies on in aiormq (7.2.4) is
+# pinned by tests/unit/test_outlet.py and tests/integration/test_publisher.py:
+# - Channel.delivery_tag counts the channel's publishes; the broker numbers its confirms
+#   (basic.ack, basic.nack) in the order the publishes reach it, and the channel's reader
+#   resolves Channel.confirmations[tag] with the Basic.Ack, or fails it with DeliveryError;
+# - a basic.return is matched to its publish through
+#   Channel.message_id_delivery_tag[message_id], and fails it with PublishError (or
+#   resolves it with the returned message, on a channel that does not raise on returns);
+# - Channel.write_queue is the connection's queue of aiormq.abc.ChannelFrame, whose
+#   payload its writer writes as it is, in queue order.
+
+_FRAME = struct.Struct(">BHI")  # frame type, channel, payload size
+_METHOD, _HEADER, _BODY = 1, 2, 3  # frame types
+_FRAME_END = b"\xce"
+_CONTENT_HEADER = struct.Struct(">HxxQ")  # class (Basic), weight (0), body size
+_FLAGS = Basic.Properties.flags
+_METHODS: dict[tuple[str, str, bool], bytes] = {}
+_METHODS_MAX = 10_000  # (exchange, routing key) pairs kept; device routing keys are many
+
+
+def publish_method(exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    """The payload of a basic.publish method frame, as pamqp marshals it (and checks it:
+    ValueError or TypeError for a name it refuses), cached."""
+    key = (exchange, routing_key, mandatory)
+    method = _METHODS.get(key)
+    if method is None:
+        if len(routing_key) > 255:  # aiormq's own check, before pamqp's
+            raise ValueError("routing key too long")
+        frame = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        method = _U32.pack(frame.index) + frame.marshal()
+        if len(_METHODS) >= _METHODS_MAX:
+            _METHODS.clear()
+        _METHODS[key] = method
+    return method
+
+
+def encode_properties(*, content_type: str | None, headers: Mapping[str, Any] | None,
+                      delivery_mode: int | None, correlation_id: str | None,
+                      message_id: str, message_type: str | None) -> bytes:
+    """The properties relayd publishes with, encoded as pamqp's Basic.Properties.marshal()
+    encodes them (an absent or empty value is left out), by pamqp's own encoders, which
+    raise TypeError or ValueError for what they cannot encode."""
+    flags, parts = 0, []
+    if content_type is not None and content_type != "":
+        flags |= _FLAGS["content_type"]
+        parts.append(encode.short_string(content_type))
+    if headers is not None:
+        flags |= _FLAGS["headers"]
+        parts.append(encode.field_table(dict(headers)))
+    if delivery_mode is not None:
+        if delivery_mode not in (1, 2):
+            raise ValueError("delivery_mode must be 1 or 2")
+        flags |= _FLAGS["delivery_mode"]
+        parts.append(encode.octet(delivery_mode))
+    if correlation_id is not None and correlation_id != "":
+        flags |= _FLAGS["correlation_id"]
+        parts.append(encode.short_string(correlation_id))
+    flags |= _FLAGS["message_id"]
+    parts.append(encode.short_string(message_id))
+    if message_type is not None and message_type != "":
+        flags |= _FLAGS["message_type"]
+        parts.append(encode.short_string(message_type))
+    return _U16.pack(flags) + b"".join(parts)
+
+
+class Outlet:
+    """Publishes on one aiormq channel with confirms; nothing else may publish on it.
+
+    A publish's frames are appended to the outlet's pending bytes in the same step as
+    its delivery tag is counted and its confirmation registered, and the publishes of
+    one turn of the event loop go into the connection's write queue together, as one
+    ChannelFrame (one socket write instead of one a publish). So the tags count the
+    publishes in the order the broker sees them, with no lock and no wait. When the
+    write queue is full (a connection blocked by the broker), the outlet's batches wait
+    in order in `_backlog`, and the publishes wait for their confirms as ever. When the
+    channel closes, every confirmation still open fails with the reason, and what was
+    not queued yet is dropped: no frame may follow the channel's close."""
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.channel = channel
+        self._number = channel.number
+        self._queue = channel.write_queue
+        self._confirmations = channel.confirmations
+        self._returns = channel.message_id_delivery_tag
+        self._max_body = channel.max_content_size
+        self._pending: list[bytes] = []  # this turn's publishes, not in the write queue yet
+        self._backlog: collections.deque[ChannelFrame] = collections.deque()
+        self._backlogger: asyncio.Task[None] | None = None
+        channel.closing.add_done_callback(self._closed)
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.is_closed
+
+    def publish(self, method: bytes, properties: bytes, body: bytes,
+                message_id: str | None) -> Awaitable[object]:
+        """Write one publish (`method` from publish_method, `properties` from
+        encode_properties) and return what its confirm resolves with: the Basic.Ack, or
+        the returned message. It raises PublishError (returned), DeliveryError (nacked),
+        or the reason the channel closed. `message_id`: to match a basic.return to this
+        publish (None when it is not mandatory). Only on an open channel (`closed`)."""
+        if not self._pending:
+            self.channel.loop.call_soon(self._flush)
+        number = self._number
+        header = _CONTENT_HEADER.pack(Basic.frame_id, len(body)) + properties
+        pending = self._pending
+        pending += (_FRAME.pack(_METHOD, number, len(method)), method, _FRAME_END,
+                    _FRAME.pack(_HEADER, number, len(header)), header, _FRAME_END)
+        for at in range(0, len(body), self._max_body):  # no body frame for an empty body
+            chunk = body[at:at + self._max_body]
+            pending += (_FRAME.pack(_BODY, number, len(chunk)), chunk, _FRAME_END)
+        return self._track(message_id)
+
+    def _track(self, message_id: str | None) -> Awaitable[object]:
+        """Count the publish just written, register its confirmation, and return it."""
+        channel = self.channel
+        channel.delivery_tag += 1
+        tag = channel.delivery_tag
+        confirmation: asyncio.Future[object] = channel.loop.create_future()
+        self._confirmations[tag] = confirmation
+        if message_id is None:
+            return confirmation
+        self._returns[message_id] = tag
+        return self._confirmed(confirmation, tag, message_id)
+
+    async def _confirmed(self, confirmation: asyncio.Future[object], tag: int,
+                         message_id: str) -> object:
+        try:
+            return await confirmation
+        finally:  # as aiormq forgets it
+            if self._returns.get(message_id) == tag:
+                del self._returns[message_id]
+
+    def _flush(self) -> None:
+        frame = ChannelFrame(payload=b"".join(self._pending), should_close=False)
+        self._pending.clear()
+        if self.channel.is_closed:  # their confirmations failed with the channel
+            return
+        if not self._backlog:
+            try:
+                self._queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                pass
+            else:
+                return
+        self._backlog.append(frame)
+        if self._backlogger is None:
+            self._backlogger = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._backlog and not self.channel.is_closed:
+                await self._queue.put(self._backlog[0])
+                self._backlog.popleft()
+        finally:
+            self._backlog.clear()
+            self._backlogger = None
+
+    def _closed(self, closing: asyncio.Future[object]) -> None:
+        if self._backlogger is not None:
+            self._backlogger.cancel()
+        reason = None if closing.cancelled() else closing.exception()
+        if not isinstance(reason, Exception):
+            reason = ChannelInvalidStateError("the channel closed")
+        for confirmation in list(self._confirmations.values()):
+            if not confirmation.done() and not isinstance(confirmation, Returning):
+                confirmation.set_exception(reason)
+
+
 class Publisher:
     """Publishes what the relay produces; each call returns once the broker confirmed it.
 
     The broker closes a channel that publishes to an exchange that is gone (a business
     removed while a message to it was in work): that publish raises TransientError, and
     the next one opens the channel again. So the channel must be the publisher's alone: a
-    consumer sharing it would be cut off with it."""
+    consumer sharing it would be cut off with it, and nothing else may publish on it (see
+    Outlet)."""
 
     def __init__(self, channel: AbstractChannel, settings: Settings, secret: bytes,
                  waker: Waker | None = None) -> None:
@@ -248,6 +433,7 @@ class Publisher:
         self._t = settings.topology
         self._secret = secret
         self._reopening = asyncio.Lock()
+        self._outlet: Outlet | None = None
 
     async def _live(self) -> AbstractChannel:
         """The channel, opened again if the broker closed it."""
@@ -257,20 +443,38 @@ class Publisher:
                     await self._channel.reopen()
         return self._channel
 
-    async def _publish(self, exchange: str, routing_key: str, body: bytes,
-                       properties: Properties, mandatory: bool = True) -> None:
+    async def _live_outlet(self) -> Outlet:
+        """The Outlet of the live channel (a new one after a reopen)."""
+        channel = await self._live()
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        if self._outlet is None or self._outlet.channel is not underlay:
+            self._outlet = Outlet(underlay)
+        return self._outlet
+
+    async def _publish(self, exchange: str, routing_key: str, body: bytes, *,
+                       content_type: str | None = None,
+                       headers: Mapping[str, Any] | None = None,
+                       delivery_mode: int | None = PERSISTENT,
+                       correlation_id: str | None = None, message_id: str | None = None,
+                       message_type: str | None = None, mandatory: bool = True) -> None:
         started = time.monotonic()
+        # As aiormq does: a message without an id gets a random one, which also tells
+        # which publish a basic.return gives back.
+        message_id = message_id or UUID(int=random.getrandbits(128), version=4).hex
         try:
-            # aiormq directly: an aio_pika.Message per publish cost ~10 µs for nothing we
-            # use. wait=False: no future for the socket's drain, as the broker's confirm,
-            # awaited, comes after the frame was written.
-            channel = self._channel
-            if channel.is_closed:
-                channel = await self._live()
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                         properties=properties, mandatory=mandatory,
-                                         wait=False)
+            method = publish_method(exchange, routing_key, mandatory)
+            properties = encode_properties(
+                content_type=content_type, headers=headers, delivery_mode=delivery_mode,
+                correlation_id=correlation_id, message_id=message_id,
+                message_type=message_type)
+        except (TypeError, ValueError) as exc:  # pamqp cannot encode a property or header
+            raise PermanentError("unpublishable", type(exc).__name__) from None
+        try:
+            outlet = self._outlet
+            if outlet is None or outlet.closed:
+                outlet = await self._live_outlet()
+            confirmed = await outlet.publish(method, properties, body,
+                                             message_id if mandatory else None)
         except PublishError:
             raise TransientError("unroutable", f"nothing bound to {exchange}") from None
         except DeliveryError:
@@ -278,8 +482,8 @@ class Publisher:
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError,
                 ChannelInvalidStateError) as exc:
             raise TransientError("publish_failed", type(exc).__name__) from None
-        except (TypeError, ValueError) as exc:  # pamqp cannot encode a property or header
-            raise PermanentError("unpublishable", type(exc).__name__) from None
+        if not isinstance(confirmed, Basic.Ack):  # returned, on a channel that does not raise
+            raise TransientError("unroutable", f"nothing bound to {exchange}")
         metrics.confirmed(self._target(exchange), time.monotonic() - started)
 
     def _target(self, exchange: str) -> str:
@@ -291,20 +495,24 @@ class Publisher:
 
     def to_business(self, business: str, body: bytes, message_id: str,
                     kind: str) -> Awaitable[None]:
-        return self._publish(topology.business_exchange(self._t, business), "", body, Properties(
-            content_type=JSON, message_id=message_id, message_type=kind,
-            delivery_mode=PERSISTENT))
+        return self._publish(topology.business_exchange(self._t, business), "", body,
+                             content_type=JSON, message_id=message_id, message_type=kind)
 
     async def to_device(self, device: str, sealed: bytes, receipt: str | None = None) -> None:
         routing_key = topology.device_routing_key(device, self._secret)
         # No device id: the broker dead-letters an expired copy with its headers, and the
         # device knows its own (docs/privacy.md). The receipt token is sealed.
         headers: dict[str, Any] | None = {RECEIPT_HEADER: receipt} if receipt else None
-        await self._publish(self._t.devices_exchange, routing_key, sealed, Properties(
-            content_type=envelope.CONTENT_TYPE, headers=headers, delivery_mode=PERSISTENT))
+        await self._publish(self._t.devices_exchange, routing_key, sealed,
+                            content_type=envelope.CONTENT_TYPE, headers=headers)
         if self._waker is not None:
-            self._waker.queued(await self._live(), device,
+            self._waker.queued(self.notice, device,
                                topology.device_queue(self._t, device, self._secret))
+
+    def notice(self, queue: str, body: bytes) -> Awaitable[None]:
+        """A transient message to `queue` through the default exchange, not mandatory (a
+        push wake's notice, relayd.wake)."""
+        return self._publish("", queue, body, delivery_mode=1, mandatory=False)
 
     async def delete_device_queue(self, device: str) -> None:
         """Delete a device's queue and the undelivered messages in it; gone already is fine."""
@@ -328,15 +536,15 @@ class Publisher:
         """An answer to the identity service, to its direct reply-to name (relayd.identity
         checked it) through the default exchange. Not mandatory: an asker that went away
         has no one to read it, and asks again."""
-        return self._publish("", reply_to, body, Properties(
-            content_type=JSON, correlation_id=correlation_id, message_type="answer"),
-            mandatory=False)
+        return self._publish("", reply_to, body, content_type=JSON, delivery_mode=None,
+                             correlation_id=correlation_id, message_type="answer",
+                             mandatory=False)
 
     def to_shard(self, queue: str, body: bytes, headers: dict[str, Any],
                  content_type: str) -> Awaitable[None]:
         """A message forwarded, as it came, to one shard queue (see relayd.shard)."""
-        return self._publish(self._t.shard_exchange, queue, body, Properties(
-            content_type=content_type, headers=headers, delivery_mode=PERSISTENT))
+        return self._publish(self._t.shard_exchange, queue, body, content_type=content_type,
+                             headers=headers)
 
     def dead_letter(self, incoming: Delivery, queue: str, reason: str) -> Awaitable[None]:
         """A copy of `incoming` in relayd.dead, its reason in header x-relayd-reason.
@@ -363,10 +571,9 @@ class Publisher:
         if bad is not None:
             headers[wire.BAD_PROPERTIES] = str(bad)
         body = b"" if queue == self._t.gdpr_queue or reason in UNPROVEN else incoming.body
-        return self._publish(self._t.dead_exchange, reason, body, Properties(
-            content_type=incoming.content_type, headers=headers,
-            message_id=incoming.message_id, message_type=incoming.type,
-            delivery_mode=PERSISTENT))
+        return self._publish(self._t.dead_exchange, reason, body,
+                             content_type=incoming.content_type, headers=headers,
+                             message_id=incoming.message_id, message_type=incoming.type)
 
 
 # --- consuming: deliveries as aiormq hands them, acks coalesced ---------------------------
@@ -562,18 +769,46 @@ class Consuming:
 
 
 async def consume(channel: AbstractChannel, queue: str,
-                  on_message: Callable[[Delivery], Awaitable[None]]) -> Consuming:
+                  on_message: Callable[[Delivery], None]) -> Consuming:
     """Consume `queue` on `channel`, which must carry no other consumer (see Acks): each
-    delivery, a Received, to `on_message`, in delivery order."""
-    underlay = await channel.get_underlay_channel()
+    delivery, a Received, to `on_message`, in delivery order. `on_message` must not block:
+    it runs in the channel's frame reader (relayd.consume.Consumer.accept queues the work).
+
+    aiormq hands each delivery to a consumer in a task of its own, registered in the
+    channel's FutureStore (~20 µs a delivery, issue #14). Here the channel's reader calls
+    `on_message` itself: consume() puts its own reader of deliveries in place of the
+    channel's Channel._on_deliver_frame (aiormq 7.2.4; tests/integration/test_publisher.py
+    fails if aiormq stops calling it). Should it stop, the consumer registered with
+    aiormq as usual still gets every delivery, through aiormq's task."""
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     acks = Acks(underlay)
     window = acks.window
+    tag = f"relayd.{UUID(int=random.getrandbits(128), version=4).hex}"
 
-    async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
+    def deliver(message: aiormq.abc.DeliveredMessage) -> None:
         delivery = Received(message, acks)
         window.received(delivery.delivery_tag)
-        await on_message(delivery)
+        on_message(delivery)
 
-    ok = await underlay.basic_consume(queue, deliver)
-    assert ok.consumer_tag is not None
-    return Consuming(underlay, ok.consumer_tag, acks)
+    async def read(frame: Basic.Deliver) -> None:
+        """aiormq's Channel._on_deliver_frame, with `deliver` called in place of a task."""
+        header = await underlay._get_frame()  # the delivery's content header comes next
+        if not isinstance(header, ContentHeader):
+            raise aiormq.exceptions.InvalidFrameError(header)
+        message = await underlay._read_content(frame, header)
+        if frame.consumer_tag != tag:  # not this consumer's: leave it to aiormq's way
+            if (other := underlay.consumers.get(frame.consumer_tag or "")) is not None:
+                underlay.create_task(other(message))
+            return
+        try:
+            deliver(message)
+        except Exception as exc:  # a bug below: as aiormq, log it and read on
+            _log.error("consumer_failed", error=type(exc).__name__)
+
+    async def fallback(message: aiormq.abc.DeliveredMessage) -> None:
+        deliver(message)
+
+    underlay._on_deliver_frame = read  # type: ignore[method-assign]
+    ok = await underlay.basic_consume(queue, fallback, consumer_tag=tag)
+    assert ok.consumer_tag == tag
+    return Consuming(underlay, tag, acks)

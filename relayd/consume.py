@@ -169,7 +169,11 @@ class Consumer:
         self._in_work = asyncio.Semaphore(workers.prefetch)
 
     async def on_message(self, delivery: Delivery) -> None:
-        """Called in delivery order; everything before the lane runs synchronously."""
+        """accept(), as an aio-pika consumer callback."""
+        self.accept(delivery)
+
+    def accept(self, delivery: Delivery) -> None:
+        """Called in delivery order: prepare the delivery and queue its work on its lane."""
         started = time.monotonic()
         metrics.received(self.stage)
         lane: str | None

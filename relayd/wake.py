@@ -37,11 +37,13 @@ from pamqp.commands import Basic
 
 from relayd import log, metrics, topology
 from relayd.config import Settings
+from relayd.errors import PermanentError, TransientError
 
 MAX_CHECKS = 64  # notices the decider holds at once (its prefetch)
 MAX_NOTICES = 1024  # notices a process has under way at once; beyond, it sends none
 MAX_REMEMBERED = 100_000  # devices woken within the interval that the decider remembers
-_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, RuntimeError)
+_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, RuntimeError,
+           TransientError, PermanentError)  # the last two: a notice's publish (Publisher)
 _log = log.get("relayd.wake")
 
 
@@ -108,18 +110,14 @@ class Waker:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def queued(self, channel: AbstractChannel, device: str, queue: str) -> None:
-        """A message was queued for `device` in `queue`: tell the decider, on `channel`
-        (the caller's confirming channel), in the background."""
+    def queued(self, notify: Callable[[str, bytes], Awaitable[None]], device: str,
+               queue: str) -> None:
+        """A message was queued for `device` in `queue`: tell the decider, in the
+        background, by `notify(queue, body)` (the caller's amqp.Publisher.notice)."""
         if len(self.tasks) >= MAX_NOTICES:
             metrics.woke("skipped")
             return
-
-        async def notify() -> None:
-            underlay = await channel.get_underlay_channel()
-            await underlay.basic_publish(orjson.dumps({"device": device, "queue": queue}),
-                                         routing_key=self.pending)
-        self._spawn(notify())
+        self._spawn(notify(self.pending, orjson.dumps({"device": device, "queue": queue})))
 
     async def _decide(self, message: AbstractIncomingMessage) -> None:
         """Decide one notice, then ack it, whatever happened: a wake is a hint, and a

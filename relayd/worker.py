@@ -228,7 +228,7 @@ async def _receipts(connection: AbstractConnection, settings: Settings, role: Qu
     channel.close_callbacks.add(lambda *_: lost.set())
     consumer = Consumer("receipts", settings.workers, Receipts(settings, store, keys, sink),
                         sink, settings.topology.receipts_queue)
-    subscription = await amqp.consume(channel, consumer.queue, consumer.on_message)
+    subscription = await amqp.consume(channel, consumer.queue, consumer.accept)
     try:
         yield
     finally:
@@ -268,7 +268,7 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
     # A channel the broker closes (a consumer_timeout after a long alarm, say) delivers
     # nothing more: start again on a new connection rather than wait on it forever.
     channel.close_callbacks.add(lambda *_: lost.set())
-    subscription = await amqp.consume(channel, consumer.queue, consumer.on_message)
+    subscription = await amqp.consume(channel, consumer.queue, consumer.accept)
     _log.info("consuming", stage=role)
     if consuming is not None:
         consuming.set()

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from relayd import config, topology, wake
+from relayd import amqp, config, topology, wake
 from tests.integration.edge_harness import put_down, running
 from tests.integration.harness import WAIT, Relay, relay_in_vhost
 
@@ -139,9 +139,10 @@ class TestPushWake:
         await decider.open()
         try:
             before = decided()
-            decider.queued(relay.channel, "removed", relay.settings.topology.device_queue
+            notice = amqp.Publisher(relay.channel, relay.settings, b"").notice
+            decider.queued(notice, "removed", relay.settings.topology.device_queue
                            .format(device="removed"))
-            decider.queued(relay.channel, "alice-phone", relay.device_queue(phone))
+            decider.queued(notice, "alice-phone", relay.device_queue(phone))
             assert await until_decided(before, 2) == {"gone": 1, "sent": 1}
             [woken] = await wakes(relay)
             assert woken == {"v": 1, "type": "wake", "device": "alice-phone", "count": 1}
