@@ -263,12 +263,15 @@ _FRAME_END = b"\xce"
 _CONTENT_HEADER = struct.Struct(">HxxQ")  # class (Basic), weight (0), body size
 _FLAGS = Basic.Properties.flags
 _METHODS: dict[tuple[str, str, bool], bytes] = {}
+# What pamqp's encoders raise for a value they cannot encode (a float beyond a 32-bit
+# one's range raises OverflowError, an integer beyond its type's struct.error).
+UNENCODABLE = (TypeError, ValueError, OverflowError, struct.error)
 _METHODS_MAX = 10_000  # (exchange, routing key) pairs kept; device routing keys are many
 
 
 def publish_method(exchange: str, routing_key: str, mandatory: bool) -> bytes:
     """The payload of a basic.publish method frame, as pamqp marshals it (and checks it:
-    ValueError or TypeError for a name it refuses), cached."""
+    one of UNENCODABLE for a name it refuses), cached."""
     key = (exchange, routing_key, mandatory)
     method = _METHODS.get(key)
     if method is None:
@@ -287,7 +290,7 @@ def encode_properties(*, content_type: str | None, headers: Mapping[str, Any] | 
                       message_id: str, message_type: str | None) -> bytes:
     """The properties relayd publishes with, encoded as pamqp's Basic.Properties.marshal()
     encodes them (an absent or empty value is left out), by pamqp's own encoders, which
-    raise TypeError or ValueError for what they cannot encode."""
+    raise one of UNENCODABLE for what they cannot encode."""
     flags, parts = 0, []
     if content_type is not None and content_type != "":
         flags |= _FLAGS["content_type"]
@@ -467,7 +470,7 @@ class Publisher:
                 content_type=content_type, headers=headers, delivery_mode=delivery_mode,
                 correlation_id=correlation_id, message_id=message_id,
                 message_type=message_type)
-        except (TypeError, ValueError) as exc:  # pamqp cannot encode a property or header
+        except UNENCODABLE as exc:  # pamqp cannot encode a property or header
             raise PermanentError("unpublishable", type(exc).__name__) from None
         try:
             outlet = self._outlet
