@@ -255,7 +255,9 @@ def refused(url: str, exc: Exception) -> Exception:
 #   Channel.message_id_delivery_tag[message_id], and fails it with PublishError (or
 #   resolves it with the returned message, on a channel that does not raise on returns);
 # - Channel.write_queue is the connection's queue of aiormq.abc.ChannelFrame, whose
-#   payload its writer writes as it is, in queue order.
+#   payload its writer writes as it is, in queue order;
+# - Channel._close_exception is set when the broker's channel.close comes in, as aiormq
+#   queues its close-ok (Outlet.closed).
 
 _FRAME = struct.Struct(">BHI")  # frame type, channel, payload size
 _METHOD, _HEADER, _BODY = 1, 2, 3  # frame types
@@ -341,7 +343,12 @@ class Outlet:
 
     @property
     def closed(self) -> bool:
-        return self.channel.is_closed
+        """The channel is closed, or closing: once the broker's channel.close came in,
+        aiormq answers it at once (close-ok) and sets Channel._close_exception, but the
+        channel counts as closed only a few turns later. A publish written after that
+        close-ok would be a frame on a channel the broker no longer has, which closes
+        the whole connection (CHANNEL_ERROR)."""
+        return self.channel.is_closed or self.channel._close_exception is not None
 
     def publish(self, method: bytes, properties: bytes, body: bytes,
                 message_id: str | None) -> Awaitable[object]:
@@ -349,7 +356,8 @@ class Outlet:
         encode_properties) and return what its confirm resolves with: the Basic.Ack, or
         the returned message. It raises PublishError (returned), DeliveryError (nacked),
         or the reason the channel closed. `message_id`: to match a basic.return to this
-        publish (None when it is not mandatory). Only on an open channel (`closed`)."""
+        publish (None when it is not mandatory). Only when not `closed`, where it
+        would fail only once the channel has closed."""
         if not self._pending:
             self.channel.loop.call_soon(self._flush)
         number = self._number
@@ -385,7 +393,7 @@ class Outlet:
     def _flush(self) -> None:
         frame = ChannelFrame(payload=b"".join(self._pending), should_close=False)
         self._pending.clear()
-        if self.channel.is_closed:  # their confirmations failed with the channel
+        if self.closed:  # their confirmations fail with the channel (_closed)
             return
         if not self._backlog:
             try:
@@ -400,7 +408,7 @@ class Outlet:
 
     async def _drain(self) -> None:
         try:
-            while self._backlog and not self.channel.is_closed:
+            while self._backlog and not self.closed:
                 await self._queue.put(self._backlog[0])
                 self._backlog.popleft()
         finally:
@@ -448,6 +456,9 @@ class Publisher:
 
     async def _live_outlet(self) -> Outlet:
         """The Outlet of the live channel (a new one after a reopen)."""
+        if (outlet := self._outlet) is not None and outlet.closed:
+            with contextlib.suppress(Exception):  # closing: until it has closed
+                await outlet.channel.closing
         channel = await self._live()
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         if self._outlet is None or self._outlet.channel is not underlay:

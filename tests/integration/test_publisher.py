@@ -80,16 +80,30 @@ class TestPublishFailures:
         assert (message.body, message.message_id) == (b"kept", "m-2")
 
     async def test_publishes_under_way_when_the_channel_closes_all_fail(
-            self, relay: Relay, publisher: amqp.Publisher) -> None:
-        """Publishes written in the same turn as one that closes the channel each raise
-        TransientError: none waits forever for a confirm that cannot come."""
-        await bound(relay, "acme")
+            self, relay: Relay, publisher: amqp.Publisher, connection: AbstractConnection
+            ) -> None:
+        """Publishes written in the same turn as one that closes the channel, or while
+        it closes, each raise TransientError: none waits forever for a confirm that cannot
+        come, and none is written after the channel's close-ok (a frame there would close
+        the connection: the publish after them is confirmed on it)."""
+        queue = await bound(relay, "acme")
         await publisher.to_business("acme", b"opened", "m-0", "message")
-        calls = [publisher.to_business("gone" if i == 3 else "acme", b"x", f"m-{i}", "message")
-                 for i in range(1, 9)]
+        calls = [asyncio.ensure_future(publisher.to_business(
+            "gone" if i == 3 else "acme", b"x", f"m-{i}", "message")) for i in range(1, 9)]
+        outlet = publisher._outlet
+        assert outlet is not None
+        async with asyncio.timeout(WAIT):  # until aiormq answered the broker's channel.close
+            while outlet.channel._close_exception is None:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0)
+        calls += [asyncio.ensure_future(publisher.to_business("acme", b"x", "late", "message"))
+                  for _ in range(3)]
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), WAIT)
         assert isinstance(results[2], TransientError)  # the one to the exchange that is gone
         assert all(r is None or isinstance(r, TransientError) for r in results)
+        await publisher.to_business("acme", b"after", "m-after", "message")
+        assert not connection.is_closed
+        bodies = [m.body for m in await relay.take(queue, await relay.depth(queue))]
+        assert bodies[-1] == b"after"
 
     async def test_a_property_pamqp_cannot_encode_is_unpublishable(
             self, relay: Relay, publisher: amqp.Publisher) -> None:
