@@ -79,6 +79,7 @@ class FakeChannel:
         self.message_id_delivery_tag: dict[str, int] = {}
         self.max_content_size = 10
         self.delivery_tag = 0
+        self._close_exception: BaseException | None = None
         self._closing = self.loop.create_future()
         self.closing = self._closing
 
