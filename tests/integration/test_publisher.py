@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from relayd import amqp, envelope, topology
+from relayd import amqp, topology
 from relayd.amqp import Delivery
 from relayd.errors import PermanentError, TransientError
 from tests.integration.harness import WAIT, Relay
@@ -140,8 +140,8 @@ class TestPublishedFrames:
     async def test_a_device_copy_carries_its_headers_and_a_message_id(
             self, relay: Relay, publisher: amqp.Publisher, connection: AbstractConnection
             ) -> None:
-        """A copy for a device carries its kid and receipt headers, persistent, and a
-        message id of its own (as aiormq gave one)."""
+        """A copy for a device carries its receipt header and no device id (contract
+        1.5), persistent, and a message id of its own (as aiormq gave one)."""
         await topology.declare(await amqp.open_channel(connection),
                                topology.device(relay.settings.topology, "dev-1", b"s" * 32))
         await publisher.to_device("dev-1", b"sealed", receipt="r-1")
@@ -149,7 +149,7 @@ class TestPublishedFrames:
         got = await relay.take(topology.device_queue(relay.settings.topology, "dev-1",
                                                      b"s" * 32), 2)
         assert [m.headers for m in got] == [
-            {envelope.KID_HEADER: "dev-1", amqp.RECEIPT_HEADER: r} for r in ("r-1", "r-2")]
+            {amqp.RECEIPT_HEADER: r} for r in ("r-1", "r-2")]
         ids = [m.message_id for m in got]
         assert all(i is not None and len(i) == 32 for i in ids)
         assert ids[0] != ids[1]
