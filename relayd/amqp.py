@@ -268,6 +268,8 @@ _METHODS: dict[tuple[str, str, bool], bytes] = {}
 # What pamqp's encoders raise for a value they cannot encode (a float beyond a 32-bit
 # one's range raises OverflowError, an integer beyond its type's struct.error).
 UNENCODABLE = (TypeError, ValueError, OverflowError, struct.error)
+_CLOSE_EVENT = "_Channel__close_event"  # aiormq.Channel's: set once a close began
+DRAIN_POLL_S = 0.002  # how often a backlog waiting for room in the write queue looks
 _METHODS_MAX = 10_000  # (exchange, routing key) pairs kept; device routing keys are many
 
 
@@ -347,8 +349,12 @@ class Outlet:
         aiormq answers it at once (close-ok) and sets Channel._close_exception, but the
         channel counts as closed only a few turns later. A publish written after that
         close-ok would be a frame on a channel the broker no longer has, which closes
-        the whole connection (CHANNEL_ERROR)."""
-        return self.channel.is_closed or self.channel._close_exception is not None
+        the whole connection (CHANNEL_ERROR). The same holds once relayd's side sent
+        channel.close (aiormq closes a channel whose RPC was cancelled): aiormq sets its
+        private close event then, in both cases."""
+        channel = self.channel
+        return (channel.is_closed or channel._close_exception is not None
+                or getattr(channel, _CLOSE_EVENT).is_set())
 
     def publish(self, method: bytes, properties: bytes, body: bytes,
                 message_id: str | None) -> Awaitable[object]:
@@ -369,6 +375,10 @@ class Outlet:
             chunk = body[at:at + self._max_body]
             pending += (_FRAME.pack(_BODY, number, len(chunk)), chunk, _FRAME_END)
         return self._track(message_id)
+
+    def returnable(self, message_id: str) -> bool:
+        """Whether a mandatory publish with `message_id` waits for its confirm."""
+        return message_id in self._returns
 
     def _track(self, message_id: str | None) -> Awaitable[object]:
         """Count the publish just written, register its confirmation, and return it."""
@@ -407,10 +417,15 @@ class Outlet:
             self._backlogger = asyncio.create_task(self._drain())
 
     async def _drain(self) -> None:
+        """Hand the backlog to the write queue as it makes room. Never by an awaited
+        put(): the channel may close while it waits, and the batch would then follow the
+        close-ok; `closed` is checked with no await between it and each write."""
         try:
             while self._backlog and not self.closed:
-                await self._queue.put(self._backlog[0])
-                self._backlog.popleft()
+                if self._queue.full():
+                    await asyncio.sleep(DRAIN_POLL_S)
+                    continue
+                self._queue.put_nowait(self._backlog.popleft())
         finally:
             self._backlog.clear()
             self._backlogger = None
@@ -487,6 +502,13 @@ class Publisher:
             outlet = self._outlet
             if outlet is None or outlet.closed:
                 outlet = await self._live_outlet()
+            while mandatory and outlet.returnable(message_id):
+                # a basic.return names its publish by message_id alone (a device picks
+                # its messages' ids): with two in flight it would fail the wrong one, and
+                # the unroutable one would count as confirmed. So one at a time.
+                await asyncio.sleep(DRAIN_POLL_S)
+                if outlet.closed:
+                    outlet = await self._live_outlet()
             confirmed = await outlet.publish(method, properties, body,
                                              message_id if mandatory else None)
         except PublishError:
@@ -623,6 +645,11 @@ class AckWindow:
         if self._open.get(tag) == self.OPEN:
             self._open[tag] = self.SETTLING
 
+    def reopen(self, tag: int) -> None:
+        """The nack or reject of `tag` was not sent after all: it is open again."""
+        if self._open.get(tag) == self.SETTLING:
+            self._open[tag] = self.OPEN
+
     def settled(self, tag: int) -> None:
         """The nack or reject of `tag` is in the write queue, ahead of any later ack."""
         if self._open.get(tag) == self.SETTLING:
@@ -694,20 +721,25 @@ class Acks:
             await asyncio.wait([flusher], timeout=left)
 
     async def nack(self, tag: int, requeue: bool) -> None:
-        self._check()
-        self.window.settling(tag)
-        try:
-            await self.channel.basic_nack(tag, requeue=requeue, wait=False)
-        finally:
-            self.window.settled(tag)
+        await self._settle(tag, lambda: self.channel.basic_nack(tag, requeue=requeue,
+                                                                wait=False))
 
     async def reject(self, tag: int, requeue: bool) -> None:
+        await self._settle(tag, lambda: self.channel.basic_reject(tag, requeue=requeue,
+                                                                  wait=False))
+
+    async def _settle(self, tag: int, send: Callable[[], Awaitable[object]]) -> None:
+        """Send a nack or reject of `tag`. Should the send fail or be cancelled (waiting
+        for room in a full write queue), nothing was queued: the tag is open again, so no
+        multiple ack covers it as if it had been settled."""
         self._check()
         self.window.settling(tag)
         try:
-            await self.channel.basic_reject(tag, requeue=requeue, wait=False)
-        finally:
-            self.window.settled(tag)
+            await send()
+        except BaseException:
+            self.window.reopen(tag)
+            raise
+        self.window.settled(tag)
 
 
 class Received:
@@ -816,8 +848,10 @@ async def consume(channel: AbstractChannel, queue: str,
             return
         try:
             deliver(message)
-        except Exception as exc:  # a bug below: as aiormq, log it and read on
+        except Exception as exc:  # a bug below: log it, hand the delivery back, read on
             _log.error("consumer_failed", error=type(exc).__name__)
+            assert isinstance(frame.delivery_tag, int)
+            underlay.create_task(acks.nack(frame.delivery_tag, requeue=True))
 
     async def fallback(message: aiormq.abc.DeliveredMessage) -> None:
         deliver(message)

@@ -54,6 +54,27 @@ class TestPublishFailures:
             await publisher.to_business("unbound", b"{}", "m-1", "message")
         assert raised.value.reason == "unroutable"
 
+    async def test_a_return_fails_the_publish_it_names_when_ids_repeat(
+            self, relay: Relay, publisher: amqp.Publisher) -> None:
+        """A basic.return names its publish only by message_id, which a device picks:
+        with the same id on an unroutable and a routable publish at once, the unroutable
+        one raises unroutable and the routable one is confirmed and delivered, in either
+        order."""
+        await relay.channel.declare_exchange(
+            topology.business_exchange(relay.settings.topology, "unbound"),
+            aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await bound(relay, "bound")
+        for first, second in (("unbound", "bound"), ("bound", "unbound")):
+            results = await asyncio.gather(
+                publisher.to_business(first, b"{}", "same-id", "message"),
+                publisher.to_business(second, b"{}", "same-id", "message"),
+                return_exceptions=True)
+            outcome = dict(zip((first, second), results, strict=True))
+            assert outcome["bound"] is None
+            assert isinstance(outcome["unbound"], TransientError)
+            assert outcome["unbound"].reason == "unroutable"
+        assert await relay.depth(queue) == 2
+
     async def test_a_publish_refused_by_a_full_queue_is_nacked(
             self, relay: Relay, publisher: amqp.Publisher) -> None:
         """A publish the broker nacks (a full queue that rejects publishes) raises
@@ -184,5 +205,34 @@ class TestConsume:
         await consuming.cancel()
         await consuming.flushed(WAIT)
         assert got == [(f"m-{i}", "Channel._reader") for i in range(20)]
+        await channel.close()
+        assert await relay.depth(queue) == 0
+
+    async def test_a_consumer_that_raises_hands_its_delivery_back(
+            self, relay: Relay, connection: AbstractConnection) -> None:
+        """A delivery whose on_message raised (a bug) is not left unsettled, holding a
+        prefetch slot and breaking every later multiple ack: it is nacked back to the
+        queue, and comes again, redelivered."""
+        queue = await bound(relay, "acme")
+        await relay.channel.default_exchange.publish(
+            aio_pika.Message(b"x", message_id="m-1"), routing_key=queue)
+        channel: AbstractChannel = await amqp.open_channel(connection, prefetch=8)
+        seen: list[bool | None] = []
+        acks: list[asyncio.Future[None]] = []
+        again = asyncio.Event()
+
+        def on_message(delivery: Delivery) -> None:
+            seen.append(delivery.redelivered)
+            if len(seen) == 1:
+                raise RuntimeError("a bug below")
+            acks.append(asyncio.ensure_future(delivery.ack()))
+            again.set()
+
+        consuming = await amqp.consume(channel, queue, on_message)
+        await asyncio.wait_for(again.wait(), WAIT)
+        await asyncio.gather(*acks)
+        await consuming.cancel()
+        await consuming.flushed(WAIT)
+        assert seen == [False, True]
         await channel.close()
         assert await relay.depth(queue) == 0

@@ -196,6 +196,28 @@ class TestAcks:
         await asyncio.wait_for(_flushed(acks), 5)
         assert channel.frames == [("reject", 1, False), ("ack", 2, False)]
 
+    async def test_a_reject_that_was_never_sent_leaves_its_delivery_open(self) -> None:
+        """A reject cancelled while it waits for room in the write queue (a drain's
+        cancel at shutdown) wrote nothing: the delivery is open again, and the acks of
+        the later ones go out singly, never as a multiple ack covering it."""
+        channel = FakeChannel()
+        full = asyncio.Event()  # never set: the write queue stays full
+
+        async def blocked(tag: int, *, requeue: bool = True, wait: bool = True) -> None:
+            await full.wait()
+
+        channel.basic_reject = blocked  # type: ignore[method-assign]
+        acks = Acks(channel)  # type: ignore[arg-type]
+        for tag in (1, 2, 3):
+            acks.window.received(tag)
+        rejecting = asyncio.create_task(acks.reject(1, False))
+        await asyncio.sleep(0)
+        rejecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await rejecting
+        await asyncio.gather(acks.ack(2), acks.ack(3))
+        await asyncio.wait_for(_flushed(acks), 5)
+        assert channel.frames == [("ack", 2, False), ("ack", 3, False)]
 
     async def test_flushed_waits_for_the_writer(self) -> None:
         """flushed() returns once the last ack asked for was taken by the writer (waited

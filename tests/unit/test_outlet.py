@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import inspect
 from typing import Any, cast
 
 import aiormq
@@ -80,6 +81,7 @@ class FakeChannel:
         self.max_content_size = 10
         self.delivery_tag = 0
         self._close_exception: BaseException | None = None
+        self._Channel__close_event = asyncio.Event()  # aiormq's, set once a close began
         self._closing = self.loop.create_future()
         self.closing = self._closing
 
@@ -155,6 +157,43 @@ class TestOutlet:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
 
+    async def test_a_backlog_never_follows_the_close_ok(self) -> None:
+        """A backlog waiting for room in the write queue: the writer takes a frame and,
+        in the same turn, the broker's channel.close comes in and aiormq queues its
+        close-ok. The backlog then writes nothing after it (the broker would close the
+        whole connection)."""
+        channel = FakeChannel(2)
+        for _ in range(2):
+            channel.write_queue.put_nowait(ChannelFrame(payload=b"", should_close=False))
+        outlet = amqp.Outlet(cast(aiormq.Channel, channel))
+        waiting = asyncio.ensure_future(publish(outlet, "after", b"b"))
+        await asyncio.sleep(0.01)  # flushed into the backlog, which waits for room
+        channel.write_queue.get_nowait()  # the writer takes one frame; in the same turn:
+        channel._close_exception = aiormq.exceptions.ChannelNotFoundEntity("gone")
+        channel.write_queue.put_nowait(ChannelFrame(payload=b"CLOSE-OK", should_close=False))
+        channel._Channel__close_event.set()
+        out = []
+        for _ in range(5):
+            await asyncio.sleep(amqp.DRAIN_POLL_S)
+            while not channel.write_queue.empty():
+                out.append(channel.write_queue.get_nowait().payload)
+        assert out == [b"", b"CLOSE-OK"]
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+
+    async def test_a_close_relayd_began_stops_the_writes(self) -> None:
+        """aiormq sends channel.close itself when an RPC on the channel was cancelled:
+        from then on the outlet counts as closed and a flush writes nothing."""
+        channel = FakeChannel(10)
+        outlet = amqp.Outlet(cast(aiormq.Channel, channel))
+        waiting = asyncio.ensure_future(publish(outlet, "k", b"b"))
+        channel._Channel__close_event.set()
+        assert outlet.closed
+        await asyncio.sleep(0.01)
+        assert channel.write_queue.empty()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+
     async def test_closing_fails_every_open_confirm_and_writes_nothing_more(self) -> None:
         """When the channel closes, every publish still waiting raises the reason, and
         what was not in the write queue yet never is."""
@@ -183,3 +222,6 @@ class TestAiormqPins:
             "payload", "should_close", "drain_future"}
         for method in ("_on_deliver_frame", "_get_frame", "_read_content"):
             assert callable(getattr(aiormq.Channel, method))
+        # Outlet.closed reads the close event aiormq sets when a close begins, either side
+        assert "self.__close_event: asyncio.Event" in inspect.getsource(aiormq.Channel)
+        assert amqp._CLOSE_EVENT == "_Channel__close_event"
