@@ -111,7 +111,9 @@ async def add_device(settings: Settings, store: Store, device: Device, secret: b
 
 
 async def remove_device(settings: Settings, store: Store, device_id: str, secret: bytes) -> bool:
-    """Stop sealing to the device at once, then delete its queue and what it holds."""
+    """Stop sealing to the device at once, then delete its queue and what it holds. In
+    this order: an edge login that still read the device after attaching its stream has
+    its consumer cancelled by the delete (relayd.edge.server.Door._recheck)."""
     removed = await store.remove_device(device_id)
     async with amqp.one_off(settings, _NAME) as ch:
         await topology.delete_queue(ch, topology.device_queue(settings.topology, device_id,

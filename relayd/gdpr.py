@@ -6,13 +6,17 @@ leaves what a re-run needs to finish the job:
 2. tell the business of each open conversation `close` (confirmed by the broker; a
    business no longer registered has no one to tell), then close it in the store;
 3. in one transaction, delete the devices, their replay state and sent rows, and the
-   closed conversations, then delete their queues again: a device that logged in at the
-   edge since step 1 passed the edge's check of the store, and the edge declared its
-   queue again; deleting it now cancels the edge's consumer, which closes the session
-   (4401), and a login after step 3 is refused. A conversation a device reopened
-   meanwhile is still open, so steps 1-3 run again (a few rounds at most). Once none is
-   left, the store destroys the user's key, so no copy of those rows anywhere opens
-   again (relayd.store.pseudonym);
+   closed conversations, then delete their queues again. An edge login reads the store
+   twice, before it attaches the device's stream (declaring the queue if it is missing)
+   and after (relayd.edge.server.Door._recheck); the edge and this second delete cover
+   the two orders of that second read and this transaction. A login whose second read
+   comes after the transaction finds the device gone: the edge refuses it (4401) and
+   deletes the queue it declared again itself. A login whose second read came before it
+   (its attach after step 1) holds a queue the edge declared again: the second delete
+   removes it, which cancels the edge's consumer and closes the session (4401). A
+   conversation a device reopened meanwhile is still open, so steps 1-3 run again (a
+   few rounds at most). Once none is left, the store destroys the user's key, so no
+   copy of those rows anywhere opens again (relayd.store.pseudonym);
 4. write an audit record: a keyed reference of the user and the counts, nothing else.
 A re-run sends an interrupted close again under the same id, so the business can
 de-duplicate it.
@@ -75,7 +79,7 @@ async def erase(store: Store, keyring: KeyRing, sink: ErasureSink, user: str,
                 await store.close_conversation(conversation.id, "user", now_ms())
                 totals["closed"] += 1
         counts = await store.erase_user(user)
-        for device in held.devices:
+        for device in held.devices:  # again: a login the edge let in since step 1 (step 3)
             await sink.delete_device_queue(device.id)
         totals.update({k: v for k, v in counts.items() if k != "open"})
         if counts["open"] == 0:

@@ -341,6 +341,16 @@ class Link:
         with contextlib.suppress(*_AMQP_ERRORS):
             await self._unclaim(stream.claim)
 
+    async def delete_queue(self, stream: Stream) -> None:
+        """Delete the queue of `stream`, released, whose device is no longer registered:
+        _free declares a missing queue, which may have been the queue of a device removed
+        meanwhile (relayd.edge.server.Door._recheck). Before detach, so that no one claims
+        the device in between; gone already is fine. Nothing of the broker's is raised: a
+        broker lost now leaves the queue (the session ends all the same)."""
+        async with self._control_lock:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await topology.delete_queue(await self._control_channel(), stream.queue)
+
     async def _control_channel(self) -> AbstractChannel:
         """The control channel, opened again if a refusal closed it (a passive declare of
         a missing queue, a claim held by another process). Hold _control_lock."""

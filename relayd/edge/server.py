@@ -1,8 +1,11 @@
 """`relayd edge`: the WebSocket server device apps connect to (docs/protocol.md section 12).
 
 One Door per process holds the connections, one Session each after login, and the Link
-to the broker. A session runs two loops: the reader (frames from the device: sends,
-acknowledgements, pings) and the writer (the device's queue, one `deliver` at a time).
+to the broker. A login reads the device from the store twice: to check its signature,
+and again once its stream is attached (Door._recheck), so that a device removed in
+between is refused and leaves no queue behind. A session runs two loops: the reader
+(frames from the device: sends, acknowledgements, pings) and the writer (the device's
+queue, one `deliver` at a time).
 Whichever way a session ends, its stream is released first (everything unacknowledged
 goes back to the queue, in order) and the socket is closed after: a takeover never waits
 for a dead peer's closing handshake.
@@ -38,7 +41,7 @@ from relayd.edge.link import Ending, Link, RefusedError, Stream, UnavailableErro
 from relayd.errors import StoreUnavailableError
 from relayd.keys import KeySource
 from relayd.payload import DEVICE_ID
-from relayd.store import Store
+from relayd.store import Device, Store
 
 _log = log.get("relayd.edge")
 READ_AHEAD_FRAMES = 4  # frames websockets reads ahead of the reader loop
@@ -279,13 +282,14 @@ class Door:
             return Close.TRY_AGAIN_LATER
         if not self.verifier.verify(device.sign_key if device else None, frame.device,
                                     frame.sig, challenge) or device is None:
-            _log.info("edge_login", outcome="refused")
-            await ws.send(frames.REFUSED, text=True)
-            return Close.LOGIN_FAILED
+            return await _refuse(ws)
         session = Session(self, ws, device.id)
         if not await self._admit(session):
             return Close.TRY_AGAIN_LATER
         try:
+            if (code := await self._recheck(session, device)) is not None:
+                return code
+            _log.info("edge_login", outcome="ready")
             await session.send(frames.READY)
             return await session.run()
         finally:
@@ -308,8 +312,32 @@ class Door:
                 _log.info("edge_login", outcome="unavailable")
                 return False
             self.sessions[session.device] = session
-        _log.info("edge_login", outcome="ready")
         return True
+
+    async def _recheck(self, session: Session, device: Device) -> Close | None:
+        """Read the device again, now that its stream is attached: None if it is still
+        registered as it logged in; else release the stream and return the close code.
+        This is one store read per login on top of the login's lookup.
+
+        A removal (`relayd device remove`, a revocation, an erasure) deletes the device
+        from the store, then its queue, and may run between the lookup and the attach,
+        whose _free declares the missing queue again. Read once the consumer is in place,
+        the store settles it: a device still there is removed later, and the queue delete
+        that follows cancels the consumer (4401 through Session.stream_ended); a device
+        gone is refused as at the lookup (`refused`, 4401) and its queue deleted again,
+        so that the edge leaves none behind. A device registered again with other keys
+        keeps its queue, the new registration's: only this login is refused."""
+        assert session.stream is not None
+        try:
+            now = await self.store.device(device.id)
+        except StoreUnavailableError:
+            return Close.TRY_AGAIN_LATER
+        if now == device:
+            return None
+        await session.stream.release()
+        if now is None:
+            await session.stream.slot.link.delete_queue(session.stream)
+        return await _refuse(session.ws)
 
     async def _leave(self, session: Session) -> None:
         """Release the session's stream, in order, before its socket closes."""
@@ -349,6 +377,13 @@ class Door:
     def end_all(self, code: Close) -> None:
         for session in list(self.sessions.values()):
             session.end(code)
+
+
+async def _refuse(ws: ServerConnection) -> Close:
+    """The one answer to every failed login (docs/protocol.md section 12)."""
+    _log.info("edge_login", outcome="refused")
+    await ws.send(frames.REFUSED, text=True)
+    return Close.LOGIN_FAILED
 
 
 def _hang_up(ws: ServerConnection, code: Close) -> None:
