@@ -132,6 +132,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX receipts_created ON receipts (created_ms);
     """,
+    # 6: `sent` keyed by device first (as PostgreSQL's schema 9), so that deleting a
+    # device's rows (its removal, an erasure) reads only them, not the whole table. The
+    # key serves the seqs' lookups (a source's row for each of some devices) as before,
+    # and adds no index to write. SQLite changes no key in place: the rows are copied.
+    """
+    CREATE TABLE sent_by_device (
+        source TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (device_id, source)
+    );
+    INSERT INTO sent_by_device (source, device_id, seq, created_ms)
+        SELECT source, device_id, seq, created_ms FROM sent;
+    DROP TABLE sent;
+    ALTER TABLE sent_by_device RENAME TO sent;
+    CREATE INDEX sent_created ON sent (created_ms);
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")

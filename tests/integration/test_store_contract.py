@@ -411,6 +411,23 @@ class TestSeqs:
         assert await store.allocate_seqs("m1", ["d1", "d2"], 3) == {"d1": 1, "d2": 1}
         assert await store.allocate_seqs("m3", ["d2", "gone"], 4) == {"d2": 2}
 
+    async def test_a_retry_reuses_its_seqs_and_a_removed_device_gets_none(
+            self, store: Store) -> None:
+        """Allocating again for the same source gives each device the seq it had; a
+        device added since gets its next one, and a device removed gets none."""
+        for name in ("d1", "d2", "d3"):
+            await store.add_device(device(name))
+        assert await store.allocate_seqs("m0", ["d1", "d2", "d3"], 1) == {
+            "d1": 1, "d2": 1, "d3": 1}
+        assert await store.allocate_seqs("m1", ["d1", "d2"], 2) == {"d1": 2, "d2": 2}
+        assert await store.remove_device("d2")
+        await store.add_device(device("d4"))
+        again = await store.allocate_seqs("m1", ["d1", "d2", "d3", "d4"], 3)
+        assert again == {"d1": 2, "d3": 2, "d4": 1}
+        assert await store.allocate_seqs("m1", ["d4", "d3", "d1"], 4) == again
+        assert await store.allocate_seqs("m2", ["d1", "d3", "d4"], 5) == {
+            "d1": 3, "d3": 3, "d4": 2}
+
 
 RACE = """
 import asyncio, sys
