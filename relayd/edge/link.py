@@ -351,6 +351,15 @@ class Link:
             with contextlib.suppress(*_AMQP_ERRORS):
                 await topology.delete_queue(await self._control_channel(), stream.queue)
 
+    async def declare_queue(self, device: str) -> None:
+        """Declare the device's queue and its binding, as a registration does (a no-op if
+        it is there). Nothing of the broker's is raised: a broker lost now leaves the
+        queue missing until the device's next attach declares it (_free)."""
+        async with self._control_lock:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await topology.declare(await self._control_channel(), topology.device(
+                    self.t, device, self.keys().opaque_secret))
+
     async def _control_channel(self) -> AbstractChannel:
         """The control channel, opened again if a refusal closed it (a passive declare of
         a missing queue, a claim held by another process). Hold _control_lock."""

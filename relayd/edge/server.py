@@ -38,7 +38,7 @@ from relayd.crypto import b64d, b64e
 from relayd.edge import frames, login
 from relayd.edge.frames import Close, FrameError
 from relayd.edge.link import Ending, Link, RefusedError, Stream, UnavailableError
-from relayd.errors import StoreUnavailableError
+from relayd.errors import RelaydError
 from relayd.keys import KeySource
 from relayd.payload import DEVICE_ID
 from relayd.store import Device, Store
@@ -278,8 +278,8 @@ class Door:
         try:
             device = (await self.store.device(frame.device)
                       if DEVICE_ID.fullmatch(frame.device) else None)
-        except StoreUnavailableError:
-            return Close.TRY_AGAIN_LATER
+        except RelaydError as exc:  # every store error: unavailable, busy, failed
+            return _store_failed(exc)
         if not self.verifier.verify(device.sign_key if device else None, frame.device,
                                     frame.sig, challenge) or device is None:
             return await _refuse(ws)
@@ -289,6 +289,8 @@ class Door:
         try:
             if (code := await self._recheck(session, device)) is not None:
                 return code
+            if session.ending.done():  # ended meanwhile: channel lost, taken over
+                return session.ending.result()
             _log.info("edge_login", outcome="ready")
             await session.send(frames.READY)
             return await session.run()
@@ -317,7 +319,8 @@ class Door:
     async def _recheck(self, session: Session, device: Device) -> Close | None:
         """Read the device again, now that its stream is attached: None if it is still
         registered as it logged in; else release the stream and return the close code.
-        This is one store read per login on top of the login's lookup.
+        This is one store read per login on top of the login's lookup (two more when the
+        device is gone).
 
         A removal (`relayd device remove`, a revocation, an erasure) deletes the device
         from the store, then its queue, and may run between the lookup and the attach,
@@ -325,18 +328,32 @@ class Door:
         the store settles it: a device still there is removed later, and the queue delete
         that follows cancels the consumer (4401 through Session.stream_ended); a device
         gone is refused as at the lookup (`refused`, 4401) and its queue deleted again,
-        so that the edge leaves none behind. A device registered again with other keys
-        keeps its queue, the new registration's: only this login is refused."""
+        with whatever reached it (a removal and an erasure delete what waited), so that
+        the edge leaves none behind. A device registered again with other keys keeps its
+        queue, the new registration's: only this login is refused.
+
+        A registration (relayd.identity register, relayd.admin add_device) declares the
+        queue, then adds the device to the store, and may run between this read and the
+        delete: after the delete the store is read once more, and a device back is given
+        its queue again. Left open: a registration whose declare comes before the delete
+        and whose store write after that last read finds its queue missing (a publish to
+        it is unroutable, retried, until the device's next login declares it, Link._free);
+        a copy published to it between its store write and the delete is lost. Both need
+        the same device id registered again within the few milliseconds of a login."""
         assert session.stream is not None
         try:
             now = await self.store.device(device.id)
-        except StoreUnavailableError:
-            return Close.TRY_AGAIN_LATER
+        except RelaydError as exc:  # every store error: unavailable, busy, failed
+            return _store_failed(exc)  # the stream released by _leave
         if now == device:
             return None
         await session.stream.release()
         if now is None:
-            await session.stream.slot.link.delete_queue(session.stream)
+            link = session.stream.slot.link
+            await link.delete_queue(session.stream)
+            with contextlib.suppress(RelaydError):  # unknown: next login's attach declares it
+                if await self.store.device(device.id) is not None:
+                    await link.declare_queue(device.id)
         return await _refuse(session.ws)
 
     async def _leave(self, session: Session) -> None:
@@ -377,6 +394,12 @@ class Door:
     def end_all(self, code: Close) -> None:
         for session in list(self.sessions.values()):
             session.end(code)
+
+
+def _store_failed(error: RelaydError) -> Close:
+    """A login the store could not answer (unavailable, busy, failed): try again later."""
+    _log.warning("edge_login", outcome="store_failed", error=type(error).__name__)
+    return Close.TRY_AGAIN_LATER
 
 
 async def _refuse(ws: ServerConnection) -> Close:
