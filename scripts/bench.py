@@ -14,6 +14,8 @@ Scenarios, each in a vhost of its own on the local RabbitMQ, each relay a proces
         (bf: from 4 devices, the per-device lanes' cost; b2: workers.inbound = 2;
         bp: b on PostgreSQL, needs --postgres)
   c1    relayd outbound, 1 device per user;  c3: 3 devices per user (c3x2: two workers)
+        (c3c, a second row, not a baseline: c3's floor, a pipelined aio-pika relay doing
+        only the reply's JSON and the 3 signed seals and confirmed publishes)
   d     relayd inbound with the MLKEM768_X25519 hybrid suite
   s1    relayd inbound through 4 shard queues, one worker;  s2: two workers
         (s1e: the same backlog as the edge publishes it, with the device's header, straight
@@ -71,8 +73,8 @@ OUT_USERS = 64  # outbound: users, each with 1 or 3 devices (each device a queue
 SHARDS = 4
 POLL_S = 0.01
 FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturation
-SCENARIOS = ["aseq", "ac", "b", "bf", "b2", "bp", "c1", "c3", "c3x2", "d", "s1", "s1e", "s2",
-             "e"]  # and a
+SCENARIOS = ["aseq", "ac", "b", "bf", "b2", "bp", "c1", "c3c", "c3", "c3x2", "d", "s1", "s1e",
+             "s2", "e"]  # and a
 QUICK = ["b", "bf", "b2", "c3", "d"]  # --quick's, to stay under two minutes
 POSTGRES = ""  # --postgres: the server to make each scenario's database on
 DEFAULT_SHARDS = 1  # --shards
@@ -482,7 +484,9 @@ async def soak(channel: aio_pika.abc.AbstractChannel, inbox: str, workers: Worke
 
 
 async def outbound(name: str, per_user: int, total: int, latency_s: float,
-                   worker_count: int = 1) -> Result:
+                   worker_count: int = 1, floor: bool = False) -> Result:
+    """Replies to users of `per_user` devices each; with `floor`, CRYPTO_FANOUT relays
+    them instead of relayd."""
     result = Result(name, total)
     users = OUT_USERS // per_user if per_user > 1 else OUT_USERS
     async with scenario() as (vh, tmp, store_url):
@@ -493,6 +497,7 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
         await store.add_business(Business("acme", "guest"))
         conversations = []
         devices: dict[str, DeviceKeys] = {}
+        households: dict[str, list[tuple[str, str]]] = {}  # for CRYPTO_FANOUT
         specs = (topology.core(t) + topology.shards(t)
                  + topology.business(t, "acme", secret.opaque_secret))
         for u in range(users):
@@ -507,6 +512,8 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
                 functools.partial(opaque.conversation_id, secret.opaque_secret, f"user-{u}",
                                   "acme"))
             conversations.append(conversation.id)
+            households[conversation.id] = [(d.device, b64e(d.enc_public))
+                                           for d in list(devices.values())[-per_user:]]
         await declare(setup, specs)
         text = text_for(BODY_BYTES - len(reply(conversations[0], "message", {"text": ""})))
 
@@ -522,7 +529,12 @@ async def outbound(name: str, per_user: int, total: int, latency_s: float,
             replies = await channel.get_exchange(t.replies_exchange)
             progress(f"{name}: preloading {total} replies")
             await publish_all(replies, "acme", [message(i) for i in range(total)])
-            workers = Workers([relay_command(setup, "outbound")], setup.env)
+            command = relay_command(setup, "outbound")
+            if floor:
+                (tmp / "households.json").write_bytes(orjson.dumps(households))
+                command = [sys.executable, "-c", CRYPTO_FANOUT, str(setup.config_path),
+                           str(tmp / "households.json")]
+            workers = Workers([command], setup.env)
             try:
                 async def arrived() -> int:
                     counts = await asyncio.gather(*(depth(channel, q) for q in device_queues))
@@ -850,6 +862,49 @@ async def main(config, signers, inbox):
 uvloop.run(main(*sys.argv[1:]))
 """
 
+# (c3c), a second row and no baseline: c3's floor, as (ac) is b's. A pipelined relay of
+# replies doing what no relay with relayd's promises can skip, as relayd does it: the
+# reply's JSON, then for each device of the conversation's user a down payload signed and
+# sealed to it, the copies published at once, the reply acked after their confirms; no
+# store, no rules, no lanes (its down seqs are counted in memory).
+CRYPTO_FANOUT = """
+import asyncio, sys, aio_pika, orjson, uvloop
+from datetime import timedelta
+from relayd import keys, payload, topology
+from relayd.config import load
+from relayd.crypto import Kem, b64d
+from relayd.deliver import now_ms, seal_down
+from relayd.store import Device
+async def main(config, households):
+    settings = load(config)
+    t = settings.topology
+    ring = keys.load(settings.keys.dir, timedelta(days=1))
+    by_conversation = {c: [(Device(d, "", Kem.X25519, b64d(k), b""),
+                            topology.device_routing_key(d, ring.opaque_secret)) for d, k in ds]
+                       for c, ds in orjson.loads(open(households, "rb").read()).items()}
+    seqs = {}
+    connection = await aio_pika.connect(settings.amqp.url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=settings.workers.prefetch)
+    exchange = await channel.get_exchange(t.devices_exchange)
+    queue = await channel.get_queue(t.outbound_queue)
+    async def relay(message):
+        reply = payload.parse_reply(message.body, settings.limits)
+        ts, copies = now_ms(), []
+        for device, routing_key in by_conversation[reply.conversation]:
+            seqs[device.id] = seq = seqs.get(device.id, 0) + 1
+            sealed = seal_down(ring, device, payload.down_payload(
+                device.id, seq, ts, reply.id, "acme", reply.type, reply.body))
+            copies.append(exchange.publish(aio_pika.Message(
+                sealed, content_type="application/vnd.relayd.sealed", delivery_mode=2),
+                routing_key))
+        await asyncio.gather(*copies)
+        await message.ack()
+    await queue.consume(relay)
+    await asyncio.Future()
+uvloop.run(main(*sys.argv[1:]))
+"""
+
 # (aseq), a second row and no baseline: the same, awaiting each confirm before it takes
 # the next delivery (the baseline of this bench before issue 14).
 SEQUENTIAL_RELAY = """
@@ -917,8 +972,8 @@ def ratios(results: list[Result]) -> dict[str, float]:
     by = {r.name.split()[0]: r.rate for r in results}
     a = by["a"]
     found = {f"{k}/a": round(v / a, 2) for k, v in by.items() if k != "a"}
-    for other, base in (("b", "ac"), ("b2", "b"), ("bf", "b"), ("bp", "b"), ("s1", "b"),
-                        ("s1e", "b"), ("s1e", "s1"), ("s2", "s1"), ("e", "e0")):
+    for other, base in (("b", "ac"), ("c3", "c3c"), ("b2", "b"), ("bf", "b"), ("bp", "b"),
+                        ("s1", "b"), ("s1e", "b"), ("s1e", "s1"), ("s2", "s1"), ("e", "e0")):
         if other in by and base in by:
             found[f"{other}/{base}"] = round(by[other] / by[base], 2)
     return found
@@ -972,6 +1027,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                               postgres=True),
         "c1": lambda: outbound("c1 outbound 1 dev/user", 1, total, latency_s),
         "c3": lambda: outbound("c3 outbound 3 dev/user", 3, total // 3, latency_s),
+        "c3c": lambda: outbound("c3c pipelined fan-out + crypto", 3, total // 3, latency_s,
+                                floor=True),
         "c3x2": lambda: outbound("c3x2 outbound 3 dev/user x2", 3, total // 3, latency_s, 2),
         "d": lambda: inbound("d inbound hybrid PQ", Kem.MLKEM768_X25519, 1, total, latency_s),
         # Ordered per device (docs/scaling.md): a router, then shards shared by the workers.
