@@ -377,6 +377,8 @@ class SqliteStore:
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
+        if version < len(MIGRATIONS):  # what they rewrote or dropped leaves the WAL too
+            self._scrub()
         return version, len(MIGRATIONS)
 
     async def migrate(self) -> tuple[int, int]:

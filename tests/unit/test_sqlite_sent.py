@@ -74,6 +74,7 @@ class TestSentByDevice:
         store = SqliteStore(tmp_path / "r.db", migrate=False)
         try:
             assert await store.migrate() == (5, len(MIGRATIONS))
+            assert (tmp_path / "r.db-wal").stat().st_size == 0  # the old table's pages too
             assert await store.migrate() == (len(MIGRATIONS), len(MIGRATIONS))
             assert store._all("SELECT source, device_id, seq, created_ms FROM sent"
                               " ORDER BY device_id, source") == [
