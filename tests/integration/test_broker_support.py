@@ -42,13 +42,19 @@ async def _publish_persistent(url: str, queue_name: str, body: bytes) -> None:
         await channel.default_exchange.publish(message, routing_key=queue_name)
 
 
-async def _get(url: str, queue_name: str) -> bytes:
+async def _get_kept(url: str, queue_name: str) -> bytes:
+    """The queue's one message after a restart: the queue must exist (passive), and the message
+    may take a moment to be recovered, so ask a bounded number of times."""
     async with await aio_pika.connect(url, timeout=10) as connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, durable=True)
-        message = await queue.get(timeout=10)
-        await message.ack()
-        return message.body
+        queue = await channel.declare_queue(queue_name, passive=True)
+        for _ in range(50):
+            message = await queue.get(timeout=10, fail=False)
+            if message is not None:
+                await message.ack()
+                return message.body
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{queue_name} survived the restart but its message did not")
 
 
 def _port_open(port: int) -> bool:
@@ -113,7 +119,7 @@ class TestDedicatedBroker:
         assert old_pid is not None
         assert not pid_alive(old_pid)
         assert broker.amqp_url == old_url
-        assert asyncio.run(_get(broker.amqp_url, "durable-q")) == b"kept"
+        assert asyncio.run(_get_kept(broker.amqp_url, "durable-q")) == b"kept"
 
     def test_stop_leaves_no_process_and_is_idempotent(self, broker: TestBroker) -> None:
         pid = broker.pid
