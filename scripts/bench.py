@@ -23,8 +23,9 @@ Scenarios, each in a vhost of its own on the local RabbitMQ, each relay a proces
   e     64 devices through one `relayd edge` process: up messages/s (acked after the
         broker's confirm), then device -> business -> device round trips at half the
         saturated rate of that path; e0: the same devices on raw AMQP, same run and rate
-The store is SQLite, or with --postgres a fresh database per scenario on that server
-(bp always uses --postgres); --shards N runs b to d sharded too.
+The store is SQLite (synchronous=FULL) in every scenario but bp, which runs b on a fresh
+database on the --postgres server: the targets name SQLite, and bp/b compares the two
+stores; --shards N runs b to d sharded too.
 All use quorum work queues, persistent ~400-byte messages and the same prefetch.
 For each: saturated throughput over a preloaded backlog, timed by arrivals at the relay's
 output queue(s), then end-to-end latency at half that rate, CPU time per message of the
@@ -76,7 +77,7 @@ FIXED_RATE = 0.0  # --rate: measure latency at this rate instead of half saturat
 SCENARIOS = ["aseq", "ac", "b", "bf", "b2", "bp", "c1", "c3c", "c3", "c3x2", "d", "s1", "s1e",
              "s2", "e"]  # and a
 QUICK = ["b", "bf", "b2", "c3", "d"]  # --quick's, to stay under two minutes
-POSTGRES = ""  # --postgres: the server to make each scenario's database on
+POSTGRES = ""  # --postgres: the server to make bp's database on
 DEFAULT_SHARDS = 1  # --shards
 
 
@@ -101,12 +102,12 @@ def vhost(prefix: str = "relayd-bench") -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def scenario(postgres: bool | None = None) -> AsyncIterator[tuple[str, Path, str]]:
+async def scenario(postgres: bool = False) -> AsyncIterator[tuple[str, Path, str]]:
     """A vhost, a directory and a store URL of the scenario's own: SQLite in the
-    directory, or a fresh database on the --postgres server (`postgres`: whether to,
-    None: whether --postgres was given); all gone afterwards."""
+    directory, or with `postgres` a fresh database on the --postgres server; all gone
+    afterwards."""
     with vhost() as vh, tempfile.TemporaryDirectory() as tmp:
-        if not (POSTGRES if postgres is None else postgres):
+        if not postgres:
             yield vh, Path(tmp), f"sqlite:///{tmp}/relayd.db"
             return
         import asyncpg
@@ -378,7 +379,7 @@ def crypto_us(setup: Setup, bodies: list[bytes], devices: list[DeviceKeys]) -> f
 
 async def inbound(name: str, kem: Kem, worker_count: int, total: int, latency_s: float,
                   soak_s: float = 0, shards: int = 0, senders: int = USERS,
-                  postgres: bool | None = None, edge: bool = False,
+                  postgres: bool = False, edge: bool = False,
                   floor: bool = False) -> Result:
     """`senders` devices (each its own user) send the backlog, in turn; with `edge`, each
     message is published as relayd's edge publishes it (its device in x-relayd-device,
@@ -1096,7 +1097,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=SCENARIOS,
                         help="run only these scenarios (the baseline a always runs first)")
     parser.add_argument("--postgres", metavar="SERVER_URL", default="",
-                        help="use PostgreSQL: a fresh database per scenario on this server,"
+                        help="run bp: b on a fresh database on this PostgreSQL server,"
                              " e.g. postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--shards", type=int, default=1, metavar="N",
                         help="run b, bf, b2, c1, c3 and d with topology.shards = N")
