@@ -106,7 +106,7 @@ class Shards:
                  store: Store, member: str, consumer_of: Callable[[str], Consumer]) -> None:
         self.connection, self.settings, self.role = connection, settings, role
         self.store, self.member, self.consumer_of = store, member, consumer_of
-        self.held: dict[int, tuple[Consumer, AbstractChannel]] = {}
+        self.held: dict[int, tuple[Consumer, AbstractChannel, amqp.Consuming]] = {}
         self.releasing: dict[int, asyncio.Task[None]] = {}
         self.ttl_s = settings.topology.shard_member_ttl
         self.every_s = self.ttl_s / 3
@@ -132,9 +132,8 @@ class Shards:
         for k in sorted(mine - set(self.held) - set(self.releasing)):
             consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
             channel = await amqp.open_channel(self.connection, window(self.settings.workers))
-            queue = await channel.get_queue(consumer.queue, ensure=False)
-            await queue.consume(consumer.on_message)
-            self.held[k] = consumer, channel
+            subscription = await amqp.consume(channel, consumer.queue, consumer.accept)
+            self.held[k] = consumer, channel, subscription
         if set(self.held) != before:
             _log.info("shards_shared", stage=self.role, members=len(members),
                       held=len(self.held))
@@ -166,20 +165,21 @@ class Shards:
         _log.warning("fenced", stage=self.role, held=len(self.held))
         self.fenced = True
         held, self.held = self.held, {}
-        for k, (consumer, channel) in held.items():
-            self.releasing[k] = asyncio.create_task(
-                self._release(k, consumer, channel, lease_left))
+        for k, held_k in held.items():
+            self.releasing[k] = asyncio.create_task(self._release(k, *held_k, lease_left))
 
     async def _release(self, k: int, consumer: Consumer, channel: AbstractChannel,
-                       deadline_s: float | None = None) -> None:
+                       subscription: amqp.Consuming, deadline_s: float | None = None) -> None:
         """Hand one shard back in order. A cancelled single active consumer would pass the
         shard on at once, while what it had received was still in work: instead finish
-        only what started (up to `deadline_s`, by default workers.shutdown_timeout), and
-        let the channel's close return the rest, in order, to the queue and so to the next
-        consumer."""
+        only what started (up to `deadline_s`, by default workers.shutdown_timeout), write
+        the acks of what finished, and let the channel's close return the rest, in order,
+        to the queue and so to the next consumer."""
         consumer.handing_back = True
-        await consumer.drain(self.settings.workers.shutdown_timeout if deadline_s is None
-                             else deadline_s)
+        until = time.monotonic() + (self.settings.workers.shutdown_timeout
+                                    if deadline_s is None else deadline_s)
+        await consumer.drain(max(0.0, until - time.monotonic()))
+        await subscription.flushed(max(0.0, until - time.monotonic()))
         with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
             await channel.close()
         self.releasing.pop(k, None)
@@ -189,7 +189,7 @@ class Shards:
         in flight); on a stop, in order, and leave so that the others take over now."""
         held, self.held = self.held, {}
         if lost:
-            await asyncio.gather(*(consumer.drain(0) for consumer, _ in held.values()))
+            await asyncio.gather(*(consumer.drain(0) for consumer, _, _ in held.values()))
             return
         await asyncio.gather(*(self._release(k, *h) for k, h in held.items()),
                              *self.releasing.values())
