@@ -100,11 +100,17 @@ class Shards:
     store unreachable, read-only, or too slow to answer within `every_s`) for
     `ttl_s - every_s` hands every shard back, finishing what it started while the lease
     still holds. Single active consumer would otherwise keep the others from taking them
-    while it could handle none of their messages."""
+    while it could handle none of their messages.
+
+    A shard's channel that the broker closes (a consumer_timeout, a channel error) sets
+    `lost`, as the unsharded consumer's does: the process starts again on a new
+    connection rather than hold a shard that delivers nothing."""
 
     def __init__(self, connection: AbstractConnection, settings: Settings, role: str,
-                 store: Store, member: str, consumer_of: Callable[[str], Consumer]) -> None:
+                 store: Store, member: str, consumer_of: Callable[[str], Consumer],
+                 lost: asyncio.Event) -> None:
         self.connection, self.settings, self.role = connection, settings, role
+        self.lost = lost
         self.store, self.member, self.consumer_of = store, member, consumer_of
         self.held: dict[int, tuple[Consumer, AbstractChannel, amqp.Consuming]] = {}
         self.releasing: dict[int, asyncio.Task[None]] = {}
@@ -132,11 +138,19 @@ class Shards:
         for k in sorted(mine - set(self.held) - set(self.releasing)):
             consumer = self.consumer_of(shard.shard_queue(t, self.role, k))
             channel = await amqp.open_channel(self.connection, window(self.settings.workers))
+            channel.close_callbacks.add(lambda *_, k=k, channel=channel: self._closed(k, channel))
             subscription = await amqp.consume(channel, consumer.queue, consumer.accept)
             self.held[k] = consumer, channel, subscription
         if set(self.held) != before:
             _log.info("shards_shared", stage=self.role, members=len(members),
                       held=len(self.held))
+
+    def _closed(self, k: int, channel: AbstractChannel) -> None:
+        """A shard's channel closed: by the broker if the shard is still held (one handed
+        back leaves `held` before its channel closes)."""
+        if (held := self.held.get(k)) is not None and held[1] is channel:
+            _log.warning("shard_channel_closed", stage=self.role)
+            self.lost.set()
 
     async def _renew(self) -> list[str] | None:
         """Mark this process alive and read the members alive; None if the store did not
@@ -208,27 +222,30 @@ async def route(connection: AbstractConnection, settings: Settings, role: str,
     name = shard.entry_queue(settings.topology, role)
     while not (stop.is_set() or lost.is_set()):
         channel = await amqp.open_channel(connection, window(settings.workers))
-        sink = amqp.Publisher(channel, settings, keys().opaque_secret)
-        router = (inbound_router(settings, keys, sink) if role == "inbound"
-                  else outbound_router(settings, sink))
-        consumer = Consumer(role, settings.workers, router, sink, name, hold_limit(settings))
         try:
             await channel.declare_queue(topology.router_lock(name), exclusive=True)
         except aiormq.exceptions.ChannelLockedResource:  # another process routes
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(amqp.wait_any(stop, lost), ROUTER_RETRY_S)
             continue
+        # It publishes on a channel of its own (see amqp.Publisher), and consumes through
+        # relayd's reader (amqp.consume), as the shards' consumers do.
+        publishing = await amqp.open_channel(connection)
+        sink = amqp.Publisher(publishing, settings, keys().opaque_secret)
+        router = (inbound_router(settings, keys, sink) if role == "inbound"
+                  else outbound_router(settings, sink))
+        consumer = Consumer(role, settings.workers, router, sink, name, hold_limit(settings))
         closed = asyncio.Event()
         channel.close_callbacks.add(lambda *_, closed=closed: closed.set())
-        queue = await channel.get_queue(name, ensure=False)
-        tag = await queue.consume(consumer.on_message)
+        subscription = await amqp.consume(channel, name, consumer.accept)
         _log.info("routing", stage=role)
         await amqp.wait_any(stop, lost, closed)
         if lost.is_set() or closed.is_set():  # the broker resends what was in flight
             await consumer.drain(0)
-            continue
-        with contextlib.suppress(*amqp.CONNECT_ERRORS):
-            await queue.cancel(tag)
-        await consumer.drain(settings.workers.shutdown_timeout)
-
-
+        else:
+            with contextlib.suppress(*amqp.CONNECT_ERRORS):
+                await subscription.cancel()
+            await consumer.drain(settings.workers.shutdown_timeout)
+            await subscription.flushed(settings.workers.shutdown_timeout)
+        with contextlib.suppress(*amqp.CONNECT_ERRORS, RuntimeError):
+            await publishing.close()

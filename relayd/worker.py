@@ -246,7 +246,7 @@ async def _run(connection: AbstractConnection, settings: Settings, role: QueueRo
                consuming: asyncio.Event | None, member: str, channel: AbstractChannel,
                store: Store, consumer_of: Callable[[str], Consumer]) -> None:
     if shard.sharded(settings.topology, role):
-        shards = Shards(connection, settings, role, store, member, consumer_of)
+        shards = Shards(connection, settings, role, store, member, consumer_of, lost)
         router = asyncio.create_task(route(connection, settings, role, keys, stop, lost))
         await shards.share()
         _log.info("consuming", stage=role, shards=len(shards.held))

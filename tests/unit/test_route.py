@@ -3,6 +3,7 @@ closes (which returns the rest, in order, to the queue)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +35,7 @@ def shards(tmp_path: Path) -> Shards:
                              "keys": {"dir": str(tmp_path / "keys")},
                              "topology": {"shards": 4}}, environ={})
     return Shards(cast(Any, None), settings, "inbound", cast(Any, None), "m",
-                  lambda queue: cast(Any, None))
+                  lambda queue: cast(Any, None), asyncio.Event())
 
 
 async def test_acks_are_written_before_the_channel_closes(tmp_path: Path) -> None:
