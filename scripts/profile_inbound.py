@@ -122,7 +122,7 @@ async def no_broker(messages: int, senders: int) -> None:
 
 async def with_broker(messages: int, senders: int, spy_s: int, out: Path,
                       processes: int = 1) -> None:
-    async with bench.scenario() as (vh, tmp, store_url):
+    async with bench.scenario(bool(bench.POSTGRES)) as (vh, tmp, store_url):
         setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519, processes)
         t = setup.settings.topology
         secret = keys.load(setup.settings.keys.dir, timedelta(days=1)).opaque_secret
@@ -153,7 +153,7 @@ async def with_broker(messages: int, senders: int, spy_s: int, out: Path,
 
 async def with_broker_outbound(replies: int, spy_s: int, out: Path) -> None:
     per_user, users = 3, bench.OUT_USERS // 3
-    async with bench.scenario() as (vh, tmp, store_url):
+    async with bench.scenario(bool(bench.POSTGRES)) as (vh, tmp, store_url):
         setup = bench.relay_setup(tmp, vh, store_url, Kem.X25519)
         t = setup.settings.topology
         secret = keys.load(setup.settings.keys.dir, timedelta(days=1)).opaque_secret
