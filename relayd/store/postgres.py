@@ -13,6 +13,7 @@ vacuums the tables it touched.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -559,6 +560,38 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sent DROP CONSTRAINT sent_pkey, ADD PRIMARY KEY (device_id, source);
     """,
+    # 10: the messages a worker has in hand at once, claimed in one statement and one
+    # commit (PostgresStore._up): relayd_accept_up on each, in the order given (by user,
+    # so that two processes' batches take their users' locks in the same order).
+    """
+    CREATE TYPE relayd_up AS (
+        device TEXT, business TEXT, user_id TEXT, ids TEXT[], users TEXT[], kems TEXT[],
+        enc BYTEA[], sign BYTEA[], known BOOLEAN, present BOOLEAN, high BIGINT, bits BYTEA,
+        first BOOLEAN, new_high BIGINT, new_bits BYTEA, stamp BIGINT, redelivered BOOLEAN,
+        kind TEXT, now_ms BIGINT, rotate BOOLEAN, fresh BIGINT, id_epoch BIGINT,
+        new_id TEXT, echo TEXT[], source TEXT);
+    CREATE FUNCTION relayd_accept_ups(p_ups relayd_up[])
+    RETURNS TABLE (o_n INT, o_status TEXT, o_exists BOOLEAN, o_high BIGINT, o_bits BYTEA,
+                   o_epoch BIGINT, o_business TEXT, o_amqp_user TEXT, o_first_party BOOLEAN,
+                   o_id TEXT, o_user TEXT, o_business_id TEXT, o_state TEXT,
+                   o_conv_epoch BIGINT, o_closed_by TEXT, o_created_ms BIGINT,
+                   o_updated_ms BIGINT, o_refusal TEXT, o_detail TEXT,
+                   o_seq_ids TEXT[], o_seqs BIGINT[])
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        a relayd_up;
+        n INT := 0;
+    BEGIN
+        FOREACH a IN ARRAY p_ups LOOP
+            RETURN QUERY SELECT n, u.* FROM relayd_accept_up(
+                a.device, a.business, a.user_id, a.ids, a.users, a.kems, a.enc, a.sign,
+                a.known, a.present, a.high, a.bits, a.first, a.new_high, a.new_bits,
+                a.stamp, a.redelivered, a.kind, a.now_ms, a.rotate, a.fresh, a.id_epoch,
+                a.new_id, a.echo, a.source) u;
+            n := n + 1;
+        END LOOP;
+    END $$;
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")
@@ -589,6 +622,7 @@ _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
               " (SELECT user_id FROM devices WHERE id = $1) ORDER BY id")
 _UP = ("SELECT * FROM relayd_accept_up($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
        " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)")
+_UPS = "SELECT * FROM relayd_accept_ups($1)"
 # How long, and for how many devices, a process keeps the replay rows it saw.
 CACHE_SECONDS = 60.0
 _WINDOWS = 65536
@@ -672,6 +706,9 @@ class PostgresStore:
         # device -> its replay row as this process last saw it: (exists, high, bits)
         self._windows: dict[str, tuple[bool, int | None, bytes | None]] = {}
         self._windows_since = time.monotonic()
+        # relayd_accept_up's arguments waiting for the next batch (see _up)
+        self._ups: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._ups_flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, migrate: bool = True,
@@ -899,15 +936,15 @@ class PostgresStore:
                 if window is not None and window[1] is not None and window[2] is not None:
                     replay = ReplayWindow.from_bytes(claim.window, window[1], window[2])
                 first = replay.accept(claim.seq)
-                row: Any = await self.pool.fetchrow(
-                    _UP, claim.device, claim.business, user, [d.id for d in household],
+                row: Any = await self._up((
+                    claim.device, claim.business, user, [d.id for d in household],
                     [d.user for d in household], [d.kem.value for d in household],
                     [d.enc_key for d in household], [d.sign_key for d in household],
                     window is not None, bool(window and window[0]),
                     window[1] if window else None, window[2] if window else None,
                     first, replay.high, replay.to_bytes(), rows.now_ms(), claim.redelivered,
                     claim.kind, claim.now_ms, claim.rotate_on_reopen, fresh, made[0], made[1],
-                    list(claim.echo_to), claim.source)
+                    list(claim.echo_to), claim.source))
                 status = row[0]
                 if status == "window":
                     self._remember(claim.device, (row[1], row[2], row[3]))
@@ -931,6 +968,52 @@ class PostgresStore:
         except Exception as exc:
             raise _error(exc) from None
         raise TransientError("store_busy", "the replay window kept changing")
+
+    async def _up(self, args: tuple[Any, ...]) -> Any:
+        """relayd_accept_up(*args)'s row. The claims that come while a batch is in work
+        go together in the next: one statement, one commit (as SQLite's group commit).
+        A batch that fails is tried again claim by claim, so that one claim's error (a
+        race, say) is its own; unless the database is unavailable to all of them."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ups.append((args, future))
+        if self._ups_flusher is None:
+            self._ups_flusher = asyncio.create_task(self._flush_ups())
+        return await future
+
+    async def _flush_ups(self) -> None:
+        try:
+            while self._ups:
+                batch, self._ups = sorted(self._ups, key=lambda up: (up[0][2], up[0][0])), []
+                found: list[Any]
+                try:
+                    if len(batch) == 1:
+                        found = [(0, *(await self.pool.fetchrow(_UP, *batch[0][0]) or ()))]
+                    else:
+                        found = await self.pool.fetch(_UPS, [args for args, _ in batch])
+                except Exception as exc:
+                    if len(batch) == 1 or isinstance(_error(exc), StoreUnavailableError):
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                    await asyncio.gather(*(self._one_up(*up) for up in batch))
+                    continue
+                for row in found:
+                    future = batch[row[0]][1]
+                    if not future.done():  # else its waiter was cancelled; the claim stands
+                        future.set_result(tuple(row)[1:])
+        finally:
+            self._ups_flusher = None
+
+    async def _one_up(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        try:
+            row = await self.pool.fetchrow(_UP, *args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(row)
 
     def _remember(self, device: str, window: tuple[bool, int | None, bytes | None]) -> None:
         """Keep the replay row of `device` as last seen (held by pseudonym, forgotten

@@ -16,7 +16,7 @@ import pytest
 
 from relayd import rules
 from relayd.crypto import Kem
-from relayd.errors import StoreError, StoreUnavailableError
+from relayd.errors import RelaydError, StoreError, StoreUnavailableError
 from relayd.payload import is_user_id
 from relayd.replay import ReplayWindow
 from relayd.store import (
@@ -27,6 +27,7 @@ from relayd.store import (
     ReplyClaim,
     Store,
     UpClaim,
+    UpOutcome,
     open_store,
     pseudonym,
 )
@@ -261,6 +262,38 @@ class TestAcceptUp:
         assert not outcome.retry
         assert dict(outcome.seqs) == {"d2": 1}
         assert not await store.claim_seq("d1", 1, 64)
+
+    async def test_claims_in_hand_at_once_each_have_their_own_outcome(
+            self, store: Store) -> None:
+        """Messages of many users claimed at once (together in one statement on
+        PostgreSQL, one commit on SQLite) each get their own outcome; one that fails (here
+        it would open its conversation under an id another user's conversation has) fails
+        alone, writing nothing, and costs the others nothing."""
+        await store.add_business(ACME)
+        households = []
+        for i in range(8):
+            await store.add_device(device(f"d{i}", f"u{i}"))
+            households.append(tuple(await store.household(f"d{i}")))
+        taken = await store.accept_up(up(households[7], 1, "start", device_id="d7",
+                                         make=make_id("u7", "acme")))
+        assert taken.conversation is not None
+
+        def claim(i: int) -> UpClaim:
+            make = (lambda _: taken.conversation.id) if i == 3 else make_id(f"u{i}", "acme")
+            return up(households[i], 1, "start", device_id=f"d{i}", make=make)
+
+        outcomes = await asyncio.gather(*(store.accept_up(claim(i)) for i in range(7)),
+                                        return_exceptions=True)
+        assert isinstance(outcomes[3], RelaydError), outcomes[3]
+        for i, outcome in enumerate(outcomes):
+            if i != 3:
+                assert isinstance(outcome, UpOutcome), outcome
+                assert outcome.status == "accepted"
+                assert outcome.conversation == await store.conversation_of(f"u{i}", "acme")
+        assert await store.conversation_of("u3", "acme") is None
+        again = await store.accept_up(up(households[3], 1, "start", device_id="d3",
+                                         make=make_id("u3", "acme")))
+        assert again.status == "accepted"  # its seq was not claimed by the failed attempt
 
     async def test_replayed_and_redelivered(self, store: Store,
                                             household: tuple[Device, ...]) -> None:
@@ -1243,3 +1276,32 @@ class TestRoundTrips:
         assert len(after_statements) == 2, after_statements  # the row another wrote
         assert not any("RESET" in q or "advisory_unlock" in q
                        for q in first_statements + quiet_statements + after_statements)
+
+    async def test_messages_in_hand_at_once_are_one_statement(self) -> None:
+        """The messages a worker has in hand at once (each of its own device) are claimed
+        together: one statement (relayd_accept_ups) and one commit, not one each."""
+        async with postgres.database() as url:
+            store = await open_store(url, secret=SECRET, pool_size=1)
+            try:
+                await store.add_business(ACME)
+                households = []
+                for i in range(16):
+                    await store.add_device(device(f"d{i}", f"u{i}"))
+                    households.append(tuple(await store.household(f"d{i}")))
+
+                def claims(seq: int) -> list[Any]:
+                    return [store.accept_up(up(households[i], seq, "start", device_id=f"d{i}",
+                                                make=make_id(f"u{i}", "acme")))
+                            for i in range(16)]
+
+                await asyncio.gather(*claims(1))  # the replay rows read, the ids made
+                await asyncio.gather(*claims(2))  # the batch's types introspected
+                sent: list[str] = []
+                async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
+                    conn.add_query_logger(lambda record: sent.append(record.query))
+                outcomes = await asyncio.gather(*claims(3))
+            finally:
+                await store.close()
+        assert [o.status for o in outcomes] == ["accepted"] * 16
+        assert len(sent) == 1, sent
+        assert "relayd_accept_ups" in sent[0]
