@@ -562,7 +562,9 @@ MIGRATIONS: list[str] = [
     """,
     # 10: the messages a worker has in hand at once, claimed in one statement and one
     # commit (PostgresStore._up): relayd_accept_up on each, in the order given (by user,
-    # so that two processes' batches take their users' locks in the same order).
+    # so that two processes' batches take their users' locks in the same order). A lock
+    # it waits for (a pruning, an erasure) fails the batch within lock_timeout, and the
+    # claims are tried one by one: only the one that needs the lock waits for it.
     """
     CREATE TYPE relayd_up AS (
         device TEXT, business TEXT, user_id TEXT, ids TEXT[], users TEXT[], kems TEXT[],
@@ -577,7 +579,7 @@ MIGRATIONS: list[str] = [
                    o_conv_epoch BIGINT, o_closed_by TEXT, o_created_ms BIGINT,
                    o_updated_ms BIGINT, o_refusal TEXT, o_detail TEXT,
                    o_seq_ids TEXT[], o_seqs BIGINT[])
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SET lock_timeout = '200ms' AS $$
     DECLARE
         a relayd_up;
         n INT := 0;
@@ -709,6 +711,7 @@ class PostgresStore:
         # relayd_accept_up's arguments waiting for the next batch (see _up)
         self._ups: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._ups_flusher: asyncio.Task[None] | None = None
+        self._singles: set[asyncio.Task[None]] = set()  # a failed batch's claims, one by one
 
     @classmethod
     async def connect(cls, url: str, *, migrate: bool = True,
@@ -980,30 +983,65 @@ class PostgresStore:
             self._ups_flusher = asyncio.create_task(self._flush_ups())
         return await future
 
+    def _next_batch(self) -> list[tuple[tuple[Any, ...], asyncio.Future[Any]]]:
+        """The queued claims whose waiters still wait, at most one of each user (the others
+        wait for the next batch), sorted by user: a batch then holds one claim's locks of
+        each user, taken in the order every process takes them, and cannot deadlock with
+        another batch or a reply (which lock a conversation, then its user's devices)."""
+        batch: dict[str, tuple[tuple[Any, ...], asyncio.Future[Any]]] = {}
+        later = []
+        for up in self._ups:
+            if up[1].done():  # its waiter was cancelled
+                continue
+            if up[0][2] in batch:
+                later.append(up)
+            else:
+                batch[up[0][2]] = up
+        self._ups = later
+        return [batch[user] for user in sorted(batch)]
+
     async def _flush_ups(self) -> None:
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         try:
             while self._ups:
-                batch, self._ups = sorted(self._ups, key=lambda up: (up[0][2], up[0][0])), []
-                found: list[Any]
-                try:
-                    if len(batch) == 1:
-                        found = [(0, *(await self.pool.fetchrow(_UP, *batch[0][0]) or ()))]
-                    else:
-                        found = await self.pool.fetch(_UPS, [args for args, _ in batch])
-                except Exception as exc:
-                    if len(batch) == 1 or isinstance(_error(exc), StoreUnavailableError):
-                        for _, future in batch:
-                            if not future.done():
-                                future.set_exception(exc)
-                        continue
-                    await asyncio.gather(*(self._one_up(*up) for up in batch))
-                    continue
-                for row in found:
-                    future = batch[row[0]][1]
-                    if not future.done():  # else its waiter was cancelled; the claim stands
-                        future.set_result(tuple(row)[1:])
+                batch = self._next_batch()
+                await self._claim(batch)
+                batch = []
+        except BaseException:  # cancelled (the loop is closing) or a bug: none left hanging
+            for _, future in batch + self._ups:
+                if not future.done():
+                    future.set_exception(StoreUnavailableError("the claims were not sent"))
+            self._ups = []
+            raise
         finally:
             self._ups_flusher = None
+
+    async def _claim(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        found: list[Any]
+        try:
+            if len(batch) == 1:
+                found = [(0, *(await self.pool.fetchrow(_UP, *batch[0][0]) or ()))]
+            elif batch:
+                found = await self.pool.fetch(_UPS, [args for args, _ in batch])
+            else:
+                found = []
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(_error(exc), StoreUnavailableError):
+                for up in batch:  # not waited for: the next batch goes meanwhile
+                    task = asyncio.create_task(self._one_up(*up))
+                    self._singles.add(task)
+                    task.add_done_callback(self._singles.discard)
+                return
+            found, failed = [], exc
+        else:
+            failed = StoreError("PostgreSQL: a claim without its row")
+        for row in found:
+            future = batch[row[0]][1]
+            if not future.done():  # else its waiter was cancelled; the claim stands
+                future.set_result(tuple(row)[1:])
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(failed)
 
     async def _one_up(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
         try:

@@ -1289,19 +1289,61 @@ class TestRoundTrips:
                     await store.add_device(device(f"d{i}", f"u{i}"))
                     households.append(tuple(await store.household(f"d{i}")))
 
-                def claims(seq: int) -> list[Any]:
-                    return [store.accept_up(up(households[i], seq, "start", device_id=f"d{i}",
-                                                make=make_id(f"u{i}", "acme")))
+                def claims(seq: Callable[[int], int]) -> list[Any]:
+                    return [store.accept_up(up(households[i], seq(i), "start",
+                                                device_id=f"d{i}", make=make_id(f"u{i}", "acme")))
                             for i in range(16)]
 
-                await asyncio.gather(*claims(1))  # the replay rows read, the ids made
-                await asyncio.gather(*claims(2))  # the batch's types introspected
+                await asyncio.gather(*claims(lambda _: 1))  # the replay rows read, ids made
+                await asyncio.gather(*claims(lambda _: 2))  # the batch's types introspected
                 sent: list[str] = []
                 async with store.backend.pool.acquire() as conn:  # type: ignore[attr-defined]
                     conn.add_query_logger(lambda record: sent.append(record.query))
-                outcomes = await asyncio.gather(*claims(3))
+                # the odd ones again: each outcome must be its own claim's
+                outcomes = await asyncio.gather(*claims(lambda i: 2 if i % 2 else 3))
+                statements = list(sent)
+                conversations = [await store.conversation_of(f"u{i}", "acme")
+                                 for i in range(16)]
             finally:
                 await store.close()
-        assert [o.status for o in outcomes] == ["accepted"] * 16
-        assert len(sent) == 1, sent
-        assert "relayd_accept_ups" in sent[0]
+        assert [o.status for o in outcomes] == ["accepted", "replayed"] * 8
+        assert [o.conversation for o in outcomes[::2]] == conversations[::2]
+        assert len({c.id for c in conversations if c is not None}) == 16
+        assert len(statements) == 1, statements
+        assert "relayd_accept_ups" in statements[0]
+
+    async def test_a_claim_that_waits_for_a_lock_holds_back_no_other(self) -> None:
+        """A claim in a batch that meets a lock held elsewhere (a pruning, an erasure)
+        fails the batch within its lock_timeout, and the claims are tried one by one:
+        the others go through while the lock is held, and it once the lock is let go."""
+        async with postgres.database() as url:
+            store = await open_store(url, secret=SECRET)
+            holder = await asyncpg.connect(url)
+            try:
+                await store.add_business(ACME)
+                households = []
+                for i in range(8):
+                    await store.add_device(device(f"d{i}", f"u{i}"))
+                    households.append(tuple(await store.household(f"d{i}")))
+                    await store.accept_up(up(households[i], 1, "start", device_id=f"d{i}",
+                                             make=make_id(f"u{i}", "acme")))
+                assert isinstance(store, Pseudonymous)
+                locked = holder.transaction()
+                await locked.start()
+                await holder.execute("SELECT FROM replay WHERE device_id = $1 FOR UPDATE",
+                                     store.device_pseudonym("d0"))
+                claims = [asyncio.create_task(store.accept_up(up(
+                    households[i], 2, device_id=f"d{i}", make=make_id(f"u{i}", "acme"))))
+                    for i in range(8)]
+                # bounded well under the statements' 15 s timeout, which a batch waiting
+                # on the lock would run into
+                others = await asyncio.wait_for(asyncio.gather(*claims[1:]), 10)
+                later = await asyncio.wait_for(store.accept_up(up(
+                    households[1], 3, device_id="d1", make=make_id("u1", "acme"))), 10)
+                assert not claims[0].done()
+                await locked.rollback()
+                first = await asyncio.wait_for(claims[0], 10)
+            finally:
+                await holder.close()
+                await store.close()
+        assert [o.status for o in [first, *others, later]] == ["accepted"] * 9
