@@ -95,6 +95,16 @@ def make_id(user: str, business: str) -> Callable[[int], str]:
     return lambda epoch: f"{user}-{business}-{epoch}".ljust(32, "x")[:32]
 
 
+async def users(store: Store, count: int) -> list[tuple[Device, ...]]:
+    """acme, and `count` users u0, u1... of one device each (d0, d1...): their households."""
+    await store.add_business(ACME)
+    households = []
+    for i in range(count):
+        await store.add_device(device(f"d{i}", f"u{i}"))
+        households.append(tuple(await store.household(f"d{i}")))
+    return households
+
+
 class TestBusinesses:
     async def test_add_is_idempotent_and_lookups_work(self, store: Store) -> None:
         """A business is added once, found by id and by AMQP user, listed and removed."""
@@ -269,11 +279,7 @@ class TestAcceptUp:
         PostgreSQL, one commit on SQLite) each get their own outcome; one that fails (here
         it would open its conversation under an id another user's conversation has) fails
         alone, writing nothing, and costs the others nothing."""
-        await store.add_business(ACME)
-        households = []
-        for i in range(8):
-            await store.add_device(device(f"d{i}", f"u{i}"))
-            households.append(tuple(await store.household(f"d{i}")))
+        households = await users(store, 8)
         taken = await store.accept_up(up(households[7], 1, "start", device_id="d7",
                                          make=make_id("u7", "acme")))
         assert taken.conversation is not None
@@ -1283,11 +1289,7 @@ class TestRoundTrips:
         async with postgres.database() as url:
             store = await open_store(url, secret=SECRET, pool_size=1)
             try:
-                await store.add_business(ACME)
-                households = []
-                for i in range(16):
-                    await store.add_device(device(f"d{i}", f"u{i}"))
-                    households.append(tuple(await store.household(f"d{i}")))
+                households = await users(store, 16)
 
                 def claims(seq: Callable[[int], int]) -> list[Any]:
                     return [store.accept_up(up(households[i], seq(i), "start",
@@ -1320,11 +1322,8 @@ class TestRoundTrips:
             store = await open_store(url, secret=SECRET)
             holder = await asyncpg.connect(url)
             try:
-                await store.add_business(ACME)
-                households = []
+                households = await users(store, 8)
                 for i in range(8):
-                    await store.add_device(device(f"d{i}", f"u{i}"))
-                    households.append(tuple(await store.household(f"d{i}")))
                     await store.accept_up(up(households[i], 1, "start", device_id=f"d{i}",
                                              make=make_id(f"u{i}", "acme")))
                 assert isinstance(store, Pseudonymous)
