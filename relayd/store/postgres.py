@@ -1028,7 +1028,7 @@ class PostgresStore:
         except Exception as exc:
             if len(batch) > 1 and not isinstance(_error(exc), StoreUnavailableError):
                 for up in batch:  # not waited for: the next batch goes meanwhile
-                    task = asyncio.create_task(self._one_up(*up))
+                    task = asyncio.create_task(self._claim([up]))
                     self._singles.add(task)
                     task.add_done_callback(self._singles.discard)
                 return
@@ -1042,16 +1042,6 @@ class PostgresStore:
         for _, future in batch:
             if not future.done():
                 future.set_exception(failed)
-
-    async def _one_up(self, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
-        try:
-            row = await self.pool.fetchrow(_UP, *args)
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(row)
 
     def _remember(self, device: str, window: tuple[bool, int | None, bytes | None]) -> None:
         """Keep the replay row of `device` as last seen (held by pseudonym, forgotten
