@@ -29,7 +29,10 @@ stores; --shards N runs b to d sharded too.
 All use quorum work queues, persistent ~400-byte messages and the same prefetch.
 For each: saturated throughput over a preloaded backlog, timed by arrivals at the relay's
 output queue(s), then end-to-end latency at half that rate, CPU time per message of the
-relay's process tree and the peak RSS of every process in it.
+relay's process tree and the peak RSS of every process in it, and the whole machine's CPU
+time per message ("host µs": relay, broker, database and this bench) with how busy its
+CPUs were at saturation ("busy"): near 100%, a row's rate is what the machine's cores
+give it, and its ratio to another row is at most the inverse ratio of their host µs.
 Ratios against (a) come from the same run; --repeat N runs everything N times and says
 for each target in how many runs it was met, with the machine's load average.
 """
@@ -134,6 +137,11 @@ class Result:
     max_ms: float = 0.0
     latency_rate: float = 0.0
     cpu_us: float = 0.0  # CPU time of the relay's process tree per message (for fan-out: reply)
+    # the whole machine's CPU time per message (relay, broker, database, this bench) and
+    # how busy its CPUs were, 0 to 1, at saturation: near 1, the rate is what the machine's
+    # cores give, and a row's ratio to another is at most the inverse of their machine_us
+    machine_us: float = 0.0
+    busy: float = 0.0
     crypto_us: float = 0.0  # (b) only: HPKE open + Ed25519 verify per message, in the bench
     rss_mb: list[float] = field(default_factory=list)
     soak_rss_mb: list[float] = field(default_factory=list)  # every 10 s, the largest worker
@@ -200,15 +208,16 @@ async def publish_all(exchange: aio_pika.abc.AbstractExchange, routing_key: str,
 
 
 async def saturate(arrived: Callable[[], Awaitable[int]], workers: Workers,
-                   total: int, budget_s: float) -> tuple[float, float]:
+                   total: int, budget_s: float) -> tuple[float, float, float, float]:
     """Time a preloaded backlog through the workers by its arrivals at the output:
-    from the first arrival seen to the last; (messages/s, CPU µs per message)."""
+    from the first arrival seen to the last; (messages/s, the workers' CPU µs per
+    message, the machine's CPU µs per message, how busy the machine's CPUs were)."""
     deadline = time.monotonic() + budget_s
     while (first := await arrived()) == 0:
         if time.monotonic() > deadline:
             raise TimeoutError("nothing came out of the relay")
         await asyncio.sleep(POLL_S)
-    started, cpu_start = time.monotonic(), workers.cpu_seconds()
+    started, cpu_start, machine = time.monotonic(), workers.cpu_seconds(), psutil.cpu_times()
     last_report = started
     while (count := await arrived()) < total:
         if time.monotonic() > deadline:
@@ -218,7 +227,15 @@ async def saturate(arrived: Callable[[], Awaitable[int]], workers: Workers,
             last_report = time.monotonic()
         await asyncio.sleep(POLL_S)
     elapsed, cpu = time.monotonic() - started, workers.cpu_seconds() - cpu_start
-    return (total - first) / elapsed, cpu / (total - first) * 1e6
+    busy = machine_busy(psutil.cpu_times()) - machine_busy(machine)
+    done = total - first
+    return (done / elapsed, cpu / done * 1e6, busy / done * 1e6,
+            busy / elapsed / (os.cpu_count() or 1))
+
+
+def machine_busy(t: Any) -> float:
+    """CPU seconds the machine's CPUs spent working (not idle, waiting or stolen)."""
+    return float(t.user + t.nice + t.system + t.irq + t.softirq)
 
 
 async def paced(send: Callable[[int], Awaitable[object]], rate: float, count: int) -> None:
@@ -283,7 +300,8 @@ class Run:
 async def measure(name: str, result: Result, run: Run, latency_s: float) -> int:
     """Saturated throughput over the preloaded backlog, then end-to-end latency at half
     that rate (or --rate), into `result`; return how many latency messages were sent."""
-    result.rate, result.cpu_us = await saturate(run.arrived, run.workers, result.messages, 300)
+    result.rate, result.cpu_us, result.machine_us, result.busy = await saturate(
+        run.arrived, run.workers, result.messages, 300)
     progress(f"{name}: {result.rate:.0f} msg/s; latency at half rate")
     for sink in run.sinks:
         await (await run.channel.get_queue(sink, ensure=False)).purge()
@@ -731,7 +749,7 @@ async def round_trips(setup: Setup, channel: aio_pika.abc.AbstractChannel,
     burst = max(EDGE_DEVICES, through.messages // 4)
     await publish_all(ingress, t.inbound_routing_key,
                       [raw(sealed(i)) for i in range(burst)])
-    rate, _ = await saturate(arrived, Workers([], {}), burst, 300)
+    rate, *_ = await saturate(arrived, Workers([], {}), burst, 300)
     rate = FIXED_RATE or rate / 2
     progress(f"e: round trips at {rate:.0f} msg/s")
     count = max(50, int(rate * latency_s))
@@ -962,10 +980,12 @@ async def naive(name: str, relay: str, total: int, latency_s: float) -> Result:
 def table(results: list[Result]) -> str:
     base = results[0].rate
     head = (f"{'scenario':<30} {'msg/s':>7} {'x(a)':>5} {'at':>6} {'p50 ms':>7} "
-            f"{'p99 ms':>7} {'max ms':>7} {'cpu µs':>7}  peak RSS MB per process")
+            f"{'p99 ms':>7} {'max ms':>7} {'cpu µs':>7} {'host µs':>7} {'busy':>4}"
+            "  peak RSS MB per process")
     return "\n".join([head, *(
         f"{r.name:<30} {r.rate:>7.0f} {r.rate / base:>5.2f} {r.latency_rate:>6.0f} "
-        f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.2f} {r.cpu_us:>7.0f}  "
+        f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.max_ms:>7.2f} {r.cpu_us:>7.0f} "
+        f"{r.machine_us:>7.0f} {r.busy:>4.0%}  "
         f"{[round(m, 1) for m in r.rss_mb]}" for r in results)])
 
 
