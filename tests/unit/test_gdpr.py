@@ -21,8 +21,11 @@ SETTINGS = config.parse({"amqp": {"url": "amqp://localhost"},
 ERASURE = gdpr.Erasure(SETTINGS, store=None, keys=None, sink=None)  # type: ignore[arg-type]
 
 
+REQUEST_ID = "0b3a4f6e-5c1d-4e2f-9a8b-7c6d5e4f3a2b"  # fixed: the parameters name tests
+
+
 def request(**overrides: Any) -> bytes:
-    data: dict[str, Any] = {"v": 1, "type": "erase", "user": "alice", "id": str(uuid.uuid4())}
+    data: dict[str, Any] = {"v": 1, "type": "erase", "user": "alice", "id": REQUEST_ID}
     data.update(overrides)
     return orjson.dumps({k: v for k, v in data.items() if v is not ...})
 

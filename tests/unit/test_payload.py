@@ -27,9 +27,12 @@ def _inline(size: int, **extra: str) -> dict[str, Any]:
     return {"data": base64.b64encode(b"\x5a" * size).decode(), "mime": "image/jpeg", **extra}
 
 
+REPLY_ID = "4d2c1b0a-9e8f-4a7b-8c6d-5e4f3a2b1c0d"  # fixed: the parameters name tests
+
+
 def _reply(**overrides: Any) -> bytes:
     data: dict[str, Any] = {"v": 1, "type": "message", "conversation": CONVERSATION,
-                            "id": str(uuid.uuid4()), "body": {"text": "hello"}}
+                            "id": REPLY_ID, "body": {"text": "hello"}}
     data.update(overrides)
     return orjson.dumps(data)
 
@@ -277,7 +280,7 @@ class TestParseReply:
     @pytest.mark.parametrize("raw", [
         b"not json", b"[]", b"1",
         _reply(extra=1), orjson.dumps({"v": 1, "type": "read", "conversation": CONVERSATION,
-                                       "id": str(uuid.uuid4())}),
+                                       "id": REPLY_ID}),
         _reply(v=2), _reply(v=True), _reply(id="nope"), _reply(id=7),
         _reply(type="start"), _reply(type="echo"), _reply(type="error"),
         _reply(body=[]), _reply(body={}), _reply(type="read", body={"text": "x"}),
