@@ -187,7 +187,9 @@ class TestBroker:
     plugins_file: Path | None = None
     host: str = "127.0.0.1"
     netns: str | None = None
-    erl_args: str = ""  # more flags for the Erlang VM
+    # more flags for the Erlang VM; by default its schedulers do not busy-wait, which on a
+    # 2-core machine would take CPU from every other test (the shared broker runs so too)
+    erl_args: str = "+sbwt none +sbwtdcpu none +sbwtdio none"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _pid: int | None = field(default=None, init=False, repr=False)
 
