@@ -137,9 +137,8 @@ class Result:
     max_ms: float = 0.0
     latency_rate: float = 0.0
     cpu_us: float = 0.0  # CPU time of the relay's process tree per message (for fan-out: reply)
-    # the whole machine's CPU time per message (relay, broker, database, this bench) and
-    # how busy its CPUs were, 0 to 1, at saturation: near 1, the rate is what the machine's
-    # cores give, and a row's ratio to another is at most the inverse of their machine_us
+    # the table's "host µs" and "busy": the whole machine's CPU time per message (relay,
+    # broker, database, this bench) and how busy its CPUs were, 0 to 1, at saturation
     machine_us: float = 0.0
     busy: float = 0.0
     crypto_us: float = 0.0  # (b) only: HPKE open + Ed25519 verify per message, in the bench
