@@ -206,9 +206,18 @@ async def measure(setup: bench.Setup, role: str, arrived: Callable[[], Awaitable
 
         def cpu_s() -> float:
             return sum(sum(child.cpu_times()[:2]) for child in children)
+
+        def by_thread() -> collections.Counter[str]:
+            """The first worker's CPU seconds by thread name (the SQLite committer's, say)."""
+            times: collections.Counter[str] = collections.Counter()
+            for thread in worker.threads():
+                comm = Path(f"/proc/{worker.pid}/task/{thread.id}/comm")
+                name = "main" if thread.id == worker.pid else comm.read_text().strip()
+                times[name] += thread.user_time + thread.system_time
+            return times
         while (first := await arrived()) == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        cpu, started = cpu_s(), time.monotonic()
+        cpu, threads, started = cpu_s(), by_thread(), time.monotonic()
         if spy_s:
             await asyncio.to_thread(subprocess.run, [
                 str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250",
@@ -218,10 +227,14 @@ async def measure(setup: bench.Setup, role: str, arrived: Callable[[], Awaitable
             while await arrived() < total * 0.95:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         done = await arrived() - first
+        threads = by_thread() - threads
         cpu, elapsed = cpu_s() - cpu, time.monotonic() - started
         print(f"{processes} {role} worker(s): {done} messages ({what}),"
               f" {cpu / done * 1e6:.0f} µs CPU per message, {done / elapsed:.0f} msg/s;"
               f" load average {os.getloadavg()[0]:.1f}")
+        print("  the first worker's threads, µs CPU per message: " + ", ".join(
+            f"{name} {seconds / done * processes * 1e6:.0f}"
+            for name, seconds in threads.most_common()))
     finally:
         workers.stop()
 
