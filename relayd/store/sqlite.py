@@ -3,9 +3,13 @@
 Reads run on the event loop's thread; they are short and never wait for a writer.
 The writes on the message path (claims, conversation changes, seq allocation) go through
 a group commit: every write queued while the previous commit was in flight goes into
-the next transaction, each in its own savepoint, so concurrent messages share one fsync
-(synchronous=FULL, so a confirmed write survives power loss) and the loop never blocks
-on one. Rare writes (registration) take the lock up front on the loop's thread.
+the next transaction, so concurrent messages share one fsync (synchronous=FULL, so a
+confirmed write survives power loss). What may wait goes to a thread of its own: taking
+the write lock (another process may hold it) and COMMIT with its fsync. The statements
+run on the loop's thread in between, holding the lock: they never wait, and a thread
+running them would hand the GIL back and forth with the loop at every statement, which
+cost more CPU than the statements (docs/performance.md). Rare writes (registration)
+run between two group commits, on the loop's thread.
 Deleted rows are overwritten (secure_delete), and erasure and pruning end with a
 truncating checkpoint, so what is deleted does not linger in the file or its WAL.
 """
@@ -17,9 +21,9 @@ import fcntl
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +302,7 @@ class SqliteStore:
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # a group commit's transaction, or a rare write's
 
     async def _commit(self, op: Op) -> Any:
         """Run `op` in the next group commit and return its result once it is durable."""
@@ -308,12 +313,11 @@ class SqliteStore:
         return await future
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
-                outcomes = await loop.run_in_executor(self._committer, self._apply,
-                                                      [op for op, _ in batch])
+                async with self._writing:
+                    outcomes = await self._apply([op for op, _ in batch])
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():  # its waiter was cancelled; the write stands
                         continue
@@ -324,38 +328,80 @@ class SqliteStore:
         finally:
             self._flusher = None
 
-    def _apply(self, ops: list[Op]) -> list[Outcome]:
-        """Commit `ops` together, holding the cross-process write lock."""
-        db = self._writer
+    async def _apply(self, ops: list[Op]) -> list[Outcome]:
+        """Commit `ops` together: the lock and BEGIN on the loop's thread, or on the
+        committer's should another process hold the lock; the ops on the loop's thread;
+        COMMIT on the committer's. Cancelled, it still lets go of the lock."""
+        loop = asyncio.get_running_loop()
         try:
-            with _locked(self._writer_lock):
-                return self._run(db, ops)
+            if not self._begin(wait=False):
+                begun = loop.run_in_executor(self._committer, self._begin)
+                try:
+                    await asyncio.shield(begun)
+                except asyncio.CancelledError:
+                    begun.add_done_callback(self._undo)
+                    raise
         except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
             return [(False, _error(exc))] * len(ops)
+        try:
+            outcomes = self._run(self._writer, ops)
+        except sqlite3.Error as exc:
+            self._rollback()
+            return [(False, _error(exc))] * len(ops)
+        try:
+            await loop.run_in_executor(self._committer, self._end)
+        except sqlite3.Error as exc:
+            return [(False, _error(exc))] * len(ops)
+        return outcomes
+
+    def _begin(self, wait: bool = True) -> bool:
+        """Take the cross-process write lock (False: `wait` is False and it is taken) and
+        begin the writer's transaction. Whoever holds the lock is the only writer, so BEGIN
+        IMMEDIATE then does not wait: every writer of the file takes the lock first."""
+        try:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+            raise
+        return True
+
+    def _end(self) -> None:
+        """COMMIT (ROLLBACK should it fail) and let go of the write lock."""
+        try:
+            self._writer.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _undo(self, begun: asyncio.Future[bool]) -> None:
+        """Roll back a transaction begun for a batch that was cancelled meanwhile."""
+        if not begun.cancelled() and begun.exception() is None:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        try:
+            if self._writer.in_transaction:
+                self._writer.execute("ROLLBACK")
+        finally:
+            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     @staticmethod
     def _run(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
-        """One transaction. The ops run one after another; should one raise, all is rolled
-        back and run again, each op in a savepoint, so that a failing op undoes only
-        itself. Ops fail rarely, and a savepoint costs two statements per op, each a
-        wait for the GIL the event loop holds. (An op may run twice: it reads and writes
-        the database only, and the first run is rolled back.)"""
-        db.execute("BEGIN IMMEDIATE")
+        """The ops, one after another, in the open transaction; should one raise, all are
+        rolled back and run again, each in a savepoint, so that a failing op undoes only
+        itself. Ops fail rarely, and a savepoint costs two statements per op. (An op may
+        run twice: it reads and writes the database only, and the first run is undone.)"""
+        db.execute("SAVEPOINT batch")
         try:
-            outcomes: list[Outcome] = [(True, op(db)) for op in ops]
+            return [(True, op(db)) for op in ops]
         except Exception:
-            db.execute("ROLLBACK")
-            return SqliteStore._run_isolated(db, ops)
-        db.execute("COMMIT")
-        return outcomes
-
-    @staticmethod
-    def _run_isolated(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
-        """One transaction; each op in a savepoint, so one failing op undoes only itself."""
+            db.execute("ROLLBACK TO batch")
         outcomes: list[Outcome] = []
-        db.execute("BEGIN IMMEDIATE")
         for op in ops:
             db.execute("SAVEPOINT op")
             try:
@@ -364,11 +410,13 @@ class SqliteStore:
                 db.execute("ROLLBACK TO op")
                 outcomes.append((False, _error(exc)))
             db.execute("RELEASE op")
-        db.execute("COMMIT")
         return outcomes
 
     def _migrate(self) -> tuple[int, int]:
-        with self._write() as db:
+        current: int = self._one("PRAGMA user_version")[0]
+        if current == len(MIGRATIONS):  # the usual case: no lock to wait for on the loop
+            return current, current
+        with self._transaction() as db:
             version: int = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise StoreError(f"the database schema is at version {version}, newer than"
@@ -383,27 +431,63 @@ class SqliteStore:
 
     async def migrate(self) -> tuple[int, int]:
         """Apply the migrations this file lacks; return (version before, version now)."""
-        return self._migrate()
+        async with self._writing:
+            return await asyncio.get_running_loop().run_in_executor(self._committer,
+                                                                    self._migrate)
+
+    # The loop's thread never waits on the write lock: a group commit of this store, or of
+    # another in this process, may hold it while it waits for the loop. Rare writes and
+    # checkpoints take their turn on the committer's thread.
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[sqlite3.Connection]:
+        """A rare write's transaction on the loop's thread, between two group commits."""
+        async with self._writing:
+            locked = asyncio.get_running_loop().run_in_executor(
+                self._committer, fcntl.flock, self._db_lock, fcntl.LOCK_EX)
+            try:
+                await asyncio.shield(locked)
+            except asyncio.CancelledError:  # a lock taken for no one would stall every writer
+                locked.add_done_callback(
+                    lambda _: fcntl.flock(self._db_lock, fcntl.LOCK_UN))
+                raise
+            try:
+                with self._begun() as db:
+                    yield db
+            finally:
+                fcntl.flock(self._db_lock, fcntl.LOCK_UN)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction on the loop's thread, holding the write lock."""
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction on the calling thread, holding the write lock."""
+        with _locked(self._db_lock), self._begun() as db:
+            yield db
+
+    @contextmanager
+    def _begun(self) -> Iterator[sqlite3.Connection]:
         try:
-            with _locked(self._db_lock):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         except (sqlite3.Error, ValueError) as exc:
             raise _error(exc) from None
 
+    async def _checkpoint(self) -> None:
+        """_scrub(), between two group commits."""
+        async with self._writing:
+            await asyncio.get_running_loop().run_in_executor(self._committer, self._scrub)
+
     def _scrub(self) -> None:
-        """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
+        """Copy the WAL into the file and truncate it (best effort: readers may hold it).
+        It keeps other writers out meanwhile, so it holds the write lock; on the writer's
+        connection, which only the committer's thread uses meanwhile."""
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with _locked(self._writer_lock):
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise _error(exc) from None
 
@@ -430,7 +514,7 @@ class SqliteStore:
         os.close(self._db_lock)
 
     async def add_business(self, business: Business) -> bool:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO businesses (id, amqp_user, first_party) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
@@ -454,7 +538,7 @@ class SqliteStore:
             f"SELECT {_BUSINESS} FROM businesses ORDER BY id")]
 
     async def remove_business(self, business_id: str) -> bool:
-        with self._write() as db:
+        async with self._write() as db:
             row = db.execute("DELETE FROM businesses WHERE id = ? RETURNING first_party",
                              (business_id,)).fetchone()
             if row is not None:
@@ -463,7 +547,7 @@ class SqliteStore:
             return row is not None
 
     async def add_device(self, device: Device) -> bool:
-        with self._write() as db:
+        async with self._write() as db:
             cursor = db.execute(
                 f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING", rows.device_values(device))
@@ -485,7 +569,7 @@ class SqliteStore:
             f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")]
 
     async def remove_device(self, device_id: str) -> bool:
-        with self._write() as db:
+        async with self._write() as db:
             db.execute("DELETE FROM sent WHERE device_id = ?", (device_id,))
             return db.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 1
 
@@ -613,7 +697,7 @@ class SqliteStore:
             "DELETE FROM members WHERE role = ? AND member = ?", (role, member)))
 
     async def export_user(self, user: str) -> UserData:
-        with self._write() as db:  # one consistent snapshot
+        async with self._write() as db:  # one consistent snapshot
             devices = [rows.device(r) for r in db.execute(
                 f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", (user,))]
             conversations = [Conversation(*r) for r in db.execute(
@@ -628,7 +712,7 @@ class SqliteStore:
 
     async def erase_user(self, user: str) -> dict[str, int]:
         mine = "(SELECT id FROM devices WHERE user_id = ?)"
-        with self._write() as db:
+        async with self._write() as db:
             counts = {
                 "sent": db.execute(f"DELETE FROM sent WHERE device_id IN {mine}",
                                    (user,)).rowcount,
@@ -642,7 +726,7 @@ class SqliteStore:
             }
             counts["open"] = db.execute("SELECT count(*) FROM conversations WHERE user_id = ?",
                                         (user,)).fetchone()[0]
-        self._scrub()
+        await self._checkpoint()
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -653,7 +737,7 @@ class SqliteStore:
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int,
                     receipts_before_ms: int = 0) -> dict[str, int]:
-        with self._write() as db:
+        async with self._write() as db:
             counts = {
                 "conversations": db.execute(
                     "DELETE FROM conversations WHERE state = 'closed' AND updated_ms < ?",
@@ -669,12 +753,12 @@ class SqliteStore:
                 "receipts": db.execute("DELETE FROM receipts WHERE created_ms < ?",
                                        (receipts_before_ms,)).rowcount,
             }
-        self._scrub()
+        await self._checkpoint()
         return counts
 
     async def add_audit(self, action: str, subject: str,
                         detail: Mapping[str, int | str | bool], at_ms: int) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             _audit(db, action, subject, detail, at_ms)
 
     async def audit_log(self) -> list[AuditRecord]:
@@ -682,7 +766,7 @@ class SqliteStore:
             f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]
 
     async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
-        with self._write() as db:
+        async with self._write() as db:
             kept = db.execute(
                 "INSERT INTO people (id, key, sealed, seen_ms) VALUES (?, ?, ?, ?) ON CONFLICT"
                 " (id) DO UPDATE SET seen_ms = excluded.seen_ms RETURNING key, sealed",
@@ -706,10 +790,10 @@ class SqliteStore:
         if not users:
             return 0
         before = 2 ** 63 - 1 if seen_before_ms is None else seen_before_ms  # or: every one
-        with self._write() as db:
+        async with self._write() as db:
             gone = sum(db.execute("DELETE FROM people WHERE id = ? AND seen_ms < ?",
                                   (user, before)).rowcount for user in users)
-        self._scrub()
+        await self._checkpoint()
         return gone
 
     async def all_people(self, seen_before_ms: int) -> list[str]:
@@ -719,7 +803,7 @@ class SqliteStore:
     async def seal_person(self, user: str, sealed: bytes) -> tuple[bytes, bytes] | None:
         """Set the sealed account id of a person that has none yet (the vault service made
         its key); return the person as kept, None if there is none."""
-        with self._write() as db:
+        async with self._write() as db:
             db.execute("UPDATE people SET sealed = ? WHERE id = ? AND length(sealed) = 0",
                        (sealed, user))
             kept = db.execute("SELECT key, sealed FROM people WHERE id = ?", (user,)).fetchone()
@@ -735,7 +819,7 @@ class SqliteStore:
         return {row[0] for row in self._all(_HELD)}
 
     async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
-        with self._write() as db:
+        async with self._write() as db:
             if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
                 return None
             return rows.legacy_ids(db.execute(_HELD), db.execute(
@@ -743,7 +827,7 @@ class SqliteStore:
 
     async def pseudonymise(self, users: Mapping[str, str],
                            devices: Mapping[str, tuple[str, bytes | None]]) -> None:
-        with self._write() as db:
+        async with self._write() as db:
             if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
                 return  # another process did it meanwhile
             for old, (new, sealed) in devices.items():
@@ -755,4 +839,4 @@ class SqliteStore:
                     db.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (new, old))
             db.execute("DELETE FROM sent")
             db.execute("DELETE FROM legacy_ids")
-        self._scrub()
+        await self._checkpoint()
