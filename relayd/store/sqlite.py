@@ -4,12 +4,14 @@ Reads run on the event loop's thread; they are short and never wait for a writer
 The writes on the message path (claims, conversation changes, seq allocation) go through
 a group commit: every write queued while the previous commit was in flight goes into
 the next transaction, so concurrent messages share one fsync (synchronous=FULL, so a
-confirmed write survives power loss). What may wait goes to a thread of its own: taking
-the write lock (another process may hold it) and COMMIT with its fsync. The statements
-run on the loop's thread in between, holding the lock: they never wait, and a thread
-running them would hand the GIL back and forth with the loop at every statement, which
-cost more CPU than the statements (docs/performance.md). Rare writes (registration)
-run between two group commits, on the loop's thread.
+confirmed write survives power loss) and the loop never waits for one. When the write
+lock is free, the transaction's statements run on the loop's thread, and only COMMIT
+(with its fsync, and letting go of the lock) on a thread of its own: statements on that
+thread would each hand the GIL to the busy loop and wait to get it back, which cost more
+CPU than the statements (docs/performance.md). When another process holds the lock, the
+whole transaction goes to that thread, which waits for it. Either way the lock is never
+held by something that waits for the loop, so rare writes (registration) and
+checkpoints take it on the loop's thread: they wait for another writer's turn at most.
 Deleted rows are overwritten (secure_delete), and erasure and pruning end with a
 truncating checkpoint, so what is deleted does not linger in the file or its WAL.
 """
@@ -21,9 +23,9 @@ import fcntl
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +179,12 @@ def _error(exc: Exception) -> RelaydError:
     return StoreError(f"SQLite: {type(exc).__name__}")
 
 
+BUSY_MS = 10_000  # how long a statement waits for a lock another connection holds
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")
@@ -302,7 +307,7 @@ class SqliteStore:
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="relayd-sqlite")
         self._queued: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._writing = asyncio.Lock()  # a group commit's transaction, or a rare write's
+        self._committing: asyncio.Future[Any] | None = None  # the thread's last batch
 
     async def _commit(self, op: Op) -> Any:
         """Run `op` in the next group commit and return its result once it is durable."""
@@ -316,8 +321,10 @@ class SqliteStore:
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
-                async with self._writing:
+                try:
                     outcomes = await self._apply([op for op, _ in batch])
+                except Exception as exc:  # no lock: the store closed
+                    outcomes = [(False, _error(exc))] * len(batch)
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():  # its waiter was cancelled; the write stands
                         continue
@@ -329,44 +336,47 @@ class SqliteStore:
             self._flusher = None
 
     async def _apply(self, ops: list[Op]) -> list[Outcome]:
-        """Commit `ops` together: the lock and BEGIN on the loop's thread, or on the
-        committer's should another process hold the lock; the ops on the loop's thread;
-        COMMIT on the committer's. Cancelled, it still lets go of the lock."""
+        """Commit `ops` together: on the loop's thread up to COMMIT if the write lock is
+        free, else all of it on the committer's thread."""
         loop = asyncio.get_running_loop()
-        try:
-            if not self._begin(wait=False):
-                begun = loop.run_in_executor(self._committer, self._begin)
-                try:
-                    await asyncio.shield(begun)
-                except asyncio.CancelledError:
-                    begun.add_done_callback(self._undo)
-                    raise
-        except sqlite3.Error as exc:
-            return [(False, _error(exc))] * len(ops)
+        if self._committing is not None and not self._committing.done():
+            # A flush was cancelled (the loop closing) while the thread had its batch:
+            # that batch still commits, and holds the writer until it has.
+            await asyncio.wait([self._committing])
+        if not self._begin():
+            waiting = loop.run_in_executor(self._committer, self._apply_waiting, ops)
+            self._committing = waiting
+            return await waiting
         try:
             outcomes = self._run(self._writer, ops)
         except sqlite3.Error as exc:
             self._rollback()
             return [(False, _error(exc))] * len(ops)
+        self._committing = loop.run_in_executor(self._committer, self._end)
         try:
-            await loop.run_in_executor(self._committer, self._end)
+            await asyncio.shield(self._committing)  # begun, it ends: never cancelled
         except sqlite3.Error as exc:
             return [(False, _error(exc))] * len(ops)
         return outcomes
 
-    def _begin(self, wait: bool = True) -> bool:
-        """Take the cross-process write lock (False: `wait` is False and it is taken) and
-        begin the writer's transaction. Whoever holds the lock is the only writer, so BEGIN
-        IMMEDIATE then does not wait: every writer of the file takes the lock first."""
+    def _begin(self) -> bool:
+        """Take the write lock and begin a transaction, if that waits for no one."""
         try:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        db = self._writer
         try:
-            self._writer.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
-            raise
+            # Holding the lock, this is the only writer of the file (checkpoints take
+            # it too); should another be writing anyway, its turn is not awaited here.
+            db.execute("PRAGMA busy_timeout = 0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+        except sqlite3.Error:
+            self._rollback()
+            return False
         return True
 
     def _end(self) -> None:
@@ -378,17 +388,26 @@ class SqliteStore:
             raise
         fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
-    def _undo(self, begun: asyncio.Future[bool]) -> None:
-        """Roll back a transaction begun for a batch that was cancelled meanwhile."""
-        if not begun.cancelled() and begun.exception() is None:
-            self._rollback()
-
     def _rollback(self) -> None:
         try:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
         finally:
             fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+
+    def _apply_waiting(self, ops: list[Op]) -> list[Outcome]:
+        """Commit `ops` together on the committer's thread, waiting for the write lock."""
+        db = self._writer
+        with _locked(self._writer_lock):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                outcomes = self._run(db, ops)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                return [(False, _error(exc))] * len(ops)
+        return outcomes
 
     @staticmethod
     def _run(db: sqlite3.Connection, ops: list[Op]) -> list[Outcome]:
@@ -413,10 +432,7 @@ class SqliteStore:
         return outcomes
 
     def _migrate(self) -> tuple[int, int]:
-        current: int = self._one("PRAGMA user_version")[0]
-        if current == len(MIGRATIONS):  # the usual case: no lock to wait for on the loop
-            return current, current
-        with self._transaction() as db:
+        with self._write() as db:
             version: int = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise StoreError(f"the database schema is at version {version}, newer than"
@@ -431,63 +447,29 @@ class SqliteStore:
 
     async def migrate(self) -> tuple[int, int]:
         """Apply the migrations this file lacks; return (version before, version now)."""
-        async with self._writing:
-            return await asyncio.get_running_loop().run_in_executor(self._committer,
-                                                                    self._migrate)
-
-    # The loop's thread never waits on the write lock: a group commit of this store, or of
-    # another in this process, may hold it while it waits for the loop. Rare writes and
-    # checkpoints take their turn on the committer's thread.
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[sqlite3.Connection]:
-        """A rare write's transaction on the loop's thread, between two group commits."""
-        async with self._writing:
-            locked = asyncio.get_running_loop().run_in_executor(
-                self._committer, fcntl.flock, self._db_lock, fcntl.LOCK_EX)
-            try:
-                await asyncio.shield(locked)
-            except asyncio.CancelledError:  # a lock taken for no one would stall every writer
-                locked.add_done_callback(
-                    lambda _: fcntl.flock(self._db_lock, fcntl.LOCK_UN))
-                raise
-            try:
-                with self._begun() as db:
-                    yield db
-            finally:
-                fcntl.flock(self._db_lock, fcntl.LOCK_UN)
+        return self._migrate()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One transaction on the calling thread, holding the write lock."""
-        with _locked(self._db_lock), self._begun() as db:
-            yield db
-
-    @contextmanager
-    def _begun(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction on the loop's thread, holding the write lock."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with _locked(self._db_lock):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
         except (sqlite3.Error, ValueError) as exc:
             raise _error(exc) from None
 
-    async def _checkpoint(self) -> None:
-        """_scrub(), between two group commits."""
-        async with self._writing:
-            await asyncio.get_running_loop().run_in_executor(self._committer, self._scrub)
-
     def _scrub(self) -> None:
         """Copy the WAL into the file and truncate it (best effort: readers may hold it).
-        It keeps other writers out meanwhile, so it holds the write lock; on the writer's
-        connection, which only the committer's thread uses meanwhile."""
+        It keeps writers out while it waits for readers: it holds the write lock."""
         try:
-            with _locked(self._writer_lock):
-                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with _locked(self._db_lock):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise _error(exc) from None
 
@@ -503,7 +485,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            await self._flusher
+            await asyncio.shield(self._flusher)
         self._committer.shutdown()
         self._close()
 
@@ -514,7 +496,7 @@ class SqliteStore:
         os.close(self._db_lock)
 
     async def add_business(self, business: Business) -> bool:
-        async with self._write() as db:
+        with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO businesses (id, amqp_user, first_party) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
@@ -538,7 +520,7 @@ class SqliteStore:
             f"SELECT {_BUSINESS} FROM businesses ORDER BY id")]
 
     async def remove_business(self, business_id: str) -> bool:
-        async with self._write() as db:
+        with self._write() as db:
             row = db.execute("DELETE FROM businesses WHERE id = ? RETURNING first_party",
                              (business_id,)).fetchone()
             if row is not None:
@@ -547,7 +529,7 @@ class SqliteStore:
             return row is not None
 
     async def add_device(self, device: Device) -> bool:
-        async with self._write() as db:
+        with self._write() as db:
             cursor = db.execute(
                 f"INSERT INTO devices ({_DEVICE}) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING", rows.device_values(device))
@@ -569,7 +551,7 @@ class SqliteStore:
             f"SELECT {_DEVICE} FROM devices ORDER BY user_id, id")]
 
     async def remove_device(self, device_id: str) -> bool:
-        async with self._write() as db:
+        with self._write() as db:
             db.execute("DELETE FROM sent WHERE device_id = ?", (device_id,))
             return db.execute("DELETE FROM devices WHERE id = ?", (device_id,)).rowcount == 1
 
@@ -697,7 +679,7 @@ class SqliteStore:
             "DELETE FROM members WHERE role = ? AND member = ?", (role, member)))
 
     async def export_user(self, user: str) -> UserData:
-        async with self._write() as db:  # one consistent snapshot
+        with self._write() as db:  # one consistent snapshot
             devices = [rows.device(r) for r in db.execute(
                 f"SELECT {_DEVICE} FROM devices WHERE user_id = ? ORDER BY id", (user,))]
             conversations = [Conversation(*r) for r in db.execute(
@@ -712,7 +694,7 @@ class SqliteStore:
 
     async def erase_user(self, user: str) -> dict[str, int]:
         mine = "(SELECT id FROM devices WHERE user_id = ?)"
-        async with self._write() as db:
+        with self._write() as db:
             counts = {
                 "sent": db.execute(f"DELETE FROM sent WHERE device_id IN {mine}",
                                    (user,)).rowcount,
@@ -726,7 +708,7 @@ class SqliteStore:
             }
             counts["open"] = db.execute("SELECT count(*) FROM conversations WHERE user_id = ?",
                                         (user,)).fetchone()[0]
-        await self._checkpoint()
+        self._scrub()
         return counts
 
     async def stale_conversations(self, before_ms: int) -> list[Conversation]:
@@ -737,7 +719,7 @@ class SqliteStore:
     async def prune(self, *, conversations_before_ms: int, replay_before_ms: int,
                     sent_before_ms: int, audit_before_ms: int,
                     receipts_before_ms: int = 0) -> dict[str, int]:
-        async with self._write() as db:
+        with self._write() as db:
             counts = {
                 "conversations": db.execute(
                     "DELETE FROM conversations WHERE state = 'closed' AND updated_ms < ?",
@@ -753,12 +735,12 @@ class SqliteStore:
                 "receipts": db.execute("DELETE FROM receipts WHERE created_ms < ?",
                                        (receipts_before_ms,)).rowcount,
             }
-        await self._checkpoint()
+        self._scrub()
         return counts
 
     async def add_audit(self, action: str, subject: str,
                         detail: Mapping[str, int | str | bool], at_ms: int) -> None:
-        async with self._write() as db:
+        with self._write() as db:
             _audit(db, action, subject, detail, at_ms)
 
     async def audit_log(self) -> list[AuditRecord]:
@@ -766,7 +748,7 @@ class SqliteStore:
             f"SELECT {rows.AUDIT} FROM audit ORDER BY at_ms, id")]
 
     async def add_person(self, user: str, key: bytes, sealed: bytes) -> tuple[bytes, bytes]:
-        async with self._write() as db:
+        with self._write() as db:
             kept = db.execute(
                 "INSERT INTO people (id, key, sealed, seen_ms) VALUES (?, ?, ?, ?) ON CONFLICT"
                 " (id) DO UPDATE SET seen_ms = excluded.seen_ms RETURNING key, sealed",
@@ -790,10 +772,10 @@ class SqliteStore:
         if not users:
             return 0
         before = 2 ** 63 - 1 if seen_before_ms is None else seen_before_ms  # or: every one
-        async with self._write() as db:
+        with self._write() as db:
             gone = sum(db.execute("DELETE FROM people WHERE id = ? AND seen_ms < ?",
                                   (user, before)).rowcount for user in users)
-        await self._checkpoint()
+        self._scrub()
         return gone
 
     async def all_people(self, seen_before_ms: int) -> list[str]:
@@ -803,7 +785,7 @@ class SqliteStore:
     async def seal_person(self, user: str, sealed: bytes) -> tuple[bytes, bytes] | None:
         """Set the sealed account id of a person that has none yet (the vault service made
         its key); return the person as kept, None if there is none."""
-        async with self._write() as db:
+        with self._write() as db:
             db.execute("UPDATE people SET sealed = ? WHERE id = ? AND length(sealed) = 0",
                        (sealed, user))
             kept = db.execute("SELECT key, sealed FROM people WHERE id = ?", (user,)).fetchone()
@@ -819,7 +801,7 @@ class SqliteStore:
         return {row[0] for row in self._all(_HELD)}
 
     async def legacy_ids(self) -> tuple[set[str], dict[str, str | None]] | None:
-        async with self._write() as db:
+        with self._write() as db:
             if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
                 return None
             return rows.legacy_ids(db.execute(_HELD), db.execute(
@@ -827,7 +809,7 @@ class SqliteStore:
 
     async def pseudonymise(self, users: Mapping[str, str],
                            devices: Mapping[str, tuple[str, bytes | None]]) -> None:
-        async with self._write() as db:
+        with self._write() as db:
             if db.execute("SELECT pending FROM legacy_ids").fetchone() is None:
                 return  # another process did it meanwhile
             for old, (new, sealed) in devices.items():
@@ -839,4 +821,4 @@ class SqliteStore:
                     db.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (new, old))
             db.execute("DELETE FROM sent")
             db.execute("DELETE FROM legacy_ids")
-        await self._checkpoint()
+        self._scrub()

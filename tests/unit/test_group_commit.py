@@ -4,8 +4,10 @@ transaction, and one that fails undoes only itself."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import fcntl
+import os
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -74,10 +76,8 @@ def _join(name: str) -> Callable[[sqlite3.Connection], None]:
 
 
 class TestWriters:
-    """A group commit holds the write lock while its COMMIT is on the committer's thread
-    and the loop runs on: every other writer (a rare write, a checkpoint, another store of
-    the same file in this process) must wait for it off the loop, or the loop waits for
-    itself."""
+    """The write lock is never held by something that waits for the event loop: rare
+    writes and checkpoints take it on the loop's thread and wait at most for a commit."""
 
     async def test_every_kind_of_writer_at_once_finishes(self, tmp_path: Path) -> None:
         one, two = SqliteStore(tmp_path / "r.db"), SqliteStore(tmp_path / "r.db")
@@ -102,24 +102,55 @@ class TestWriters:
             await one.close()
             await two.close()
 
-    async def test_a_cancelled_rare_write_leaves_no_lock(self, tmp_path: Path) -> None:
-        """Cancelled while it waits for the lock another store holds, a rare write does
-        not take it for no one once it frees: later writers of both stores go through."""
-        one, two = SqliteStore(tmp_path / "r.db"), SqliteStore(tmp_path / "r.db")
+    async def test_a_lock_held_elsewhere_is_waited_for_off_the_loop(
+            self, tmp_path: Path) -> None:
+        """While another process holds the write lock, a group commit waits for it on
+        its thread: the loop runs on, and the writes land once the lock is free."""
+        store = SqliteStore(tmp_path / "r.db")
+        other = os.open(f"{tmp_path / 'r.db'}.lock", os.O_RDWR)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
         try:
-            async with one._write():  # one holds the lock: two's write has to wait
-                waiting = asyncio.create_task(two.add_audit("x", "cancelled", {}, 0))
-                await asyncio.sleep(0.2)
-                assert not waiting.done()
-                waiting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiting
-            await asyncio.sleep(0.2)  # a lock taken for no one would be taken by now
-            # through `one` first: a write of `two` would take (and free) its own lock
-            await asyncio.wait_for(asyncio.gather(
-                one.add_audit("x", "one", {}, 0), one._commit(_join("c"))), timeout=30)
-            await asyncio.wait_for(two.add_audit("x", "two", {}, 0), timeout=30)
-            assert sorted(r.subject for r in await one.audit_log()) == ["one", "two"]
+            fcntl.flock(other, fcntl.LOCK_EX)
+            writes = asyncio.gather(*(store._commit(_join(n)) for n in "xyz"))
+            await asyncio.sleep(0.3)
+            assert not writes.done()
+            assert ticks > 5  # the loop ran while the commit waited
+            fcntl.flock(other, fcntl.LOCK_UN)
+            await asyncio.wait_for(writes, timeout=30)
+            assert _members(store._db) == ["x", "y", "z"]
         finally:
-            await one.close()
-            await two.close()
+            ticker.cancel()
+            os.close(other)
+            await store.close()
+
+    async def test_a_cancelled_flush_leaves_its_commit_alone(self, tmp_path: Path) -> None:
+        """A flush cancelled (the loop closing, say) while its batch's COMMIT waits on the
+        committer's thread: the next batch waits for that COMMIT before it touches the
+        writer's connection, so both batches are committed."""
+        store = SqliteStore(tmp_path / "r.db")
+        held = threading.Event()
+        store._committer.submit(held.wait, 30)  # the thread busy: COMMIT waits behind it
+        try:
+            first = asyncio.ensure_future(store._commit(_join("first")))
+            await asyncio.sleep(0.1)
+            assert store._flusher is not None
+            assert not first.done()
+            store._flusher.cancel()
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(store._commit(_join("second")))
+            await asyncio.sleep(0.1)
+            held.set()
+            assert await asyncio.wait_for(second, timeout=30) is None
+            assert _members(store._db) == ["first", "second"]
+            first.cancel()  # its answer went with the cancelled flush
+        finally:
+            held.set()
+            await store.close()
