@@ -323,7 +323,7 @@ class SqliteStore:
                 batch, self._queued = self._queued, []
                 try:
                     outcomes = await self._apply([op for op, _ in batch])
-                except Exception as exc:  # no lock: the store closed
+                except Exception as exc:  # the store closed, its thread gone
                     outcomes = [(False, _error(exc))] * len(batch)
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():  # its waiter was cancelled; the write stands
@@ -346,15 +346,18 @@ class SqliteStore:
         if not self._begin():
             waiting = loop.run_in_executor(self._committer, self._apply_waiting, ops)
             self._committing = waiting
-            return await waiting
+            outcomes: list[Outcome] = await asyncio.shield(waiting)  # never cut short
+            return outcomes
         try:
             outcomes = self._run(self._writer, ops)
-        except sqlite3.Error as exc:
+            self._committing = loop.run_in_executor(self._committer, self._end)
+        except BaseException as exc:  # a statement failed; or the thread is gone
             self._rollback()
-            return [(False, _error(exc))] * len(ops)
-        self._committing = loop.run_in_executor(self._committer, self._end)
+            if isinstance(exc, sqlite3.Error):
+                return [(False, _error(exc))] * len(ops)
+            raise
         try:
-            await asyncio.shield(self._committing)  # begun, it ends: never cancelled
+            await asyncio.shield(self._committing)  # begun, it ends: never cut short
         except sqlite3.Error as exc:
             return [(False, _error(exc))] * len(ops)
         return outcomes

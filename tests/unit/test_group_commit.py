@@ -11,6 +11,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from relayd.errors import StoreError
 from relayd.store.sqlite import SqliteStore
 
@@ -153,4 +155,40 @@ class TestWriters:
             first.cancel()  # its answer went with the cancelled flush
         finally:
             held.set()
+            await store.close()
+
+    async def test_a_cancelled_flush_leaves_its_batch_on_the_thread_alone(
+            self, tmp_path: Path) -> None:
+        """The same, while the whole batch runs on the committer's thread (another
+        process had the lock): the batch stays one transaction, and the next one waits."""
+        store = SqliteStore(tmp_path / "r.db")
+        other = os.open(f"{tmp_path / 'r.db'}.lock", os.O_RDWR)
+        inside, go = threading.Event(), threading.Event()
+
+        def first_op(db: sqlite3.Connection) -> None:
+            _join("a")(db)
+            inside.set()
+            go.wait(30)
+            _join("b")(db)
+
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            first = asyncio.ensure_future(store._commit(first_op))
+            await asyncio.sleep(0.1)  # on the thread, waiting for the lock
+            fcntl.flock(other, fcntl.LOCK_UN)
+            await asyncio.wait_for(asyncio.to_thread(inside.wait, 30), timeout=30)
+            assert store._flusher is not None
+            store._flusher.cancel()
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(store._commit(_join("c")))
+            await asyncio.sleep(0.1)
+            with pytest.raises(BlockingIOError):  # the thread's batch still holds it
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            go.set()
+            assert await asyncio.wait_for(second, timeout=30) is None
+            assert _members(store._db) == ["a", "b", "c"]
+            first.cancel()
+        finally:
+            go.set()
+            os.close(other)
             await store.close()
