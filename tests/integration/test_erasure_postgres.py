@@ -28,9 +28,10 @@ PHONE, LAPTOP = "marked-phone-0c3a7f", "marked-laptop-81e2d4"
 BUSINESS = "marked-biz-e70b"  # stored in the clear: the scan's positive control
 
 
-async def caught_up(primary: str, replica: str) -> None:
+async def caught_up(primary: str, replica: pgcluster.Server) -> None:
     """Wait (bounded) until the replica has replayed everything the primary wrote."""
-    source, target = await asyncpg.connect(primary), await asyncpg.connect(replica)
+    source = await asyncpg.connect(primary)
+    target = await asyncpg.connect(f"{replica.url}/relayd")
     try:
         lsn = await source.fetchval("SELECT pg_current_wal_lsn()")
         for _ in range(600):
@@ -38,7 +39,8 @@ async def caught_up(primary: str, replica: str) -> None:
                 await target.execute("CHECKPOINT")  # a restartpoint: its files, up to date
                 return
             await asyncio.sleep(0.1)
-        raise AssertionError("the replica did not catch up in 60 s")
+        log = replica.log.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the replica did not catch up in 60 s; its log ends:\n{log}")
     finally:
         await source.close()
         await target.close()
@@ -94,7 +96,7 @@ class TestEveryCopy:
             conn = await asyncpg.connect(url)
             await conn.execute("CHECKPOINT")
             await conn.close()
-            await caught_up(url, f"{replica.url}/relayd")
+            await caught_up(url, replica)
 
             for server in (pg.primary, replica, backup):
                 assert pgcluster.files_holding(server.data, needles) == [], server.data.name
@@ -169,7 +171,7 @@ class TestSeveralHostsOneVault:
                     await conn.execute("CHECKPOINT")
                     assert await conn.fetchval("SELECT count(*) FROM people") == 0
                     await conn.close()
-                    await caught_up(url, f"{replica.url}/relayd")
+                    await caught_up(url, replica)
                     for server in (pg.primary, replica, backup):
                         assert pgcluster.files_holding(server.data, [key, sealed]) == [], \
                             server.data.name

@@ -82,12 +82,14 @@ class Cluster:
 
     def base_backup(self, name: str, *, replica: bool = False) -> Server:
         """A base backup of the primary into `name`, with its WAL; started as a streaming
-        replica if `replica`."""
+        replica if `replica`, on a replication slot of its own: the primary keeps the WAL
+        a replica slowed by a busy machine has yet to replay (without one, a checkpoint
+        may recycle it, and the replica never catches up)."""
         server = Server(self.root / name, free_port())
         run(BIN / "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port),
             "-U", "postgres", "-D", server.data, "-X", "stream", "--no-sync",
             "--checkpoint=fast",  # else it waits for a spread checkpoint: minutes
-            *(["-R"] if replica else []))
+            *(["-R", "-C", "-S", f"relayd_{name}"] if replica else []))
         if replica:
             server.configure()
             server.start()
