@@ -176,6 +176,8 @@ def _error(exc: Exception) -> RelaydError:
         return exc
     if isinstance(exc, sqlite3.OperationalError):
         return TransientError("store_busy", type(exc).__name__)
+    if isinstance(exc, OSError):  # the lock file's descriptor: the store was closed
+        return StoreUnavailableError(f"SQLite: {type(exc).__name__}")
     return StoreError(f"SQLite: {type(exc).__name__}")
 
 
@@ -318,6 +320,7 @@ class SqliteStore:
         return await future
 
     async def _flush(self) -> None:
+        batch: list[tuple[Op, asyncio.Future[Any]]] = []
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
@@ -332,6 +335,13 @@ class SqliteStore:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+                batch = []
+        except BaseException:  # cancelled (the loop is closing): none left hanging
+            for _, future in batch + self._queued:
+                if not future.done():
+                    future.set_exception(StoreUnavailableError("the writes were cut short"))
+            self._queued = []
+            raise
         finally:
             self._flusher = None
 
@@ -464,7 +474,7 @@ class SqliteStore:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
-        except (sqlite3.Error, ValueError) as exc:
+        except (sqlite3.Error, ValueError, OSError) as exc:  # OSError: flock, once closed
             raise _error(exc) from None
 
     def _scrub(self) -> None:
@@ -473,7 +483,7 @@ class SqliteStore:
         try:
             with _locked(self._db_lock):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise _error(exc) from None
 
     def _all(self, sql: str, *args: Any) -> list[Any]:

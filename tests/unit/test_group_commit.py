@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.errors import StoreError
+from relayd.errors import StoreError, StoreUnavailableError
 from relayd.store.sqlite import SqliteStore
 
 
@@ -152,7 +152,8 @@ class TestWriters:
             held.set()
             assert await asyncio.wait_for(second, timeout=30) is None
             assert _members(store._db) == ["first", "second"]
-            first.cancel()  # its answer went with the cancelled flush
+            with pytest.raises(StoreUnavailableError):  # told, not left waiting
+                await asyncio.wait_for(first, timeout=30)
         finally:
             held.set()
             await store.close()
@@ -187,8 +188,24 @@ class TestWriters:
             go.set()
             assert await asyncio.wait_for(second, timeout=30) is None
             assert _members(store._db) == ["a", "b", "c"]
-            first.cancel()
+            with pytest.raises(StoreUnavailableError):
+                await asyncio.wait_for(first, timeout=30)
         finally:
             go.set()
             os.close(other)
             await store.close()
+
+
+async def test_a_closed_store_is_unavailable_to_every_kind_of_call(tmp_path: Path) -> None:
+    """After close(), a rare write, a group-committed op and a read each raise one of the
+    store's errors, never a raw OSError of the lock file."""
+    store = SqliteStore(tmp_path / "r.db")
+    await store.close()
+    with pytest.raises(StoreUnavailableError):
+        store._scrub()
+    with pytest.raises(StoreUnavailableError), store._write():
+        pass
+    with pytest.raises(StoreUnavailableError):
+        await asyncio.wait_for(store._commit(_join("x")), timeout=30)
+    with pytest.raises(StoreError):
+        store._all("SELECT 1")
