@@ -15,7 +15,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -43,6 +42,7 @@ from tests.integration.harness import (
     write_config,
 )
 from tests.integration.test_resilience import collect, send_numbered
+from tests.support.broker import free_ports
 from tests.support.systemd import FakeSystemd
 
 T = TypeVar("T")
@@ -64,10 +64,8 @@ def run_in_background(config: Path, env: dict[str, str]) -> subprocess.Popen[byt
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    [port] = free_ports(1)
+    return port
 
 
 def http(port: int, path: str) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import random
 import re
 import secrets
 import select
@@ -54,17 +55,26 @@ def _bin(name: str) -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
+    """Return ``count`` distinct ports that were free on 127.0.0.1 a moment ago, chosen
+    at random below the kernel's ephemeral range: the kernel never hands one of those to
+    an outgoing connection, which could otherwise take a port between our pick and the
+    server's bind (the other tests running beside this one connect all the time)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(10_000, max(low, 20_000))
     ports: list[int] = []
-    with contextlib.ExitStack() as stack:
-        for _ in range(count + 64):
-            if len(ports) == count:
-                return ports
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-            if port not in RESERVED_PORTS:
-                ports.append(port)
+    for port in random.sample(candidates, k=min(count + 256, len(candidates))):
+        if len(ports) == count:
+            return ports
+        if port in RESERVED_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) == count:
+        return ports
     raise RuntimeError("could not find free ports")
 
 

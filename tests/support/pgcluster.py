@@ -9,12 +9,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.broker import free_ports
 
 BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
                           check=False).stdout.strip() or "/usr/lib/postgresql/15/bin")
@@ -34,9 +35,8 @@ def run(*args: str | Path) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    [port] = free_ports(1)
+    return port
 
 
 @dataclass
