@@ -594,6 +594,137 @@ MIGRATIONS: list[str] = [
         END LOOP;
     END $$;
     """,
+    # 11: fewer statements in relayd_accept_up, the server's cost of a claim (about 15%
+    # less, measured on a batch of 43): the household read and locked in one statement,
+    # by the sender's user as the caller names it (the check fails unless the device is
+    # one of that user's); the rules are expressions, not queries; the replay row is
+    # stamped with that user without reading it again.
+    """
+    CREATE OR REPLACE FUNCTION relayd_accept_up(
+        p_device TEXT, p_business TEXT, p_user TEXT, p_ids TEXT[], p_users TEXT[],
+        p_kems TEXT[], p_enc BYTEA[], p_sign BYTEA[],
+        p_known BOOLEAN, p_exists BOOLEAN, p_high BIGINT, p_bits BYTEA,
+        p_first BOOLEAN, p_new_high BIGINT, p_new_bits BYTEA, p_stamp BIGINT,
+        p_redelivered BOOLEAN, p_kind TEXT, p_now BIGINT, p_rotate BOOLEAN,
+        p_fresh BIGINT, p_id_epoch BIGINT, p_id TEXT, p_echo TEXT[], p_source TEXT)
+    RETURNS TABLE (o_status TEXT, o_exists BOOLEAN, o_high BIGINT, o_bits BYTEA,
+                   o_epoch BIGINT, o_business TEXT, o_amqp_user TEXT, o_first_party BOOLEAN,
+                   o_id TEXT, o_user TEXT, o_business_id TEXT, o_state TEXT,
+                   o_conv_epoch BIGINT, o_closed_by TEXT, o_created_ms BIGINT,
+                   o_updated_ms BIGINT, o_refusal TEXT, o_detail TEXT,
+                   o_seq_ids TEXT[], o_seqs BIGINT[])
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        b businesses%ROWTYPE;
+        c conversations%ROWTYPE;
+        found_c BOOLEAN;
+        rule RECORD;
+        opening RECORD;
+        v_ids TEXT[]; v_users TEXT[]; v_kems TEXT[]; v_enc BYTEA[]; v_sign BYTEA[];
+    BEGIN
+        -- the household, held until the end: it is not erased (nor a device removed)
+        -- between this check and the writes, which an erasure after them then deletes.
+        -- Read by p_user: the check below holds only if p_device is one of its devices.
+        SELECT array_agg(d.id ORDER BY d.id), array_agg(d.user_id ORDER BY d.id),
+               array_agg(d.kem ORDER BY d.id), array_agg(d.enc_key ORDER BY d.id),
+               array_agg(d.sign_key ORDER BY d.id)
+            INTO v_ids, v_users, v_kems, v_enc, v_sign FROM (SELECT * FROM devices d
+                WHERE d.user_id = p_user ORDER BY d.id FOR KEY SHARE) d;
+        IF v_ids IS NULL OR p_device <> ALL(v_ids)
+                OR v_ids IS DISTINCT FROM p_ids OR v_users IS DISTINCT FROM p_users
+                OR v_kems IS DISTINCT FROM p_kems OR v_enc IS DISTINCT FROM p_enc
+                OR v_sign IS DISTINCT FROM p_sign THEN
+            o_status := 'stale'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO b FROM businesses WHERE businesses.id = p_business;
+        IF NOT FOUND THEN
+            o_status := 'unknown_business'; RETURN NEXT; RETURN;
+        END IF;
+        o_business := b.id; o_amqp_user := b.amqp_user; o_first_party := b.first_party;
+        SELECT r.high, r.bits INTO o_high, o_bits FROM replay r
+            WHERE r.device_id = p_device FOR UPDATE;
+        o_exists := FOUND;
+        IF NOT p_known OR o_exists IS DISTINCT FROM p_exists OR (o_exists AND (
+                o_high IS DISTINCT FROM p_high OR o_bits IS DISTINCT FROM p_bits)) THEN
+            o_status := 'window'; RETURN NEXT; RETURN;  -- decide again on this row
+        END IF;
+        IF NOT p_first AND NOT p_redelivered THEN
+            o_status := 'replayed'; RETURN NEXT; RETURN;
+        END IF;
+        SELECT * INTO c FROM conversations cv WHERE cv.user_id = p_user
+            AND cv.business_id = p_business FOR UPDATE;
+        found_c := FOUND;
+        rule := relayd_up_rule(found_c, c.state, c.closed_by, c.updated_ms, p_kind,
+                               NOT p_first, p_now);
+        IF rule.write = 'open' THEN
+            opening := relayd_opening(found_c, c.state, c.closed_by, c.epoch, c.created_ms,
+                                      p_rotate, p_now, p_fresh);
+            IF opening.new_id AND p_id_epoch IS DISTINCT FROM opening.epoch THEN
+                o_status := 'need_id'; o_epoch := opening.epoch;  -- nothing written yet
+                RETURN NEXT; RETURN;
+            END IF;
+        END IF;
+        IF p_first THEN  -- the claim, stamped with the device's user
+            IF o_exists THEN
+                UPDATE replay SET high = p_new_high, bits = p_new_bits, updated_ms = p_stamp,
+                    user_id = p_user
+                    WHERE device_id = p_device;
+            ELSE
+                INSERT INTO replay (device_id, high, bits, updated_ms, user_id) VALUES
+                    (p_device, p_new_high, p_new_bits, p_stamp, p_user)
+                    ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a first claim raced another' USING ERRCODE = '40001';
+                END IF;
+            END IF;
+        END IF;
+        IF rule.refusal IS NOT NULL THEN
+            o_status := 'refused'; o_refusal := rule.refusal; o_detail := rule.detail;
+        ELSE
+            o_status := 'accepted';
+            IF rule.write = 'open' AND NOT found_c THEN
+                INSERT INTO conversations (id, user_id, business_id, state, epoch, closed_by,
+                                           created_ms, updated_ms)
+                    VALUES (p_id, p_user, p_business, 'open', opening.epoch, NULL,
+                            opening.created_ms, p_now)
+                    ON CONFLICT DO NOTHING RETURNING * INTO c;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'a conversation''s creation raced another'
+                        USING ERRCODE = '40001';
+                END IF;
+                found_c := TRUE;
+            ELSIF rule.write = 'open' THEN
+                UPDATE conversations cv SET id = CASE WHEN opening.new_id THEN p_id
+                        ELSE cv.id END, state = 'open', epoch = opening.epoch,
+                    closed_by = NULL, created_ms = opening.created_ms, updated_ms = p_now
+                    WHERE cv.user_id = p_user AND cv.business_id = p_business
+                    RETURNING * INTO c;
+            ELSIF rule.write = 'close' THEN  -- the conversation comes back as it was
+                UPDATE conversations cv SET state = 'closed', closed_by = 'user',
+                    updated_ms = p_now WHERE cv.id = c.id AND cv.state = 'open';
+            END IF;
+            IF cardinality(p_echo) > 0 THEN  -- the echo's seqs, as Store.allocate_seqs
+                PERFORM FROM devices d WHERE d.id = ANY(p_echo) ORDER BY d.id
+                    FOR NO KEY UPDATE;
+                WITH fresh AS (
+                    UPDATE devices d SET next_seq = d.next_seq + 1 WHERE d.id = ANY(p_echo)
+                        AND NOT EXISTS (SELECT FROM sent s WHERE s.source = p_source
+                                        AND s.device_id = d.id)
+                    RETURNING d.id, d.next_seq - 1 AS seq)
+                INSERT INTO sent (source, device_id, seq, created_ms)
+                    SELECT p_source, fresh.id, fresh.seq, p_now FROM fresh;
+                SELECT array_agg(s.device_id), array_agg(s.seq) INTO o_seq_ids, o_seqs
+                    FROM sent s WHERE s.source = p_source AND s.device_id = ANY(p_echo);
+            END IF;
+        END IF;
+        IF found_c THEN
+            o_id := c.id; o_user := c.user_id; o_business_id := c.business_id;
+            o_state := c.state; o_conv_epoch := c.epoch; o_closed_by := c.closed_by;
+            o_created_ms := c.created_ms; o_updated_ms := c.updated_ms;
+        END IF;
+        RETURN NEXT;
+    END $$;
+    """,
 ]
 _HELD = ("SELECT user_id FROM devices UNION SELECT user_id FROM conversations"
          " UNION SELECT user_id FROM replay WHERE user_id IS NOT NULL")

@@ -145,6 +145,35 @@ class TestErasureRacingAMessage:
         assert await rows_left(sql) == dict.fromkeys(TABLES, 0)
 
 
+class TestTheHouseholdCheck:
+    async def test_a_claim_must_name_its_own_devices_household(
+            self, store: Store, sql: asyncpg.Connection) -> None:
+        """relayd_accept_up reads the household by the user the caller names; a claim of
+        one user's device that names another user's household is stale, writing nothing,
+        though that household is exact (the caller is trusted with nothing here)."""
+        await store.add_device(Device("e1", "u2", Kem.X25519, b"e" * 32, b"s" * 32))
+        found: dict[str, list[Any]] = defaultdict(list)
+        for row in await sql.fetch("SELECT id, user_id, kem, enc_key, sign_key"
+                                   " FROM devices ORDER BY id"):
+            found[row["user_id"]].append(row)
+        [u1] = [rows for rows in found.values() if len(rows) == 3]
+        [u2] = [rows for rows in found.values() if len(rows) == 1]
+
+        async def status(device: str, household: list[Any]) -> str:
+            return str(await sql.fetchval(
+                "SELECT o_status FROM relayd_accept_up($1, 'acme', $2, $3, $4, $5, $6, $7,"
+                " FALSE, FALSE, NULL, NULL, TRUE, 1, '\\x01', 0, FALSE, 'start', 0, FALSE,"
+                " 0, NULL, NULL, '{}', 's')", device, household[0]["user_id"],
+                *([r[k] for r in household] for k in ("id", "user_id", "kem", "enc_key",
+                                                      "sign_key"))))
+
+        assert await status(u2[0]["id"], u1) == "stale"
+        assert await status(u1[0]["id"], u2) == "stale"
+        assert await status(u1[0]["id"], u1) == "window"  # past the check: decide again
+        assert await rows_left(sql) == {"devices": 4, "replay": 0, "sent": 0,
+                                        "conversations": 0}
+
+
 class TestRemovalRacingAReply:
     async def test_the_reply_comes_first_and_its_row_goes(
             self, store: Store, sql: asyncpg.Connection) -> None:
