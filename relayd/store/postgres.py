@@ -1055,10 +1055,10 @@ class PostgresStore:
             return await _allocate(conn, source, device_ids, now_ms)
 
     async def accept_up(self, claim: UpClaim) -> UpOutcome:
-        # One statement, relayd_accept_up (migrations 7 and 8), in the common case. The replay
-        # window is decided here on the row as this process last saw it; when the row is
-        # another (another process claimed, or this one never read it) it comes back and
-        # the claim is decided again; a new conversation id is made once asked for.
+        # One statement, relayd_accept_up (migrations 7, 8 and 11), in the common case. The
+        # replay window is decided here on the row as this process last saw it; when the
+        # row is another (another process claimed, or this one never read it) it comes
+        # back and the claim is decided again; a new conversation id is made once asked for.
         household = claim.household
         user = next((d.user for d in household if d.id == claim.device), "")
         fresh = secrets.randbits(62)
@@ -1110,7 +1110,7 @@ class PostgresStore:
         race, say) is its own; unless the database is unavailable to all of them."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ups.append((args, future))
-        if self._ups_flusher is None:
+        if self._ups_flusher is None or self._ups_flusher.done():  # cancelled before it ran
             self._ups_flusher = asyncio.create_task(self._flush_ups())
         return await future
 

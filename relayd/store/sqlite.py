@@ -176,8 +176,6 @@ def _error(exc: Exception) -> RelaydError:
         return exc
     if isinstance(exc, sqlite3.OperationalError):
         return TransientError("store_busy", type(exc).__name__)
-    if isinstance(exc, OSError):  # the lock file's descriptor: the store was closed
-        return StoreUnavailableError(f"SQLite: {type(exc).__name__}")
     return StoreError(f"SQLite: {type(exc).__name__}")
 
 
@@ -204,13 +202,26 @@ def _lock_file(path: Path) -> int:
     return os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
+def _flock(fd: int, operation: int) -> None:
+    """flock(); BlockingIOError if LOCK_NB and held elsewhere, StoreUnavailableError once
+    the store is closed (close() sets its descriptors to -1) or the lock cannot be had."""
+    if fd < 0:
+        raise StoreUnavailableError("the SQLite store is closed")
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        raise StoreUnavailableError(f"SQLite's lock file: {type(exc).__name__}") from None
+
+
 @contextmanager
 def _locked(fd: int) -> Iterator[None]:
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    _flock(fd, fcntl.LOCK_EX)
     try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        _flock(fd, fcntl.LOCK_UN)
 
 
 _HOUSEHOLD = (f"SELECT {_DEVICE} FROM devices WHERE user_id ="
@@ -315,7 +326,7 @@ class SqliteStore:
         """Run `op` in the next group commit and return its result once it is durable."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((op, future))
-        if self._flusher is None:
+        if self._flusher is None or self._flusher.done():  # done: cancelled before it ran
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
@@ -375,7 +386,7 @@ class SqliteStore:
     def _begin(self) -> bool:
         """Take the write lock and begin a transaction, if that waits for no one."""
         try:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(self._writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         db = self._writer
@@ -399,14 +410,14 @@ class SqliteStore:
         except BaseException:
             self._rollback()
             raise
-        fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+        _flock(self._writer_lock, fcntl.LOCK_UN)
 
     def _rollback(self) -> None:
         try:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")
         finally:
-            fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
+            _flock(self._writer_lock, fcntl.LOCK_UN)
 
     def _apply_waiting(self, ops: list[Op]) -> list[Outcome]:
         """Commit `ops` together on the committer's thread, waiting for the write lock."""
@@ -474,7 +485,7 @@ class SqliteStore:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
-        except (sqlite3.Error, ValueError, OSError) as exc:  # OSError: flock, once closed
+        except (sqlite3.Error, ValueError) as exc:
             raise _error(exc) from None
 
     def _scrub(self) -> None:
@@ -483,7 +494,7 @@ class SqliteStore:
         try:
             with _locked(self._db_lock):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except (sqlite3.Error, OSError) as exc:
+        except sqlite3.Error as exc:
             raise _error(exc) from None
 
     def _all(self, sql: str, *args: Any) -> list[Any]:
@@ -507,6 +518,7 @@ class SqliteStore:
         self._db.close()
         os.close(self._writer_lock)
         os.close(self._db_lock)
+        self._writer_lock = self._db_lock = -1  # not a descriptor reused by another file
 
     async def add_business(self, business: Business) -> bool:
         with self._write() as db:

@@ -174,6 +174,25 @@ class TestTheHouseholdCheck:
                                         "conversations": 0}
 
 
+class TestClaimBatches:
+    async def test_a_batch_cancelled_before_it_ran_leaves_no_claim_behind(
+            self, store: Store) -> None:
+        """The task that sends the claims, cancelled before its first step (the loop
+        closing as it was made): the next claim starts another, which sends both."""
+        backend: Any = store.backend  # type: ignore[attr-defined]
+        household = tuple(await store.household("d1"))
+        first = asyncio.ensure_future(store.accept_up(claim(household, "d1", 1, "start")))
+        await asyncio.sleep(0)  # queued, its sender made and not yet run
+        assert backend._ups_flusher is not None
+        backend._ups_flusher.cancel()
+        await asyncio.sleep(0)
+        assert backend._ups_flusher.done()
+        second = await asyncio.wait_for(
+            store.accept_up(claim(household, "d2", 1, "message")), timeout=30)
+        assert (await asyncio.wait_for(first, timeout=30)).status == "accepted"
+        assert second.status == "accepted"
+
+
 class TestRemovalRacingAReply:
     async def test_the_reply_comes_first_and_its_row_goes(
             self, store: Store, sql: asyncpg.Connection) -> None:

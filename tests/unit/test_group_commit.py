@@ -198,14 +198,40 @@ class TestWriters:
 
 async def test_a_closed_store_is_unavailable_to_every_kind_of_call(tmp_path: Path) -> None:
     """After close(), a rare write, a group-committed op and a read each raise one of the
-    store's errors, never a raw OSError of the lock file."""
+    store's errors, never a raw OSError of the lock file; also once another store has
+    opened files under the descriptor numbers the closed one had."""
     store = SqliteStore(tmp_path / "r.db")
     await store.close()
-    with pytest.raises(StoreUnavailableError):
-        store._scrub()
-    with pytest.raises(StoreUnavailableError), store._write():
-        pass
-    with pytest.raises(StoreUnavailableError):
-        await asyncio.wait_for(store._commit(_join("x")), timeout=30)
-    with pytest.raises(StoreError):
-        store._all("SELECT 1")
+    other = SqliteStore(tmp_path / "r.db")  # takes the numbers of the closed descriptors
+    try:
+        with pytest.raises(StoreUnavailableError):
+            store._scrub()
+        with pytest.raises(StoreUnavailableError), store._write():
+            pass
+        with pytest.raises(StoreUnavailableError):
+            await asyncio.wait_for(store._commit(_join("x")), timeout=30)
+        with pytest.raises(StoreError):
+            store._all("SELECT 1")
+        await asyncio.wait_for(other._commit(_join("y")), timeout=30)
+        assert _members(other._db) == ["y"]
+    finally:
+        await other.close()
+
+
+async def test_a_flush_cancelled_before_it_ran_leaves_no_write_behind(
+        tmp_path: Path) -> None:
+    """The flusher cancelled before its first step (the loop closing as it was made): the
+    next write starts another, which commits both."""
+    store = SqliteStore(tmp_path / "r.db")
+    try:
+        first = asyncio.ensure_future(store._commit(_join("first")))
+        await asyncio.sleep(0)  # first is queued, its flusher made and not yet run
+        assert store._flusher is not None
+        store._flusher.cancel()
+        await asyncio.sleep(0)
+        assert store._flusher.done()
+        await asyncio.wait_for(store._commit(_join("second")), timeout=30)
+        assert await asyncio.wait_for(first, timeout=30) is None
+        assert _members(store._db) == ["first", "second"]
+    finally:
+        await store.close()
