@@ -16,12 +16,12 @@ from relayd.client import DeviceKeys, EdgeDevice
 from relayd.errors import ExitCode
 from tests.integration.harness import WAIT, Relay, kill_group, relay_in_vhost, stop_process
 from tests.integration.test_service import (
-    free_port,
     relayd,
     sample,
     scrape,
     status_when,
 )
+from tests.support.broker import free_ports
 
 NAME = "edge-service.example"
 
@@ -58,7 +58,7 @@ class TestEdgeUnderRun:
         """`relayd run` starts workers.edge processes on one port; the relay is ready only
         once they listen; status shows them with the port; devices go up and down
         through them; one killed is started again and the door stays open."""
-        metrics_port, edge_port = free_port(), free_port()
+        metrics_port, edge_port = free_ports(2)
         async with relay_in_vhost(tmp_path, metrics={"port": metrics_port},
                                   workers={"edge": 2, "shutdown_timeout": 5},
                                   edge={"name": NAME, "port": edge_port}) as relay:

@@ -62,7 +62,8 @@ def free_ports(count: int) -> list[int]:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     candidates = range(10_000, max(low, 20_000))
     ports: list[int] = []
-    for port in random.sample(candidates, k=min(count + 256, len(candidates))):
+    # SystemRandom: a test may have seeded the module's generator (Hypothesis does)
+    for port in random.SystemRandom().sample(candidates, k=min(count + 256, len(candidates))):
         if len(ports) == count:
             return ports
         if port in RESERVED_PORTS:
