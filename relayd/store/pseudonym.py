@@ -359,8 +359,8 @@ class Pseudonymous:
                            key=lambda d: d.id)  # as the backend orders it
         outcome = await self.backend.accept_up(replace(
             claim, household=tuple(household), device=self.device_pseudonym(claim.device),
-            echo_to=tuple(names),
-            source=self._pseudonym("source", claim.source)))
+            echo_to=tuple(names),  # the source names the echo's seqs: none, no name
+            source=self._pseudonym("source", claim.source) if names else ""))
         user = next((d.user for d in claim.household if d.id == claim.device), None)
         conversation = outcome.conversation
         return replace(
