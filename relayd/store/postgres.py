@@ -1138,7 +1138,7 @@ class PostgresStore:
                 batch = self._next_batch()
                 await self._claim(batch)
                 batch = []
-        except BaseException:  # cancelled (the loop is closing) or a bug: none left hanging
+        except (Exception, asyncio.CancelledError):  # the loop closing, a bug: none left hanging
             for _, future in batch + self._ups:
                 if not future.done():
                     future.set_exception(StoreUnavailableError("the claims were not sent"))

@@ -347,7 +347,7 @@ class SqliteStore:
                     else:
                         future.set_exception(value)
                 batch = []
-        except BaseException:  # cancelled (the loop is closing): none left hanging
+        except (Exception, asyncio.CancelledError):  # the loop closing: none left hanging
             for _, future in batch + self._queued:
                 if not future.done():
                     future.set_exception(StoreUnavailableError("the writes were cut short"))

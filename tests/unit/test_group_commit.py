@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -235,3 +237,26 @@ async def test_a_flush_cancelled_before_it_ran_leaves_no_write_behind(
         assert _members(store._db) == ["first", "second"]
     finally:
         await store.close()
+
+
+def test_a_flush_on_a_loop_closed_under_it_raises_nothing_at_collection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop closed while its flush waits (no cancellation first): when the flush is
+    collected it must not try to settle futures on the closed loop ('Event loop is
+    closed', reported as an exception ignored)."""
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda hook: raised.append(hook.exc_value))
+    store = SqliteStore(tmp_path / "r.db")
+    held = threading.Event()
+    store._committer.submit(held.wait, 30)  # the COMMIT waits behind it
+    loop = asyncio.new_event_loop()
+    waiter = loop.create_task(store._commit(_join("a")))
+    loop.run_until_complete(asyncio.sleep(0.1))
+    loop.close()
+    held.set()
+    store._committer.shutdown()
+    del waiter
+    store._flusher = None
+    gc.collect()
+    assert not [e for e in raised if isinstance(e, RuntimeError)], raised
+    store._close()
