@@ -16,7 +16,8 @@ import asyncpg
 
 from tests.integration.harness import kill_group, rabbitmqctl, relay_in_vhost, stop_process
 from tests.integration.test_resilience import collect
-from tests.integration.test_service import all_up, free_port, scrape, status_when, until
+from tests.integration.test_service import all_up, scrape, status_when, until
+from tests.support.broker import free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 # What relayd run holds with the default roles: one connection per worker, and the

@@ -42,7 +42,7 @@ from tests.integration.harness import (
     write_config,
 )
 from tests.integration.test_resilience import collect, send_numbered
-from tests.support.broker import free_ports
+from tests.support.broker import free_port
 from tests.support.systemd import FakeSystemd
 
 T = TypeVar("T")
@@ -61,11 +61,6 @@ def run_in_background(config: Path, env: dict[str, str]) -> subprocess.Popen[byt
         return subprocess.Popen([sys.executable, "-m", "relayd", "run", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
-
-
-def free_port() -> int:
-    [port] = free_ports(1)
-    return port
 
 
 def http(port: int, path: str) -> tuple[int, bytes]:

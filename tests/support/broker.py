@@ -79,6 +79,12 @@ def free_ports(count: int) -> list[int]:
     raise RuntimeError("could not find free ports")
 
 
+def free_port() -> int:
+    """One port, as free_ports() picks them."""
+    [port] = free_ports(1)
+    return port
+
+
 def pid_alive(pid: int) -> bool:
     """True if process ``pid`` exists and is not a zombie."""
     try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.broker import free_ports
+from tests.support.broker import free_port
 
 BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
                           check=False).stdout.strip() or "/usr/lib/postgresql/15/bin")
@@ -32,11 +32,6 @@ def run(*args: str | Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{Path(str(args[0])).name} failed: {done.stderr[-2000:]}")
     return done.stdout
-
-
-def free_port() -> int:
-    [port] = free_ports(1)
-    return port
 
 
 @dataclass
