@@ -6,7 +6,9 @@ lock another connection holds; and two hosts (two stores, two pools) at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -191,6 +193,46 @@ class TestClaimBatches:
             store.accept_up(claim(household, "d2", 1, "message")), timeout=30)
         assert (await asyncio.wait_for(first, timeout=30)).status == "accepted"
         assert second.status == "accepted"
+
+
+    async def test_a_sender_collected_on_a_closed_loop_settles_nothing(
+            self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The loop closed (not cancelled first) while the claims' sender waits for its
+        batch: when the sender is collected it must not settle its waiters' futures on
+        the closed loop ('Event loop is closed', reported as an exception ignored)."""
+        raised: list[BaseException | None] = []
+        monkeypatch.setattr(sys, "unraisablehook", lambda hook: raised.append(hook.exc_value))
+        await asyncio.to_thread(_close_the_loop_under_a_batch, url)
+        assert not [e for e in raised if isinstance(e, RuntimeError)], raised
+
+
+def _close_the_loop_under_a_batch(url: str) -> None:
+    loop = asyncio.new_event_loop()
+    store = loop.run_until_complete(_a_batch_held(url))
+    backend: Any = store.backend  # type: ignore[attr-defined]
+    assert backend._ups_flusher is not None
+    assert not backend._ups_flusher.done()
+    loop.close()
+    del backend, store  # the sender and its waiter go with them
+    gc.collect()
+
+
+async def _a_batch_held(url: str) -> Store:
+    """A store whose claims' sender waits for ever for its batch's statement."""
+    store = await open_store(url, secret=SECRET)
+    await store.add_device(Device("d1", USER, Kem.X25519, b"e" * 32, b"s" * 32))
+    household = tuple(await store.household("d1"))
+    never = asyncio.get_running_loop().create_future()
+
+    async def stuck(batch: object) -> None:
+        await never
+
+    backend: Any = store.backend  # type: ignore[attr-defined]
+    backend._claim = stuck
+    waiter = asyncio.ensure_future(store.accept_up(claim(household, "d1", 1, "start")))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()  # it waits for the batch; `store` holds it from here
+    return store
 
 
 class TestRemovalRacingAReply:
